@@ -1,0 +1,63 @@
+"""The one interface everything above the engine uses: submit a batch of generation calls, read
+the KV cache state. Implementations: `LocalEngine` (vLLM in this process) and `RemoteEngine`
+(a vLLM server over its OpenAI-compatible API)."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Awaitable, Sequence
+from typing import TypeVar
+
+from ragctl.engine.tokenizer import Tokenizer
+from ragctl.errors import PromptTooLong
+from ragctl.types import Generation, GenerationRequest, KVState
+
+T = TypeVar("T")
+
+
+class Engine(abc.ABC):
+    name: str
+    """Model name as the engine knows it."""
+    tokenizer: Tokenizer
+    max_model_len: int
+
+    @abc.abstractmethod
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        """Run the calls concurrently (the engine batches them); results in request order.
+        Raises an `EngineError` (or `PromptTooLong`) if any call fails; the others are
+        cancelled."""
+
+    @abc.abstractmethod
+    async def kv_state(self) -> KVState:
+        """The KV cache now: total and free blocks, block size."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release the engine (stop an in-process engine, close HTTP connections)."""
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def check_fits(self, request: GenerationRequest, prompt_tokens: int) -> None:
+        """Refuse a call whose prompt plus output budget exceeds the context window."""
+        if prompt_tokens + request.max_tokens > self.max_model_len:
+            raise PromptTooLong(
+                f"prompt of {prompt_tokens} tokens plus {request.max_tokens} output tokens exceeds "
+                f"the model's context of {self.max_model_len} tokens"
+            )
+
+
+async def gather_or_cancel(coros: Sequence[Awaitable[T]]) -> list[T]:
+    """Await all; on the first failure cancel the rest (so their engine calls are aborted) and
+    re-raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -1,0 +1,192 @@
+"""vLLM in this process (AsyncLLM, v1 engine).
+
+The engine core runs in a child process that vLLM spawns, so a script that builds this engine
+needs an `if __name__ == "__main__":` guard. Free KV blocks come from a stat logger that vLLM
+calls after every engine step with the scheduler's cache usage; usage is computed from integer
+block counts, so the free-block figure is exact as of the last step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ragctl.engine.base import Engine, gather_or_cancel
+from ragctl.engine.tokenizer import Tokenizer
+from ragctl.errors import (
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+    InvalidRequest,
+    MissingDependency,
+    PromptTooLong,
+)
+from ragctl.types import Generation, GenerationRequest, KVState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KV_CACHE_GIB = 2.0
+
+
+@dataclass
+class _KVGauge:
+    """Written by the stat logger on the engine's output loop, read by `kv_state()`."""
+
+    usage: float = 0.0
+    steps: int = 0
+
+
+class LocalEngine(Engine):
+    def __init__(self, llm: Any, tokenizer: Tokenizer, gauge: _KVGauge, timeout_s: float) -> None:
+        self._llm = llm
+        self._gauge = gauge
+        self._timeout_s = timeout_s
+        self.tokenizer = tokenizer
+        cfg = llm.vllm_config
+        self.name = cfg.model_config.served_model_name or cfg.model_config.model
+        self.max_model_len = cfg.model_config.max_model_len
+        self._num_blocks = int(cfg.cache_config.num_gpu_blocks or 0)
+        self._block_size = int(cfg.cache_config.block_size)
+
+    @classmethod
+    def start(
+        cls,
+        model: str,
+        *,
+        tokenizer: str | None = None,
+        max_model_len: int = 4096,
+        dtype: str = "float32",
+        enforce_eager: bool = True,
+        kv_cache_gib: float | None = None,
+        gpu_memory_utilization: float = 0.9,
+        timeout_s: float = 300.0,
+    ) -> LocalEngine:
+        """Load `model` (an HF folder or id) into a new engine; ~25-35 s on two CPU cores."""
+        gib = kv_cache_gib
+        if gib is None:
+            gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or DEFAULT_KV_CACHE_GIB)
+        # Read by vLLM's CPU worker when it starts; must be in place before the engine spawns.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{gib:g}"
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if os.path.isdir(model):
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.platforms import current_platform
+            from vllm.v1.engine.async_llm import AsyncLLM
+            from vllm.v1.metrics.loggers import StatLoggerBase
+        except ImportError as e:
+            raise MissingDependency(
+                f"the in-process engine needs vLLM ({e}); install ragctl[cpu] or ragctl[gpu], "
+                "or point --engine-url at a running vLLM server"
+            ) from e
+
+        gauge = _KVGauge()
+
+        class _KVStatLogger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+                if scheduler_stats is not None:
+                    gauge.usage = scheduler_stats.kv_cache_usage
+                    gauge.steps += 1
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        extra: dict[str, Any] = {}
+        if not current_platform.is_cpu():
+            if kv_cache_gib is not None:
+                extra["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
+            else:
+                extra["gpu_memory_utilization"] = gpu_memory_utilization
+        args = AsyncEngineArgs(
+            model=model,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            # Lets callers (later: the SLO loop) move urgent calls ahead.
+            scheduling_policy="priority",
+            disable_log_stats=True,
+            **extra,
+        )
+        try:
+            llm = AsyncLLM.from_engine_args(args, stat_loggers=[_KVStatLogger])
+        except Exception as e:
+            raise EngineUnavailable(f"could not start vLLM with model {model!r}: {e}") from e
+        return cls(llm, Tokenizer.load(tokenizer or model), gauge, timeout_s)
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        return await gather_or_cancel([self._one(r) for r in requests])
+
+    async def _one(self, req: GenerationRequest) -> Generation:
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
+        from vllm.sampling_params import StructuredOutputsParams
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        ids = self.tokenizer.encode_chat(req.messages)
+        self.check_fits(req, len(ids))
+        structured = None
+        if req.json_schema is not None:
+            structured = StructuredOutputsParams(json=dict(req.json_schema))
+        elif req.choices is not None:
+            structured = StructuredOutputsParams(choice=list(req.choices))
+        params = SamplingParams(
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            logprobs=0 if req.logprobs else None,  # 0: the sampled token's log-prob only
+            structured_outputs=structured,
+        )
+        request_id = f"ragctl-{req.tag or 'call'}-{uuid.uuid4().hex[:12]}"
+        start = time.perf_counter()
+        final = None
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                async for out in self._llm.generate(
+                    {"prompt_token_ids": ids}, params, request_id, priority=req.priority
+                ):
+                    final = out
+        except TimeoutError as e:
+            raise EngineTimeout(f"engine call timed out after {self._timeout_s:g}s") from e
+        except VLLMValidationError as e:
+            if "context length" in str(e):
+                raise PromptTooLong(str(e)) from e
+            raise InvalidRequest(f"engine rejected the call: {e}") from e
+        except EngineDeadError as e:
+            raise EngineUnavailable(f"the vLLM engine died: {e}") from e
+        except Exception as e:
+            raise EngineError(f"engine call failed: {type(e).__name__}: {e}") from e
+        if final is None or not final.outputs:
+            raise EngineError("engine returned no output")
+        out = final.outputs[0]
+        logprobs = None
+        if req.logprobs and out.logprobs is not None:
+            logprobs = tuple(
+                float(pos[tid].logprob) for tid, pos in zip(out.token_ids, out.logprobs)
+            )
+        return Generation(
+            text=out.text,
+            prompt_tokens=len(final.prompt_token_ids or ids),
+            output_tokens=len(out.token_ids),
+            finish_reason=out.finish_reason,
+            token_logprobs=logprobs,
+            seconds=time.perf_counter() - start,
+        )
+
+    async def kv_state(self) -> KVState:
+        total = max(self._num_blocks - 1, 0)  # vLLM keeps one null block aside
+        free = round(total * (1.0 - self._gauge.usage))
+        return KVState(total, free, self._block_size, source="engine-step")
+
+    async def aclose(self) -> None:
+        self._llm.shutdown()

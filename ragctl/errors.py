@@ -1,0 +1,88 @@
+"""One error tree for ragctl.
+
+`RagctlError` is the root. Its two branches split blame the way users need it:
+
+- `UserError`: you asked wrongly (unknown dataset, empty question, bad config, prompt too long,
+  missing optional dependency). Retrying the same thing fails the same way.
+- `RuntimeFailure`: it failed while running (engine unreachable, timed out, died mid-request).
+  Retrying may work.
+
+Each error has a short machine `code` and the HTTP status a server should answer with; the CLI
+prints `str(error)` as one line and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class RagctlError(Exception):
+    code = "ragctl_error"
+    http_status = 500
+
+
+class UserError(RagctlError):
+    code = "invalid_request"
+    http_status = 400
+
+
+class InvalidRequest(UserError):
+    code = "invalid_request"
+
+
+class UnknownDataset(UserError):
+    code = "unknown_collection"
+    http_status = 404
+
+
+class DataNotFound(UserError):
+    code = "data_not_found"
+    http_status = 404
+
+
+class PromptTooLong(UserError):
+    code = "context_length_exceeded"
+    http_status = 413
+
+
+class MissingDependency(UserError):
+    code = "missing_dependency"
+    http_status = 500
+
+
+class ModelNotFound(UserError):
+    code = "model_not_found"
+    http_status = 404
+
+
+class RuntimeFailure(RagctlError):
+    code = "runtime_error"
+    http_status = 500
+
+
+class ModelPreparationError(RuntimeFailure):
+    code = "model_preparation_failed"
+
+
+class EngineError(RuntimeFailure):
+    """The LLM engine failed a call."""
+
+    code = "engine_error"
+    http_status = 502
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot be reached or has died."""
+
+    code = "engine_unavailable"
+    http_status = 502
+
+
+class EngineTimeout(EngineError):
+    code = "engine_timeout"
+    http_status = 504
+
+
+class EmbeddingError(RuntimeFailure):
+    """An embedding backend (local model or remote API) failed."""
+
+    code = "embedding_error"
+    http_status = 502

