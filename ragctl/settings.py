@@ -54,8 +54,8 @@ class Settings(BaseSettings):
     )
     embedder: str = Field(
         "sentence-transformers:all-MiniLM-L6-v2",
-        description="Embedding backend as `backend:model` — sentence-transformers:<name or folder>, "
-        "cohere:<model>, openai:<model>.",
+        description="Embedding backend as `backend:model`: sentence-transformers:<name or "
+        "folder>, cohere:<model>, openai:<model>.",
     )
     embedding_url: str | None = Field(None, description="Base URL for a remote embedding API.")
     embedding_api_key: str | None = Field(None, description="API key for a remote embedding API.")

@@ -76,7 +76,9 @@ class Config:
         try:
             nums = [int(p) for p in parts[1:]]
         except ValueError:
-            raise ValueError(f"config {text!r}: chunks and intermediate_length are integers") from None
+            raise ValueError(
+                f"config {text!r}: chunks and intermediate_length are integers"
+            ) from None
         return cls(parts[0], nums[0], nums[1] if len(nums) == 2 else None)  # type: ignore[arg-type]
 
 
@@ -169,7 +171,10 @@ class SynthesisResult:
     source_chunk_id: str | None = None
     """map_rerank: the chunk whose answer won."""
     intermediate: tuple[str, ...] = ()
-    """map_reduce: the mapper summaries, in chunk order."""
+    """map_reduce: the mapper notes, in chunk order."""
+    used_chunk_ids: tuple[str, ...] = ()
+    """The chunks that reached the engine (stuff keeps the longest prefix that fits the
+    context window)."""
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,13 @@ model folder is prepared once (idempotent) by the `model_path` fixture."""
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
+from ragctl.engine.base import Engine
 from ragctl.engine.embedded_model import resolve_model
 from ragctl.engine.tokenizer import Tokenizer
 from ragctl.settings import Settings
@@ -41,3 +44,15 @@ def model_path(settings: Settings) -> str:
 @pytest.fixture(scope="session")
 def tokenizer(model_path: str) -> Tokenizer:
     return Tokenizer.load(model_path)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def local_engine(model_path: str) -> AsyncIterator[Engine]:
+    """The real in-process vLLM engine with the embedded model, shared by the session."""
+    from ragctl.engine.local import LocalEngine
+
+    engine = LocalEngine.start(model_path, kv_cache_gib=1, max_model_len=4096)
+    try:
+        yield engine
+    finally:
+        await engine.aclose()

@@ -171,9 +171,8 @@ class LocalEngine(Engine):
         out = final.outputs[0]
         logprobs = None
         if req.logprobs and out.logprobs is not None:
-            logprobs = tuple(
-                float(pos[tid].logprob) for tid, pos in zip(out.token_ids, out.logprobs)
-            )
+            pairs = zip(out.token_ids, out.logprobs, strict=False)
+            logprobs = tuple(float(pos[tid].logprob) for tid, pos in pairs)
         return Generation(
             text=out.text,
             prompt_tokens=len(final.prompt_token_ids or ids),
@@ -189,4 +188,8 @@ class LocalEngine(Engine):
         return KVState(total, free, self._block_size, source="engine-step")
 
     async def aclose(self) -> None:
-        self._llm.shutdown()
+        if self._llm is not None:
+            self._llm.shutdown()
+            # Drop it now: AsyncLLM.__del__ shuts down again, which fails noisily if it only
+            # runs at interpreter exit.
+            self._llm = None

@@ -1,0 +1,246 @@
+"""The three synthesis methods as pure planners: each turns (config, question, chunks) into a
+chain of `Step`s — the engine calls of one stage plus a `finish` function that turns their
+generations into the next step or the final `SynthesisResult`. The controller runs the chain;
+nothing here awaits or talks to an engine.
+
+- map_rerank: one call per chunk; answers ranked by log-prob confidence, "unanswerable" last.
+- stuff: all chunks in one prompt (the longest prefix that fits the context window).
+- map_reduce: one mapper per chunk bounded to `intermediate_length` tokens, submitted together,
+  then one reducer over the notes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ragctl.engine.tokenizer import Tokenizer
+from ragctl.errors import InvalidRequest, PromptTooLong
+from ragctl.synthesis.prompts import format_notes, format_passage, load_template
+from ragctl.types import (
+    Chunk,
+    Config,
+    Generation,
+    GenerationRequest,
+    Message,
+    SynthesisResult,
+)
+
+UNANSWERABLE = "unanswerable"
+NOTHING_RELEVANT = "nothing relevant"
+# Per-note framing in the reducer prompt ("[i] " and the blank line), in tokens, for estimates.
+NOTE_OVERHEAD_TOKENS = 6
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage of a method: calls to submit together, and what to do with their results."""
+
+    name: str
+    requests: tuple[GenerationRequest, ...]
+    finish: Callable[[Sequence[Generation]], Step | SynthesisResult]
+
+
+@dataclass(frozen=True)
+class CallEstimate:
+    """A call's size before it runs: exact prompt tokens where the prompt is known (mappers,
+    map_rerank, stuff), an upper bound for the reducer (every note at its full budget)."""
+
+    stage: str
+    prompt_tokens: int
+    max_tokens: int
+
+
+def _is_refusal(text: str, phrase: str) -> bool:
+    t = text.strip().strip(".!\"'").lower()
+    return not t or t.startswith(phrase)
+
+
+class Synthesizer:
+    """Plans and combines synthesis calls for one model (its tokenizer and context window)."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        max_model_len: int,
+        answer_max_tokens: int,
+        temperature: float = 0.0,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.answer_max_tokens = answer_max_tokens
+        self.temperature = temperature
+        self.templates = {n: load_template(n) for n in ("map_rerank", "stuff", "map", "reduce")}
+
+    @property
+    def template_versions(self) -> dict[str, str]:
+        return {n: t.version for n, t in self.templates.items()}
+
+    # -- planning -----------------------------------------------------------------------------
+
+    def plan(self, config: Config, question: str, chunks: Sequence[Chunk]) -> Step:
+        """The first step of `config.method` over the first `config.num_chunks` chunks."""
+        chunks = tuple(chunks[: config.num_chunks])
+        if not chunks:
+            raise InvalidRequest("retrieval returned no chunks to answer from")
+        if config.method == "map_rerank":
+            return self._map_rerank(question, chunks)
+        if config.method == "stuff":
+            return self._stuff(question, chunks)
+        assert config.intermediate_length is not None  # Config guarantees it for map_reduce
+        return self._map_reduce(question, chunks, config.intermediate_length)
+
+    def _call(
+        self, template: str, tag: str, max_tokens: int, logprobs: bool, **values: object
+    ) -> GenerationRequest:
+        return GenerationRequest(
+            messages=self.templates[template].render(**values),
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            logprobs=logprobs,
+            tag=tag,
+        )
+
+    def _answer_call(self, template: str, **values: object) -> GenerationRequest:
+        return self._call(template, "answer", self.answer_max_tokens, True, **values)
+
+    def _map_rerank(self, question: str, chunks: tuple[Chunk, ...]) -> Step:
+        calls = tuple(
+            self._call(
+                "map_rerank", "rerank", self.answer_max_tokens, True,
+                chunk=format_passage(1, c), question=question,
+            )
+            for c in chunks
+        )
+
+        def finish(gens: Sequence[Generation]) -> SynthesisResult:
+            # Real answers beat "unanswerable"; then higher confidence; then retrieval rank.
+            best = max(
+                range(len(gens)),
+                key=lambda i: (
+                    not _is_refusal(gens[i].text, UNANSWERABLE),
+                    gens[i].confidence or 0.0,
+                    -i,
+                ),
+            )
+            return SynthesisResult(
+                answer=gens[best].text.strip(),
+                confidence=gens[best].confidence,
+                source_chunk_id=chunks[best].id,
+                used_chunk_ids=tuple(c.id for c in chunks),
+            )
+
+        return Step("rerank", calls, finish)
+
+    def _stuff(self, question: str, chunks: tuple[Chunk, ...]) -> Step:
+        def build(n: int) -> GenerationRequest:
+            context = "\n\n".join(format_passage(i, c) for i, c in enumerate(chunks[:n], 1))
+            return self._answer_call("stuff", context=context, question=question)
+
+        n, call = self._longest_fitting(len(chunks), build)
+        used = chunks[:n]
+
+        def finish(gens: Sequence[Generation]) -> SynthesisResult:
+            return SynthesisResult(
+                answer=gens[0].text.strip(),
+                confidence=gens[0].confidence,
+                used_chunk_ids=tuple(c.id for c in used),
+            )
+
+        return Step("answer", (call,), finish)
+
+    def _map_reduce(self, question: str, chunks: tuple[Chunk, ...], ilen: int) -> Step:
+        mappers = tuple(self._mapper(question, c, ilen) for c in chunks)
+
+        def after_map(gens: Sequence[Generation]) -> Step:
+            notes = [g.text.strip() for g in gens]
+            # Notes that found nothing only cost reducer tokens; keep them all if none found
+            # anything, so the reducer can still say so.
+            useful = [n for n in notes if not _is_refusal(n, NOTHING_RELEVANT)] or notes
+
+            def build(k: int) -> GenerationRequest:
+                notes_text = format_notes(useful[:k])
+                return self._answer_call("reduce", notes=notes_text, question=question)
+
+            _, reducer = self._longest_fitting(len(useful), build)
+
+            def finish(final: Sequence[Generation]) -> SynthesisResult:
+                return SynthesisResult(
+                    answer=final[0].text.strip(),
+                    confidence=final[0].confidence,
+                    intermediate=tuple(notes),
+                    used_chunk_ids=tuple(c.id for c in chunks),
+                )
+
+            return Step("reduce", (reducer,), finish)
+
+        return Step("map", mappers, after_map)
+
+    def _mapper(self, question: str, chunk: Chunk, ilen: int) -> GenerationRequest:
+        # Words are ~0.75 tokens; the token budget is enforced by max_tokens regardless.
+        words = max(5, int(ilen * 0.75))
+        return self._call(
+            "map", "map", ilen, False,
+            chunk=format_passage(1, chunk), question=question, max_words=words,
+        )
+
+    def _longest_fitting(
+        self, n: int, build: Callable[[int], GenerationRequest]
+    ) -> tuple[int, GenerationRequest]:
+        """The largest k in 1..n whose call fits the context window (binary search: prompt
+        length grows with k)."""
+
+        def fits(call: GenerationRequest) -> bool:
+            return self.prompt_tokens(call.messages) + call.max_tokens <= self.max_model_len
+
+        full = build(n)
+        if fits(full):
+            return n, full
+        lo, hi, best = 1, n - 1, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            call = build(mid)
+            if fits(call):
+                lo, best = mid + 1, (mid, call)
+            else:
+                hi = mid - 1
+        if best is None:
+            raise PromptTooLong(
+                f"not even one passage fits the model's context of {self.max_model_len} tokens "
+                f"with {full.max_tokens} output tokens"
+            )
+        return best
+
+    # -- accounting ---------------------------------------------------------------------------
+
+    def prompt_tokens(self, messages: Sequence[Message]) -> int:
+        return self.tokenizer.count_chat(messages)
+
+    def estimate_calls(
+        self, config: Config, question: str, chunks: Sequence[Chunk]
+    ) -> list[CallEstimate]:
+        """Every call `config` will make, with its prompt and output budget in tokens."""
+        step = self.plan(config, question, chunks)
+        out = [
+            CallEstimate(step.name, self.prompt_tokens(r.messages), r.max_tokens)
+            for r in step.requests
+        ]
+        if config.method == "map_reduce":
+            assert config.intermediate_length is not None
+            n = min(config.num_chunks, len(chunks))
+            empty = self._answer_call("reduce", notes="", question=question)
+            bound = self.prompt_tokens(empty.messages) + n * (
+                config.intermediate_length + NOTE_OVERHEAD_TOKENS
+            )
+            out.append(
+                CallEstimate("reduce", min(bound, self.max_model_len - empty.max_tokens),
+                             empty.max_tokens)
+            )
+        return out
+
+    def question_overhead(self, question: str) -> int:
+        """Tokens of the smallest prompt this question can make (a stuff prompt with no
+        passages) plus the answer budget: what must fit before any chunk does."""
+        call = self._answer_call("stuff", context="", question=question)
+        return self.prompt_tokens(call.messages) + call.max_tokens
+
