@@ -76,6 +76,12 @@ class EngineUnavailable(EngineError):
     http_status = 502
 
 
+class MetricsError(EngineError):
+    """The server's /metrics lacks what ragctl needs (or is not Prometheus text)."""
+
+    code = "engine_metrics"
+
+
 class EngineTimeout(EngineError):
     code = "engine_timeout"
     http_status = 504

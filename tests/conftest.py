@@ -37,7 +37,9 @@ def settings(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Settin
 
 
 @pytest.fixture(scope="session")
-def model_path(settings: Settings) -> str:
+def model_path() -> str:
+    """The embedded model's folder (the engine tests need no datasets)."""
+    settings = Settings()
     return resolve_model(settings.model, settings.cache_dir)
 
 

@@ -1,0 +1,243 @@
+"""RemoteEngine's request bodies and error mapping, through httpx's mock transport (no server:
+the real-server tests are in tests/integration/test_remote_engine.py)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ragctl.engine import remote
+from ragctl.engine.embedded_model import model_folder
+from ragctl.engine.metrics import EngineStats
+from ragctl.engine.remote import RemoteEngine, make_client, server_root
+from ragctl.errors import (
+    EngineError,
+    EngineTimeout,
+    EngineUnavailable,
+    InvalidRequest,
+    ModelNotFound,
+    PromptTooLong,
+)
+from ragctl.types import GenerationRequest, Message
+
+DIGIT_SCHEMA = {
+    "type": "object",
+    "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+    "required": ["n"],
+    "additionalProperties": False,
+}
+
+
+def user(text: str) -> tuple[Message, ...]:
+    return (Message("user", text),)
+
+
+# --- request bodies and error mapping, through a mock transport --------------------------------
+
+
+class CountingTokenizer:
+    """Stands in for the model's tokenizer: one token per word."""
+
+    name = "words"
+
+    def count(self, text: str) -> int:
+        return len(text.split())
+
+    def count_chat(self, messages: tuple[Message, ...]) -> int:
+        return sum(self.count(m.content) for m in messages)
+
+
+def mock_engine(
+    handler: Callable[[httpx.Request], httpx.Response], api_key: str | None = None
+) -> RemoteEngine:
+    root = "http://engine.test"
+    return RemoteEngine(
+        make_client(root, api_key=api_key, timeout_s=5, transport=httpx.MockTransport(handler)),
+        url=root,
+        name="m",
+        tokenizer=CountingTokenizer(),  # type: ignore[arg-type]
+        max_model_len=100,
+        timeout_s=5,
+    )
+
+
+def completion(text: str = "ok", logprobs: list[float] | None = None) -> dict:
+    choice: dict = {"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+    if logprobs is not None:
+        choice["logprobs"] = {"content": [{"token": "t", "logprob": lp} for lp in logprobs]}
+    return {"choices": [choice], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}
+
+
+async def test_request_bodies() -> None:
+    bodies: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json=completion(logprobs=[-0.5, -0.25]))
+
+    msgs = user("a b c")
+    reqs = [
+        GenerationRequest(msgs, max_tokens=3),
+        GenerationRequest(msgs, max_tokens=3, logprobs=True, priority=2, temperature=0.7),
+        GenerationRequest(msgs, max_tokens=3, json_schema=DIGIT_SCHEMA),
+        GenerationRequest(msgs, max_tokens=3, choices=("x", "y")),
+    ]
+    async with mock_engine(handler) as eng:
+        gens = await eng.generate(reqs)
+    # The calls run concurrently: pick each body by its keys, not its arrival.
+    plain = next(b for b in bodies if len(b) == 4)
+    assert plain == {
+        "model": "m",
+        "messages": [{"role": "user", "content": "a b c"}],
+        "max_tokens": 3,
+        "temperature": 0.0,
+    }
+    rich = next(b for b in bodies if "logprobs" in b)
+    assert (rich["logprobs"], rich["top_logprobs"], rich["priority"], rich["temperature"]) == (
+        True,
+        0,
+        2,
+        0.7,
+    )
+    schema = next(b for b in bodies if "response_format" in b)
+    assert schema["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": DIGIT_SCHEMA},
+    }
+    choice = next(b for b in bodies if "structured_outputs" in b)
+    assert choice["structured_outputs"] == {"choice": ["x", "y"]}
+    # Usage comes from the server; log-probs only when asked for.
+    assert [(g.prompt_tokens, g.output_tokens) for g in gens] == [(7, 2)] * 4
+    assert gens[1].token_logprobs == (-0.5, -0.25)
+    assert gens[0].token_logprobs is None
+
+
+async def test_bearer_token_is_sent() -> None:
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200, json=completion())
+
+    async with mock_engine(handler, api_key="s3cret") as eng:
+        await eng.generate([GenerationRequest(user("hi"), max_tokens=2)])
+    async with mock_engine(handler) as eng:
+        await eng.generate([GenerationRequest(user("hi"), max_tokens=2)])
+    assert seen == ["Bearer s3cret", None]
+
+
+def vllm_error(status: int, message: str) -> httpx.Response:
+    return httpx.Response(
+        status, json={"error": {"message": message, "type": "Error", "code": status}}
+    )
+
+
+@pytest.mark.parametrize(
+    ("response", "error", "pattern"),
+    [
+        (httpx.Response(401, json={"error": "Unauthorized"}), EngineError, "authentication"),
+        (httpx.Response(403, text="Forbidden"), EngineError, "authentication"),
+        (
+            vllm_error(400, "This model's maximum context length is 4096 tokens. However, ..."),
+            PromptTooLong,
+            "maximum context length",
+        ),
+        (vllm_error(400, "max_tokens must be at least 1, got -1."), InvalidRequest, "max_tokens"),
+        (httpx.Response(422, json={"detail": [{"msg": "bad field"}]}), InvalidRequest, "bad field"),
+        (vllm_error(404, "The model `m` does not exist."), ModelNotFound, "does not exist"),
+        (vllm_error(500, "engine blew up"), EngineError, "500.*engine blew up"),
+        (httpx.Response(503, text="restarting"), EngineUnavailable, "503.*restarting"),
+        (httpx.Response(200, text="<html>proxy</html>"), EngineError, "non-JSON"),
+    ],
+)
+async def test_http_errors_are_mapped(
+    response: httpx.Response, error: type[Exception], pattern: str
+) -> None:
+    async with mock_engine(lambda request: response) as eng:
+        with pytest.raises(error, match=pattern) as info:
+            await eng.generate([GenerationRequest(user("hi"), max_tokens=2)])
+    if error is EngineError:  # not a more specific (user-blaming) kind
+        assert type(info.value) is EngineError
+
+
+@pytest.mark.parametrize(
+    ("exc", "error"),
+    [
+        (httpx.ReadTimeout("slow"), EngineTimeout),
+        (httpx.ConnectError("refused"), EngineUnavailable),
+        (httpx.ConnectTimeout("no route"), EngineUnavailable),
+        (httpx.RemoteProtocolError("Server disconnected"), EngineUnavailable),
+        (httpx.ReadError("reset by peer"), EngineUnavailable),
+    ],
+)
+async def test_transport_errors_are_mapped(exc: Exception, error: type[Exception]) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    async with mock_engine(handler) as eng:
+        with pytest.raises(error, match="engine.test"):
+            await eng.generate([GenerationRequest(user("hi"), max_tokens=2)])
+
+
+async def test_metrics_404_is_not_vllm() -> None:
+    async with mock_engine(lambda request: httpx.Response(404, text="Not Found")) as eng:
+        with pytest.raises(EngineError, match="not a vLLM server"):
+            await eng.kv_state()
+
+
+async def test_stats_are_read_from_the_server_root() -> None:
+    text = (Path(__file__).parent.parent / "unit" / "data" / "vllm_metrics.txt").read_text()
+    paths: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        return httpx.Response(200, text=text)
+
+    async with mock_engine(handler) as eng:
+        eng.name = "ragctl-test"  # the scrape's model
+        stats = await eng.stats()
+        kv = await eng.kv_state()
+    assert paths == ["/metrics", "/metrics"]
+    assert isinstance(stats, EngineStats)
+    assert kv.total_blocks == stats.num_gpu_blocks - 1
+
+
+@pytest.mark.parametrize(
+    ("given", "root"),
+    [
+        ("http://h:8000", "http://h:8000"),
+        ("http://h:8000/", "http://h:8000"),
+        ("http://h:8000/v1", "http://h:8000"),
+        ("http://h:8000/v1/", "http://h:8000"),
+        ("h:8000", "http://h:8000"),
+        ("https://gw.example/vllm/v1", "https://gw.example/vllm"),
+    ],
+)
+def test_server_root(given: str, root: str) -> None:
+    assert server_root(given) == root
+
+
+def test_tokenizer_fallback_to_the_embedded_model(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    loaded: list[str] = []
+
+    def load(name: str) -> object:
+        if name != "embedded-folder":
+            raise ModelNotFound(f"cannot load a tokenizer from {name!r}")
+        loaded.append(name)
+        return object()
+
+    monkeypatch.setattr(remote.Tokenizer, "load", staticmethod(load))
+    monkeypatch.setattr(remote, "resolve_model", lambda model, cache_dir: "embedded-folder")
+    # The server serves the embedded model's folder, which this machine has not prepared.
+    served_root = str(model_folder(tmp_path))
+    remote._load_tokenizer(None, None, served_root, "served", tmp_path)
+    assert loaded == ["embedded-folder"]
+    # Any other unloadable model: ask for --tokenizer.
+    with pytest.raises(ModelNotFound, match="--tokenizer"):
+        remote._load_tokenizer(None, None, "/srv/models/other", "served", tmp_path)
