@@ -9,6 +9,7 @@ block counts, so the free-block figure is exact as of the last step.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -119,11 +120,15 @@ class LocalEngine(Engine):
             disable_log_stats=True,
             **extra,
         )
+        tok = Tokenizer.load(tokenizer or model)
         try:
-            llm = AsyncLLM.from_engine_args(args, stat_loggers=[_KVStatLogger])
+            # No local name for the engine: something in vLLM keeps this frame alive, and a
+            # local would keep the engine alive past aclose().
+            return cls(
+                AsyncLLM.from_engine_args(args, stat_loggers=[_KVStatLogger]), tok, gauge, timeout_s
+            )
         except Exception as e:
             raise EngineUnavailable(f"could not start vLLM with model {model!r}: {e}") from e
-        return cls(llm, Tokenizer.load(tokenizer or model), gauge, timeout_s)
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         return await gather_or_cancel([self._one(r) for r in requests])
@@ -188,8 +193,14 @@ class LocalEngine(Engine):
         return KVState(total, free, self._block_size, source="engine-step")
 
     async def aclose(self) -> None:
-        if self._llm is not None:
-            self._llm.shutdown()
-            # Drop it now: AsyncLLM.__del__ shuts down again, which fails noisily if it only
-            # runs at interpreter exit.
-            self._llm = None
+        llm, self._llm = self._llm, None
+        if llm is None:
+            return
+        llm.shutdown()
+        # Let the cancelled output-handler task finish and collect the engine now: AsyncLLM's
+        # __del__ shuts down again, which fails noisily when it only runs at interpreter exit.
+        handler = getattr(llm, "output_handler", None)
+        if handler is not None:
+            await asyncio.gather(handler, return_exceptions=True)
+        del llm, handler
+        gc.collect()

@@ -1,4 +1,5 @@
-"""The real vLLM OpenAI-compatible server, started once per test session.
+"""Integration fixtures: the real vLLM OpenAI-compatible server, started once per test session,
+and a small real collection.
 
 `vllm_server` runs `python -m vllm.entrypoints.openai.api_server` on the embedded model with a
 1 GiB KV cache and priority scheduling, waits for `/health`, and stops it at the end. Set
@@ -9,6 +10,7 @@ is already running instead.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -21,6 +23,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from ragctl.retrieval.collection import load_queries
+from ragctl.settings import Settings
+from ragctl.types import Query
 
 SERVED_NAME = "ragctl-test"
 STARTUP_TIMEOUT_S = 240.0
@@ -117,3 +123,23 @@ def vllm_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> It
         yield VLLMServer(url, SERVED_NAME, log)
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def small_squad(
+    data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Settings, list[Query]]:
+    """A data dir holding 80 SQuAD paragraphs plus the gold ones of 6 questions."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "squad").mkdir()
+    queries = load_queries(data_dir, "squad")[:6]
+    gold = {g for q in queries for g in q.gold_doc_ids}
+    keep_q = {q.id for q in queries}
+    with open(data_dir / "squad" / "corpus.jsonl") as src:
+        rows = [line for i, line in enumerate(src) if i < 80 or json.loads(line)["id"] in gold]
+    (root / "squad" / "corpus.jsonl").write_text("".join(rows))
+    with open(data_dir / "squad" / "queries.jsonl") as src:
+        qrows = [line for line in src if json.loads(line)["id"] in keep_q]
+    (root / "squad" / "queries.jsonl").write_text("".join(qrows))
+    settings = Settings(data_dir=root, cache_dir=tmp_path_factory.mktemp("cache"))
+    return settings, load_queries(root, "squad")

@@ -1,0 +1,101 @@
+"""The `ragctl` command as a user runs it: a subprocess, against the real vLLM server (so each
+call does not start its own engine), with one-line errors and non-zero exits on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ragctl.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def run(*args: str, settings: Settings, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "RAGCTL_DATA_DIR": str(settings.data_dir),
+        "RAGCTL_CACHE_DIR": str(settings.cache_dir),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "ragctl", *args],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def env(small_squad, vllm_server, model_path: str) -> tuple[Settings, list[str]]:
+    settings, _ = small_squad
+    # --model names the served folder's tokenizer; the server is reached over HTTP.
+    return settings, ["--model", model_path, "--engine-url", vllm_server.url]
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
+    assert proc.returncode == code, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("error: ") and needle in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_index_builds_once_then_reuses(env) -> None:
+    settings, flags = env
+    first = run(*flags, "index", "--dataset", "squad", settings=settings)
+    assert first.returncode == 0, first.stderr
+    second = run(*flags, "index", "--dataset", "squad", settings=settings)
+    assert second.returncode == 0, second.stderr
+    # Same folder both times: the fingerprint did not change, nothing was rebuilt.
+    assert first.stdout.split()[-2] == second.stdout.split()[-2]
+
+
+@pytest.mark.parametrize(
+    "method_args", [["--method", "stuff"], ["--method", "map_rerank"],
+                    ["--method", "map_reduce", "--intermediate-length", "24"]],
+)
+def test_ask_json(env, small_squad, method_args: list[str]) -> None:
+    settings, flags = env
+    query = small_squad[1][2]
+    proc = run(*flags, "ask", query.question, "--dataset", "squad", "--chunks", "3",
+               *method_args, "--json", settings=settings)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["decision"]["method"] == method_args[1]
+    assert len(out["chunk_ids"]) == 3 and isinstance(out["answer"], str)
+    assert out["tokens"]["calls"] >= 1 and out["tokens"]["prompt"] > 0
+    assert {"retrieve", "synthesis", "total"} <= set(out["timings"])
+
+
+def test_ask_human_readable(env, small_squad) -> None:
+    settings, flags = env
+    proc = run(*flags, "ask", small_squad[1][0].question, "--chunks", "2", settings=settings)
+    assert proc.returncode == 0, proc.stderr
+    assert "config  stuff:2" in proc.stdout and "tokens" in proc.stdout
+
+
+def test_errors_are_one_line_and_non_zero(env, tmp_path: Path) -> None:
+    settings, flags = env
+    one_line_error(run(*flags, "ask", "q?", "--dataset", "nope", settings=settings),
+                   2, "unknown dataset")
+    one_line_error(run(*flags, "ask", "   ", settings=settings), 2, "empty")
+    one_line_error(run(*flags, "ask", "why " * 6000, settings=settings), 2, "context")
+    one_line_error(run(*flags, "ask", "q?", "--method", "nope", settings=settings), 2, "method")
+    one_line_error(run(*flags, "ask", "q?", "--method", "stuff", "--intermediate-length", "9",
+                       settings=settings), 2, "map_reduce only")
+    missing = settings.model_copy(update={"data_dir": tmp_path / "absent"})
+    one_line_error(run(*flags, "ask", "q?", settings=missing), 2, "RAGCTL_DATA_DIR")
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = ["--model", flags[1], "--engine-url", f"http://127.0.0.1:{port}"]
+    one_line_error(run(*dead, "ask", "q?", settings=settings), 1, f"127.0.0.1:{port}")
+
+
+def test_model_prepare_reuses_the_prepared_folder(model_path: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "ragctl", "model", "prepare"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "already prepared" in proc.stdout and model_path in proc.stdout
