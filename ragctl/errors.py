@@ -38,6 +38,13 @@ class DataNotFound(UserError):
     http_status = 404
 
 
+class DataFormatError(DataNotFound):
+    """A data file exists but a row is malformed (bad JSON, missing or mistyped field)."""
+
+    code = "data_malformed"
+    http_status = 422
+
+
 class PromptTooLong(UserError):
     code = "context_length_exceeded"
     http_status = 413

@@ -57,7 +57,10 @@ class Settings(BaseSettings):
         description="Embedding backend as `backend:model`: sentence-transformers:<name or "
         "folder>, cohere:<model>, openai:<model>.",
     )
-    embedding_url: str | None = Field(None, description="Base URL for a remote embedding API.")
+    embedding_url: str | None = Field(
+        None,
+        description="Base URL for a remote embedding API (OpenAI-compatible URLs end in /v1).",
+    )
     embedding_api_key: str | None = Field(None, description="API key for a remote embedding API.")
     answer_max_tokens: int | None = Field(
         None, description="Answer length budget in tokens. Unset: the dataset card's value."
