@@ -90,10 +90,11 @@ class Message:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One LLM call, engine-neutral."""
+    """One LLM call, engine-neutral: chat `messages` (the model's chat template applies) or a
+    raw `prompt` (sent as is)."""
 
-    messages: tuple[Message, ...]
-    max_tokens: int
+    messages: tuple[Message, ...] = ()
+    max_tokens: int = 256
     temperature: float = 0.0
     logprobs: bool = False
     """Return the log-prob of every generated token."""
@@ -105,6 +106,14 @@ class GenerationRequest:
     """Engine priority; lower runs first (vLLM priority scheduling)."""
     tag: str = ""
     """Free text carried into logs and request ids (e.g. the stage name)."""
+    prompt: str | None = None
+    """A raw completion prompt, instead of `messages`."""
+
+    def __post_init__(self) -> None:
+        if (self.prompt is None) == (not self.messages):
+            raise ValueError("a generation request needs either messages or a prompt, not both")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
 
 @dataclass(frozen=True)

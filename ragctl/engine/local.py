@@ -139,7 +139,7 @@ class LocalEngine(Engine):
         from vllm.sampling_params import StructuredOutputsParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        ids = self.tokenizer.encode_chat(req.messages)
+        ids = self.tokenizer.encode_request(req)
         self.check_fits(req, len(ids))
         structured = None
         if req.json_schema is not None:

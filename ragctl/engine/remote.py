@@ -118,21 +118,34 @@ class RemoteEngine(Engine):
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         return await gather_or_cancel([self._one(r) for r in requests])
 
+    @staticmethod
+    def endpoint(req: GenerationRequest) -> str:
+        """Chat calls go to `/v1/chat/completions`, raw prompts to `/v1/completions`."""
+        return "/v1/completions" if req.prompt is not None else "/v1/chat/completions"
+
     def request_body(self, req: GenerationRequest) -> dict[str, Any]:
-        """The `/v1/chat/completions` body for one call."""
+        """The request body for one call (see `endpoint`)."""
         body: dict[str, Any] = {
             "model": self.name,
-            "messages": [{"role": m.role, "content": m.content} for m in req.messages],
             "max_tokens": req.max_tokens,
             "temperature": req.temperature,
         }
-        if req.logprobs:
-            body["logprobs"] = True
-            body["top_logprobs"] = 0  # the sampled token's log-prob only
+        if req.prompt is not None:
+            body["prompt"] = req.prompt
+            if req.logprobs:
+                body["logprobs"] = 0  # completions API: the sampled token's log-prob only
+        else:
+            body["messages"] = [{"role": m.role, "content": m.content} for m in req.messages]
+            if req.logprobs:
+                body["logprobs"] = True
+                body["top_logprobs"] = 0  # the sampled token's log-prob only
         if req.priority:
             # vLLM extension; a server without --scheduling-policy priority rejects non-zero.
             body["priority"] = req.priority
-        if req.json_schema is not None:
+        if req.json_schema is not None and req.prompt is not None:
+            # The completions API has no response_format; vLLM's extension does the same job.
+            body["structured_outputs"] = {"json": dict(req.json_schema)}
+        elif req.json_schema is not None:
             body["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": "output", "schema": dict(req.json_schema)},
@@ -143,7 +156,7 @@ class RemoteEngine(Engine):
         return body
 
     async def _one(self, req: GenerationRequest) -> Generation:
-        prompt_tokens = self.tokenizer.count_chat(req.messages)
+        prompt_tokens = len(self.tokenizer.encode_request(req))
         self.check_fits(req, prompt_tokens)
         tag = _UNSAFE_ID_CHARS.sub("-", req.tag)[:40] or "call"
         # Shows up in the server's logs, so a slow call can be traced to its stage.
@@ -155,7 +168,7 @@ class RemoteEngine(Engine):
                 resp = await _send(
                     self._client,
                     "POST",
-                    "/v1/chat/completions",
+                    self.endpoint(req),
                     json=self.request_body(req),
                     headers=headers,
                 )
@@ -167,13 +180,20 @@ class RemoteEngine(Engine):
         data = _json(resp)
         try:
             choice = data["choices"][0]
-            text = choice["message"].get("content") or ""
             usage = data.get("usage") or {}
             logprobs = None
-            if req.logprobs:
-                content = (choice.get("logprobs") or {}).get("content")
-                if content is not None:
-                    logprobs = tuple(float(t["logprob"]) for t in content)
+            if req.prompt is not None:
+                text = choice.get("text") or ""
+                if req.logprobs:
+                    values = (choice.get("logprobs") or {}).get("token_logprobs")
+                    if values is not None:
+                        logprobs = tuple(float(v) for v in values)
+            else:
+                text = choice["message"].get("content") or ""
+                if req.logprobs:
+                    content = (choice.get("logprobs") or {}).get("content")
+                    if content is not None:
+                        logprobs = tuple(float(t["logprob"]) for t in content)
             return Generation(
                 text=text,
                 prompt_tokens=int(usage.get("prompt_tokens", prompt_tokens)),

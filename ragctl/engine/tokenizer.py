@@ -8,7 +8,7 @@ from functools import lru_cache
 from typing import Any
 
 from ragctl.errors import ModelNotFound
-from ragctl.types import Message
+from ragctl.types import GenerationRequest, Message
 
 
 class Tokenizer:
@@ -42,6 +42,13 @@ class Tokenizer:
 
     def count_chat(self, messages: Sequence[Message]) -> int:
         return len(self.encode_chat(messages))
+
+    def encode_request(self, request: GenerationRequest) -> list[int]:
+        """The token ids the engine sees for a call: its rendered chat, or its raw prompt with
+        the tokenizer's own special tokens (as vLLM's completions endpoint adds them)."""
+        if request.prompt is not None:
+            return list(self.hf.encode(request.prompt))
+        return self.encode_chat(request.messages)
 
 
 @lru_cache(maxsize=8)

@@ -1,4 +1,4 @@
-"""Prompt templates for synthesis, kept as files beside this module.
+"""Prompt templates for synthesis, kept as files in `templates/` beside this module.
 
 A template file has an optional comment header (`# name vN: ...`), then a `[system]` and a
 `[user]` section; `$name` placeholders are filled with `string.Template` (so braces in chunk text
@@ -51,7 +51,7 @@ def parse_template(name: str, text: str) -> Template:
 @cache
 def load_template(name: str) -> Template:
     """One of the shipped templates: map_rerank, stuff, map, reduce."""
-    text = (resources.files("ragctl.synthesis") / "prompts" / f"{name}.txt").read_text("utf-8")
+    text = (resources.files("ragctl.synthesis") / "templates" / f"{name}.txt").read_text("utf-8")
     return parse_template(name, text)
 
 

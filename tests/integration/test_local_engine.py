@@ -29,6 +29,14 @@ async def test_generate_reports_tokens_and_logprobs(local_engine) -> None:
     assert 0 < gen.confidence <= 1
 
 
+async def test_raw_prompt_without_chat_template(local_engine) -> None:
+    req = GenerationRequest(prompt="The capital of France is", max_tokens=6, logprobs=True)
+    (gen,) = await local_engine.generate([req])
+    assert gen.prompt_tokens == len(local_engine.tokenizer.encode_request(req))
+    assert gen.prompt_tokens < local_engine.tokenizer.count_chat((Message("user", req.prompt),))
+    assert len(gen.token_logprobs) == gen.output_tokens > 0
+
+
 async def test_structured_output_json_and_choice(local_engine) -> None:
     schema = {
         "type": "object",

@@ -162,6 +162,16 @@ async def test_prompt_tokens_predicted_by_the_local_tokenizer(engine: RemoteEngi
 
 
 @integration
+async def test_raw_prompt_goes_to_the_completions_endpoint(engine: RemoteEngine) -> None:
+    plain = GenerationRequest(prompt="The capital of France is", max_tokens=6, logprobs=True)
+    as_json = GenerationRequest(prompt="A digit as JSON:", max_tokens=12, json_schema=DIGIT_SCHEMA)
+    gen, constrained = await engine.generate([plain, as_json])
+    assert gen.prompt_tokens == len(engine.tokenizer.encode_request(plain))
+    assert gen.token_logprobs is not None and len(gen.token_logprobs) == gen.output_tokens > 0
+    assert 0 <= json.loads(constrained.text)["n"] <= 9
+
+
+@integration
 async def test_batch_results_in_request_order(engine: RemoteEngine) -> None:
     reqs = [
         GenerationRequest(

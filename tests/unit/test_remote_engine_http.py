@@ -50,6 +50,10 @@ class CountingTokenizer:
     def count_chat(self, messages: tuple[Message, ...]) -> int:
         return sum(self.count(m.content) for m in messages)
 
+    def encode_request(self, req: GenerationRequest) -> list[str]:
+        texts = [req.prompt] if req.prompt is not None else [m.content for m in req.messages]
+        return [w for t in texts for w in t.split()]
+
 
 def mock_engine(
     handler: Callable[[httpx.Request], httpx.Response], api_key: str | None = None
@@ -241,3 +245,39 @@ def test_tokenizer_fallback_to_the_embedded_model(
     # Any other unloadable model: ask for --tokenizer.
     with pytest.raises(ModelNotFound, match="--tokenizer"):
         remote._load_tokenizer(None, None, "/srv/models/other", "served", tmp_path)
+
+
+async def test_raw_prompts_use_the_completions_endpoint() -> None:
+    seen: list[tuple[str, dict]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.url.path, json.loads(request.content)))
+        choice = {"text": " done", "finish_reason": "length",
+                  "logprobs": {"token_logprobs": [-0.5, -1.5], "tokens": ["a", "b"]}}
+        return httpx.Response(
+            200, json={"choices": [choice], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+        )
+
+    engine = mock_engine(handler)
+    gen, constrained = await engine.generate(
+        [
+            GenerationRequest(prompt="one two three", max_tokens=2, logprobs=True),
+            GenerationRequest(prompt="x", max_tokens=2, json_schema=DIGIT_SCHEMA),
+        ]
+    )
+    (path, body), (_, body2) = seen
+    assert path == "/v1/completions" and body["prompt"] == "one two three"
+    assert body["logprobs"] == 0 and "messages" not in body
+    assert body2["structured_outputs"] == {"json": DIGIT_SCHEMA}
+    assert "response_format" not in body2
+    assert gen.text == " done" and gen.token_logprobs == (-0.5, -1.5)
+    assert (gen.prompt_tokens, gen.output_tokens) == (3, 2)
+
+
+def test_a_request_has_messages_or_a_prompt() -> None:
+    with pytest.raises(ValueError):
+        GenerationRequest(max_tokens=2)
+    with pytest.raises(ValueError):
+        GenerationRequest(user("a"), max_tokens=2, prompt="b")
+    with pytest.raises(ValueError):
+        GenerationRequest(user("a"), max_tokens=0)
