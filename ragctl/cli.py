@@ -56,6 +56,7 @@ def _global(
     max_model_len: int | None = typer.Option(None, help=_help("max_model_len")),
     embedder: str | None = typer.Option(None, help=_help("embedder")),
     embedding_url: str | None = typer.Option(None, help=_help("embedding_url")),
+    embedding_api_key: str | None = typer.Option(None, help=_help("embedding_api_key")),
     answer_max_tokens: int | None = typer.Option(None, help=_help("answer_max_tokens")),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the engine's own logs."),
 ) -> None:
@@ -64,6 +65,7 @@ def _global(
         # terminal for results (children inherit these, so the engine process is quiet too).
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ctx.obj = Settings().with_overrides(
@@ -78,6 +80,7 @@ def _global(
         max_model_len=max_model_len,
         embedder=embedder,
         embedding_url=embedding_url,
+        embedding_api_key=embedding_api_key,
         answer_max_tokens=answer_max_tokens,
     )
 

@@ -75,9 +75,19 @@ def vllm_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> It
         yield VLLMServer(given, os.environ.get("RAGCTL_TEST_ENGINE_MODEL", SERVED_NAME))
         return
     pytest.importorskip("vllm", reason="the vLLM server tests need vLLM installed")
+    with running_vllm_server(model_path, tmp_path_factory.mktemp("vllm") / "server.log") as (
+        server,
+        _,
+    ):
+        yield server
 
+
+@contextlib.contextmanager
+def running_vllm_server(
+    model_path: str, log: Path
+) -> Iterator[tuple[VLLMServer, subprocess.Popen[bytes]]]:
+    """Start a vLLM server on a free loopback port, wait until it is healthy, stop it after."""
     port = free_port()
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model_path,
@@ -120,7 +130,7 @@ def vllm_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> It
                     f"vLLM server not ready after {STARTUP_TIMEOUT_S:g}s; log tail:\n" + _tail(log)
                 )
             time.sleep(1.0)
-        yield VLLMServer(url, SERVED_NAME, log)
+        yield VLLMServer(url, SERVED_NAME, log), proc
     finally:
         _stop(proc)
 
