@@ -62,7 +62,9 @@ class Controller:
         timings["retrieve"] = time.perf_counter() - t
 
         kv = await self.engine.kv_state()
-        decision = Decision(config=config, reason="fixed", kv=kv)
+        decision = Decision(
+            config=config, reason="fixed", kv=kv, templates=self.synthesizer.template_versions
+        )
 
         t = time.perf_counter()
         result, stages = await self.run_synthesis(self.synthesizer.plan(config, q, chunks))

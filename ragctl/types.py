@@ -195,6 +195,8 @@ class Decision:
     """`fixed`: the caller chose the configuration."""
     kv: KVState | None = None
     """The engine's KV state when the configuration was chosen."""
+    templates: Mapping[str, str] = field(default_factory=dict)
+    """Prompt template versions used (name -> version), so results can be traced to wording."""
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,7 @@ class Answer:
                 "num_chunks": d.config.num_chunks,
                 "intermediate_length": d.config.intermediate_length,
                 "reason": d.reason,
+                "templates": dict(d.templates),
                 "kv": None
                 if d.kv is None
                 else {

@@ -40,7 +40,6 @@ class _KVGauge:
     """Written by the stat logger on the engine's output loop, read by `kv_state()`."""
 
     usage: float = 0.0
-    steps: int = 0
 
 
 class LocalEngine(Engine):
@@ -98,7 +97,6 @@ class LocalEngine(Engine):
             def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
                 if scheduler_stats is not None:
                     gauge.usage = scheduler_stats.kv_cache_usage
-                    gauge.steps += 1
 
             def log_engine_initialized(self) -> None:
                 pass
