@@ -13,6 +13,8 @@ import pytest
 
 from ragctl.settings import Settings
 
+from .conftest import free_port
+
 pytestmark = pytest.mark.integration
 
 
@@ -87,9 +89,7 @@ def test_errors_are_one_line_and_non_zero(env, tmp_path: Path) -> None:
                        settings=settings), 2, "map_reduce only")
     missing = settings.model_copy(update={"data_dir": tmp_path / "absent"})
     one_line_error(run(*flags, "ask", "q?", settings=missing), 2, "RAGCTL_DATA_DIR")
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     dead = ["--model", flags[1], "--engine-url", f"http://127.0.0.1:{port}"]
     one_line_error(run(*dead, "ask", "q?", settings=settings), 1, f"127.0.0.1:{port}")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +25,8 @@ from ragctl.errors import (
 from ragctl.settings import Settings
 from ragctl.types import GenerationRequest, Message
 
+from .conftest import free_port
+
 integration = pytest.mark.integration
 
 DIGIT_SCHEMA = {
@@ -41,12 +42,6 @@ class VLLMServer(Protocol):
 
     url: str
     model: str
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def user(text: str) -> tuple[Message, ...]:
