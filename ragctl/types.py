@@ -108,6 +108,8 @@ class GenerationRequest:
     """Free text carried into logs and request ids (e.g. the stage name)."""
     prompt: str | None = None
     """A raw completion prompt, instead of `messages`."""
+    ignore_eos: bool = False
+    """Generate exactly `max_tokens` (benchmarks and load profiles that need fixed lengths)."""
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (not self.messages):

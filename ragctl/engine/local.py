@@ -149,6 +149,7 @@ class LocalEngine(Engine):
             temperature=req.temperature,
             logprobs=0 if req.logprobs else None,  # 0: the sampled token's log-prob only
             structured_outputs=structured,
+            ignore_eos=req.ignore_eos,
         )
         request_id = f"ragctl-{req.tag or 'call'}-{uuid.uuid4().hex[:12]}"
         start = time.perf_counter()

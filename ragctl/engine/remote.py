@@ -139,6 +139,8 @@ class RemoteEngine(Engine):
             if req.logprobs:
                 body["logprobs"] = True
                 body["top_logprobs"] = 0  # the sampled token's log-prob only
+        if req.ignore_eos:
+            body["ignore_eos"] = True  # vLLM extension
         if req.priority:
             # vLLM extension; a server without --scheduling-policy priority rejects non-zero.
             body["priority"] = req.priority

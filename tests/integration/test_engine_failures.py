@@ -19,13 +19,17 @@ from .conftest import running_vllm_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
-# Long enough (hundreds of decode steps) that the kill lands while it runs.
+# Long enough (1,500 decode steps, end-of-sequence ignored so greedy decoding cannot stop it
+# early on a CPU whose kernels round differently) that the kill lands while it runs.
 LONG = GenerationRequest((Message("user", "Count from one to one thousand in words."),),
-                         max_tokens=1500, tag="doomed")
+                         max_tokens=1500, ignore_eos=True, tag="doomed")
 
 
-async def wait_until_running(kv_state) -> None:
-    for _ in range(600):
+async def wait_until_running(call: asyncio.Task, kv_state) -> None:
+    """Until the engine holds KV blocks for `call`; fails at once if the call already ended."""
+    for _ in range(1200):
+        if call.done():
+            raise AssertionError(f"the call ended before the kill: {call.result()!r:.200}")
         kv = await kv_state()
         if kv.free_blocks < kv.total_blocks:
             return
@@ -38,7 +42,7 @@ async def test_remote_server_killed_mid_request(model_path: str, tmp_path) -> No
         engine = await RemoteEngine.connect(server.url, timeout_s=120)
         try:
             call = asyncio.create_task(engine.generate([LONG]))
-            await wait_until_running(engine.kv_state)
+            await wait_until_running(call, engine.kv_state)
             os.killpg(proc.pid, signal.SIGKILL)  # the server and its engine core, at once
             with pytest.raises(EngineUnavailable, match=server.url):
                 await asyncio.wait_for(call, timeout=60)
@@ -62,7 +66,7 @@ async def test_in_process_engine_core_killed_mid_request(model_path: str) -> Non
         assert core, "vLLM should run its engine core in a child process"
         doomed = core + [c for p in core for c in p.children(recursive=True)]
         call = asyncio.create_task(engine.generate([LONG]))
-        await wait_until_running(engine.kv_state)
+        await wait_until_running(call, engine.kv_state)
         for p in doomed:
             p.kill()
         with pytest.raises(EngineUnavailable, match="died"):

@@ -29,6 +29,11 @@ async def test_generate_reports_tokens_and_logprobs(local_engine) -> None:
     assert 0 < gen.confidence <= 1
 
 
+async def test_ignore_eos_generates_exactly_max_tokens(local_engine) -> None:
+    (gen,) = await local_engine.generate([ask("Say hi.", max_tokens=40, ignore_eos=True)])
+    assert (gen.output_tokens, gen.finish_reason) == (40, "length")
+
+
 async def test_raw_prompt_without_chat_template(local_engine) -> None:
     req = GenerationRequest(prompt="The capital of France is", max_tokens=6, logprobs=True)
     (gen,) = await local_engine.generate([req])

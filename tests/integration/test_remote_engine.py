@@ -94,6 +94,14 @@ async def test_generate_plain(engine: RemoteEngine) -> None:
 
 
 @integration
+async def test_ignore_eos_generates_exactly_max_tokens(engine: RemoteEngine) -> None:
+    [g] = await engine.generate(
+        [GenerationRequest(user("Say hi."), max_tokens=40, ignore_eos=True)]
+    )
+    assert (g.output_tokens, g.finish_reason) == (40, "length")
+
+
+@integration
 async def test_generate_with_logprobs(engine: RemoteEngine) -> None:
     [g] = await engine.generate(
         [GenerationRequest(user("Say something about rivers."), max_tokens=8, logprobs=True)]

@@ -89,6 +89,7 @@ async def test_request_bodies() -> None:
         GenerationRequest(msgs, max_tokens=3, logprobs=True, priority=2, temperature=0.7),
         GenerationRequest(msgs, max_tokens=3, json_schema=DIGIT_SCHEMA),
         GenerationRequest(msgs, max_tokens=3, choices=("x", "y")),
+        GenerationRequest(msgs, max_tokens=3, ignore_eos=True),
     ]
     async with mock_engine(handler) as eng:
         gens = await eng.generate(reqs)
@@ -114,8 +115,10 @@ async def test_request_bodies() -> None:
     }
     choice = next(b for b in bodies if "structured_outputs" in b)
     assert choice["structured_outputs"] == {"choice": ["x", "y"]}
+    fixed_length = next(b for b in bodies if "ignore_eos" in b)
+    assert fixed_length["ignore_eos"] is True and len(fixed_length) == 5
     # Usage comes from the server; log-probs only when asked for.
-    assert [(g.prompt_tokens, g.output_tokens) for g in gens] == [(7, 2)] * 4
+    assert [(g.prompt_tokens, g.output_tokens) for g in gens] == [(7, 2)] * 5
     assert gens[1].token_logprobs == (-0.5, -0.25)
     assert gens[0].token_logprobs is None
 
