@@ -83,7 +83,9 @@ async def test_kv_state_tracks_live_usage(local_engine) -> None:
     assert idle.free_blocks == idle.total_blocks  # nothing running
 
     # Long prompts held for a while: the engine must show their blocks as used.
-    reqs = [ask(f"{i} " + "lorem ipsum dolor " * 400, max_tokens=48) for i in range(3)]
+    reqs = [
+        ask(f"{i} " + "lorem ipsum dolor " * 400, max_tokens=48, ignore_eos=True) for i in range(3)
+    ]
     task = asyncio.create_task(local_engine.generate(reqs))
     seen = []
     while not task.done():

@@ -213,7 +213,7 @@ async def test_kv_state_follows_running_calls(engine: RemoteEngine) -> None:
     ]
     need = max(engine.tokenizer.count_chat(p) for p in prompts)
     calls = asyncio.ensure_future(
-        engine.generate([GenerationRequest(p, max_tokens=16) for p in prompts])
+        engine.generate([GenerationRequest(p, max_tokens=48, ignore_eos=True) for p in prompts])
     )
     peak = 0
     while not calls.done():
