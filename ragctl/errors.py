@@ -50,6 +50,19 @@ class PromptTooLong(UserError):
     http_status = 413
 
 
+class ExceedsKVCache(PromptTooLong):
+    """Even the smallest configuration needs more KV blocks than the engine has in total."""
+
+    code = "kv_cache_exceeded"
+
+
+class RulesError(UserError):
+    """A rules file is missing, not YAML, or does not match the rules schema (the message
+    names the file, line and field)."""
+
+    code = "invalid_rules"
+
+
 class MissingDependency(UserError):
     code = "missing_dependency"
     http_status = 500
@@ -98,4 +111,19 @@ class EmbeddingError(RuntimeFailure):
     """An embedding backend (local model or remote API) failed."""
 
     code = "embedding_error"
+    http_status = 502
+
+
+class QueueFull(RuntimeFailure):
+    """The admission queue is full: the request was not accepted (retry later)."""
+
+    code = "queue_full"
+    http_status = 503
+
+
+class ProfilerError(RuntimeFailure):
+    """The profiler LLM gave no usable profile (timeout, engine error, out-of-range values).
+    The controller never lets it fail a request: it falls back and counts it."""
+
+    code = "profiler_error"
     http_status = 502

@@ -66,6 +66,48 @@ class Settings(BaseSettings):
         None, description="Answer length budget in tokens. Unset: the dataset card's value."
     )
     temperature: float = Field(0.0, description="Sampling temperature for synthesis calls.")
+    rules_file: Path | None = Field(
+        None,
+        description="Rules YAML mapping profiles to configuration spaces. Unset: the "
+        "packaged rules/default.yaml.",
+    )
+    profiler_url: str | None = Field(
+        None,
+        description="OpenAI-compatible endpoint for the profiler LLM. Unset: the serving "
+        "engine profiles too.",
+    )
+    profiler_model: str | None = Field(
+        None, description="Model name at `profiler_url`. Unset: the first one it serves."
+    )
+    profiler_api_key: str | None = Field(None, description="Bearer token for `profiler_url`.")
+    profiler_timeout_s: float = Field(
+        30.0, description="Seconds before a profiler call is given up (the query falls back)."
+    )
+    confidence_threshold: float = Field(
+        0.9,
+        ge=0.0,
+        le=1.0,
+        description="Profiles below this confidence are not trusted; the space comes from recent "
+        "confident queries of the collection.",
+    )
+    history_size: int = Field(
+        10, ge=1, description="Confident queries per collection kept for low-confidence fallback."
+    )
+    golden_every: int = Field(
+        30,
+        ge=0,
+        description="Every N queries, one also runs the golden configuration to give "
+        "the profiler feedback (0: never).",
+    )
+    golden_examples: int = Field(
+        4, ge=0, description="Feedback examples kept and shown in later profiler prompts."
+    )
+    kv_buffer_blocks: int = Field(
+        1, ge=0, description="Safety buffer added to every configuration's KV-block need."
+    )
+    queue_size: int = Field(
+        256, ge=1, description="Admission queue bound: requests waiting for KV memory."
+    )
 
     def with_overrides(self, **overrides: object) -> Settings:
         """A copy with the given non-None fields replaced (CLI flags over env over defaults)."""

@@ -82,6 +82,124 @@ class Config:
         return cls(parts[0], nums[0], nums[1] if len(nums) == 2 else None)  # type: ignore[arg-type]
 
 
+Complexity = Literal["high", "low"]
+PIECES_RANGE = (1, 10)
+SUMMARY_RANGE = (30, 200)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What the LLM profiler says about a query (RAGServe/METIS section 4.1)."""
+
+    complexity: Complexity
+    joint_reasoning: bool
+    """Whether the answer needs several pieces of information read together."""
+    pieces: int
+    """Pieces of information needed, 1-10."""
+    summary_length: tuple[int, int]
+    """Range of tokens a per-chunk summary needs, within 30-200 (map_reduce's
+    intermediate_length)."""
+    confidence: float | None = None
+    """exp(mean log-prob) of the profiler's answer tokens, in [0, 1]; None when not measured."""
+
+    def __post_init__(self) -> None:
+        if self.complexity not in ("high", "low"):
+            raise ValueError(f"complexity must be high or low, got {self.complexity!r}")
+        if not isinstance(self.joint_reasoning, bool):
+            raise ValueError(f"joint_reasoning must be a bool, got {self.joint_reasoning!r}")
+        lo, hi = PIECES_RANGE
+        if (
+            isinstance(self.pieces, bool)
+            or not isinstance(self.pieces, int)
+            or not (lo <= self.pieces <= hi)
+        ):
+            raise ValueError(f"pieces must be an integer in {lo}-{hi}, got {self.pieces!r}")
+        s_lo, s_hi = self.summary_length
+        if not (SUMMARY_RANGE[0] <= s_lo <= s_hi <= SUMMARY_RANGE[1]):
+            raise ValueError(
+                f"summary_length must be a range within {SUMMARY_RANGE[0]}-{SUMMARY_RANGE[1]}, "
+                f"got {self.summary_length!r}"
+            )
+        if self.confidence is not None and not (0.0 <= self.confidence <= 1.0):
+            raise ValueError(f"confidence must be in [0, 1], got {self.confidence!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "complexity": self.complexity,
+            "joint_reasoning": self.joint_reasoning,
+            "pieces": self.pieces,
+            "summary_length": list(self.summary_length),
+            "confidence": self.confidence,
+        }
+
+
+@dataclass(frozen=True)
+class ConfigSpace:
+    """A pruned configuration space: what the rules allow for one query."""
+
+    methods: tuple[Method, ...]
+    num_chunks: tuple[int, int]
+    """Inclusive range."""
+    intermediate_lengths: tuple[int, ...] = ()
+    """The summary budgets map_reduce may use (empty when map_reduce is not allowed)."""
+    source: str = ""
+    """Where the space came from: the rule's name, `history`, or `default`."""
+
+    def __post_init__(self) -> None:
+        if not self.methods or any(m not in METHODS for m in self.methods):
+            raise ValueError(f"methods must be a non-empty subset of {METHODS}: {self.methods!r}")
+        lo, hi = self.num_chunks
+        if not 1 <= lo <= hi:
+            raise ValueError(f"num_chunks must be a range 1 <= lo <= hi, got {self.num_chunks!r}")
+        if "map_reduce" in self.methods and not self.intermediate_lengths:
+            raise ValueError("a space with map_reduce needs intermediate_lengths")
+        if any(n < 1 for n in self.intermediate_lengths):
+            raise ValueError(f"intermediate_lengths must be >= 1: {self.intermediate_lengths!r}")
+
+    def configs(self) -> tuple[Config, ...]:
+        """Every configuration in the space, in a stable order."""
+        out: list[Config] = []
+        for method in self.methods:
+            for n in range(self.num_chunks[0], self.num_chunks[1] + 1):
+                if method == "map_reduce":
+                    out.extend(Config(method, n, il) for il in self.intermediate_lengths)
+                else:
+                    out.append(Config(method, n))
+        return tuple(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "methods": list(self.methods),
+            "num_chunks": list(self.num_chunks),
+            "intermediate_lengths": list(self.intermediate_lengths),
+            "source": self.source,
+        }
+
+
+PlanReason = Literal["fit", "fallback", "wait"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The best-fit scheduler's decision for one query, as data."""
+
+    config: Config | None
+    """None when `reason` is `wait`: not even the smallest configuration fits now."""
+    reason: PlanReason
+    """`fit`: the largest configuration of the space that fits; `fallback`: none of the space
+    fits, a cheaper one outside it does; `wait`: queue until KV blocks free up."""
+    need_blocks: int
+    """KV blocks the chosen configuration needs (the smallest one's when waiting)."""
+    free_blocks: int
+    """Free blocks the engine showed."""
+    reserved_blocks: int
+    """Blocks in-flight plans have reserved that the engine does not show yet."""
+
+    @property
+    def available_blocks(self) -> int:
+        return self.free_blocks - self.reserved_blocks
+
+
 @dataclass(frozen=True)
 class Message:
     role: Literal["system", "user", "assistant"]
