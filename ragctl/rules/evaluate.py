@@ -1,0 +1,87 @@
+"""Pure evaluation: a RuleSet and a Profile in, a pruned ConfigSpace out (RAGServe/METIS
+Algorithm 1), plus the merged space of recent confident queries for low-confidence profiles."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+from ragctl.rules.schema import FixedSpace, Limits, PerPiece, Rule, RuleSet, Then
+from ragctl.types import METHODS, ConfigSpace, Profile
+
+
+def evaluate(rules: RuleSet, profile: Profile) -> ConfigSpace:
+    """The space of the first rule whose condition holds (source: its name); `default_space`
+    (source `default`) when none does."""
+    for rule in rules.rules:
+        if rule.when.matches(profile):
+            return _rule_space(rule.then, profile, rules.limits, rule.name)
+    return default_space(rules)
+
+
+def default_space(rules: RuleSet) -> ConfigSpace:
+    """The conservative space for a query with no trusted profile and no history."""
+    d: FixedSpace = rules.default_space
+    return _space(d.methods, tuple(d.num_chunks), d.intermediate_length, rules.limits, "default")
+
+
+def merge_spaces(spaces: Sequence[ConfigSpace]) -> ConfigSpace:
+    """One space standing for several (the last confident queries of a collection): the union
+    of methods, the median low and median high of num_chunks, the union of summary budgets."""
+    if not spaces:
+        raise ValueError("merge_spaces needs at least one space")
+    present = {m for s in spaces for m in s.methods}
+    methods = tuple(m for m in METHODS if m in present)
+    lo = _round(statistics.median(s.num_chunks[0] for s in spaces))
+    hi = _round(statistics.median(s.num_chunks[1] for s in spaces))
+    # Each lo_i <= hi_i makes median(lo) <= median(hi); max() only guards the rounding.
+    hi = max(lo, hi)
+    ilens: tuple[int, ...] = ()
+    if "map_reduce" in methods:
+        ilens = tuple(sorted({n for s in spaces for n in s.intermediate_lengths}))
+    return ConfigSpace(methods, (lo, hi), ilens, source="history")
+
+
+def fields_read(rule: Rule | RuleSet) -> tuple[str, ...]:
+    """The Profile fields a rule (or any rule of a set) reads, in Profile order: its condition's
+    keys, `pieces` for a per-piece num_chunks, `summary_length` for from_summary_length."""
+    return rule.fields_read
+
+
+def intermediate_values(lo: int, hi: int, count: int) -> tuple[int, ...]:
+    """`count` evenly spaced integers over [lo, hi], ends included, deduplicated (1: midpoint)."""
+    if count == 1:
+        return (_round((lo + hi) / 2),)
+    step = (hi - lo) / (count - 1)
+    return tuple(sorted({_round(lo + i * step) for i in range(count)}))
+
+
+def _rule_space(then: Then, profile: Profile, limits: Limits, source: str) -> ConfigSpace:
+    if isinstance(then.num_chunks, PerPiece):
+        a, b = then.num_chunks.per_piece
+        chunks = (a * profile.pieces, b * profile.pieces)
+    else:
+        chunks = (then.num_chunks[0], then.num_chunks[1])
+    ilen = then.intermediate_length
+    ilen_range = list(profile.summary_length) if then.from_summary else ilen
+    return _space(then.methods, chunks, ilen_range, limits, source)  # type: ignore[arg-type]
+
+
+def _space(
+    methods: Sequence[str],
+    chunks: tuple[int, int],
+    ilen: Sequence[int] | None,
+    limits: Limits,
+    source: str,
+) -> ConfigSpace:
+    lo, hi = (min(max(n, 1), limits.max_chunks) for n in chunks)
+    ilens: tuple[int, ...] = ()
+    if "map_reduce" in methods and ilen is not None:
+        ilens = intermediate_values(ilen[0], ilen[1], limits.intermediate_values)
+    return ConfigSpace(tuple(methods), (lo, hi), ilens, source)  # type: ignore[arg-type]
+
+
+def _round(x: float) -> int:
+    """Half up, not Python's half-to-even: a median of 4.5 chunks is 5, like 5.5 is 6."""
+    return math.floor(x + 0.5)
