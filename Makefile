@@ -52,8 +52,12 @@ test: setup ## run all tests (unit + integration on the real engine)
 test-unit: setup ## run the fast unit tests only
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
-bench: setup ## per-method timings on 20 SQuAD questions at 5 chunks (eval/RESULTS.md)
-	$(RAGCTL) bench --dataset squad --questions 20 --chunks 5 --out eval/out/bench-fixed
+bench: setup ## ragctl vs fixed configurations, controller overhead, profiler agreement (eval/RESULTS.md)
+	$(RAGCTL) bench overhead --decisions 1000
+	$(RAGCTL) bench configs --dataset squad --questions 30 --out eval/out/bench-squad
+	$(RAGCTL) bench configs --dataset musique --questions 30 --out eval/out/bench-musique
+	$(RAGCTL) bench profiler --questions 30
+	$(RAGCTL) --kv-cache-blocks 24 --max-model-len 2048 bench pressure --questions 12
 
 lint: setup ## ruff
 	$(VENV)/bin/ruff check ragctl tests

@@ -1,25 +1,128 @@
-"""The one place that awaits: retrieve -> synthesis on the shared engine -> Answer.
+"""The one place that awaits: retrieve ‖ profile -> rules -> best-fit -> synthesis -> Answer.
 
-This issue's path runs a configuration the caller chose (the "fixed configuration" baseline);
-the adaptive path (profile -> rules -> best-fit) plugs in where the configuration is decided.
+Per query (`ask` without a configuration): retrieval (at the largest chunk count any rule can ask
+for) and the LLM profiler run concurrently; the rules turn a trusted profile into a pruned space
+(else the space of the collection's recent confident queries, else the rules' default); the
+best-fit scheduler picks the largest configuration of that space that fits the engine's free KV
+cache minus what in-flight plans reserved, waiting in the admission queue when nothing fits; the
+synthesis method runs on the shared engine while the plan's blocks stay reserved. Every answer
+carries the Decision that explains it.
+
+`ask(question, config)` runs a configuration the caller chose (the fixed-configuration baseline);
+it still reserves its blocks, so adaptive queries sharing the engine see it, but never waits.
 Many `ask` calls may run at once on one Controller: they share the engine, which batches them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections import Counter, deque
 from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from ragctl.engine.base import Engine
-from ragctl.errors import InvalidRequest, PromptTooLong
-from ragctl.synthesis.methods import Step, Synthesizer
-from ragctl.types import Answer, Chunk, Config, Decision, StageRecord, SynthesisResult
+from ragctl.errors import InvalidRequest, PromptTooLong, RagctlError
+from ragctl.profiler import ProfileOutcome, Profiler
+from ragctl.rules import RuleSet, default_space, evaluate, load_rules, merge_spaces
+from ragctl.scheduler import AdmissionQueue, KVLedger, choose, config_need
+from ragctl.synthesis.methods import CallSizer, Step, Synthesizer
+from ragctl.types import (
+    Answer,
+    Chunk,
+    Config,
+    ConfigSpace,
+    Decision,
+    KVState,
+    Plan,
+    StageRecord,
+    SynthesisResult,
+)
+
+log = logging.getLogger(__name__)
+
+GOLDEN_CONFIG = Config("map_reduce", 30, 300)
+"""The most expensive configuration: what a query "should" have looked like (paper section 4.1)."""
 
 
 class Retriever(Protocol):
     def search(self, question: str, k: int) -> list[Chunk]: ...
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """What the profiler is told about the collection a query runs against."""
+
+    name: str
+    metadata: str
+    """The dataset card's one-line description."""
+    chunk_tokens: int
+    """Chunk size in tokens of the serving model."""
+
+    @classmethod
+    def of(cls, retriever: Any) -> CollectionInfo:
+        """From a `retrieval.index.Retriever` (its dataset card)."""
+        card = retriever.card
+        return cls(card.name, card.metadata, card.chunking.size)
+
+
+@dataclass(frozen=True)
+class AdaptivePolicy:
+    """The adaptive path's knobs (see `Settings` for what each means)."""
+
+    confidence_threshold: float = 0.9
+    history_size: int = 10
+    golden_every: int = 30
+    golden_config: Config = GOLDEN_CONFIG
+    kv_buffer_blocks: int = 1
+    queue_size: int = 256
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> AdaptivePolicy:
+        return cls(
+            confidence_threshold=settings.confidence_threshold,
+            history_size=settings.history_size,
+            golden_every=settings.golden_every,
+            kv_buffer_blocks=settings.kv_buffer_blocks,
+            queue_size=settings.queue_size,
+        )
+
+
+@dataclass(frozen=True)
+class SpaceChoice:
+    """The pruned space for one query, and whether the query's own profile produced it."""
+
+    space: ConfigSpace
+    profile_used: bool
+    note: str
+    """Why the profile was not used (empty when it was)."""
+    joint_reasoning: bool
+    """What the fallback assumes when nothing in the space fits."""
+
+
+def resolve_space(
+    outcome: ProfileOutcome,
+    rules: RuleSet,
+    history: Sequence[ConfigSpace],
+    threshold: float,
+) -> SpaceChoice:
+    """A confident profile goes through the rules; otherwise the collection's recent confident
+    spaces (merged), else the rules' conservative default."""
+    profile = outcome.profile
+    if profile is not None and profile.confidence is not None and profile.confidence >= threshold:
+        return SpaceChoice(evaluate(rules, profile), True, "", profile.joint_reasoning)
+    if profile is None:
+        note = f"profiler error: {outcome.error or 'no profile'}"
+    elif profile.confidence is None:
+        note = "low-confidence: no log-probs"
+    else:
+        note = f"low-confidence {profile.confidence:.2f} < {threshold:.2f}"
+    space = merge_spaces(list(history)) if history else default_space(rules)
+    # Joint reasoning unless the space only answers from single chunks.
+    joint = any(m != "map_rerank" for m in space.methods)
+    return SpaceChoice(space, False, note, joint)
 
 
 class Controller:
@@ -30,12 +133,34 @@ class Controller:
         *,
         answer_max_tokens: int = 64,
         temperature: float = 0.0,
+        collection: CollectionInfo | None = None,
+        rules: RuleSet | None = None,
+        profiler: Profiler | None = None,
+        policy: AdaptivePolicy | None = None,
+        admission: AdmissionQueue | None = None,
     ) -> None:
         self.engine = engine
         self.retriever = retriever
         self.synthesizer = Synthesizer(
             engine.tokenizer, engine.max_model_len, answer_max_tokens, temperature
         )
+        self.collection = collection or _collection_of(retriever)
+        self.rules = rules if rules is not None else load_rules(None)
+        self.profiler = profiler if profiler is not None else Profiler(engine)
+        self.policy = policy or AdaptivePolicy()
+        # One ledger and queue per engine: controllers of several collections on one engine
+        # pass the same AdmissionQueue.
+        self.admission = admission or AdmissionQueue(
+            KVLedger(), engine.kv_state, maxsize=self.policy.queue_size
+        )
+        self.history: dict[str, deque[ConfigSpace]] = {}
+        self.counters: Counter[str] = Counter()
+        """profiled, profile_used, low_confidence, profiler_errors, fallback, queued, golden_runs,
+        golden_errors: running totals for metrics and reports."""
+        self._queries = 0
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- entry points ---------------------------------------------------------------------------
 
     def check_question(self, question: str) -> str:
         """The question, stripped; a clear error if it is empty or cannot fit the context."""
@@ -50,36 +175,159 @@ class Controller:
             )
         return q
 
-    async def ask(self, question: str, config: Config) -> Answer:
-        """Answer `question` with `config`; the Answer records what ran and how long it took."""
+    async def ask(self, question: str, config: Config | None = None) -> Answer:
+        """Answer `question`: adaptively, or with `config` when given."""
         start = time.perf_counter()
         q = self.check_question(question)
-        timings: dict[str, float] = {}
+        if config is not None:
+            return await self._ask_fixed(q, config, start)
+        return await self._ask_adaptive(q, start)
 
+    async def ask_many(
+        self, questions: Sequence[str], config: Config | None = None
+    ) -> list[Answer]:
+        """Several questions at once on the shared engine; answers in question order."""
+        return list(await asyncio.gather(*(self.ask(q, config) for q in questions)))
+
+    async def profile(self, question: str) -> tuple[ProfileOutcome, SpaceChoice]:
+        """The profile of `question` and the space it would get (history is not updated)."""
+        q = self.check_question(question)
+        outcome = await self._profile(q)
+        return outcome, self._space_for(outcome, record=False)
+
+    async def aclose(self) -> None:
+        """Wait for background feedback runs, then stop the engine(s)."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.profiler.aclose()
+        await self.engine.aclose()
+
+    # -- the two paths --------------------------------------------------------------------------
+
+    async def _ask_fixed(self, q: str, config: Config, start: float) -> Answer:
+        timings: dict[str, float] = {}
+        chunks = await self._retrieve(q, config.num_chunks, timings)
+        kv = await self.engine.kv_state()
+        need = self._need_fn(self.synthesizer.sizer(q, chunks), kv.block_size)(config)
+        decision = Decision(
+            config=config,
+            reason="fixed",
+            kv=kv,
+            templates=self.synthesizer.template_versions,
+            need_blocks=need,
+        )
+        # Reserved for the accounting of adaptive queries on the same engine; never waits.
+        with self.admission.ledger.reserve(need):
+            return await self._synthesize(q, chunks, decision, timings, start)
+
+    async def _ask_adaptive(self, q: str, start: float) -> Answer:
+        timings: dict[str, float] = {}
+        retrieval = asyncio.ensure_future(self._retrieve(q, self.rules.max_num_chunks, timings))
+        try:
+            outcome = await self._profile(q, timings)
+            chunks = await retrieval
+        finally:
+            if not retrieval.done():
+                retrieval.cancel()
+        t = time.perf_counter()
+        choice = self._space_for(outcome, record=True)
+        sizer = self.synthesizer.sizer(q, chunks)
+
+        def decide(kv: KVState, reserved: int) -> Plan:
+            return choose(
+                choice.space,
+                kv,
+                reserved,
+                self._need_fn(sizer, kv.block_size),
+                joint_reasoning=choice.joint_reasoning,
+                max_chunks=len(chunks),
+            )
+
+        timings["decide"] = time.perf_counter() - t
+        admitted = await self.admission.admit(decide)
+        timings["queue"] = admitted.queued_s
+        plan = admitted.plan
+        assert plan.config is not None  # admit() only returns runnable plans
+        self.counters["fallback"] += plan.reason == "fallback"
+        self.counters["queued"] += admitted.queued
+        decision = Decision(
+            config=plan.config,
+            reason=plan.reason,
+            kv=admitted.kv,
+            templates={**self.synthesizer.template_versions, **self._profiler_templates()},
+            profile=outcome.profile,
+            profile_used=choice.profile_used,
+            profile_note=choice.note,
+            space=choice.space,
+            need_blocks=plan.need_blocks,
+            reserved_blocks=plan.reserved_blocks,
+            queued=admitted.queued,
+        )
+        with admitted.reservation:
+            answer = await self._synthesize(q, chunks, decision, timings, start)
+        self._maybe_golden(q, chunks)
+        return answer
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    async def _retrieve(self, q: str, k: int, timings: dict[str, float]) -> list[Chunk]:
         t = time.perf_counter()
         # Embedding and search are CPU work: keep the event loop free for other requests.
-        chunks = await asyncio.to_thread(self.retriever.search, q, config.num_chunks)
+        chunks = await asyncio.to_thread(self.retriever.search, q, k)
         timings["retrieve"] = time.perf_counter() - t
+        return chunks
 
-        kv = await self.engine.kv_state()
-        decision = Decision(
-            config=config, reason="fixed", kv=kv, templates=self.synthesizer.template_versions
+    async def _profile(self, q: str, timings: dict[str, float] | None = None) -> ProfileOutcome:
+        c = self.collection
+        outcome = await self.profiler.profile(q, c.metadata, c.chunk_tokens, collection=c.name)
+        if timings is not None:
+            timings["profile"] = outcome.seconds
+        return outcome
+
+    def _space_for(self, outcome: ProfileOutcome, *, record: bool) -> SpaceChoice:
+        history = self.history.setdefault(
+            self.collection.name, deque(maxlen=self.policy.history_size)
         )
+        choice = resolve_space(outcome, self.rules, history, self.policy.confidence_threshold)
+        if record:
+            self.counters["profiled"] += 1
+            if choice.profile_used:
+                self.counters["profile_used"] += 1
+                history.append(choice.space)
+            elif outcome.profile is None:
+                self.counters["profiler_errors"] += 1
+            else:
+                self.counters["low_confidence"] += 1
+        return choice
 
+    def _need_fn(self, sizer: CallSizer, block_size: int):  # noqa: ANN202
+        buffer = self.policy.kv_buffer_blocks
+        return lambda config: config_need(sizer.estimate(config), block_size, buffer)
+
+    def _profiler_templates(self) -> dict[str, str]:
+        return {f"profiler.{k}": v for k, v in self.profiler.templates.items()}
+
+    async def _synthesize(
+        self,
+        q: str,
+        chunks: list[Chunk],
+        decision: Decision,
+        timings: dict[str, float],
+        start: float,
+    ) -> Answer:
         t = time.perf_counter()
-        result, stages = await self.run_synthesis(self.synthesizer.plan(config, q, chunks))
+        result, stages = await self.run_synthesis(self.synthesizer.plan(decision.config, q, chunks))
         timings["synthesis"] = time.perf_counter() - t
         for s in stages:
             timings[f"synthesis.{s.name}"] = s.seconds
         timings["total"] = time.perf_counter() - start
-
         by_id = {c.id: c for c in chunks}
-        used = tuple(by_id[i] for i in result.used_chunk_ids)
         return Answer(
             question=q,
             text=result.answer,
             decision=decision,
-            chunks=used,
+            chunks=tuple(by_id[i] for i in result.used_chunk_ids),
             stages=stages,
             timings=timings,
             synthesis=result,
@@ -105,9 +353,44 @@ class Controller:
             step = step.finish(gens)
         return step, tuple(stages)
 
-    async def aclose(self) -> None:
-        await self.engine.aclose()
+    # -- golden-configuration feedback ----------------------------------------------------------
 
-    async def ask_many(self, questions: Sequence[str], config: Config) -> list[Answer]:
-        """Several questions at once on the shared engine; answers in question order."""
-        return list(await asyncio.gather(*(self.ask(q, config) for q in questions)))
+    def _maybe_golden(self, q: str, chunks: list[Chunk]) -> None:
+        """Every `golden_every` adaptive queries, rerun one with the golden configuration and
+        ask the profiler what profile would have been right; in the background, so the user's
+        answer is not delayed."""
+        self._queries += 1
+        every = self.policy.golden_every
+        if not every or self._queries % every:
+            return
+        task = asyncio.ensure_future(self._golden(q, chunks))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _golden(self, q: str, chunks: list[Chunk]) -> None:
+        config = self.policy.golden_config
+        config = Config(
+            config.method, min(config.num_chunks, len(chunks)), config.intermediate_length
+        )
+        try:
+            kv = await self.engine.kv_state()
+            need = self._need_fn(self.synthesizer.sizer(q, chunks), kv.block_size)(config)
+            with self.admission.ledger.reserve(need):
+                result, _ = await self.run_synthesis(self.synthesizer.plan(config, q, chunks))
+            c = self.collection
+            corrected = await self.profiler.feedback(
+                q, c.metadata, c.chunk_tokens, result.answer, result.intermediate,
+                collection=c.name,
+            )  # fmt: skip
+            self.counters["golden_runs"] += 1
+            self.counters["golden_errors"] += corrected is None
+        except RagctlError as e:
+            # Feedback is best effort: a failure here must not touch any user's request.
+            self.counters["golden_errors"] += 1
+            log.warning("golden feedback run failed: %s", e)
+
+
+def _collection_of(retriever: Any) -> CollectionInfo:
+    if getattr(retriever, "card", None) is not None:
+        return CollectionInfo.of(retriever)
+    return CollectionInfo("default", "a document collection", 256)

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
         description="In-process engine: KV cache size in GiB. Unset: VLLM_CPU_KVCACHE_SPACE if "
         "set, else 2 GiB on CPU; on a GPU, vLLM's gpu_memory_utilization share.",
     )
+    kv_cache_blocks: int | None = Field(
+        None,
+        ge=1,
+        description="In-process engine: cap the KV cache at this many blocks (memory-pressure "
+        "experiments; the CPU backend sizes its cache in whole GiB only).",
+    )
     max_model_len: int = Field(4096, description="In-process engine: context length in tokens.")
     dtype: str = Field("float32", description="In-process engine: weights dtype (float32 on CPU).")
     enforce_eager: bool = Field(True, description="In-process engine: skip graph compilation.")

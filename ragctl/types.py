@@ -312,11 +312,66 @@ class Decision:
 
     config: Config
     reason: str
-    """`fixed`: the caller chose the configuration."""
+    """`fixed`: the caller chose the configuration; `fit`: the largest configuration of the
+    pruned space that fitted the free KV cache; `fallback`: none of the space fitted, a cheaper
+    configuration did."""
     kv: KVState | None = None
     """The engine's KV state when the configuration was chosen."""
     templates: Mapping[str, str] = field(default_factory=dict)
     """Prompt template versions used (name -> version), so results can be traced to wording."""
+    profile: Profile | None = None
+    """The profiler's answer (None: fixed configuration, or the profiler failed)."""
+    profile_used: bool = False
+    """Whether the pruned space came from this query's profile."""
+    profile_note: str = ""
+    """Why the profile was not used: `low-confidence 0.62 < 0.90`, `profiler error: timeout`."""
+    space: ConfigSpace | None = None
+    """The pruned space the scheduler chose from; its `source` says which rule, `history` or
+    `default` produced it."""
+    need_blocks: int | None = None
+    """KV blocks the chosen configuration was estimated to need."""
+    reserved_blocks: int | None = None
+    """Blocks in-flight plans had reserved that the engine did not show yet."""
+    queued: bool = False
+    """Whether the request waited in the admission queue for KV memory."""
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """Short tags for what shaped the decision: low-confidence, profiler-error, queued."""
+        out = []
+        if self.profile_note.startswith("low-confidence"):
+            out.append("low-confidence")
+        elif self.profile_note:
+            out.append("profiler-error")
+        if self.queued:
+            out.append("queued")
+        return tuple(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        kv = self.kv
+        return {
+            "method": self.config.method,
+            "num_chunks": self.config.num_chunks,
+            "intermediate_length": self.config.intermediate_length,
+            "reason": self.reason,
+            "flags": list(self.flags),
+            "profile": None if self.profile is None else self.profile.to_dict(),
+            "profile_used": self.profile_used,
+            "profile_note": self.profile_note,
+            "space": None if self.space is None else self.space.to_dict(),
+            "kv": None
+            if kv is None
+            else {
+                "total_blocks": kv.total_blocks,
+                "free_blocks": kv.free_blocks,
+                "block_size": kv.block_size,
+                "source": kv.source,
+            },
+            "need_blocks": self.need_blocks,
+            "reserved_blocks": self.reserved_blocks,
+            "queued": self.queued,
+            "templates": dict(self.templates),
+        }
 
 
 @dataclass(frozen=True)
@@ -351,21 +406,7 @@ class Answer:
             "question": self.question,
             "answer": self.text,
             "config": d.config.label,
-            "decision": {
-                "method": d.config.method,
-                "num_chunks": d.config.num_chunks,
-                "intermediate_length": d.config.intermediate_length,
-                "reason": d.reason,
-                "templates": dict(d.templates),
-                "kv": None
-                if d.kv is None
-                else {
-                    "total_blocks": d.kv.total_blocks,
-                    "free_blocks": d.kv.free_blocks,
-                    "block_size": d.kv.block_size,
-                    "source": d.kv.source,
-                },
-            },
+            "decision": d.to_dict(),
             "chunk_ids": list(self.chunk_ids),
             "doc_ids": list(dict.fromkeys(c.doc_id for c in self.chunks)),
             "tokens": self.tokens,

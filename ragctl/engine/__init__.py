@@ -32,6 +32,7 @@ async def open_engine(settings: Settings) -> Engine:
         dtype=settings.dtype,
         enforce_eager=settings.enforce_eager,
         kv_cache_gib=settings.kv_cache_gib,
+        kv_cache_blocks=settings.kv_cache_blocks,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         timeout_s=settings.engine_timeout_s,
     )

@@ -64,6 +64,7 @@ class LocalEngine(Engine):
         dtype: str = "float32",
         enforce_eager: bool = True,
         kv_cache_gib: float | None = None,
+        kv_cache_blocks: int | None = None,
         gpu_memory_utilization: float = 0.9,
         timeout_s: float = 300.0,
     ) -> LocalEngine:
@@ -71,12 +72,8 @@ class LocalEngine(Engine):
         gib = kv_cache_gib
         if gib is None:
             gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or DEFAULT_KV_CACHE_GIB)
-        # Read by vLLM's CPU worker when it starts; must be in place before the engine spawns.
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{gib:g}"
-        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        if os.path.isdir(model):
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if gib <= 0:
+            raise InvalidRequest(f"the KV cache size must be positive, got {gib:g} GiB")
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.platforms import current_platform
@@ -87,6 +84,17 @@ class LocalEngine(Engine):
                 f"the in-process engine needs vLLM ({e}); install ragctl[cpu] or ragctl[gpu], "
                 "or point --engine-url at a running vLLM server"
             ) from e
+        if current_platform.is_cpu() and gib != int(gib):
+            raise InvalidRequest(
+                f"vLLM on CPU sizes its KV cache in whole GiB, got {gib:g}; use "
+                "--kv-cache-blocks for a smaller cache"
+            )
+        # Read by vLLM's CPU worker when it starts; must be in place before the engine spawns.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{gib:g}"
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if os.path.isdir(model):
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
         gauge = _KVGauge()
 
@@ -102,6 +110,9 @@ class LocalEngine(Engine):
                 pass
 
         extra: dict[str, Any] = {}
+        if kv_cache_blocks is not None:
+            # Allocated as sized above, but only this many blocks are used.
+            extra["num_gpu_blocks_override"] = kv_cache_blocks
         if not current_platform.is_cpu():
             if kv_cache_gib is not None:
                 extra["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))

@@ -27,6 +27,13 @@ class Tokenizer:
     def count(self, text: str) -> int:
         return len(self.encode(text))
 
+    def count_many(self, texts: Sequence[str]) -> list[int]:
+        """Token counts of several texts in one batched call (faster than one by one)."""
+        if not texts:
+            return []
+        ids = self.hf(list(texts), add_special_tokens=False)["input_ids"]
+        return [len(x) for x in ids]
+
     def render_chat(self, messages: Sequence[Message]) -> str:
         """The prompt text the model sees for these messages (its chat template, ready for the
         assistant's turn)."""

@@ -11,8 +11,9 @@ nothing here awaits or talks to an engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from ragctl.engine.tokenizer import Tokenizer
 from ragctl.errors import InvalidRequest, PromptTooLong
@@ -51,6 +52,59 @@ class CallEstimate:
     max_tokens: int
 
 
+# Upper bound on the tokens a passage gains in a real prompt over its standalone count: its
+# `[i]` number, the joining blank line, and a merge at either edge.
+PASSAGE_SLACK_TOKENS = 4
+# The same for the question placed in a template (a merge at either edge).
+QUESTION_SLACK_TOKENS = 2
+PASSAGE_CACHE_SIZE = 200_000
+
+
+@dataclass(frozen=True)
+class CallSizer:
+    """Call sizes for one query's retrieved chunks, by arithmetic over per-passage token
+    counts: an upper bound on `Synthesizer.estimate_calls` within PASSAGE_SLACK_TOKENS per
+    passage, cheap enough to size every configuration of a space."""
+
+    passages: tuple[int, ...]
+    overhead: Mapping[str, int]
+    """Prompt tokens of each template with its passage slots empty."""
+    answer_max_tokens: int
+    max_model_len: int
+
+    def _passage(self, i: int) -> int:
+        return self.passages[i] + PASSAGE_SLACK_TOKENS
+
+    def estimate(self, config: Config) -> list[CallEstimate]:
+        n = min(config.num_chunks, len(self.passages))
+        if n < 1:
+            raise InvalidRequest("retrieval returned no chunks to answer from")
+        budget = self.max_model_len - self.answer_max_tokens
+        if config.method == "map_rerank":
+            base = self.overhead["map_rerank"]
+            return [
+                CallEstimate("rerank", min(base + self._passage(i), budget), self.answer_max_tokens)
+                for i in range(n)
+            ]
+        if config.method == "stuff":
+            total = self.overhead["stuff"]
+            for i in range(n):
+                if total + self._passage(i) > budget:
+                    break  # stuff keeps the longest prefix that fits
+                total += self._passage(i)
+            return [CallEstimate("answer", total, self.answer_max_tokens)]
+        ilen = config.intermediate_length
+        assert ilen is not None  # Config guarantees it for map_reduce
+        base = self.overhead["map"]
+        out = [
+            CallEstimate("map", min(base + self._passage(i), self.max_model_len - ilen), ilen)
+            for i in range(n)
+        ]
+        bound = self.overhead["reduce"] + n * (ilen + NOTE_OVERHEAD_TOKENS)
+        out.append(CallEstimate("reduce", min(bound, budget), self.answer_max_tokens))
+        return out
+
+
 def _is_refusal(text: str, phrase: str) -> bool:
     t = text.strip().strip(".!\"'").lower()
     return not t or t.startswith(phrase)
@@ -71,6 +125,9 @@ class Synthesizer:
         self.answer_max_tokens = answer_max_tokens
         self.temperature = temperature
         self.templates = {n: load_template(n) for n in ("map_rerank", "stuff", "map", "reduce")}
+        # Chunk id -> tokens of its passage; chunks recur across queries, so sizing mostly hits.
+        self._passage_tokens: dict[str, int] = {}
+        self._title_tokens: dict[str, int] = {}
 
     @property
     def template_versions(self) -> dict[str, str]:
@@ -107,8 +164,12 @@ class Synthesizer:
     def _map_rerank(self, question: str, chunks: tuple[Chunk, ...]) -> Step:
         calls = tuple(
             self._call(
-                "map_rerank", "rerank", self.answer_max_tokens, True,
-                chunk=format_passage(1, c), question=question,
+                "map_rerank",
+                "rerank",
+                self.answer_max_tokens,
+                True,
+                chunk=format_passage(1, c),
+                question=question,
             )
             for c in chunks
         )
@@ -180,8 +241,13 @@ class Synthesizer:
         # Words are ~0.75 tokens; the token budget is enforced by max_tokens regardless.
         words = max(5, int(ilen * 0.75))
         return self._call(
-            "map", "map", ilen, False,
-            chunk=format_passage(1, chunk), question=question, max_words=words,
+            "map",
+            "map",
+            ilen,
+            False,
+            chunk=format_passage(1, chunk),
+            question=question,
+            max_words=words,
         )
 
     def _longest_fitting(
@@ -233,14 +299,57 @@ class Synthesizer:
                 config.intermediate_length + NOTE_OVERHEAD_TOKENS
             )
             out.append(
-                CallEstimate("reduce", min(bound, self.max_model_len - empty.max_tokens),
-                             empty.max_tokens)
+                CallEstimate(
+                    "reduce", min(bound, self.max_model_len - empty.max_tokens), empty.max_tokens
+                )
             )
         return out
+
+    def sizer(self, question: str, chunks: Sequence[Chunk]) -> CallSizer:
+        """A per-query table that sizes any configuration's calls in microseconds (the
+        best-fit scheduler sizes every configuration of a space; `estimate_calls` renders and
+        tokenises whole prompts, milliseconds each)."""
+        chunks = tuple(chunks)
+        missing = [c for c in chunks if c.id not in self._passage_tokens]
+        if len(self._passage_tokens) + len(missing) > PASSAGE_CACHE_SIZE:
+            self._passage_tokens.clear()
+        # Retrieved chunks know their text's tokens: only their (short, recurring) title
+        # headers need counting. `[i]` numbering differs by a digit or two per passage, and
+        # the joins may merge differently: PASSAGE_SLACK_TOKENS covers both.
+        known = [c for c in missing if c.n_tokens > 0]
+        headers = self._header_tokens([c.title for c in known])
+        self._passage_tokens.update((c.id, headers[c.title] + c.n_tokens) for c in known)
+        unknown = [c for c in missing if c.n_tokens <= 0]
+        counts = self.tokenizer.count_many([format_passage(1, c) for c in unknown])
+        self._passage_tokens.update(zip((c.id for c in unknown), counts, strict=True))
+        q = self.tokenizer.count(question) + QUESTION_SLACK_TOKENS
+        return CallSizer(
+            passages=tuple(self._passage_tokens[c.id] for c in chunks),
+            overhead={name: n + q for name, n in self._empty_prompt_tokens.items()},
+            answer_max_tokens=self.answer_max_tokens,
+            max_model_len=self.max_model_len,
+        )
+
+    def _header_tokens(self, titles: Sequence[str]) -> dict[str, int]:
+        new = sorted({t for t in titles if t not in self._title_tokens})
+        header = [format_passage(1, Chunk("", "", "", title=t)) for t in new]
+        self._title_tokens.update(zip(new, self.tokenizer.count_many(header), strict=True))
+        return {t: self._title_tokens[t] for t in titles}
+
+    @cached_property
+    def _empty_prompt_tokens(self) -> dict[str, int]:
+        """Each template's prompt tokens with its passage and question slots empty."""
+        blank = {"question": "", "chunk": "", "context": "", "notes": ""}
+        return {
+            "map_rerank": self.prompt_tokens(self.templates["map_rerank"].render(**blank)),
+            "stuff": self.prompt_tokens(self.templates["stuff"].render(**blank)),
+            # The widest word budget (3 digits) bounds every real one.
+            "map": self.prompt_tokens(self.templates["map"].render(**blank, max_words=999)),
+            "reduce": self.prompt_tokens(self.templates["reduce"].render(**blank)),
+        }
 
     def question_overhead(self, question: str) -> int:
         """Tokens of the smallest prompt this question can make (a stuff prompt with no
         passages) plus the answer budget: what must fit before any chunk does."""
         call = self._answer_call("stuff", context="", question=question)
         return self.prompt_tokens(call.messages) + call.max_tokens
-

@@ -73,9 +73,68 @@ def test_ask_json(env, small_squad, method_args: list[str]) -> None:
 
 def test_ask_human_readable(env, small_squad) -> None:
     settings, flags = env
-    proc = run(*flags, "ask", small_squad[1][0].question, "--chunks", "2", settings=settings)
+    proc = run(*flags, "ask", small_squad[1][0].question, "--method", "stuff", "--chunks", "2",
+               settings=settings)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "config  stuff:2" in proc.stdout and "tokens" in proc.stdout
+    assert "config  stuff:2 (fixed)" in proc.stdout and "tokens" in proc.stdout
+
+
+def test_ask_is_adaptive_by_default(env, small_squad) -> None:
+    settings, flags = env
+    query = small_squad[1][1]
+    proc = run(*flags, "ask", query.question, "--dataset", "squad", "--json", settings=settings)
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads(proc.stdout)["decision"]
+    assert d["reason"] in ("fit", "fallback")
+    assert d["profile"] is not None or d["profile_note"].startswith("profiler error")
+    assert d["profile_used"] or d["profile_note"]
+    assert d["space"]["methods"] and d["need_blocks"] >= 1
+    assert d["need_blocks"] <= d["kv"]["free_blocks"] - d["reserved_blocks"]
+    assert d["templates"]["profiler.profile"] == "v1"
+    human = run(*flags, "ask", query.question, settings=settings)
+    assert human.returncode == 0, human.stderr
+    for line in ("profile ", "space   ", "config  "):
+        assert line in human.stdout, human.stdout
+
+
+def test_profile_command(env, small_squad) -> None:
+    settings, flags = env
+    q = small_squad[1][0].question
+    proc = run(*flags, "profile", q, "--dataset", "squad", "--json", settings=settings)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["template"] == "v1" and out["space"]["methods"]
+    if out["profile"] is not None:
+        p = out["profile"]
+        assert p["complexity"] in ("high", "low") and 1 <= p["pieces"] <= 10
+        assert 0 <= p["confidence"] <= 1
+    else:
+        assert out["error"]
+    human = run(*flags, "profile", q, settings=settings)
+    assert human.returncode == 0 and "profile " in human.stdout and "space " in human.stdout
+
+
+BAD_RULES = """version: 1
+rules:
+  - name: x
+    when: {joint_reasoning: maybe}
+    then: {methods: [stuff], num_chunks: [1, 3]}
+default_space: {methods: [stuff], num_chunks: [3, 9]}
+"""
+
+
+def test_rules_commands(env, tmp_path: Path) -> None:
+    settings, flags = env
+    ok = run("rules", "validate", settings=settings)
+    assert ok.returncode == 0 and "ok, 3 rules" in ok.stdout, ok.stderr
+    listing = run("rules", "ls", settings=settings)
+    assert listing.returncode == 0
+    assert all(name in listing.stdout for name in ("single-fact", "joint-simple", "joint-complex"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BAD_RULES)
+    one_line_error(run("rules", "validate", str(bad), settings=settings), 2, "bad.yaml:4:")
+    # A broken rules file stops `ask` before any engine work.
+    one_line_error(run(*flags, "--rules", str(bad), "ask", "q?", settings=settings), 2, ":4:")
 
 
 def test_errors_are_one_line_and_non_zero(env, tmp_path: Path) -> None:
@@ -87,6 +146,8 @@ def test_errors_are_one_line_and_non_zero(env, tmp_path: Path) -> None:
     one_line_error(run(*flags, "ask", "q?", "--method", "nope", settings=settings), 2, "method")
     one_line_error(run(*flags, "ask", "q?", "--method", "stuff", "--intermediate-length", "9",
                        settings=settings), 2, "map_reduce only")
+    one_line_error(run(*flags, "ask", "q?", "--intermediate-length", "9", settings=settings),
+                   2, "map_reduce only")
     missing = settings.model_copy(update={"data_dir": tmp_path / "absent"})
     one_line_error(run(*flags, "ask", "q?", settings=missing), 2, "RAGCTL_DATA_DIR")
     port = free_port()

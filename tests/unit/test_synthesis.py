@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from ragctl.errors import InvalidRequest, PromptTooLong
@@ -140,3 +142,32 @@ def test_config_parse_and_validation() -> None:
     for bad in ("stuff", "stuff:x", "map_reduce:5", "stuff:5:10", "nope:3", "stuff:0"):
         with pytest.raises(ValueError):
             Config.parse(bad)
+
+
+@pytest.mark.parametrize("counted", [False, True], ids=["tokenised", "n_tokens"])
+@pytest.mark.parametrize("max_model_len", [4096, 900])
+def test_sizer_bounds_the_exact_estimates_closely(
+    tokenizer, max_model_len: int, counted: bool
+) -> None:
+    from ragctl.synthesis.methods import PASSAGE_SLACK_TOKENS, QUESTION_SLACK_TOKENS
+
+    synth = Synthesizer(tokenizer, max_model_len=max_model_len, answer_max_tokens=32)
+    # Uneven passages, with and without titles, so prefix sums and numbering both matter.
+    chunks = [chunk(i, words=10 + 7 * i) for i in range(12)]
+    chunks[3] = Chunk(id="untitled::0", doc_id="untitled", text="A passage with no title.")
+    if counted:  # as retrieval gives them: the text's token count known from chunking
+        chunks = [replace(c, n_tokens=tokenizer.count(c.text)) for c in chunks]
+    q = "Which facts hold for the eleventh passage?"
+    sizer = synth.sizer(q, chunks)
+    assert synth.sizer(q, chunks) == sizer  # the second time from the passage cache
+    configs = [Config("map_rerank", 12), Config("map_reduce", 12, 75), Config("map_reduce", 5, 8)]
+    configs += [Config("stuff", n) for n in (1, 4, 12)]
+    for cfg in configs:
+        exact = synth.estimate_calls(cfg, q, chunks)
+        fast = sizer.estimate(cfg)
+        assert [(e.stage, e.max_tokens) for e in fast] == [(e.stage, e.max_tokens) for e in exact]
+        for e, f in zip(exact, fast, strict=True):
+            slack = PASSAGE_SLACK_TOKENS * (cfg.num_chunks if e.stage == "answer" else 1)
+            slack += 2 if e.stage == "map" else 0  # word budget sized at its widest, "999"
+            slack += QUESTION_SLACK_TOKENS
+            assert e.prompt_tokens <= f.prompt_tokens <= e.prompt_tokens + slack, (cfg, e, f)
