@@ -99,8 +99,10 @@ def choose(
     3. `wait`: nothing fits at all; `config=None` and `need_blocks` is the smallest need of
        every candidate (space and fallback): once that much is available, a re-decision
        returns a configuration.
-    `need` is called at most once per configuration, and on fallbacks only when the space
-    does not fit.
+    `need` must not decrease as num_chunks grows within a method and intermediate_length
+    (true of `config_need` over real call sizes: more chunks never make fewer tokens); each
+    family is then binary-searched, so `need` runs O(log n) times per family, at most once per
+    configuration, and on fallbacks only when the space does not fit.
     """
     if max_chunks < 1:
         raise InvalidRequest("retrieval returned no chunks to answer from")
@@ -114,7 +116,20 @@ def choose(
         return needs[config]
 
     def best(configs: Iterable[Config]) -> Config | None:
-        fitting = [c for c in configs if need_of(c) <= available]
+        # Need grows with the chunk count within a family (same method and summary budget),
+        # so each family's best fit is its largest fitting count: a binary search instead of
+        # sizing every configuration.
+        fitting = []
+        for family in _families(configs):
+            lo, hi, found = 0, len(family) - 1, None
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                if need_of(family[mid]) <= available:
+                    found, lo = family[mid], mid + 1
+                else:
+                    hi = mid - 1
+            if found is not None:
+                fitting.append(found)
         return max(fitting, key=lambda c: _rank(needs[c], c), default=None)
 
     def plan(config: Config | None, reason: str, need_blocks: int) -> Plan:
@@ -129,4 +144,14 @@ def choose(
     chosen = best(outside)
     if chosen is not None:
         return plan(chosen, "fallback", needs[chosen])
-    return plan(None, "wait", min(need_of(c) for c in (*inside, *outside)))
+    # Each family's smallest configuration is its cheapest.
+    smallest = [family[0] for family in _families((*inside, *outside))]
+    return plan(None, "wait", min(need_of(c) for c in smallest))
+
+
+def _families(configs: Iterable[Config]) -> list[list[Config]]:
+    """Configurations grouped by (method, intermediate_length), each by ascending chunks."""
+    groups: dict[tuple[str, int | None], list[Config]] = {}
+    for c in configs:
+        groups.setdefault((c.method, c.intermediate_length), []).append(c)
+    return [sorted(g, key=lambda c: c.num_chunks) for g in groups.values()]

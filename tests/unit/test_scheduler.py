@@ -167,8 +167,24 @@ def test_no_fallback_while_something_in_the_space_fits() -> None:
 
     plan = choose(SPACE, kv(30), 0, counting, joint_reasoning=True, max_chunks=10)
     assert plan.reason == "fit" and plan.need_blocks == 30
-    assert set(calls) == set(SPACE.configs())  # fallbacks were never even estimated
+    assert set(calls) <= set(SPACE.configs())  # fallbacks were never even estimated
     assert max(calls.values()) == 1
+
+
+def test_each_family_is_binary_searched_not_sized_whole() -> None:
+    """30 chunk counts x 4 families: a handful of sizings per family, not all 120."""
+    space = ConfigSpace(("stuff", "map_reduce"), (1, 30), (50, 75, 100))
+    calls: Counter[Config] = Counter()
+
+    def counting(config: Config) -> int:
+        calls[config] += 1
+        return config.num_chunks * (1 + (config.intermediate_length or 0) // 25)
+
+    plan = choose(space, kv(100), 0, counting, joint_reasoning=True, max_chunks=30)
+    # Best per family: stuff:30 (30), map_reduce:30:50 (90), :25:75 (100), :20:100 (100); the
+    # two at 100 tie on need and the one with more chunks wins.
+    assert plan.config == Config("map_reduce", 25, 75) and plan.need_blocks == 100
+    assert sum(calls.values()) <= 4 * 6 and max(calls.values()) == 1
 
 
 def test_wait_when_not_even_one_chunk_fits() -> None:
