@@ -21,7 +21,7 @@ from typing import Any
 from ragctl.controller import Controller, resolve_space
 from ragctl.profiler import ProfileOutcome
 from ragctl.rules import RuleSet
-from ragctl.scheduler import KVLedger, choose, config_need
+from ragctl.scheduler import KVLedger, NeedTable, choose
 from ragctl.synthesis.methods import Synthesizer
 from ragctl.types import Chunk, Decision, KVState, Profile, Query
 
@@ -88,7 +88,7 @@ def overhead_run(
             choice.space,
             kv,
             ledger.reserved,
-            lambda c, s=sizer, b=kv.block_size: config_need(s.estimate(c), b, buffer_blocks),
+            NeedTable(sizer, kv.block_size, buffer_blocks),
             joint_reasoning=choice.joint_reasoning,
             max_chunks=len(chunks),
         )
@@ -152,6 +152,21 @@ def expects_joint(dataset: str, cls: str) -> bool | None:
     if dataset == "qmsum":
         return True if cls == "general" else None
     return None
+
+
+def spread_by_class(dataset: str, queries: Sequence[Query], n: int) -> list[Query]:
+    """`n` queries taken round-robin over the annotated classes, in file order within each, so
+    a small sample covers every class (files are often sorted by class)."""
+    by_class: dict[str, list[Query]] = {}
+    for q in queries:
+        by_class.setdefault(annotated_class(dataset, q), []).append(q)
+    picked: list[Query] = []
+    queues = [list(reversed(v)) for _, v in sorted(by_class.items())]
+    while len(picked) < n and any(queues):
+        for queue in queues:
+            if queue and len(picked) < n:
+                picked.append(queue.pop())
+    return picked
 
 
 def pieces_bucket(pieces: int) -> str:

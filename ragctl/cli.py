@@ -542,15 +542,17 @@ def bench_profiler(
     out_dir: Path = typer.Option(Path("eval/out/bench-profiler"), "--out"),
 ) -> None:
     """Profiler agreement with what each dataset annotates (MuSiQue hops, FinSec question type,
-    QMSum query type; SQuAD is single-fact): confusion tables per dataset."""
+    QMSum query type; SQuAD is single-fact): confusion tables per dataset, over questions
+    spread evenly across the annotated classes."""
     settings: Settings = ctx.obj
-    from ragctl.benchmarks import agreement_run, agreement_tables
+    from ragctl.benchmarks import agreement_run, agreement_tables, spread_by_class
     from ragctl.profiler import open_profiler
     from ragctl.retrieval.collection import check_dataset, load_queries
 
     names = [d.strip() for d in datasets.split(",") if d.strip()]
     cards = {d: check_dataset(settings.data_dir, d) for d in names}
-    queries = {d: load_queries(settings.data_dir, d)[:questions] for d in names}
+    # Spread over each dataset's annotated classes, so every row of the tables is filled.
+    queries = {d: spread_by_class(d, load_queries(settings.data_dir, d), questions) for d in names}
 
     async def run() -> dict[str, Any]:
         engine = await _start_engine(settings)

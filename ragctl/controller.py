@@ -27,7 +27,7 @@ from ragctl.engine.base import Engine
 from ragctl.errors import InvalidRequest, PromptTooLong, RagctlError
 from ragctl.profiler import ProfileOutcome, Profiler
 from ragctl.rules import RuleSet, default_space, evaluate, load_rules, merge_spaces
-from ragctl.scheduler import AdmissionQueue, KVLedger, choose, config_need
+from ragctl.scheduler import AdmissionQueue, KVLedger, NeedTable, choose
 from ragctl.synthesis.methods import CallSizer, Step, Synthesizer
 from ragctl.types import (
     Answer,
@@ -301,9 +301,8 @@ class Controller:
                 self.counters["low_confidence"] += 1
         return choice
 
-    def _need_fn(self, sizer: CallSizer, block_size: int):  # noqa: ANN202
-        buffer = self.policy.kv_buffer_blocks
-        return lambda config: config_need(sizer.estimate(config), block_size, buffer)
+    def _need_fn(self, sizer: CallSizer, block_size: int) -> NeedTable:
+        return NeedTable(sizer, block_size, self.policy.kv_buffer_blocks)
 
     def _profiler_templates(self) -> dict[str, str]:
         return {f"profiler.{k}": v for k, v in self.profiler.templates.items()}

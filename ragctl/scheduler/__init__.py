@@ -4,12 +4,13 @@
 
 from ragctl.scheduler.admission import Admission, AdmissionQueue, KVLedger, Reservation
 from ragctl.scheduler.bestfit import choose, fallback_configs, unshown_reserved
-from ragctl.scheduler.memory import blocks_for, config_need
+from ragctl.scheduler.memory import NeedTable, blocks_for, config_need
 
 __all__ = [
     "Admission",
     "AdmissionQueue",
     "KVLedger",
+    "NeedTable",
     "Reservation",
     "blocks_for",
     "choose",

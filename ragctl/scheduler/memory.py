@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only its attributes are read; keeps the memory model free of synthesis
-    from ragctl.synthesis.methods import CallEstimate
+    from ragctl.synthesis.methods import CallEstimate, CallSizer
+    from ragctl.types import Config
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
@@ -51,3 +52,50 @@ def config_need(calls: Sequence[CallEstimate], block_size: int, buffer_blocks: i
             call.prompt_tokens + call.max_tokens, block_size
         )
     return max(per_stage.values(), default=0) + buffer_blocks
+
+
+class NeedTable:
+    """`config_need(sizer.estimate(config), ...)` for any configuration of one query, in O(1)
+    after one pass per stage: the per-call blocks are summed as prefix sums over the chunks.
+
+    Best-fit sizes dozens of configurations per query; building each one's call list costs
+    more than the whole rest of the decision. The numbers are the same (a unit test checks).
+    """
+
+    def __init__(self, sizer: CallSizer, block_size: int, buffer_blocks: int) -> None:
+        if buffer_blocks < 0:
+            raise ValueError(f"buffer_blocks must be >= 0, got {buffer_blocks}")
+        self.sizer = sizer
+        self.block_size = block_size
+        self.buffer_blocks = buffer_blocks
+        self._prefix: dict[tuple[str, int | None], list[int]] = {}
+
+    def _blocks(self, call: CallEstimate) -> int:
+        return blocks_for(call.prompt_tokens + call.max_tokens, self.block_size)
+
+    def _sums(self, stage: str, ilen: int | None) -> list[int]:
+        """Blocks of the stage's first n calls, for n = 0..chunks (stuff: its one call at n)."""
+        key = (stage, ilen)
+        if key not in self._prefix:
+            s = self.sizer
+            if stage == "answer":
+                self._prefix[key] = [0] + [self._blocks(c) for c in s.stuff_calls()]
+            else:
+                sums = [0]
+                for i in range(len(s.passages)):
+                    call = s.rerank_call(i) if stage == "rerank" else s.map_call(i, ilen or 0)
+                    sums.append(sums[-1] + self._blocks(call))
+                self._prefix[key] = sums
+        return self._prefix[key]
+
+    def __call__(self, config: Config) -> int:
+        n = self.sizer.chunks_used(config)
+        if config.method == "map_rerank":
+            peak = self._sums("rerank", None)[n]
+        elif config.method == "stuff":
+            peak = self._sums("answer", None)[n]
+        else:
+            ilen = config.intermediate_length
+            reduce = self._blocks(self.sizer.reduce_call(n, ilen or 0))
+            peak = max(self._sums("map", ilen)[n], reduce)
+        return peak + self.buffer_blocks

@@ -75,34 +75,52 @@ class CallSizer:
     def _passage(self, i: int) -> int:
         return self.passages[i] + PASSAGE_SLACK_TOKENS
 
-    def estimate(self, config: Config) -> list[CallEstimate]:
+    @property
+    def _budget(self) -> int:
+        return self.max_model_len - self.answer_max_tokens
+
+    def chunks_used(self, config: Config) -> int:
         n = min(config.num_chunks, len(self.passages))
         if n < 1:
             raise InvalidRequest("retrieval returned no chunks to answer from")
-        budget = self.max_model_len - self.answer_max_tokens
-        if config.method == "map_rerank":
-            base = self.overhead["map_rerank"]
-            return [
-                CallEstimate("rerank", min(base + self._passage(i), budget), self.answer_max_tokens)
-                for i in range(n)
-            ]
-        if config.method == "stuff":
-            total = self.overhead["stuff"]
-            for i in range(n):
-                if total + self._passage(i) > budget:
-                    break  # stuff keeps the longest prefix that fits
+        return n
+
+    def rerank_call(self, i: int) -> CallEstimate:
+        """map_rerank's call over chunk `i`."""
+        prompt = min(self.overhead["map_rerank"] + self._passage(i), self._budget)
+        return CallEstimate("rerank", prompt, self.answer_max_tokens)
+
+    def map_call(self, i: int, ilen: int) -> CallEstimate:
+        """map_reduce's mapper over chunk `i`."""
+        prompt = min(self.overhead["map"] + self._passage(i), self.max_model_len - ilen)
+        return CallEstimate("map", prompt, ilen)
+
+    def reduce_call(self, n: int, ilen: int) -> CallEstimate:
+        """map_reduce's reducer over `n` notes, each at its full budget."""
+        bound = self.overhead["reduce"] + n * (ilen + NOTE_OVERHEAD_TOKENS)
+        return CallEstimate("reduce", min(bound, self._budget), self.answer_max_tokens)
+
+    def stuff_calls(self) -> list[CallEstimate]:
+        """stuff's one call for every chunk count 1..len(passages), in one pass (each keeps
+        the longest prefix that fits the context window)."""
+        out, total, full = [], self.overhead["stuff"], False
+        for i in range(len(self.passages)):
+            if not full and total + self._passage(i) <= self._budget:
                 total += self._passage(i)
-            return [CallEstimate("answer", total, self.answer_max_tokens)]
+            else:
+                full = True
+            out.append(CallEstimate("answer", total, self.answer_max_tokens))
+        return out
+
+    def estimate(self, config: Config) -> list[CallEstimate]:
+        n = self.chunks_used(config)
+        if config.method == "map_rerank":
+            return [self.rerank_call(i) for i in range(n)]
+        if config.method == "stuff":
+            return [self.stuff_calls()[n - 1]]
         ilen = config.intermediate_length
         assert ilen is not None  # Config guarantees it for map_reduce
-        base = self.overhead["map"]
-        out = [
-            CallEstimate("map", min(base + self._passage(i), self.max_model_len - ilen), ilen)
-            for i in range(n)
-        ]
-        bound = self.overhead["reduce"] + n * (ilen + NOTE_OVERHEAD_TOKENS)
-        out.append(CallEstimate("reduce", min(bound, budget), self.answer_max_tokens))
-        return out
+        return [self.map_call(i, ilen) for i in range(n)] + [self.reduce_call(n, ilen)]
 
 
 def _is_refusal(text: str, phrase: str) -> bool:

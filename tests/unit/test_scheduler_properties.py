@@ -323,3 +323,35 @@ def test_concurrent_admissions_all_complete_in_fifo_order(seed, total, data) -> 
     maxsize = data.draw(st.integers(0, len(needs) + 1))
     cancel = set(data.draw(st.lists(st.integers(0, len(needs) - 1), max_size=3)))
     asyncio.run(run_load(seed, needs, total, maxsize, cancel))
+
+
+# -- the need table ---------------------------------------------------------------------------
+
+
+@given(
+    passages=st.lists(st.integers(0, 700), min_size=1, max_size=30),
+    overheads=st.tuples(*(st.integers(20, 400) for _ in range(4))),
+    answer=st.integers(1, 300),
+    max_model_len=st.integers(1200, 8192),
+    block_size=st.sampled_from([1, 16, 128]),
+    buffer=st.integers(0, 3),
+    configs=st.lists(
+        st.tuples(st.sampled_from(METHODS), st.integers(1, 40), st.integers(1, 300)), max_size=20
+    ),
+)
+def test_need_table_equals_the_need_of_the_estimated_calls(
+    passages, overheads, answer, max_model_len, block_size, buffer, configs
+) -> None:
+    from ragctl.scheduler import NeedTable, config_need
+    from ragctl.synthesis.methods import CallSizer
+
+    sizer = CallSizer(
+        passages=tuple(passages),
+        overhead=dict(zip(("map_rerank", "stuff", "map", "reduce"), overheads, strict=True)),
+        answer_max_tokens=answer,
+        max_model_len=max_model_len,
+    )
+    table = NeedTable(sizer, block_size, buffer)
+    for method, n, ilen in configs:
+        config = Config(method, n, ilen if method == "map_reduce" else None)
+        assert table(config) == config_need(sizer.estimate(config), block_size, buffer), config
