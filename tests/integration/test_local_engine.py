@@ -95,3 +95,18 @@ async def test_kv_state_tracks_live_usage(local_engine) -> None:
     blocks_per_request = -(-1200 // idle.block_size)  # >= 1,200 prompt tokens each
     assert min(seen) <= idle.total_blocks - blocks_per_request
     assert (await local_engine.kv_state()).free_blocks == idle.total_blocks
+
+
+def test_fractional_kv_cache_on_cpu_is_a_clear_error(model_path: str) -> None:
+    from vllm.platforms import current_platform
+
+    from ragctl.engine.local import LocalEngine
+    from ragctl.errors import InvalidRequest
+
+    if not current_platform.is_cpu():
+        pytest.skip("GPU engines size their cache in bytes")
+    # vLLM's CPU backend reads its cache size as whole GiB; caught before any engine starts.
+    with pytest.raises(InvalidRequest, match="kv-cache-blocks"):
+        LocalEngine.start(model_path, kv_cache_gib=0.5)
+    with pytest.raises(InvalidRequest, match="positive"):
+        LocalEngine.start(model_path, kv_cache_gib=0)
