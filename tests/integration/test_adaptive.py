@@ -58,6 +58,10 @@ async def test_adaptive_answer_carries_its_decision(controller, small_squad) -> 
     else:
         assert d.profile_note and d.space.source == "default"  # no history yet
     assert controller.counters["profiled"] == 1
+    # Profiling alone (`ragctl profile`'s question) records nothing.
+    outcome, choice = await controller.profile(query.question)
+    assert outcome.template == "v1" and choice.space.methods
+    assert controller.counters["profiled"] == 1
     # The record is JSON-ready for the CLI and the server.
     view = answer.to_dict()["decision"]
     assert view["space"]["methods"] and view["need_blocks"] == d.need_blocks
