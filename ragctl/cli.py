@@ -164,9 +164,9 @@ def ask(
     if method is None and intermediate_length is not None:
         raise InvalidRequest("--intermediate-length applies to --method map_reduce only")
     _precheck_question(settings, question)
-    _load_rules(settings)  # a broken rules file fails before the engine starts
 
     async def run() -> Any:
+        # Checks the dataset and the rules file before the engine starts.
         controller = await _open_controller(settings, dataset)
         try:
             return await controller.ask(question, config)
