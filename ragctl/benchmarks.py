@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ragctl.controller import Controller, resolve_space
+from ragctl.controller import Controller, adaptive_decision, best_fit, resolve_space
 from ragctl.profiler import ProfileOutcome
 from ragctl.rules import RuleSet
-from ragctl.scheduler import KVLedger, NeedTable, choose
+from ragctl.scheduler import KVLedger
 from ragctl.synthesis.methods import Synthesizer
-from ragctl.types import Chunk, Decision, KVState, Profile, Query
+from ragctl.types import Chunk, KVState, Profile, Query
 
 # -- controller overhead ------------------------------------------------------------------------
 
@@ -70,6 +70,7 @@ def overhead_run(
     total_s, sizing_s = [], []
     reasons: Counter[str] = Counter()
     k = min(rules.max_num_chunks, len(pool))
+    templates = {**synthesizer.template_versions, "profiler.profile": "v1"}
     for _ in range(decisions):
         outcome = synthetic_profile(rng)
         chunks = rng.sample(list(pool), k)
@@ -84,22 +85,10 @@ def overhead_run(
         t1 = time.perf_counter()
         sizer = synthesizer.sizer("Which river flows through the city named here?", chunks)
         t2 = time.perf_counter()
-        plan = choose(
-            choice.space,
-            kv,
-            ledger.reserved,
-            NeedTable(sizer, kv.block_size, buffer_blocks),
-            joint_reasoning=choice.joint_reasoning,
-            max_chunks=len(chunks),
-        )
+        plan = best_fit(choice, sizer, len(chunks), buffer_blocks)(kv, ledger.reserved)
         if plan.config is not None:
             with ledger.reserve(plan.need_blocks):
-                Decision(
-                    config=plan.config, reason=plan.reason, kv=kv, space=choice.space,
-                    profile=outcome.profile, profile_used=choice.profile_used,
-                    profile_note=choice.note, need_blocks=plan.need_blocks,
-                    reserved_blocks=plan.reserved_blocks,
-                ).to_dict()  # fmt: skip
+                adaptive_decision(plan, kv, choice, outcome, templates, False).to_dict()
         t3 = time.perf_counter()
 
         for r in held:

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -123,6 +123,49 @@ def resolve_space(
     # Joint reasoning unless the space only answers from single chunks.
     joint = any(m != "map_rerank" for m in space.methods)
     return SpaceChoice(space, False, note, joint)
+
+
+def best_fit(
+    choice: SpaceChoice, sizer: CallSizer, chunks: int, buffer_blocks: int
+) -> Callable[[KVState, int], Plan]:
+    """The admission queue's `decide`: best-fit over the query's space, sized by `sizer`."""
+
+    def decide(kv: KVState, reserved: int) -> Plan:
+        return choose(
+            choice.space,
+            kv,
+            reserved,
+            NeedTable(sizer, kv.block_size, buffer_blocks),
+            joint_reasoning=choice.joint_reasoning,
+            max_chunks=chunks,
+        )
+
+    return decide
+
+
+def adaptive_decision(
+    plan: Plan,
+    kv: KVState,
+    choice: SpaceChoice,
+    outcome: ProfileOutcome,
+    templates: dict[str, str],
+    queued: bool,
+) -> Decision:
+    """The Decision record of an admitted adaptive query."""
+    assert plan.config is not None  # admitted plans are runnable
+    return Decision(
+        config=plan.config,
+        reason=plan.reason,
+        kv=kv,
+        templates=templates,
+        profile=outcome.profile,
+        profile_used=choice.profile_used,
+        profile_note=choice.note,
+        space=choice.space,
+        need_blocks=plan.need_blocks,
+        reserved_blocks=plan.reserved_blocks,
+        queued=queued,
+    )
 
 
 class Controller:
@@ -232,38 +275,17 @@ class Controller:
                 retrieval.cancel()
         t = time.perf_counter()
         choice = self._space_for(outcome, record=True)
-        sizer = self.synthesizer.sizer(q, chunks)
-
-        def decide(kv: KVState, reserved: int) -> Plan:
-            return choose(
-                choice.space,
-                kv,
-                reserved,
-                self._need_fn(sizer, kv.block_size),
-                joint_reasoning=choice.joint_reasoning,
-                max_chunks=len(chunks),
-            )
-
+        decide = best_fit(
+            choice, self.synthesizer.sizer(q, chunks), len(chunks), self.policy.kv_buffer_blocks
+        )
         timings["decide"] = time.perf_counter() - t
         admitted = await self.admission.admit(decide)
         timings["queue"] = admitted.queued_s
         plan = admitted.plan
-        assert plan.config is not None  # admit() only returns runnable plans
         self.counters["fallback"] += plan.reason == "fallback"
         self.counters["queued"] += admitted.queued
-        decision = Decision(
-            config=plan.config,
-            reason=plan.reason,
-            kv=admitted.kv,
-            templates={**self.synthesizer.template_versions, **self._profiler_templates()},
-            profile=outcome.profile,
-            profile_used=choice.profile_used,
-            profile_note=choice.note,
-            space=choice.space,
-            need_blocks=plan.need_blocks,
-            reserved_blocks=plan.reserved_blocks,
-            queued=admitted.queued,
-        )
+        templates = {**self.synthesizer.template_versions, **self._profiler_templates()}
+        decision = adaptive_decision(plan, admitted.kv, choice, outcome, templates, admitted.queued)
         with admitted.reservation:
             answer = await self._synthesize(q, chunks, decision, timings, start)
         self._maybe_golden(q, chunks)
