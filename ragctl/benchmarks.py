@@ -233,7 +233,7 @@ async def pressure_run(
     async def one(i: int, q: str) -> dict[str, Any]:
         await asyncio.sleep(i * stagger_s)
         start = time.perf_counter() - t0
-        a = await controller.ask(q)
+        a = await controller.aask(q)
         d = a.decision
         return {
             "i": i,

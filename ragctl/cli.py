@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ragctl.errors import InvalidRequest, PromptTooLong, RagctlError, UserError
+from ragctl.errors import InvalidRequest, PromptTooLong, RagctlError, RuntimeFailure, UserError
 from ragctl.rules.cli import rules_app
 from ragctl.settings import Settings
 from ragctl.types import Config
@@ -169,7 +169,7 @@ def ask(
         # Checks the dataset and the rules file before the engine starts.
         controller = await _open_controller(settings, dataset)
         try:
-            return await controller.ask(question, config)
+            return await controller.aask(question, config)
         finally:
             await controller.aclose()
 
@@ -294,6 +294,48 @@ def profile(
 # -- demo and bench -------------------------------------------------------------------------
 
 
+# -- serve ----------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    dataset: str = typer.Option(
+        "squad", "--dataset", "-d", help="Default collection (opened at start; others on use)."
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    api_key: str | None = typer.Option(
+        None, envvar="RAGCTL_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes."
+    ),
+    engine_url: str | None = typer.Option(
+        None, help="Serve from this running vLLM server instead of an in-process engine."
+    ),
+    max_inflight: int = typer.Option(
+        64, min=1, help="Requests answered at once; more get 429 with Retry-After."
+    ),
+    log_level: str = typer.Option("warning", help="uvicorn's log level."),
+) -> None:
+    """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health,
+    /metrics. Model `ragctl/auto` is adaptive; `ragctl/<method>` fixes the method."""
+    from ragctl.server import ServerOptions
+    from ragctl.server import serve as run_server
+
+    settings: Settings = ctx.obj
+    if engine_url:
+        settings = settings.with_overrides(engine_url=engine_url)
+    options = ServerOptions(dataset, api_key=api_key or None, max_inflight=max_inflight)
+    where = settings.engine_url or "in-process"
+    err.print(f"[dim]starting the engine ({where}) and opening {dataset}[/dim]")
+    run_server(
+        settings, options, host=host, port=port, log_level=log_level,
+        on_ready=lambda: err.print(
+            f"ragctl serving {dataset} on http://{host}:{port}/v1 (engine: {where})",
+            highlight=False,
+        ),
+    )  # fmt: skip
+
+
 # -- demo and bench -------------------------------------------------------------------------
 
 
@@ -319,9 +361,9 @@ def demo(
             with _progress() as bar:
                 task = bar.add_task("answering", total=len(queries) * 2)
                 for q in queries:
-                    adaptive = await controller.ask(q.question)
+                    adaptive = await controller.aask(q.question)
                     bar.advance(task)
-                    rows.append((q, adaptive, await controller.ask(q.question, baseline)))
+                    rows.append((q, adaptive, await controller.aask(q.question, baseline)))
                     bar.advance(task)
         finally:
             await controller.aclose()
@@ -405,14 +447,14 @@ def bench_configs(
             # The first call pays one-off costs (loading the embedding model, the engine's first
             # batch); report it apart instead of charging it to whichever system runs first.
             t = time.perf_counter()
-            await controller.ask(queries[0].question, Config("stuff", 1))
+            await controller.aask(queries[0].question, Config("stuff", 1))
             warmup = time.perf_counter() - t
             with _progress() as bar, open(samples_path, "w") as f:
                 task = bar.add_task("bench", total=len(queries) * len(configs))
                 for q in queries:
                     # Interleaved: every system sees the same machine conditions.
                     for cfg in configs:
-                        a = await controller.ask(q.question, cfg)
+                        a = await controller.aask(q.question, cfg)
                         row = {"query_id": q.id, "system": _system_label(cfg),
                                "gold": list(q.answers[:1]), "gold_doc_ids": list(q.gold_doc_ids),
                                **a.to_dict()}  # fmt: skip
@@ -595,6 +637,53 @@ def bench_profiler(
     out.print(f"results in {out_dir}/results.json")
 
 
+@bench_app.command("load")
+def bench_load(
+    ctx: typer.Context,
+    url: str = typer.Option(..., help="A running `ragctl serve`, e.g. http://127.0.0.1:8000."),
+    dataset: str = typer.Option("squad", "--dataset", "-d", help="Where the questions come from."),
+    requests: int = typer.Option(50, min=1, help="Requests in all."),
+    concurrency: int = typer.Option(50, min=1, help="Requests in flight at once."),
+    model: str = typer.Option("ragctl/auto", help="Model to ask (ragctl/auto, ragctl/stuff, ...)."),
+    api_key: str | None = typer.Option(None, envvar="RAGCTL_API_KEY", help="The server's key."),
+    timeout_s: float = typer.Option(600.0, help="Per-request client timeout."),
+    out_file: Path = typer.Option(Path("eval/out/bench-load/results.json"), "--out"),
+) -> None:
+    """Load test over HTTP with the openai client: answered, rejected (429/503), failed, and
+    latency percentiles; every request is accounted for."""
+    from ragctl.loadtest import chat_load
+    from ragctl.retrieval.collection import load_queries
+
+    settings: Settings = ctx.obj
+    qs = [q.question for q in load_queries(settings.data_dir, dataset)]
+    with _status(f"{requests} requests at concurrency {concurrency} to {url}"):
+        result = asyncio.run(
+            chat_load(
+                url, qs, requests=requests, concurrency=concurrency, model=model,
+                api_key=api_key, timeout_s=timeout_s,
+            )  # fmt: skip
+        )
+    d = result.to_dict()
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps({"url": url, "model": model, **d}, indent=2) + "\n")
+    table = Table("requests", "answered", "rejected", "failed", "p50 s", "p95 s", "wall s", "qps")
+    table.add_row(
+        str(d["requests"]), str(d["completed"]),
+        ", ".join(f"{k}: {v}" for k, v in d["rejected"].items()) or "0",
+        ", ".join(f"{k}: {v}" for k, v in d["failed"].items()) or "0",
+        _fmt(d["p50_s"]), _fmt(d["p95_s"]), f"{d['wall_s']:.1f}", f"{d['throughput_qps']:.2f}",
+    )  # fmt: skip
+    out.print(table)
+    out.print(f"configurations: {d['configs']}", highlight=False)
+    out.print(f"results in {out_file}")
+    if result.accounted != requests:
+        raise RuntimeFailure(f"{requests - result.accounted} requests unaccounted for")
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 @bench_app.command("pressure")
 def bench_pressure(
     ctx: typer.Context,
@@ -614,7 +703,7 @@ def bench_pressure(
     async def run() -> tuple[list[dict[str, Any]], dict[str, int]]:
         controller = await _open_controller(settings, dataset)
         try:
-            await controller.ask(qs[0], Config("stuff", 1))  # warm-up, not counted
+            await controller.aask(qs[0], Config("stuff", 1))  # warm-up, not counted
             rows = await pressure_run(controller, qs, stagger_s=stagger_ms / 1000)
             return rows, dict(controller.counters)
         finally:
@@ -709,33 +798,20 @@ async def _start_engine(settings: Settings) -> Any:
 
 async def _open_controller(settings: Settings, dataset: str) -> Any:
     """Check the dataset and rules first (cheap, clear errors), then start the engine, then
-    the profiler and the index."""
-    from ragctl.controller import AdaptivePolicy, CollectionInfo, Controller
-    from ragctl.profiler import open_profiler
-    from ragctl.retrieval.collection import check_dataset
+    the profiler and the index (with progress bars when it is built)."""
+    from ragctl.service import open_controller
 
-    card = check_dataset(settings.data_dir, dataset)
-    rules = _load_rules(settings)
-    engine = await _start_engine(settings)
-    profiler = None
-    try:
-        profiler = await open_profiler(settings, engine)
-        retriever = _open_retriever(settings, dataset, engine.tokenizer)
-        return Controller(
-            engine,
-            retriever,
-            answer_max_tokens=settings.answer_max_tokens or card.answer_max_tokens,
-            temperature=settings.temperature,
-            collection=CollectionInfo.of(retriever),
-            rules=rules,
-            profiler=profiler,
-            policy=AdaptivePolicy.from_settings(settings),
-        )
-    except BaseException:
-        if profiler is not None:
-            await profiler.aclose()
-        await engine.aclose()
-        raise
+    where = settings.engine_url or "in-process"
+    with _progress() as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(f"{dataset}: {stage}", total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        bar.console.print(f"[dim]starting the engine ({where}) and opening {dataset}[/dim]")
+        return await open_controller(settings, dataset, progress=progress)
 
 
 @contextmanager

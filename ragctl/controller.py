@@ -1,6 +1,6 @@
 """The one place that awaits: retrieve ‖ profile -> rules -> best-fit -> synthesis -> Answer.
 
-Per query (`ask` without a configuration): retrieval (at the largest chunk count any rule can ask
+Per query (`aask` without a configuration): retrieval (at the largest chunk count any rule can ask
 for) and the LLM profiler run concurrently; the rules turn a trusted profile into a pruned space
 (else the space of the collection's recent confident queries, else the rules' default); the
 best-fit scheduler picks the largest configuration of that space that fits the engine's free KV
@@ -8,9 +8,10 @@ cache minus what in-flight plans reserved, waiting in the admission queue when n
 synthesis method runs on the shared engine while the plan's blocks stay reserved. Every answer
 carries the Decision that explains it.
 
-`ask(question, config)` runs a configuration the caller chose (the fixed-configuration baseline);
-it still reserves its blocks, so adaptive queries sharing the engine see it, but never waits.
-Many `ask` calls may run at once on one Controller: they share the engine, which batches them.
+`aask(question, config)` runs a configuration the caller chose (the fixed-configuration
+baseline); it still reserves its blocks, so adaptive queries sharing the engine see it, but never
+waits. Many `aask` calls may run at once on one Controller: they share the engine, which batches
+them. `ask`/`batch` are the blocking forms (see `Controller.open`).
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from ragctl.engine.base import Engine
+from ragctl.engine.base import Engine, gather_or_cancel
 from ragctl.errors import InvalidRequest, PromptTooLong, RagctlError
 from ragctl.profiler import ProfileOutcome, Profiler
 from ragctl.rules import RuleSet, default_space, evaluate, load_rules, merge_spaces
+from ragctl.runner import LoopThread
 from ragctl.scheduler import AdmissionQueue, KVLedger, NeedTable, choose
 from ragctl.synthesis.methods import CallSizer, Step, Synthesizer
 from ragctl.types import (
@@ -36,12 +38,14 @@ from ragctl.types import (
     ConfigSpace,
     Decision,
     KVState,
+    Message,
     Plan,
     StageRecord,
     SynthesisResult,
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 GOLDEN_CONFIG = Config("map_reduce", 30, 300)
 """The most expensive configuration: what a query "should" have looked like (paper section 4.1)."""
@@ -169,48 +173,105 @@ def adaptive_decision(
 
 
 class Controller:
+    """Answers questions over one collection on a shared engine.
+
+    One line for a collection with the settings' defaults (engine, rules, profiler)::
+
+        ctl = Controller.open("squad")            # blocking use: ctl.ask(q), ctl.close()
+        ctl = await Controller.aopen("squad")     # in async code: await ctl.aask(q)
+
+    or explicitly from parts: `Controller(engine, retriever, rules=..., settings=...)`.
+    """
+
     def __init__(
         self,
         engine: Engine,
         retriever: Retriever,
         *,
-        answer_max_tokens: int = 64,
-        temperature: float = 0.0,
+        settings: Any | None = None,
+        answer_max_tokens: int | None = None,
+        temperature: float | None = None,
         collection: CollectionInfo | None = None,
         rules: RuleSet | None = None,
         profiler: Profiler | None = None,
         policy: AdaptivePolicy | None = None,
         admission: AdmissionQueue | None = None,
+        owns_engine: bool = True,
     ) -> None:
+        """`settings` (a `ragctl.Settings`) fills what is not given explicitly: answer budget,
+        temperature, adaptive policy, rules file. `owns_engine`: `aclose` stops the engine and
+        profiler (False when several controllers share them)."""
+        if answer_max_tokens is None:
+            answer_max_tokens = (settings and settings.answer_max_tokens) or 64
+        if temperature is None:
+            temperature = settings.temperature if settings is not None else 0.0
         self.engine = engine
         self.retriever = retriever
         self.synthesizer = Synthesizer(
             engine.tokenizer, engine.max_model_len, answer_max_tokens, temperature
         )
         self.collection = collection or _collection_of(retriever)
-        self.rules = rules if rules is not None else load_rules(None)
+        if rules is None:
+            rules = load_rules(settings.rules_file if settings is not None else None)
+        self.rules = rules
         self.profiler = profiler if profiler is not None else Profiler(engine)
-        self.policy = policy or AdaptivePolicy()
+        if policy is None:
+            policy = AdaptivePolicy.from_settings(settings) if settings else AdaptivePolicy()
+        self.policy = policy
         # One ledger and queue per engine: controllers of several collections on one engine
         # pass the same AdmissionQueue.
-        self.admission = admission or AdmissionQueue(
-            KVLedger(), engine.kv_state, maxsize=self.policy.queue_size
-        )
+        # `is None`, not `or`: an empty AdmissionQueue has len 0 and is falsy.
+        if admission is None:
+            admission = AdmissionQueue(KVLedger(), engine.kv_state, maxsize=self.policy.queue_size)
+        self.admission = admission
+        self.owns_engine = owns_engine
         self.history: dict[str, deque[ConfigSpace]] = {}
         self.counters: Counter[str] = Counter()
         """profiled, profile_used, low_confidence, profiler_errors, fallback, queued, golden_runs,
         golden_errors: running totals for metrics and reports."""
         self._queries = 0
         self._background: set[asyncio.Task[None]] = set()
+        self._runner: LoopThread | None = None
+        self._closed = False
+
+    # -- construction from settings -------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, collection: str, settings: Any | None = None, **overrides: Any
+    ) -> Controller:
+        """A controller of `collection` for blocking use, on the settings' defaults (plus
+        `overrides`, e.g. `model=...`, `engine_url=...`). Its engine runs on a private event
+        loop thread; `ask`, `batch`, `aask` and `abatch` all work. Close it with `close()` or
+        a `with` block."""
+        runner = LoopThread()
+        try:
+            controller = runner.run(cls.aopen(collection, settings, **overrides))
+        except BaseException:
+            runner.stop()
+            raise
+        controller._runner = runner
+        return controller
+
+    @classmethod
+    async def aopen(
+        cls, collection: str, settings: Any | None = None, **overrides: Any
+    ) -> Controller:
+        """`open` for async code: the engine runs on the calling event loop."""
+        from ragctl.service import open_controller
+        from ragctl.settings import Settings
+
+        settings = (settings or Settings()).with_overrides(**overrides)
+        return await open_controller(settings, collection)
 
     # -- entry points ---------------------------------------------------------------------------
 
-    def check_question(self, question: str) -> str:
+    def check_question(self, question: str, history: Sequence[Message] = ()) -> str:
         """The question, stripped; a clear error if it is empty or cannot fit the context."""
-        q = question.strip()
+        q = question.strip() if isinstance(question, str) else ""
         if not q:
             raise InvalidRequest("the question is empty")
-        need = self.synthesizer.question_overhead(q)
+        need = self.synthesizer.question_overhead(with_history(q, history))
         if need > self.engine.max_model_len:
             raise PromptTooLong(
                 f"the question needs {need} tokens with the prompt and answer budget; the model's "
@@ -218,41 +279,127 @@ class Controller:
             )
         return q
 
-    async def ask(self, question: str, config: Config | None = None) -> Answer:
-        """Answer `question`: adaptively, or with `config` when given."""
-        start = time.perf_counter()
-        q = self.check_question(question)
-        if config is not None:
-            return await self._ask_fixed(q, config, start)
-        return await self._ask_adaptive(q, start)
+    async def aask(
+        self,
+        question: str,
+        config: Config | None = None,
+        *,
+        history: Sequence[Message] = (),
+        max_chunks: int | None = None,
+    ) -> Answer:
+        """Answer `question`: adaptively, or with `config` when given.
 
-    async def ask_many(
+        `history`: earlier turns of a conversation; the synthesis prompts see them, retrieval
+        and the profiler see the question alone. `max_chunks`: a cap on the chunks the adaptive
+        path may use."""
+        if self._runner is not None and not self._runner.is_current():
+            return await self._runner.arun(
+                self.aask(question, config, history=history, max_chunks=max_chunks)
+            )
+        start = time.perf_counter()
+        q = self.check_question(question, history)
+        if max_chunks is not None and max_chunks < 1:
+            raise InvalidRequest(f"max_chunks must be at least 1, got {max_chunks}")
+        if config is not None:
+            return await self._ask_fixed(q, config, start, history)
+        return await self._ask_adaptive(q, start, history, max_chunks)
+
+    def ask(
+        self,
+        question: str,
+        config: Config | None = None,
+        *,
+        history: Sequence[Message] = (),
+        max_chunks: int | None = None,
+    ) -> Answer:
+        """`aask`, blocking (not from inside a running event loop: use `await aask` there)."""
+        return self._blocking(self.aask(question, config, history=history, max_chunks=max_chunks))
+
+    async def abatch(
         self, questions: Sequence[str], config: Config | None = None
     ) -> list[Answer]:
-        """Several questions at once on the shared engine; answers in question order."""
-        return list(await asyncio.gather(*(self.ask(q, config) for q in questions)))
+        """Several questions at once on the shared engine (it batches them); answers in
+        question order. One failure fails the batch and cancels the rest."""
+        if self._runner is not None and not self._runner.is_current():
+            return await self._runner.arun(self.abatch(questions, config))
+        return await gather_or_cancel([self.aask(q, config) for q in questions])
+
+    def batch(self, questions: Sequence[str], config: Config | None = None) -> list[Answer]:
+        """`abatch`, blocking."""
+        return self._blocking(self.abatch(questions, config))
 
     async def profile(self, question: str) -> tuple[ProfileOutcome, SpaceChoice]:
         """The profile of `question` and the space it would get (history is not updated)."""
+        if self._runner is not None and not self._runner.is_current():
+            return await self._runner.arun(self.profile(question))
         q = self.check_question(question)
         outcome = await self._profile(q)
         return outcome, self._space_for(outcome, record=False)
 
     async def aclose(self) -> None:
-        """Wait for background feedback runs, then stop the engine(s)."""
+        """Stop background feedback runs, then (when it owns them) the profiler and engine."""
+        if self._runner is not None and not self._runner.is_current():
+            await self._runner.arun(self.aclose())
+            self._runner.stop()
+            return
+        if self._closed:
+            return
+        self._closed = True
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await self.profiler.aclose()
-        await self.engine.aclose()
+        if self.owns_engine:
+            await self.profiler.aclose()
+            await self.engine.aclose()
+
+    def close(self) -> None:
+        """`aclose`, blocking; also stops the private event loop of `open`."""
+        runner = self._runner
+        if runner is None:
+            self._blocking(self.aclose())
+            runner = self._runner
+        else:
+            runner.run(self.aclose())
+        if runner is not None:
+            runner.stop()
+
+    def __enter__(self) -> Controller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Controller:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _blocking(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._runner is None:
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                # Explicitly built controller used from blocking code: give it its own loop.
+                self._runner = LoopThread()
+            else:
+                coro.close()
+                raise InvalidRequest(
+                    "this blocking call was made inside a running event loop; use the async "
+                    "form (await controller.aask(...) / abatch(...))"
+                )
+        return self._runner.run(coro)
 
     # -- the two paths --------------------------------------------------------------------------
 
-    async def _ask_fixed(self, q: str, config: Config, start: float) -> Answer:
+    async def _ask_fixed(
+        self, q: str, config: Config, start: float, history: Sequence[Message]
+    ) -> Answer:
         timings: dict[str, float] = {}
         chunks = await self._retrieve(q, config.num_chunks, timings)
         kv = await self.engine.kv_state()
-        need = self._need_fn(self.synthesizer.sizer(q, chunks), kv.block_size)(config)
+        sq = with_history(q, history)
+        need = self._need_fn(self.synthesizer.sizer(sq, chunks), kv.block_size)(config)
         decision = Decision(
             config=config,
             reason="fixed",
@@ -262,11 +409,16 @@ class Controller:
         )
         # Reserved for the accounting of adaptive queries on the same engine; never waits.
         with self.admission.ledger.reserve(need):
-            return await self._synthesize(q, chunks, decision, timings, start)
+            return await self._synthesize(q, sq, chunks, decision, timings, start)
 
-    async def _ask_adaptive(self, q: str, start: float) -> Answer:
+    async def _ask_adaptive(
+        self, q: str, start: float, history: Sequence[Message], max_chunks: int | None
+    ) -> Answer:
         timings: dict[str, float] = {}
-        retrieval = asyncio.ensure_future(self._retrieve(q, self.rules.max_num_chunks, timings))
+        k = self.rules.max_num_chunks
+        if max_chunks is not None:
+            k = min(k, max_chunks)
+        retrieval = asyncio.ensure_future(self._retrieve(q, k, timings))
         try:
             outcome = await self._profile(q, timings)
             chunks = await retrieval
@@ -275,8 +427,9 @@ class Controller:
                 retrieval.cancel()
         t = time.perf_counter()
         choice = self._space_for(outcome, record=True)
+        sq = with_history(q, history)
         decide = best_fit(
-            choice, self.synthesizer.sizer(q, chunks), len(chunks), self.policy.kv_buffer_blocks
+            choice, self.synthesizer.sizer(sq, chunks), len(chunks), self.policy.kv_buffer_blocks
         )
         timings["decide"] = time.perf_counter() - t
         admitted = await self.admission.admit(decide)
@@ -287,7 +440,7 @@ class Controller:
         templates = {**self.synthesizer.template_versions, **self._profiler_templates()}
         decision = adaptive_decision(plan, admitted.kv, choice, outcome, templates, admitted.queued)
         with admitted.reservation:
-            answer = await self._synthesize(q, chunks, decision, timings, start)
+            answer = await self._synthesize(q, sq, chunks, decision, timings, start)
         self._maybe_golden(q, chunks)
         return answer
 
@@ -332,13 +485,15 @@ class Controller:
     async def _synthesize(
         self,
         q: str,
+        synthesis_question: str,
         chunks: list[Chunk],
         decision: Decision,
         timings: dict[str, float],
         start: float,
     ) -> Answer:
         t = time.perf_counter()
-        result, stages = await self.run_synthesis(self.synthesizer.plan(decision.config, q, chunks))
+        step = self.synthesizer.plan(decision.config, synthesis_question, chunks)
+        result, stages = await self.run_synthesis(step)
         timings["synthesis"] = time.perf_counter() - t
         for s in stages:
             timings[f"synthesis.{s.name}"] = s.seconds
@@ -409,6 +564,20 @@ class Controller:
             # Feedback is best effort: a failure here must not touch any user's request.
             self.counters["golden_errors"] += 1
             log.warning("golden feedback run failed: %s", e)
+
+
+HISTORY_TURNS = 6
+"""Earlier messages of a conversation carried into the synthesis prompts (the latest ones)."""
+
+
+def with_history(question: str, history: Sequence[Message]) -> str:
+    """The question as the synthesis prompts see it: with the conversation's latest earlier
+    turns in front, so a follow-up ("and who founded it?") can be answered."""
+    turns = [m for m in history if m.content.strip()][-HISTORY_TURNS:]
+    if not turns:
+        return question
+    lines = [f"{m.role.capitalize()}: {' '.join(m.content.split())}" for m in turns]
+    return "(conversation so far)\n" + "\n".join(lines) + f"\n(current question) {question}"
 
 
 def _collection_of(retriever: Any) -> CollectionInfo:

@@ -49,7 +49,7 @@ def check_decision(answer, *, kv_total: int) -> None:
 async def test_adaptive_answer_carries_its_decision(controller, small_squad) -> None:
     kv = await controller.engine.kv_state()
     query = small_squad[1][0]
-    answer = await controller.ask(query.question)
+    answer = await controller.aask(query.question)
     check_decision(answer, kv_total=kv.total_blocks)
     d = answer.decision
     if d.profile_used:
@@ -71,12 +71,12 @@ async def test_low_confidence_uses_recent_confident_spaces(controller, small_squ
     questions = [q.question for q in small_squad[1][:3]]
     # Trust every profile: each space is recorded as history.
     controller.policy = replace(controller.policy, confidence_threshold=0.0)
-    trusted = [await controller.ask(q) for q in questions[:2]]
+    trusted = [await controller.aask(q) for q in questions[:2]]
     assert all(a.decision.profile_used for a in trusted)
     assert len(controller.history["squad"]) == 2
     # Trust none: the space now comes from that history, not from this query's profile.
     controller.policy = replace(controller.policy, confidence_threshold=1.01)
-    answer = await controller.ask(questions[2])
+    answer = await controller.aask(questions[2])
     d = answer.decision
     assert not d.profile_used and d.profile_note.startswith("low-confidence")
     assert d.space.source == "history" and "low-confidence" in d.flags
@@ -89,7 +89,7 @@ async def test_profiler_failure_never_fails_the_request(local_engine, small_squa
     controller = make_controller(
         local_engine, small_squad[0], profiler=Profiler(local_engine, timeout_s=0.001)
     )
-    answer = await controller.ask(small_squad[1][1].question)
+    answer = await controller.aask(small_squad[1][1].question)
     d = answer.decision
     assert d.profile is None and d.profile_note.startswith("profiler error")
     assert "profiler-error" in d.flags and d.space.source == "default"
@@ -101,7 +101,7 @@ async def test_golden_feedback_runs_in_the_background(local_engine, small_squad)
     policy = AdaptivePolicy(golden_every=2, golden_config=Config("map_reduce", 3, 30))
     controller = make_controller(local_engine, small_squad[0], policy=policy)
     for q in small_squad[1][:2]:
-        await controller.ask(q.question)
+        await controller.aask(q.question)
     # The second query started one golden run; it finishes after the user's answer.
     assert len(controller._background) == 1
     await asyncio.gather(*controller._background)
@@ -113,7 +113,7 @@ async def test_golden_feedback_runs_in_the_background(local_engine, small_squad)
 
 
 async def test_fixed_configuration_still_reserves_and_releases(controller, small_squad) -> None:
-    answer = await controller.ask(small_squad[1][0].question, Config("stuff", 3))
+    answer = await controller.aask(small_squad[1][0].question, Config("stuff", 3))
     assert answer.decision.reason == "fixed" and answer.decision.need_blocks >= 1
     assert controller.admission.ledger.reserved == 0
 
@@ -133,7 +133,7 @@ async def test_memory_pressure_shrinks_configurations_and_loses_nothing(
             engine, small_squad[0], policy=AdaptivePolicy(golden_every=0, confidence_threshold=0)
         )
         questions = [q.question.strip() for q in small_squad[1]] * 2  # 12 concurrent queries
-        answers = await asyncio.gather(*(controller.ask(q) for q in questions))
+        answers = await asyncio.gather(*(controller.aask(q) for q in questions))
         assert [a.question for a in answers] == questions  # none lost, in order
         for a in answers:
             check_decision(a, kv_total=kv.total_blocks)

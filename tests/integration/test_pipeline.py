@@ -75,14 +75,14 @@ def check(answer: Answer, config: Config, controller: Controller, query: Query) 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label)
 async def test_each_method_on_the_in_process_engine(local_controller, small_squad, config) -> None:
     query = small_squad[1][0]
-    answer = await local_controller.ask(query.question, config)
+    answer = await local_controller.aask(query.question, config)
     check(answer, config, local_controller, query)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.label)
 async def test_each_method_on_a_vllm_server(remote_controller, small_squad, config) -> None:
     query = small_squad[1][1]
-    answer = await remote_controller.ask(query.question, config)
+    answer = await remote_controller.aask(query.question, config)
     check(answer, config, remote_controller, query)
 
 
@@ -90,7 +90,7 @@ async def test_concurrent_questions_share_the_engine(local_controller, small_squ
     queries = small_squad[1][:4]
     config = Config("stuff", 3)
     engine = local_controller.engine
-    task = asyncio.create_task(local_controller.ask_many([q.question for q in queries], config))
+    task = asyncio.create_task(local_controller.abatch([q.question for q in queries], config))
     used = []
     while not task.done():
         used.append((await engine.kv_state()).used_blocks)
@@ -109,9 +109,9 @@ async def test_a_question_that_cannot_fit_is_refused_before_any_call(local_contr
     from ragctl.errors import InvalidRequest, PromptTooLong
 
     with pytest.raises(PromptTooLong):
-        await local_controller.ask("why " * 5000, Config("stuff", 2))
+        await local_controller.aask("why " * 5000, Config("stuff", 2))
     with pytest.raises(InvalidRequest):
-        await local_controller.ask("   ", Config("stuff", 2))
+        await local_controller.aask("   ", Config("stuff", 2))
     # The engine was not left with work: all of its KV cache is free again.
     await asyncio.sleep(0)
     kv = await local_controller.engine.kv_state()

@@ -1,0 +1,167 @@
+"""Opening ragctl from settings: one engine, one profiler, one admission queue and one rule set,
+shared by a controller per collection (the server's shape), or a single controller that owns
+its engine (the CLI's and the Python API's shape).
+
+Order matters for error messages: the dataset and rules are checked before the engine starts
+(cheap, clear errors), and the index is opened last."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from ragctl.controller import AdaptivePolicy, CollectionInfo, Controller
+from ragctl.engine import Engine, open_engine
+from ragctl.profiler import Profiler, open_profiler
+from ragctl.retrieval.collection import check_dataset, dataset_names
+from ragctl.rules import RuleSet, load_rules
+from ragctl.scheduler import AdmissionQueue, KVLedger
+from ragctl.settings import Settings
+
+Progress = Callable[[str, int, int], None]
+
+
+def controller_for(
+    settings: Settings,
+    collection: str,
+    engine: Engine,
+    *,
+    rules: RuleSet,
+    profiler: Profiler,
+    admission: AdmissionQueue | None = None,
+    owns_engine: bool,
+    progress: Progress | None = None,
+) -> Controller:
+    """A controller of `collection` on `engine` (opens or builds its index: blocking work)."""
+    from ragctl.retrieval.index import open_retriever
+
+    card = check_dataset(settings.data_dir, collection)
+    retriever = open_retriever(settings, collection, engine.tokenizer, progress=progress)
+    return Controller(
+        engine,
+        retriever,
+        answer_max_tokens=settings.answer_max_tokens or card.answer_max_tokens,
+        temperature=settings.temperature,
+        collection=CollectionInfo.of(retriever),
+        rules=rules,
+        profiler=profiler,
+        policy=AdaptivePolicy.from_settings(settings),
+        admission=admission,
+        owns_engine=owns_engine,
+    )
+
+
+async def open_controller(
+    settings: Settings, collection: str, *, progress: Progress | None = None
+) -> Controller:
+    """A controller of `collection` that owns its engine and profiler (closed by `aclose`)."""
+    check_dataset(settings.data_dir, collection)
+    rules = load_rules(settings.rules_file)
+    engine = await open_engine(settings)
+    profiler = None
+    try:
+        profiler = await open_profiler(settings, engine)
+        return controller_for(
+            settings, collection, engine, rules=rules, profiler=profiler,
+            owns_engine=True, progress=progress,
+        )  # fmt: skip
+    except BaseException:
+        if profiler is not None:
+            await profiler.aclose()
+        await engine.aclose()
+        raise
+
+
+class Service:
+    """Controllers of several collections on one engine. A collection's index is opened on
+    first use (built if missing, which can take minutes), in a worker thread, once."""
+
+    def __init__(
+        self, settings: Settings, engine: Engine, profiler: Profiler, rules: RuleSet
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.profiler = profiler
+        self.rules = rules
+        self.policy = AdaptivePolicy.from_settings(settings)
+        self.admission = AdmissionQueue(
+            KVLedger(), engine.kv_state, maxsize=self.policy.queue_size
+        )
+        self.controllers: dict[str, Controller] = {}
+        self._opening: dict[str, asyncio.Task[Controller]] = {}
+
+    @classmethod
+    async def open(cls, settings: Settings, collections: tuple[str, ...] = ()) -> Service:
+        """Check `collections` and the rules, start the engine and profiler, then open the
+        named collections' indexes (others open on first request)."""
+        for name in collections:
+            check_dataset(settings.data_dir, name)
+        rules = load_rules(settings.rules_file)
+        engine = await open_engine(settings)
+        try:
+            profiler = await open_profiler(settings, engine)
+        except BaseException:
+            await engine.aclose()
+            raise
+        service = cls(settings, engine, profiler, rules)
+        try:
+            for name in collections:
+                await service.controller(name)
+        except BaseException:
+            await service.aclose()
+            raise
+        return service
+
+    @staticmethod
+    def collection_names() -> list[str]:
+        """Every collection with a dataset card (whether its data is present is checked when
+        it is opened)."""
+        return dataset_names()
+
+    async def controller(self, collection: str) -> Controller:
+        """The controller of `collection`: `UnknownDataset` (404) for a name without a card,
+        `DataNotFound` when its data is missing."""
+        if collection in self.controllers:
+            return self.controllers[collection]
+        check_dataset(self.settings.data_dir, collection)
+        task = self._opening.get(collection)
+        if task is None:
+            task = asyncio.ensure_future(asyncio.to_thread(self._build, collection))
+            self._opening[collection] = task
+        try:
+            # Shielded: one impatient request must not cancel the build others wait for.
+            controller = await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._opening.pop(collection, None)
+        self.controllers[collection] = controller
+        return controller
+
+    def _build(self, collection: str) -> Controller:
+        return controller_for(
+            self.settings, collection, self.engine, rules=self.rules, profiler=self.profiler,
+            admission=self.admission, owns_engine=False,
+        )  # fmt: skip
+
+    def counters(self) -> dict[str, int]:
+        """The controllers' running totals, summed."""
+        total: dict[str, int] = {}
+        for c in self.controllers.values():
+            for k, v in c.counters.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    async def aclose(self) -> None:
+        for task in self._opening.values():
+            task.cancel()
+        for c in self.controllers.values():
+            await c.aclose()
+        await self.profiler.aclose()
+        await self.engine.aclose()
+
+    async def __aenter__(self) -> Service:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
