@@ -127,3 +127,31 @@ class ProfilerError(RuntimeFailure):
 
     code = "profiler_error"
     http_status = 502
+
+
+class Unauthorized(UserError):
+    """Missing or wrong API key."""
+
+    code = "invalid_api_key"
+    http_status = 401
+
+
+class RequestTooLarge(UserError):
+    """The request body is larger than the server accepts."""
+
+    code = "request_too_large"
+    http_status = 413
+
+
+class TooManyRequests(RuntimeFailure):
+    """The server is answering as many requests as it allows at once (retry later)."""
+
+    code = "rate_limit_exceeded"
+    http_status = 429
+
+
+class DeadlineExceeded(RuntimeFailure):
+    """The request's own deadline passed before its answer; its engine calls were stopped."""
+
+    code = "deadline_exceeded"
+    http_status = 504

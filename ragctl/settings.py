@@ -112,7 +112,10 @@ class Settings(BaseSettings):
         1, ge=0, description="Safety buffer added to every configuration's KV-block need."
     )
     queue_size: int = Field(
-        256, ge=1, description="Admission queue bound: requests waiting for KV memory."
+        256,
+        ge=0,
+        description="Admission queue bound: requests waiting for KV memory (0: never wait, "
+        "refuse a request when nothing fits).",
     )
 
     def with_overrides(self, **overrides: object) -> Settings:

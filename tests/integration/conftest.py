@@ -153,3 +153,53 @@ def small_squad(
     (root / "squad" / "queries.jsonl").write_text("".join(qrows))
     settings = Settings(data_dir=root, cache_dir=tmp_path_factory.mktemp("cache"))
     return settings, load_queries(root, "squad")
+
+
+@dataclass(frozen=True)
+class RagctlServer:
+    url: str
+    api_key: str | None
+    log: Path
+    proc: subprocess.Popen[bytes]
+
+
+@contextlib.contextmanager
+def running_ragctl_server(
+    global_args: list[str], serve_args: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[RagctlServer]:
+    """`ragctl <global_args> serve <serve_args>` on a free loopback port, as a user runs it;
+    waits for /health, stops it after."""
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "ragctl", *global_args,
+        "serve", "--host", "127.0.0.1", "--port", str(port), *serve_args,
+    ]  # fmt: skip
+    full_env = {
+        **os.environ,
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
+    key = serve_args[serve_args.index("--api-key") + 1] if "--api-key" in serve_args else None
+    url = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ragctl serve exited with {proc.returncode}; log tail:\n" + _tail(log))
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"ragctl serve not ready after {STARTUP_TIMEOUT_S:g}s:\n" + _tail(log))
+            time.sleep(1.0)
+        yield RagctlServer(url, key, log, proc)
+    finally:
+        _stop(proc)

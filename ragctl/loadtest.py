@@ -1,0 +1,111 @@
+"""A bounded, self-terminating load test of a running ragctl server with the official `openai`
+client: N chat requests at concurrency C. Every request ends as answered, rejected (429/503,
+the server's admission control), failed (another status) or timed out; none is retried, so the
+counts add up to N and nothing can be lost silently."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ragctl.benchmarks import percentile
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    concurrency: int
+    wall_s: float
+    latencies_s: list[float] = field(default_factory=list)
+    """Arrival-to-answer seconds of the answered requests."""
+    rejected: Counter[int] = field(default_factory=Counter)
+    """Status (429, 503) -> count."""
+    failed: Counter[str] = field(default_factory=Counter)
+    """Anything else: `status 502`, `timeout`, `connection`."""
+    configs: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def completed(self) -> int:
+        return len(self.latencies_s)
+
+    @property
+    def accounted(self) -> int:
+        return self.completed + sum(self.rejected.values()) + sum(self.failed.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        lat = sorted(self.latencies_s)
+        return {
+            "requests": self.requests,
+            "concurrency": self.concurrency,
+            "completed": self.completed,
+            "rejected": {str(k): v for k, v in sorted(self.rejected.items())},
+            "failed": dict(self.failed),
+            "p50_s": percentile(lat, 0.5) if lat else None,
+            "p95_s": percentile(lat, 0.95) if lat else None,
+            "max_s": lat[-1] if lat else None,
+            "wall_s": self.wall_s,
+            "throughput_qps": self.completed / self.wall_s if self.wall_s else 0.0,
+            "configs": dict(self.configs.most_common()),
+        }
+
+
+async def chat_load(
+    base_url: str,
+    questions: Sequence[str],
+    *,
+    requests: int = 50,
+    concurrency: int = 50,
+    model: str = "ragctl/auto",
+    api_key: str | None = None,
+    timeout_s: float = 600.0,
+    extra_body: dict[str, Any] | None = None,
+) -> LoadResult:
+    """Send `requests` chat requests (questions cycled), at most `concurrency` at once."""
+    import openai
+
+    client = openai.AsyncOpenAI(
+        base_url=base_url.rstrip("/") + "/v1",
+        api_key=api_key or "none",
+        max_retries=0,  # a retry would hide a rejection
+        timeout=timeout_s,
+    )
+    gate = asyncio.Semaphore(concurrency)
+    result = LoadResult(requests, concurrency, 0.0)
+
+    async def one(i: int) -> None:
+        q = questions[i % len(questions)]
+        async with gate:
+            t = time.perf_counter()
+            try:
+                resp = await client.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "user", "content": q}],
+                    extra_body=extra_body,
+                )
+            except openai.APIStatusError as e:
+                if e.status_code in (429, 503):
+                    result.rejected[e.status_code] += 1
+                else:
+                    result.failed[f"status {e.status_code}"] += 1
+                return
+            except openai.APITimeoutError:
+                result.failed["timeout"] += 1
+                return
+            except openai.APIConnectionError:
+                result.failed["connection"] += 1
+                return
+            result.latencies_s.append(time.perf_counter() - t)
+            extra = (resp.model_extra or {}).get("ragctl") or {}
+            result.configs[str(extra.get("config"))] += 1
+
+    start = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(i) for i in range(requests)))
+    finally:
+        result.wall_s = time.perf_counter() - start
+        await client.close()
+    return result

@@ -1,0 +1,444 @@
+"""The OpenAI-compatible HTTP surface: FastAPI routes over a `Service` (one engine, a controller
+per collection). Routes translate; the controller decides.
+
+- `POST /v1/chat/completions`, `POST /v1/completions` (stream or not), `GET /v1/models`,
+  `GET /health`, `GET /metrics`.
+- The model picks the behaviour (`ragctl/auto` adaptive, `ragctl/<method>` fixed); the request's
+  `collection` field picks the index (default: the server's).
+- Every error is OpenAI's error JSON with the status of the `RagctlError` behind it; 429 (too
+  many requests in flight) and 503 (admission queue full) carry `Retry-After`.
+- A client that disconnects, or a request whose `deadline_ms` passes, cancels its engine calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ragctl.engine.base import gather_or_cancel
+from ragctl.errors import (
+    DeadlineExceeded,
+    QueueFull,
+    RagctlError,
+    RequestTooLarge,
+    TooManyRequests,
+    Unauthorized,
+)
+from ragctl.server.metrics import ServerMetrics
+from ragctl.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    RagctlOptions,
+    openai_error,
+    served_models,
+)
+from ragctl.service import Service
+from ragctl.types import Answer, Message
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DISCONNECT_POLL_S = 0.25
+ERROR_PARAMS = {
+    "model_not_found": "model",
+    "unknown_collection": "collection",
+    "data_not_found": "collection",
+    "context_length_exceeded": "messages",
+}
+"""The request field an error code is about (OpenAI's `param`)."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    default_collection: str
+    api_key: str | None = None
+    """Bearer token every /v1 route requires (None: open)."""
+    max_inflight: int = 64
+    """Requests answered at once; more get 429 with Retry-After."""
+    max_body_bytes: int = 1 << 20
+    retry_after_s: int = 1
+
+
+class ClientGone(Exception):
+    """The client disconnected; its request was cancelled (nobody to answer)."""
+
+
+def error_type(status: int) -> str:
+    """OpenAI's `type` for a status."""
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def error_response(
+    status: int, message: str, code: str | None, param: str | None = None, retry_after: int = 0
+) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return JSONResponse(
+        openai_error(message, error_type(status), code, param), status_code=status, headers=headers
+    )
+
+
+def outcome_of(e: BaseException) -> str:
+    """The `outcome` label of a failed request."""
+    if isinstance(e, TooManyRequests | QueueFull):
+        return "rejected"
+    if isinstance(e, DeadlineExceeded):
+        return "timeout"
+    if isinstance(e, RagctlError) and e.http_status < 500:
+        return "invalid"
+    return "error"
+
+
+def create_app(
+    service: Service | None,
+    options: ServerOptions,
+    *,
+    open_service: Callable[[], Awaitable[Service]] | None = None,
+) -> FastAPI:
+    """The app over an open `service`, or one `open_service()` opens at startup (and the app
+    closes at shutdown)."""
+    metrics = ServerMetrics()
+    inflight = 0
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if app.state.service is None and open_service is not None:
+            app.state.service = await open_service()
+            try:
+                yield
+            finally:
+                await app.state.service.aclose()
+        else:
+            yield
+
+    app = FastAPI(
+        title="ragctl",
+        description="OpenAI-compatible, query-adaptive RAG over vLLM.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.metrics = metrics
+
+    def svc() -> Service:
+        s = app.state.service
+        if s is None:
+            raise RuntimeError("the service is not open")
+        return s
+
+    # -- errors ----------------------------------------------------------------------------------
+
+    @app.exception_handler(RagctlError)
+    async def _ragctl_error(request: Request, e: RagctlError) -> JSONResponse:
+        model = getattr(request.state, "model", None)
+        if model is not None:
+            metrics.outcome(model, outcome_of(e))
+        retry = options.retry_after_s if isinstance(e, TooManyRequests | QueueFull) else 0
+        param = ERROR_PARAMS.get(e.code)
+        return error_response(e.http_status, str(e), e.code, param, retry)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        msg = str(first.get("msg", "invalid request"))
+        if first.get("type") == "json_invalid":
+            msg, param = "the request body is not valid JSON", None
+        elif param:
+            msg = f"{param}: {msg}"
+        return error_response(400, msg, "invalid_request", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return error_response(e.status_code, str(e.detail), code)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        model = getattr(request.state, "model", None)
+        if model is not None:
+            metrics.outcome(model, "error")
+        return error_response(500, f"internal error: {type(e).__name__}: {e}", "internal_error")
+
+    app.add_middleware(GuardMiddleware, options=options)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    async def answer_all(
+        request: Request,
+        opts: RagctlOptions,
+        model: str,
+        questions: list[str],
+        history: tuple[Message, ...] = (),
+    ) -> list[Answer]:
+        """Validate, take in-flight slots, answer; cancelled with the client or the deadline."""
+        nonlocal inflight
+        request.state.model = model
+        config = opts.config(model)
+        controller = await svc().controller(opts.collection or options.default_collection)
+        for q in questions:
+            controller.check_question(q, history)
+        if inflight + len(questions) > options.max_inflight:
+            raise TooManyRequests(
+                f"the server is answering {inflight} requests, its limit is "
+                f"{options.max_inflight}; retry later"
+            )
+        inflight += len(questions)
+        metrics.inflight.set(inflight)
+        try:
+
+            async def one(q: str) -> Answer:
+                return await controller.aask(
+                    q, config, history=history, max_chunks=opts.max_chunks
+                )
+
+            work = gather_or_cancel([one(q) for q in questions])
+            answers = await until_done(request, work, opts.deadline_ms)
+        except ClientGone:
+            metrics.outcome(model, "cancelled")
+            raise
+        finally:
+            inflight -= len(questions)
+            metrics.inflight.set(inflight)
+        for a in answers:
+            metrics.observe_answer(model, a)
+        return answers
+
+    # -- routes ----------------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(
+        request: Request, body: ChatCompletionRequest
+    ) -> JSONResponse | StreamingResponse | Response:
+        created = int(time.time())
+        try:
+            [answer] = await answer_all(
+                request, body, body.model, [body.question()], body.history()
+            )
+        except ClientGone:
+            return Response(status_code=499)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        extra = ragctl_field(answer, body)
+        usage = usage_of([answer])
+        if not body.stream:
+            return JSONResponse({
+                "id": rid, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": answer.text},
+                    "finish_reason": "stop", "logprobs": None,
+                }],
+                "usage": usage, "ragctl": extra,
+            })  # fmt: skip
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> dict[str, Any]:
+            return {
+                "id": rid, "object": "chat.completion.chunk", "created": created,
+                "model": body.model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                             "logprobs": None}],
+                **more,
+            }  # fmt: skip
+
+        events = [chunk({"role": "assistant", "content": ""})]
+        events += [chunk({"content": piece}) for piece in pieces(answer.text)]
+        events.append(chunk({}, "stop", ragctl=extra))
+        if body.stream_options is not None and body.stream_options.include_usage:
+            events.append({**chunk({}), "choices": [], "usage": usage})
+        return sse(events)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(
+        request: Request, body: CompletionRequest
+    ) -> JSONResponse | StreamingResponse | Response:
+        created = int(time.time())
+        try:
+            answers = await answer_all(request, body, body.model, body.prompts())
+        except ClientGone:
+            return Response(status_code=499)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        usage = usage_of(answers)
+        extras = [ragctl_field(a, body) for a in answers]
+        if not body.stream:
+            return JSONResponse({
+                "id": rid, "object": "text_completion", "created": created, "model": body.model,
+                "choices": [
+                    {"index": i, "text": a.text, "finish_reason": "stop", "logprobs": None,
+                     "ragctl": extras[i]}
+                    for i, a in enumerate(answers)
+                ],
+                "usage": usage,
+                "ragctl": extras[0] if len(extras) == 1 else None,
+            })  # fmt: skip
+
+        def chunk(i: int, text: str, finish: str | None = None, **more: Any) -> dict[str, Any]:
+            return {
+                "id": rid, "object": "text_completion", "created": created, "model": body.model,
+                "choices": [{"index": i, "text": text, "finish_reason": finish,
+                             "logprobs": None, **more}],
+            }  # fmt: skip
+
+        events = []
+        for i, a in enumerate(answers):
+            events += [chunk(i, piece) for piece in pieces(a.text)]
+            events.append(chunk(i, "", "stop", ragctl=extras[i]))
+        if body.stream_options is not None and body.stream_options.include_usage:
+            events.append({**chunk(0, ""), "choices": [], "usage": usage})
+        return sse(events)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(m) for m in served_models()]}
+
+    @app.get("/v1/models/{owner}/{name}")
+    async def model(owner: str, name: str) -> JSONResponse:
+        model_id = f"{owner}/{name}"
+        if model_id not in served_models():
+            return error_response(404, f"the model {model_id!r} does not exist", "model_not_found")
+        return JSONResponse(model_card(model_id))
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        s = svc()
+        try:
+            kv = await asyncio.wait_for(s.engine.kv_state(), timeout=10)
+        except (RagctlError, TimeoutError) as e:
+            return error_response(503, f"engine unhealthy: {e}", "engine_unavailable")
+        return JSONResponse({
+            "status": "ok", "engine": s.engine.name,
+            "collections": sorted(s.controllers), "default_collection":
+            options.default_collection, "kv_free_blocks": kv.free_blocks,
+            "kv_total_blocks": kv.total_blocks, "inflight": inflight,
+        })  # fmt: skip
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        s = svc()
+        try:
+            kv = await asyncio.wait_for(s.engine.kv_state(), timeout=10)
+        except (RagctlError, TimeoutError):
+            kv = None  # the engine's gauges keep their last values
+        body = metrics.render(kv, s.admission.ledger.reserved, s.admission.waiting)
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+class GuardMiddleware:
+    """API key and body size on /v1 routes, before the body is read. Pure ASGI (not
+    `BaseHTTPMiddleware`), so the route still sees the client's disconnect."""
+
+    def __init__(self, app: Any, options: ServerOptions) -> None:
+        self.app = app
+        self.options = options
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            refusal = self.refuse(dict(scope["headers"]))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def refuse(self, headers: dict[bytes, bytes]) -> JSONResponse | None:
+        key = self.options.api_key
+        if key is not None:
+            auth = headers.get(b"authorization", b"")
+            token = auth[7:] if auth[:7].lower() == b"bearer " else b""
+            if not secrets.compare_digest(token, key.encode()):
+                e = Unauthorized("missing or invalid API key (send 'Authorization: Bearer <key>')")
+                return error_response(401, str(e), e.code)
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.options.max_body_bytes:
+            e2 = RequestTooLarge(
+                f"request body of {int(length)} bytes exceeds the limit of "
+                f"{self.options.max_body_bytes} bytes"
+            )
+            return error_response(413, str(e2), e2.code)
+        return None
+
+
+async def until_done(
+    request: Request, work: Coroutine[Any, Any, T] | asyncio.Future[T], deadline_ms: float | None
+) -> T:
+    """Await `work`, cancelling it (and so its engine calls) when the client disconnects or
+    the deadline passes."""
+    task = asyncio.ensure_future(work)
+    deadline = None if deadline_ms is None else time.monotonic() + deadline_ms / 1000
+    try:
+        while True:
+            timeout = DISCONNECT_POLL_S
+            if deadline is not None:
+                timeout = max(0.0, min(timeout, deadline - time.monotonic()))
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if done:
+                return task.result()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded(
+                    f"no answer within the request's deadline of {deadline_ms:g} ms; its engine "
+                    "calls were stopped"
+                )
+            if await request.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def ragctl_field(answer: Answer, opts: RagctlOptions) -> dict[str, Any]:
+    """The response's namespaced `ragctl` field: the Decision, chunks, tokens and timings."""
+    d = answer.to_dict()
+    d.pop("answer", None)
+    d["slo_ms"] = opts.slo_ms
+    return d
+
+
+def usage_of(answers: list[Answer]) -> dict[str, int]:
+    """Tokens the engine processed for these answers (all calls of all stages)."""
+    prompt = sum(a.tokens["prompt"] for a in answers)
+    output = sum(a.tokens["output"] for a in answers)
+    return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
+
+
+def pieces(text: str) -> list[str]:
+    """The answer as word-sized stream deltas (whitespace kept, so they join back exactly)."""
+    return re.findall(r"\s*\S+|\s+$", text) or ([text] if text else [])
+
+
+def model_card(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "ragctl"}
+
+
+def sse(events: list[dict[str, Any]]) -> StreamingResponse:
+    import json
+
+    async def gen() -> AsyncIterator[bytes]:
+        for e in events:
+            yield f"data: {json.dumps(e)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(
+        gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )

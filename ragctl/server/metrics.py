@@ -1,0 +1,87 @@
+"""The server's Prometheus metrics (`GET /metrics`): `ragctl_` names, base units (seconds,
+blocks). Per-request figures are recorded from each Answer's Decision and timings; engine-side
+gauges (KV blocks, queue) are read when scraped."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ragctl.types import Answer, KVState
+
+STAGES = ("retrieve", "profile", "decide", "queue", "synthesis")
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+CHUNK_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "ragctl_requests", "Requests by model and outcome (ok, invalid, rejected, "
+            "cancelled, timeout, error).", ["model", "outcome"], registry=r,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "ragctl_request_duration_seconds", "Arrival to answer, answered requests.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.stage_seconds = Histogram(
+            "ragctl_stage_duration_seconds", "Seconds per stage of the data path.",
+            ["stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.method = Counter(
+            "ragctl_config_method", "Chosen synthesis method.", ["method", "reason"], registry=r
+        )
+        self.num_chunks = Histogram(
+            "ragctl_config_num_chunks", "Chosen chunk count.", buckets=CHUNK_BUCKETS, registry=r
+        )
+        self.tokens = Counter(
+            "ragctl_engine_tokens", "Tokens the engine processed for answers.", ["kind"],
+            registry=r,
+        )  # fmt: skip
+        self.profiler_fallbacks = Counter(
+            "ragctl_profiler_fallbacks", "Adaptive requests that did not use their own profile.",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.queued = Counter(
+            "ragctl_admission_queued", "Requests that waited for KV cache memory.", registry=r
+        )
+        self.inflight = Gauge("ragctl_inflight_requests", "Requests being answered.", registry=r)
+        self.kv_total = Gauge("ragctl_kv_total_blocks", "Engine KV cache blocks.", registry=r)
+        self.kv_free = Gauge("ragctl_kv_free_blocks", "Engine KV blocks free.", registry=r)
+        self.kv_reserved = Gauge(
+            "ragctl_kv_reserved_blocks", "KV blocks reserved by admitted plans.", registry=r
+        )
+        self.queue_length = Gauge(
+            "ragctl_admission_queue_length", "Requests waiting for KV cache memory.", registry=r
+        )
+
+    def observe_answer(self, model: str, answer: Answer) -> None:
+        d = answer.decision
+        self.requests.labels(model, "ok").inc()
+        total = answer.timings.get("total")
+        if total is not None:
+            self.request_seconds.labels(model).observe(total)
+        for stage in STAGES:
+            if stage in answer.timings:
+                self.stage_seconds.labels(stage).observe(answer.timings[stage])
+        self.method.labels(d.config.method, d.reason).inc()
+        self.num_chunks.observe(d.config.num_chunks)
+        tokens = answer.tokens
+        self.tokens.labels("prompt").inc(tokens["prompt"])
+        self.tokens.labels("output").inc(tokens["output"])
+        for flag in d.flags:
+            if flag in ("low-confidence", "profiler-error"):
+                self.profiler_fallbacks.labels(flag).inc()
+        if d.queued:
+            self.queued.inc()
+
+    def outcome(self, model: str, outcome: str) -> None:
+        self.requests.labels(model, outcome).inc()
+
+    def render(self, kv: KVState | None, reserved: int, waiting: int) -> bytes:
+        if kv is not None:
+            self.kv_total.set(kv.total_blocks)
+            self.kv_free.set(kv.free_blocks)
+        self.kv_reserved.set(reserved)
+        self.queue_length.set(waiting)
+        return generate_latest(self.registry)

@@ -1,0 +1,166 @@
+"""The server's request bodies (OpenAI's shapes plus ragctl's options) and the model names it
+serves. Unknown fields are accepted and ignored, as OpenAI-compatible servers do, so any client
+library's extras pass through. Sampling fields (`temperature`, `max_tokens`) are accepted and not
+applied: the collection's answer budget and the server's temperature hold, because the KV plan is
+sized from them. Fields that would change the response's shape (`n` > 1, `echo`) are refused."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ragctl.errors import InvalidRequest, ModelNotFound
+from ragctl.types import Config, Message
+
+MODEL_PREFIX = "ragctl/"
+AUTO_MODEL = "ragctl/auto"
+METHODS = ("map_rerank", "stuff", "map_reduce")
+FIXED_DEFAULTS = {
+    "map_rerank": Config("map_rerank", 5),
+    "stuff": Config("stuff", 5),
+    "map_reduce": Config("map_reduce", 5, 100),
+}
+"""What `ragctl/<method>` runs when the request names no `num_chunks`/`intermediate_length`."""
+
+MAX_CHUNKS = 30
+
+
+def served_models() -> list[str]:
+    """`ragctl/auto` (adaptive) and one fixed model per synthesis method."""
+    return [AUTO_MODEL, *(MODEL_PREFIX + m for m in METHODS)]
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Open):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text for p in self.content)
+
+
+class StreamOptions(_Open):
+    include_usage: bool = False
+
+
+class RagctlOptions(_Open):
+    """ragctl's own request fields (OpenAI clients send them with `extra_body`)."""
+
+    collection: str | None = Field(
+        None, min_length=1, description="Collection (index) to answer from; default: the server's."
+    )
+    method: Literal["map_rerank", "stuff", "map_reduce"] | None = Field(
+        None, description="Fix the synthesis method (turns `ragctl/auto` into a fixed model)."
+    )
+    num_chunks: int | None = Field(None, ge=1, le=MAX_CHUNKS, description="Fixed chunk count.")
+    intermediate_length: int | None = Field(
+        None, ge=1, le=1000, description="map_reduce: summary budget per chunk, in tokens."
+    )
+    max_chunks: int | None = Field(
+        None, ge=1, le=MAX_CHUNKS, description="Adaptive: never use more chunks than this."
+    )
+    slo_ms: float | None = Field(
+        None, gt=0, description="Latency objective in ms (recorded with the request)."
+    )
+    deadline_ms: float | None = Field(
+        None, gt=0, description="Give up after this many ms: 504, and the engine calls stop."
+    )
+
+    def config(self, model: str) -> Config | None:
+        """The fixed configuration this request asks for; None: adaptive."""
+        if model not in served_models():
+            raise ModelNotFound(
+                f"the model {model!r} does not exist; this server serves "
+                + ", ".join(served_models())
+            )
+        method = self.method or (None if model == AUTO_MODEL else model[len(MODEL_PREFIX) :])
+        if method is None:
+            if self.num_chunks is not None or self.intermediate_length is not None:
+                raise InvalidRequest(
+                    "num_chunks and intermediate_length fix a configuration: name the method "
+                    "too (model ragctl/<method> or the `method` field)"
+                )
+            return None
+        default = FIXED_DEFAULTS[method]
+        ilen = None
+        if method == "map_reduce":
+            ilen = self.intermediate_length or default.intermediate_length
+        elif self.intermediate_length is not None:
+            raise InvalidRequest(f"intermediate_length applies to map_reduce only, not {method}")
+        try:
+            return Config(method, self.num_chunks or default.num_chunks, ilen)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+
+
+class ChatCompletionRequest(RagctlOptions):
+    model: str = Field(..., min_length=1)
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        if self.n != 1:
+            raise ValueError("n > 1 is not supported: ragctl returns one answer per request")
+        if self.messages[-1].role != "user":
+            raise ValueError("the last message must be the user's question")
+        return self
+
+    def question(self) -> str:
+        return self.messages[-1].text()
+
+    def history(self) -> tuple[Message, ...]:
+        """Earlier user/assistant/system turns (tool messages are not carried)."""
+        out = []
+        for m in self.messages[:-1]:
+            role = "system" if m.role == "developer" else m.role
+            if role in ("system", "user", "assistant") and m.text().strip():
+                out.append(Message(role, m.text()))  # type: ignore[arg-type]
+        return tuple(out)
+
+
+class CompletionRequest(RagctlOptions):
+    model: str = Field(..., min_length=1)
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    echo: bool = False
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo is not supported")
+        return self
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+def openai_error(
+    message: str, type_: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error body."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,0 +1,92 @@
+"""The server's pure parts: model names to configurations, request validation, stream pieces,
+error bodies. (The server itself, over HTTP with real clients: tests/integration/test_server.py.)"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from ragctl.errors import InvalidRequest, ModelNotFound, QueueFull, TooManyRequests
+from ragctl.server.app import error_type, outcome_of, pieces
+from ragctl.server.schemas import ChatCompletionRequest, CompletionRequest, served_models
+from ragctl.types import Config, Message
+
+
+def chat(**kw) -> ChatCompletionRequest:
+    body = {"model": "ragctl/auto", "messages": [{"role": "user", "content": "q?"}], **kw}
+    return ChatCompletionRequest.model_validate(body)
+
+
+def test_model_names_select_adaptive_or_fixed() -> None:
+    assert chat().config("ragctl/auto") is None
+    assert chat().config("ragctl/stuff") == Config("stuff", 5)
+    assert chat().config("ragctl/map_reduce") == Config("map_reduce", 5, 100)
+    assert chat(num_chunks=3).config("ragctl/map_rerank") == Config("map_rerank", 3)
+    assert chat(method="map_reduce", intermediate_length=40).config("ragctl/auto") == Config(
+        "map_reduce", 5, 40
+    )
+    # The method field overrides the model's method.
+    assert chat(method="stuff").config("ragctl/map_reduce") == Config("stuff", 5)
+    assert served_models()[0] == "ragctl/auto"
+
+
+def test_bad_model_and_option_combinations() -> None:
+    with pytest.raises(ModelNotFound, match="ragctl/auto"):
+        chat().config("gpt-4o")
+    with pytest.raises(InvalidRequest, match="name the method"):
+        chat(num_chunks=3).config("ragctl/auto")
+    with pytest.raises(InvalidRequest, match="map_reduce only"):
+        chat(intermediate_length=30).config("ragctl/stuff")
+
+
+def test_unknown_fields_are_accepted_and_shape_changing_ones_refused() -> None:
+    assert chat(logit_bias={"1": 2}, seed=3, user="u").question() == "q?"
+    for bad in (
+        {"n": 2},
+        {"messages": []},
+        {"messages": [{"role": "assistant", "content": "x"}]},
+        {"num_chunks": 0},
+        {"max_chunks": 31},
+        {"slo_ms": -1},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+    ):
+        with pytest.raises(ValidationError):
+            chat(**bad)
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate({"model": "ragctl/auto", "prompt": "x", "echo": True})
+
+
+def test_history_and_content_parts() -> None:
+    req = chat(
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "first"}]},
+            {"role": "assistant", "content": "answer"},
+            {"role": "tool", "content": "tool output"},
+            {"role": "assistant", "content": None},
+            {"role": "user", "content": [{"type": "text", "text": t} for t in ("a", "b")]},
+        ]
+    )
+    assert req.question() == "a\nb"
+    assert req.history() == (
+        Message("system", "Be brief."), Message("user", "first"), Message("assistant", "answer")
+    )
+    assert CompletionRequest.model_validate(
+        {"model": "ragctl/auto", "prompt": ["x", "y"]}
+    ).prompts() == ["x", "y"]
+
+
+@given(st.text())
+def test_stream_pieces_join_back_exactly(text: str) -> None:
+    assert "".join(pieces(text)) == text
+
+
+def test_error_types_and_outcomes() -> None:
+    assert error_type(401) == "authentication_error"
+    assert error_type(429) == "rate_limit_error"
+    assert error_type(404) == "invalid_request_error"
+    assert error_type(502) == "server_error"
+    assert outcome_of(TooManyRequests("x")) == outcome_of(QueueFull("x")) == "rejected"
+    assert outcome_of(InvalidRequest("x")) == "invalid"
