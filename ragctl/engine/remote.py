@@ -4,7 +4,8 @@ Owns the connection (one `httpx.AsyncClient` per engine), discovery of the serve
 context length and tokenizer, the request body for each `GenerationRequest` (log-probs,
 structured output and priority through vLLM's extensions), and the mapping of HTTP and transport
 failures onto ragctl's error tree. KV state comes from `/metrics` (parsed by `metrics.py`) and
-lags the engine by up to one stats interval.
+lags the engine by up to one stats interval. An OpenAI-compatible server that is not vLLM has no
+such `/metrics`: connect with `kv_metrics=False` and the KV state reads as unknown (`UNKNOWN_KV`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ DEFAULT_MAX_MODEL_LEN = 4096
 """Context length assumed when the model card does not report one (non-vLLM servers)."""
 CONNECT_TIMEOUT_S = 30.0
 """Opening a TCP connection is quick even on a busy server; longer means it cannot be reached."""
+UNKNOWN_KV = KVState(total_blocks=1 << 30, free_blocks=1 << 30, block_size=16, source="unknown")
+"""What `kv_state` says with `kv_metrics=False`: memory is not known, so it never limits a
+configuration (best-fit picks the largest of the space) and nothing waits for it."""
 
 _CONTEXT_LENGTH = re.compile(r"context length|maximum context|context window", re.IGNORECASE)
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -71,6 +75,7 @@ class RemoteEngine(Engine):
         tokenizer: Tokenizer,
         max_model_len: int,
         timeout_s: float,
+        kv_metrics: bool = True,
     ) -> None:
         self._client = client
         self.url = url
@@ -79,6 +84,8 @@ class RemoteEngine(Engine):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self._timeout_s = timeout_s
+        self.kv_metrics = kv_metrics
+        """Read the KV state from vLLM's `/metrics`; False for servers without it (`UNKNOWN_KV`)."""
 
     @classmethod
     async def connect(
@@ -90,9 +97,13 @@ class RemoteEngine(Engine):
         api_key: str | None = None,
         timeout_s: float = 300.0,
         cache_dir: Path | None = None,
+        kv_metrics: bool = True,
     ) -> RemoteEngine:
         """Find the served model (`model`, matched against the served names and then the served
-        folders, else the first one served), its context length and its tokenizer."""
+        folders, else the first one served), its context length and its tokenizer.
+
+        `kv_metrics=False`: the server is not vLLM (no `/metrics`); `kv_state` then reports
+        `UNKNOWN_KV` instead of failing, so configurations are chosen without memory limits."""
         root = server_root(base_url)
         client = make_client(root, api_key=api_key, timeout_s=timeout_s)
         try:
@@ -112,7 +123,13 @@ class RemoteEngine(Engine):
             raise
         log.info("connected to %s: model %s, context %d", root, name, max_len)
         return cls(
-            client, url=root, name=name, tokenizer=tok, max_model_len=max_len, timeout_s=timeout_s
+            client,
+            url=root,
+            name=name,
+            tokenizer=tok,
+            max_model_len=max_len,
+            timeout_s=timeout_s,
+            kv_metrics=kv_metrics,
         )
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
@@ -223,6 +240,8 @@ class RemoteEngine(Engine):
         return parse_metrics(resp.text, model_name=self.name)
 
     async def kv_state(self) -> KVState:
+        if not self.kv_metrics:
+            return UNKNOWN_KV
         return kv_state_from_stats(await self.stats())
 
     async def aclose(self) -> None:

@@ -284,3 +284,20 @@ def test_a_request_has_messages_or_a_prompt() -> None:
         GenerationRequest(user("a"), max_tokens=2, prompt="b")
     with pytest.raises(ValueError):
         GenerationRequest(user("a"), max_tokens=0)
+
+
+async def test_without_kv_metrics_memory_is_unknown() -> None:
+    """A server that is not vLLM (no /metrics): kv_metrics=False reads the KV state as unknown
+    instead of failing, and never asks for /metrics."""
+    paths: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        return httpx.Response(404, text="Not Found")
+
+    async with mock_engine(handler) as eng:
+        eng.kv_metrics = False
+        kv = await eng.kv_state()
+    assert kv == remote.UNKNOWN_KV and kv.source == "unknown"
+    assert kv.free_blocks == kv.total_blocks and kv.usage == 0.0
+    assert paths == []
