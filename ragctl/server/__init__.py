@@ -29,17 +29,21 @@ def serve(
 
     async def main() -> None:
         service = await Service.open(settings, (options.default_collection,))
+        # The app's lifespan closes the service: uvicorn re-raises SIGTERM/SIGINT once it has
+        # shut down, which would end this process before a `finally` here could stop the
+        # engine, leaving its engine-core process behind.
+        app = create_app(service, options, close_service=True)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level=log_level, lifespan="on",
+            timeout_graceful_shutdown=5,
+        )  # fmt: skip
+        server = uvicorn.Server(config)
+        if on_ready is not None:
+            on_ready()
         try:
-            app = create_app(service, options)
-            config = uvicorn.Config(
-                app, host=host, port=port, log_level=log_level, lifespan="on",
-                timeout_graceful_shutdown=5,
-            )  # fmt: skip
-            server = uvicorn.Server(config)
-            if on_ready is not None:
-                on_ready()
             await server.serve()
         finally:
-            await service.aclose()
+            if not server.started:  # the lifespan never ran (the port was taken, ...)
+                await service.aclose()
 
     asyncio.run(main())

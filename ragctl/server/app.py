@@ -112,22 +112,23 @@ def create_app(
     options: ServerOptions,
     *,
     open_service: Callable[[], Awaitable[Service]] | None = None,
+    close_service: bool = False,
 ) -> FastAPI:
-    """The app over an open `service`, or one `open_service()` opens at startup (and the app
-    closes at shutdown)."""
+    """The app over an open `service` (closed at shutdown when `close_service`), or one
+    `open_service()` opens at startup and the app closes at shutdown."""
     metrics = ServerMetrics()
     inflight = 0
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = close_service
         if app.state.service is None and open_service is not None:
-            app.state.service = await open_service()
-            try:
-                yield
-            finally:
-                await app.state.service.aclose()
-        else:
+            app.state.service, owned = await open_service(), True
+        try:
             yield
+        finally:
+            if owned and app.state.service is not None:
+                await app.state.service.aclose()
 
     app = FastAPI(
         title="ragctl",

@@ -203,3 +203,22 @@ def running_ragctl_server(
         yield RagctlServer(url, key, log, proc)
     finally:
         _stop(proc)
+        leftover = _group_alive(proc.pid)
+        if leftover:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    # A stopped server must not leave its engine behind (each holds GiBs of memory).
+    assert not leftover, "ragctl serve exited on SIGTERM but left processes behind"
+
+
+def _group_alive(pgid: int, wait_s: float = 15.0) -> bool:
+    """Whether any process of group `pgid` is still running after `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.2)
