@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ragctl.errors import InvalidRequest, PromptTooLong, RagctlError, RuntimeFailure, UserError
+from ragctl.evaluation.cli import eval_app
 from ragctl.rules.cli import rules_app
 from ragctl.settings import Settings
 from ragctl.types import Config
@@ -37,6 +38,7 @@ app = typer.Typer(
 model_app = typer.Typer(help="The serving model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(rules_app, name="rules")
+app.add_typer(eval_app, name="eval")
 
 out = Console()
 err = Console(stderr=True)

@@ -450,3 +450,46 @@ def test_load_50_concurrent_all_accounted_and_still_healthy(server, client, ques
         model="ragctl/auto", messages=[{"role": "user", "content": questions[0]}]
     )
     assert resp.choices[0].message.content is not None
+
+
+# -- a remote engine that stalls, then dies ---------------------------------------------------
+
+
+def test_engine_timeout_504_and_engine_gone_502(
+    small_squad: tuple[Settings, list[Query]], model_path: str, tmp_path_factory
+) -> None:
+    """`ragctl serve --engine-url` on a vLLM server of its own: frozen (SIGSTOP), engine calls
+    time out (504); killed, they fail (502) and /health says 503."""
+    import os
+    import signal
+
+    from .conftest import running_vllm_server
+
+    settings, queries = small_squad
+    logs = tmp_path_factory.mktemp("remote-serve")
+    with running_vllm_server(model_path, logs / "vllm.log") as (vllm, vllm_proc):
+        global_args = [
+            "--data-dir", str(settings.data_dir), "--cache-dir", str(settings.cache_dir),
+            "--golden-every", "0", "--answer-max-tokens", "16",
+        ]  # fmt: skip
+        serve_args = ["--dataset", "squad", "--engine-url", vllm.url]
+        env = {"RAGCTL_ENGINE_TIMEOUT_S": "3"}
+        with running_ragctl_server(global_args, serve_args, logs / "serve.log", env) as server:
+            body = chat_body(queries[0].question, model="ragctl/stuff", num_chunks=1)
+            assert post(server, "/v1/chat/completions", json=body).status_code == 200
+            os.killpg(vllm_proc.pid, signal.SIGSTOP)
+            try:
+                t = time.monotonic()
+                resp = post(server, "/v1/chat/completions", json=body)
+                assert_openai_error(resp, 504, "engine_timeout")
+                assert time.monotonic() - t < 30
+            finally:
+                os.killpg(vllm_proc.pid, signal.SIGCONT)
+            os.killpg(vllm_proc.pid, signal.SIGKILL)
+            vllm_proc.wait(timeout=30)
+            resp = post(server, "/v1/chat/completions", json=body)
+            err = assert_openai_error(resp, 502)
+            assert err["code"] in ("engine_unavailable", "engine_error"), err
+            assert_openai_error(httpx.get(f"{server.url}/health", timeout=30), 503)
+            label = '{model="ragctl/stuff",outcome="error"}'
+            assert metric(server, "ragctl_requests_total", label) == 2

@@ -1,0 +1,119 @@
+"""`ragctl eval` as a user runs it: a small run of every system on the real engine, interrupted
+with Ctrl-C and resumed, then its report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ragctl.settings import Settings
+from ragctl.types import Query
+
+pytestmark = pytest.mark.integration
+
+SYSTEMS = "ragctl,fixed:map_rerank:2,fixed:stuff:2,adaptiverag,parrot,oracle"
+
+
+def ragctl(args: list[str], settings: Settings, model_path: str, **kw) -> list[str]:
+    return [
+        sys.executable, "-m", "ragctl", "--model", model_path,
+        "--data-dir", str(settings.data_dir), "--cache-dir", str(settings.cache_dir),
+        "--kv-cache-gib", "1", "--golden-every", "0", "--answer-max-tokens", "16", *args,
+    ]  # fmt: skip
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_eval_run_interrupt_resume_report(
+    small_squad: tuple[Settings, list[Query]], model_path: str, tmp_path: Path
+) -> None:
+    settings, _ = small_squad
+    out = tmp_path / "run"
+    run = ["eval", "run", "--dataset", "squad", "--systems", SYSTEMS, "--limit", "3",
+           "--calibration", "2", "--concurrency", "2", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        ragctl(run, settings, model_path), stdout=log, stderr=subprocess.STDOUT, env=env
+    )
+    samples = out / "samples.jsonl"
+    deadline = time.monotonic() + 600
+    while not (samples.exists() and len(rows(samples)) >= 2):
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no samples written"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    kept = rows(samples)
+    assert 2 <= len(kept) < 15  # 3 queries x 5 systems, interrupted part way
+    assert (out / "calibration.jsonl").exists()
+    assert json.loads((out / "run.json").read_text())["adaptiverag_table"]["*"]
+
+    # Same command without --resume: refused; with a different limit: refused; then resumed.
+    again = subprocess.run(ragctl(run, settings, model_path), capture_output=True, text=True,
+                           env=env, timeout=300)  # fmt: skip
+    assert again.returncode == 2 and "--resume" in again.stderr
+    other = [*run[:7], "4", *run[8:], "--resume"]  # --limit 4
+    bad = subprocess.run(ragctl(other, settings, model_path), capture_output=True, text=True,
+                         env=env, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "same run" in bad.stderr
+    done = subprocess.run(ragctl([*run, "--resume"], settings, model_path), capture_output=True,
+                          text=True, env=env, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    final = rows(samples)
+    keys = [(r["system"], r["query_id"]) for r in final]
+    assert len(keys) == len(set(keys)) == 15  # every job once: nothing lost, nothing twice
+    assert final[: len(kept)] == kept
+    assert not [r for r in final if r["error"]]
+    for r in final:
+        assert r["scores"]["f1"] is not None and r["config"] and r["delay_s"] > 0
+        if r["system"] in ("ragctl", "adaptiverag", "parrot"):
+            assert r["profile_s"] > 0
+    results = json.loads((out / "results.json").read_text())
+    phase = next(iter(results["rates"].values()))
+    assert set(phase["systems"]) == {
+        "ragctl", "fixed:map_rerank:2", "fixed:stuff:2", "adaptiverag", "parrot"
+    }  # fmt: skip
+    assert phase["oracle"]["n"] == 3 and "delay_ratio_vs_adaptiverag" in phase["ratios"]
+    for name in ("summary.csv", "quality_vs_delay.png", "delay_cdf.png"):
+        assert (out / name).stat().st_size > 0
+    report = subprocess.run([sys.executable, "-m", "ragctl", "eval", "report", str(out)],
+                            capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert report.returncode == 0 and "adaptiverag" in report.stdout and "oracle" in report.stdout
+
+
+def test_eval_ls_and_clear_errors(small_squad: tuple[Settings, list[Query]], tmp_path) -> None:
+    settings, _ = small_squad
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "ragctl", "--data-dir", str(settings.data_dir), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+    ls = cli("eval", "ls")
+    assert ls.returncode == 0
+    for word in ("squad", "musique", "qmsum", "finsec", "adaptiverag", "parrot", "oracle"):
+        assert word in ls.stdout
+    for args, message in [
+        (["--systems", "ragctl,gpt4"], "unknown system 'gpt4'"),
+        (["--rate", "fast"], "--rate takes numbers"),
+        (["--rate", "0.1", "--concurrency", "2"], "not both"),
+        (["--limit", "6", "--calibration", "2"], "exceed the 6 there are"),
+    ]:
+        r = cli("eval", "run", "--dataset", "squad", "--out", str(tmp_path / "x"), *args)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    r = cli("eval", "run", "--dataset", "nope", "--out", str(tmp_path / "y"))
+    assert r.returncode == 2 and "unknown dataset" in r.stderr
+    r = cli("eval", "report", str(tmp_path))
+    assert r.returncode == 2 and "no evaluation run" in r.stderr
