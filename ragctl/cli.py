@@ -19,9 +19,10 @@ from typing import Any
 import typer
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
+from ragctl.console import progress_bar, stage_progress
 from ragctl.errors import InvalidRequest, PromptTooLong, RagctlError, RuntimeFailure, UserError
 from ragctl.evaluation.cli import eval_app
 from ragctl.rules.cli import rules_app
@@ -773,14 +774,7 @@ def _serving_tokenizer(settings: Settings) -> Any:
 def _open_retriever(settings: Settings, dataset: str, tokenizer: Any, rebuild: bool = False) -> Any:
     from ragctl.retrieval.index import open_retriever
 
-    with _progress() as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(f"{dataset}: {stage}", total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
+    with stage_progress(err, dataset) as (_, progress):
         return open_retriever(settings, dataset, tokenizer, rebuild=rebuild, progress=progress)
 
 
@@ -804,14 +798,7 @@ async def _open_controller(settings: Settings, dataset: str) -> Any:
     from ragctl.service import open_controller
 
     where = settings.engine_url or "in-process"
-    with _progress() as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(f"{dataset}: {stage}", total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
+    with stage_progress(err, dataset) as (bar, progress):
         bar.console.print(f"[dim]starting the engine ({where}) and opening {dataset}[/dim]")
         return await open_controller(settings, dataset, progress=progress)
 
@@ -823,14 +810,7 @@ def _status(text: str) -> Iterator[None]:
 
 
 def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    )
+    return progress_bar(err, transient=True)
 
 
 def _clip(text: str, n: int) -> str:

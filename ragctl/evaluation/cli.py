@@ -11,9 +11,10 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
+from ragctl.console import progress_bar, stage_callback
 from ragctl.errors import InvalidRequest
 from ragctl.evaluation.systems import DEFAULT_GRID, DEFAULT_SYSTEMS, DESCRIPTIONS
 from ragctl.settings import Settings
@@ -172,7 +173,9 @@ async def _run(settings: Settings, plan: Any, meta: dict[str, Any], out_dir: Pat
     _save_meta(out_dir, meta)
     with _progress() as bar:
         task = bar.add_task(f"{card.name}: starting the engine", total=None)
-        controller = await open_controller(settings, card.name)
+        controller = await open_controller(
+            settings, card.name, progress=stage_callback(bar, card.name)
+        )
         try:
             await controller.aask(test[0].question, Config("stuff", 1))  # warm-up, not counted
             runner = Runner(controller, card, meta.get("adaptiverag_table"))
@@ -281,10 +284,4 @@ def _check_out_dir(out_dir: Path, meta: dict[str, Any], resume: bool) -> dict[st
 
 
 def _progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-    )
+    return progress_bar(err)

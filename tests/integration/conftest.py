@@ -108,28 +108,8 @@ def running_vllm_server(
         "TOKENIZERS_PARALLELISM": "false",
     }
     url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+    proc = _start_and_wait(cmd, env, log, url, "vLLM server")
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"vLLM server exited with {proc.returncode} before it was ready; log tail:\n"
-                    + _tail(log)
-                )
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"vLLM server not ready after {STARTUP_TIMEOUT_S:g}s; log tail:\n" + _tail(log)
-                )
-            time.sleep(1.0)
         yield VLLMServer(url, SERVED_NAME, log), proc
     finally:
         _stop(proc)
@@ -183,23 +163,8 @@ def running_ragctl_server(
     }
     key = serve_args[serve_args.index("--api-key") + 1] if "--api-key" in serve_args else None
     url = f"http://127.0.0.1:{port}"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
-        )
+    proc = _start_and_wait(cmd, full_env, log, url, "ragctl serve")
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ragctl serve exited with {proc.returncode}; log tail:\n" + _tail(log))
-            try:
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"ragctl serve not ready after {STARTUP_TIMEOUT_S:g}s:\n" + _tail(log))
-            time.sleep(1.0)
         yield RagctlServer(url, key, log, proc)
     finally:
         _stop(proc)
@@ -209,6 +174,30 @@ def running_ragctl_server(
                 os.killpg(proc.pid, signal.SIGKILL)
     # A stopped server must not leave its engine behind (each holds GiBs of memory).
     assert not leftover, "ragctl serve exited on SIGTERM but left processes behind"
+
+
+def _start_and_wait(
+    cmd: list[str], env: dict[str, str], log: Path, url: str, what: str
+) -> subprocess.Popen[bytes]:
+    """Start `cmd` as its own process group, logging to `log`; wait until `url`/health answers
+    200 (fail with the log's tail if it exits or takes too long)."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode} before it was ready:\n" + _tail(log))
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            _stop(proc)
+            pytest.fail(f"{what} not ready after {STARTUP_TIMEOUT_S:g}s:\n" + _tail(log))
+        time.sleep(1.0)
 
 
 def _group_alive(pgid: int, wait_s: float = 15.0) -> bool:
