@@ -121,20 +121,27 @@ def test_fixed_model_and_ragctl_options_in_extra_body(client, questions) -> None
 
 
 def test_chat_history_is_carried(client, questions) -> None:
-    resp = client.chat.completions.create(
-        model="ragctl/stuff",
-        messages=[
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": questions[0]},
-            {"role": "assistant", "content": "Denver Broncos."},
-            {"role": "user", "content": "And which team did they play?"},
-        ],
-        extra_body={"num_chunks": 2},
-    )
-    extra = resp.model_extra["ragctl"]
-    # Retrieval saw the last question alone; the synthesis prompt carried the turns before it.
-    assert extra["question"] == "And which team did they play?"
-    assert extra["tokens"]["prompt"] > 0 and resp.choices[0].message.content
+    follow_up = "And which team did they play?"
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": questions[0]},
+        {"role": "assistant", "content": "Denver Broncos."},
+    ]
+
+    def ask(messages: list[dict]) -> dict:
+        resp = client.chat.completions.create(
+            model="ragctl/stuff", messages=messages, extra_body={"num_chunks": 2}
+        )
+        assert resp.choices[0].message.content is not None
+        return resp.model_extra["ragctl"]
+
+    alone = ask([{"role": "user", "content": follow_up}])
+    carried = ask([*turns, {"role": "user", "content": follow_up}])
+    # Retrieval saw the last question alone (same chunks); the synthesis prompt also carried
+    # the turns before it (more prompt tokens).
+    assert carried["question"] == alone["question"] == follow_up
+    assert carried["chunk_ids"] == alone["chunk_ids"]
+    assert carried["tokens"]["prompt"] > alone["tokens"]["prompt"] + 10
 
 
 def test_streaming_chat(client, questions) -> None:
@@ -332,9 +339,10 @@ def test_error_statuses(server, client, questions) -> None:
 
 
 def test_queue_full_is_503_with_retry_after(server, questions) -> None:
-    """Fixed configurations reserve their KV blocks without waiting; while two large ones hold
-    more than the whole cache, an adaptive request cannot fit, and with a queue of 0 it is
-    refused at once."""
+    """Fixed configurations reserve their KV blocks without waiting; while large ones hold more
+    than the whole cache, an adaptive request cannot fit, and with a queue of 0 it is refused
+    at once. Adaptive requests are sent until one meets that (the first may be admitted if the
+    large ones finish early on a fast machine)."""
     heavy = chat_body(
         questions[4], model="ragctl/map_reduce", num_chunks=9, intermediate_length=300
     )
@@ -345,22 +353,27 @@ def test_queue_full_is_503_with_retry_after(server, questions) -> None:
         ) as http:
             big = [
                 asyncio.ensure_future(http.post(f"{server.url}/v1/chat/completions", json=heavy))
-                for _ in range(2)
+                for _ in range(3)
             ]
             deadline = time.monotonic() + 120
             while metric(server, "ragctl_kv_reserved_blocks") <= 24:
                 assert time.monotonic() < deadline, "the large requests never reserved"
                 await asyncio.sleep(0.1)
-            small = await asyncio.gather(*(
-                http.post(f"{server.url}/v1/chat/completions", json=chat_body(q))
-                for q in questions[:2]
-            ))  # fmt: skip
-            return list(await asyncio.gather(*big)), list(small)
+            small: list[httpx.Response] = []
+            while not all(b.done() for b in big):
+                small += await asyncio.gather(*(
+                    http.post(f"{server.url}/v1/chat/completions", json=chat_body(q))
+                    for q in questions[:2]
+                ))  # fmt: skip
+                if any(r.status_code == 503 for r in small):
+                    break
+            return list(await asyncio.gather(*big)), small
 
     big, small = asyncio.run(run())
-    assert [r.status_code for r in big] == [200, 200]
+    assert [r.status_code for r in big] == [200, 200, 200]
+    assert {r.status_code for r in small} <= {200, 503}, [r.text for r in small]
     refused = [r for r in small if r.status_code == 503]
-    assert refused, [r.text for r in small]
+    assert refused, "no adaptive request met the full cache"
     for r in refused:
         assert_openai_error(r, 503, "queue_full")
         assert r.headers["Retry-After"] == "1"
@@ -473,16 +486,22 @@ def test_engine_timeout_504_and_engine_gone_502(
             "--golden-every", "0", "--answer-max-tokens", "16",
         ]  # fmt: skip
         serve_args = ["--dataset", "squad", "--engine-url", vllm.url]
-        env = {"RAGCTL_ENGINE_TIMEOUT_S": "3"}
+        env = {"RAGCTL_ENGINE_TIMEOUT_S": "15"}
         with running_ragctl_server(global_args, serve_args, logs / "serve.log", env) as server:
             body = chat_body(queries[0].question, model="ragctl/stuff", num_chunks=1)
-            assert post(server, "/v1/chat/completions", json=body).status_code == 200
+            # A fresh server's first calls can be slow on a busy machine: warm it up first.
+            codes = [post(server, "/v1/chat/completions", json=body).status_code]
+            while codes[-1] != 200 and len(codes) < 4:
+                codes.append(post(server, "/v1/chat/completions", json=body).status_code)
+            assert codes[-1] == 200, codes
+            label = '{model="ragctl/stuff",outcome="error"}'
+            errors_before = metric(server, "ragctl_requests_total", label)
             os.killpg(vllm_proc.pid, signal.SIGSTOP)
             try:
                 t = time.monotonic()
                 resp = post(server, "/v1/chat/completions", json=body)
                 assert_openai_error(resp, 504, "engine_timeout")
-                assert time.monotonic() - t < 30
+                assert time.monotonic() - t < 60
             finally:
                 os.killpg(vllm_proc.pid, signal.SIGCONT)
             os.killpg(vllm_proc.pid, signal.SIGKILL)
@@ -491,5 +510,4 @@ def test_engine_timeout_504_and_engine_gone_502(
             err = assert_openai_error(resp, 502)
             assert err["code"] in ("engine_unavailable", "engine_error"), err
             assert_openai_error(httpx.get(f"{server.url}/health", timeout=30), 503)
-            label = '{model="ragctl/stuff",outcome="error"}'
-            assert metric(server, "ragctl_requests_total", label) == 2
+            assert metric(server, "ragctl_requests_total", label) == errors_before + 2
