@@ -292,8 +292,8 @@ class Controller:
         `history`: earlier turns of a conversation; the synthesis prompts see them, retrieval
         and the profiler see the question alone. `max_chunks`: a cap on the chunks the adaptive
         path may use."""
-        if self._runner is not None and not self._runner.is_current():
-            return await self._runner.arun(
+        if self._elsewhere():
+            return await self._runner.arun(  # type: ignore[union-attr]
                 self.aask(question, config, history=history, max_chunks=max_chunks)
             )
         start = time.perf_counter()
@@ -320,8 +320,8 @@ class Controller:
     ) -> list[Answer]:
         """Several questions at once on the shared engine (it batches them); answers in
         question order. One failure fails the batch and cancels the rest."""
-        if self._runner is not None and not self._runner.is_current():
-            return await self._runner.arun(self.abatch(questions, config))
+        if self._elsewhere():
+            return await self._runner.arun(self.abatch(questions, config))  # type: ignore[union-attr]
         return await gather_or_cancel([self.aask(q, config) for q in questions])
 
     def batch(self, questions: Sequence[str], config: Config | None = None) -> list[Answer]:
@@ -330,17 +330,17 @@ class Controller:
 
     async def profile(self, question: str) -> tuple[ProfileOutcome, SpaceChoice]:
         """The profile of `question` and the space it would get (history is not updated)."""
-        if self._runner is not None and not self._runner.is_current():
-            return await self._runner.arun(self.profile(question))
+        if self._elsewhere():
+            return await self._runner.arun(self.profile(question))  # type: ignore[union-attr]
         q = self.check_question(question)
         outcome = await self._profile(q)
         return outcome, self._space_for(outcome, record=False)
 
     async def aclose(self) -> None:
         """Stop background feedback runs, then (when it owns them) the profiler and engine."""
-        if self._runner is not None and not self._runner.is_current():
-            await self._runner.arun(self.aclose())
-            self._runner.stop()
+        if self._elsewhere():
+            await self._runner.arun(self.aclose())  # type: ignore[union-attr]
+            self._runner.stop()  # type: ignore[union-attr]
             return
         if self._closed:
             return
@@ -374,6 +374,11 @@ class Controller:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+    def _elsewhere(self) -> bool:
+        """Whether the engine lives on this controller's private loop and the caller does not:
+        then a call must be handed over to that loop."""
+        return self._runner is not None and not self._runner.is_current()
 
     def _blocking(self, coro: Coroutine[Any, Any, T]) -> T:
         if self._runner is None:

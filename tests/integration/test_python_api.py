@@ -30,11 +30,15 @@ def test_one_line_controller_blocking_and_async(
         fixed = ctl.batch(qs[:2], Config("stuff", 1))
         assert [a.question for a in fixed] == qs[:2]
         assert all(a.decision.config == Config("stuff", 1) for a in fixed)
+        alone = ctl.ask("And who did they play?", Config("stuff", 1))
         follow_up = ctl.ask(
             "And who did they play?", Config("stuff", 1),
             history=[Message("user", qs[0]), Message("assistant", "Denver Broncos")],
         )  # fmt: skip
-        assert follow_up.question == "And who did they play?"
+        # Retrieval saw the question alone (same chunk); the prompt carried the earlier turns.
+        assert follow_up.question == alone.question == "And who did they play?"
+        assert follow_up.chunk_ids == alone.chunk_ids
+        assert follow_up.tokens["prompt"] > alone.tokens["prompt"] + 10
 
         # Async callers on their own event loop: the engine stays on the controller's.
         async def from_another_loop() -> list[ragctl.Answer]:
