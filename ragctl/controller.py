@@ -20,8 +20,9 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 from ragctl.engine.base import Engine, gather_or_cancel
@@ -30,6 +31,7 @@ from ragctl.profiler import ProfileOutcome, Profiler
 from ragctl.rules import RuleSet, default_space, evaluate, load_rules, merge_spaces
 from ragctl.runner import LoopThread
 from ragctl.scheduler import AdmissionQueue, KVLedger, NeedTable, choose
+from ragctl.scheduler.slo import Mitigation, SLOTracker, Tracked, choose_within_slo
 from ragctl.synthesis.methods import CallSizer, Step, Synthesizer
 from ragctl.types import (
     Answer,
@@ -82,6 +84,11 @@ class AdaptivePolicy:
     golden_config: Config = GOLDEN_CONFIG
     kv_buffer_blocks: int = 1
     queue_size: int = 256
+    slo_ms: float | None = None
+    """SLO of requests that carry none (None: no SLO)."""
+    collection_slo_ms: Mapping[str, float] = field(default_factory=dict)
+    """Per-collection SLO defaults, over `slo_ms`."""
+    mitigation: Mitigation = field(default_factory=Mitigation)
 
     @classmethod
     def from_settings(cls, settings: Any) -> AdaptivePolicy:
@@ -91,7 +98,13 @@ class AdaptivePolicy:
             golden_every=settings.golden_every,
             kv_buffer_blocks=settings.kv_buffer_blocks,
             queue_size=settings.queue_size,
+            slo_ms=settings.slo_ms,
+            collection_slo_ms=dict(settings.collection_slo_ms),
+            mitigation=Mitigation.parse(settings.slo_mitigation),
         )
+
+    def slo_for(self, collection: str) -> float | None:
+        return self.collection_slo_ms.get(collection, self.slo_ms)
 
 
 @dataclass(frozen=True)
@@ -130,18 +143,25 @@ def resolve_space(
 
 
 def best_fit(
-    choice: SpaceChoice, sizer: CallSizer, chunks: int, buffer_blocks: int
+    choice: SpaceChoice,
+    sizer: CallSizer,
+    chunks: int,
+    buffer_blocks: int,
+    *,
+    predict: Callable[[Config], float | None] | None = None,
+    budget_s: Callable[[], float] | None = None,
 ) -> Callable[[KVState, int], Plan]:
-    """The admission queue's `decide`: best-fit over the query's space, sized by `sizer`."""
+    """The admission queue's `decide`: best-fit over the query's space, sized by `sizer`.
+    With `predict` and `budget_s` (the SLO loop's configuration mechanism), best-fit keeps
+    to the configurations predicted to finish within the time left when it decides."""
 
     def decide(kv: KVState, reserved: int) -> Plan:
-        return choose(
-            choice.space,
-            kv,
-            reserved,
-            NeedTable(sizer, kv.block_size, buffer_blocks),
-            joint_reasoning=choice.joint_reasoning,
-            max_chunks=chunks,
+        need = NeedTable(sizer, kv.block_size, buffer_blocks)
+        kwargs = {"joint_reasoning": choice.joint_reasoning, "max_chunks": chunks}
+        if predict is None or budget_s is None:
+            return choose(choice.space, kv, reserved, need, **kwargs)
+        return choose_within_slo(
+            choice.space, kv, reserved, need, predict=predict, budget_s=budget_s(), **kwargs
         )
 
     return decide
@@ -196,6 +216,7 @@ class Controller:
         profiler: Profiler | None = None,
         policy: AdaptivePolicy | None = None,
         admission: AdmissionQueue | None = None,
+        slo: SLOTracker | None = None,
         owns_engine: bool = True,
     ) -> None:
         """`settings` (a `ragctl.Settings`) fills what is not given explicitly: answer budget,
@@ -224,6 +245,8 @@ class Controller:
         if admission is None:
             admission = AdmissionQueue(KVLedger(), engine.kv_state, maxsize=self.policy.queue_size)
         self.admission = admission
+        # One tracker per engine, like the admission queue: flags and pauses span collections.
+        self.slo = slo if slo is not None else SLOTracker(self.policy.mitigation)
         self.owns_engine = owns_engine
         self.history: dict[str, deque[ConfigSpace]] = {}
         self.counters: Counter[str] = Counter()
@@ -237,9 +260,7 @@ class Controller:
     # -- construction from settings -------------------------------------------------------------
 
     @classmethod
-    def open(
-        cls, collection: str, settings: Any | None = None, **overrides: Any
-    ) -> Controller:
+    def open(cls, collection: str, settings: Any | None = None, **overrides: Any) -> Controller:
         """A controller of `collection` for blocking use, on the settings' defaults (plus
         `overrides`, e.g. `model=...`, `engine_url=...`). Its engine runs on a private event
         loop thread; `ask`, `batch`, `aask` and `abatch` all work. Close it with `close()` or
@@ -286,23 +307,40 @@ class Controller:
         *,
         history: Sequence[Message] = (),
         max_chunks: int | None = None,
+        slo_ms: float | None = None,
     ) -> Answer:
         """Answer `question`: adaptively, or with `config` when given.
 
         `history`: earlier turns of a conversation; the synthesis prompts see them, retrieval
         and the profiler see the question alone. `max_chunks`: a cap on the chunks the adaptive
-        path may use."""
+        path may use. `slo_ms`: the request's latency SLO (default: the collection's, from the
+        settings); the Decision's `slo` says what the SLO loop did."""
         if self._elsewhere():
             return await self._runner.arun(  # type: ignore[union-attr]
-                self.aask(question, config, history=history, max_chunks=max_chunks)
+                self.aask(question, config, history=history, max_chunks=max_chunks, slo_ms=slo_ms)
             )
         start = time.perf_counter()
         q = self.check_question(question, history)
         if max_chunks is not None and max_chunks < 1:
             raise InvalidRequest(f"max_chunks must be at least 1, got {max_chunks}")
-        if config is not None:
-            return await self._ask_fixed(q, config, start, history)
-        return await self._ask_adaptive(q, start, history, max_chunks)
+        if slo_ms is not None and not slo_ms > 0:
+            raise InvalidRequest(f"slo_ms must be positive, got {slo_ms}")
+        if slo_ms is None:
+            slo_ms = self.policy.slo_for(self.collection.name)
+        tracked = self.slo.start(slo_ms)
+        ok = False
+        try:
+            await self.slo.gate(tracked)
+            if config is not None:
+                answer = await self._ask_fixed(q, config, start, history, tracked)
+            else:
+                answer = await self._ask_adaptive(q, start, history, max_chunks, tracked)
+            ok = True
+        finally:
+            record = self.slo.finish(tracked, ok=ok)
+        if record is None:
+            return answer
+        return replace(answer, decision=replace(answer.decision, slo=record))
 
     def ask(
         self,
@@ -311,13 +349,14 @@ class Controller:
         *,
         history: Sequence[Message] = (),
         max_chunks: int | None = None,
+        slo_ms: float | None = None,
     ) -> Answer:
         """`aask`, blocking (not from inside a running event loop: use `await aask` there)."""
-        return self._blocking(self.aask(question, config, history=history, max_chunks=max_chunks))
+        return self._blocking(
+            self.aask(question, config, history=history, max_chunks=max_chunks, slo_ms=slo_ms)
+        )
 
-    async def abatch(
-        self, questions: Sequence[str], config: Config | None = None
-    ) -> list[Answer]:
+    async def abatch(self, questions: Sequence[str], config: Config | None = None) -> list[Answer]:
         """Several questions at once on the shared engine (it batches them); answers in
         question order. One failure fails the batch and cancels the rest."""
         if self._elsewhere():
@@ -398,10 +437,18 @@ class Controller:
     # -- the two paths --------------------------------------------------------------------------
 
     async def _ask_fixed(
-        self, q: str, config: Config, start: float, history: Sequence[Message]
+        self,
+        q: str,
+        config: Config,
+        start: float,
+        history: Sequence[Message],
+        tracked: Tracked | None = None,
     ) -> Answer:
         timings: dict[str, float] = {}
         chunks = await self._retrieve(q, config.num_chunks, timings)
+        if tracked is not None:
+            self.slo.enter(tracked, "queue")
+            self.slo.planned(tracked, config)
         kv = await self.engine.kv_state()
         sq = with_history(q, history)
         need = self._need_fn(self.synthesizer.sizer(sq, chunks), kv.block_size)(config)
@@ -414,10 +461,15 @@ class Controller:
         )
         # Reserved for the accounting of adaptive queries on the same engine; never waits.
         with self.admission.ledger.reserve(need):
-            return await self._synthesize(q, sq, chunks, decision, timings, start)
+            return await self._synthesize(q, sq, chunks, decision, timings, start, tracked)
 
     async def _ask_adaptive(
-        self, q: str, start: float, history: Sequence[Message], max_chunks: int | None
+        self,
+        q: str,
+        start: float,
+        history: Sequence[Message],
+        max_chunks: int | None,
+        tracked: Tracked | None = None,
     ) -> Answer:
         timings: dict[str, float] = {}
         k = self.rules.max_num_chunks
@@ -433,19 +485,32 @@ class Controller:
         t = time.perf_counter()
         choice = self._space_for(outcome, record=True)
         sq = with_history(q, history)
+        slo_budget = None
+        if tracked is not None:
+            self.slo.enter(tracked, "queue")
+            if tracked.slo_s is not None and self.slo.mitigation.config:
+                slo_budget = partial(self.slo.budget_s, tracked)
         decide = best_fit(
-            choice, self.synthesizer.sizer(sq, chunks), len(chunks), self.policy.kv_buffer_blocks
+            choice,
+            self.synthesizer.sizer(sq, chunks),
+            len(chunks),
+            self.policy.kv_buffer_blocks,
+            predict=self.slo.stats.predict_synthesis if slo_budget else None,
+            budget_s=slo_budget,  # type: ignore[arg-type]
         )
         timings["decide"] = time.perf_counter() - t
         admitted = await self.admission.admit(decide)
         timings["queue"] = admitted.queued_s
         plan = admitted.plan
+        if tracked is not None:
+            assert plan.config is not None
+            self.slo.planned(tracked, plan.config, plan.slo_action or "none")
         self.counters["fallback"] += plan.reason == "fallback"
         self.counters["queued"] += admitted.queued
         templates = {**self.synthesizer.template_versions, **self._profiler_templates()}
         decision = adaptive_decision(plan, admitted.kv, choice, outcome, templates, admitted.queued)
         with admitted.reservation:
-            answer = await self._synthesize(q, sq, chunks, decision, timings, start)
+            answer = await self._synthesize(q, sq, chunks, decision, timings, start, tracked)
         self._maybe_golden(q, chunks)
         return answer
 
@@ -453,8 +518,13 @@ class Controller:
 
     async def _retrieve(self, q: str, k: int, timings: dict[str, float]) -> list[Chunk]:
         t = time.perf_counter()
-        # Embedding and search are CPU work: keep the event loop free for other requests.
-        chunks = await asyncio.to_thread(self.retriever.search, q, k)
+        asearch = getattr(self.retriever, "asearch", None)
+        if asearch is not None:
+            # Batched with concurrent requests' embedding and search (`BatchingRetriever`).
+            chunks = await asearch(q, k)
+        else:
+            # Embedding and search are CPU work: keep the event loop free for other requests.
+            chunks = await asyncio.to_thread(self.retriever.search, q, k)
         timings["retrieve"] = time.perf_counter() - t
         return chunks
 
@@ -495,10 +565,11 @@ class Controller:
         decision: Decision,
         timings: dict[str, float],
         start: float,
+        tracked: Tracked | None = None,
     ) -> Answer:
         t = time.perf_counter()
         step = self.synthesizer.plan(decision.config, synthesis_question, chunks)
-        result, stages = await self.run_synthesis(step)
+        result, stages = await self.run_synthesis(step, tracked)
         timings["synthesis"] = time.perf_counter() - t
         for s in stages:
             timings[f"synthesis.{s.name}"] = s.seconds
@@ -515,13 +586,20 @@ class Controller:
         )
 
     async def run_synthesis(
-        self, step: Step | SynthesisResult
+        self, step: Step | SynthesisResult, tracked: Tracked | None = None
     ) -> tuple[SynthesisResult, tuple[StageRecord, ...]]:
-        """Run a method's steps on the engine, one stage after another."""
+        """Run a method's steps on the engine, one stage after another. With `tracked`, the
+        SLO loop times each stage and decides, just before it goes, each stage's priority."""
         stages: list[StageRecord] = []
         while isinstance(step, Step):
             t = time.perf_counter()
-            gens = await self.engine.generate(step.requests)
+            requests = step.requests
+            if tracked is not None:
+                self.slo.enter(tracked, step.name)
+                priority = self.slo.priority(tracked, len(requests))
+                if priority:
+                    requests = tuple(replace(r, priority=priority) for r in requests)
+            gens = await self.engine.generate(requests)
             stages.append(
                 StageRecord(
                     name=step.name,

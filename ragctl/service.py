@@ -1,6 +1,6 @@
-"""Opening ragctl from settings: one engine, one profiler, one admission queue and one rule set,
-shared by a controller per collection (the server's shape), or a single controller that owns
-its engine (the CLI's and the Python API's shape).
+"""Opening ragctl from settings: one engine, one profiler, one admission queue, one SLO tracker
+and one rule set, shared by a controller per collection (the server's shape), or a single
+controller that owns its engine (the CLI's and the Python API's shape).
 
 Order matters for error messages: the dataset and rules are checked before the engine starts
 (cheap, clear errors), and the index is opened last."""
@@ -16,7 +16,7 @@ from ragctl.engine import Engine, open_engine
 from ragctl.profiler import Profiler, open_profiler
 from ragctl.retrieval.collection import check_dataset, dataset_names
 from ragctl.rules import RuleSet, load_rules
-from ragctl.scheduler import AdmissionQueue, KVLedger
+from ragctl.scheduler import AdmissionQueue, KVLedger, SLOTracker
 from ragctl.settings import Settings
 
 Progress = Callable[[str, int, int], None]
@@ -30,14 +30,22 @@ def controller_for(
     rules: RuleSet,
     profiler: Profiler,
     admission: AdmissionQueue | None = None,
+    slo: SLOTracker | None = None,
     owns_engine: bool,
     progress: Progress | None = None,
 ) -> Controller:
-    """A controller of `collection` on `engine` (opens or builds its index: blocking work)."""
+    """A controller of `collection` on `engine` (opens or builds its index: blocking work).
+    Its retriever batches query embedding and search across concurrent requests as `settings`
+    say (batch 1 / wait 0: each request alone)."""
+    from ragctl.retrieval.batching import BatchingRetriever, apply_retrieval_threads
     from ragctl.retrieval.index import open_retriever
 
     card = check_dataset(settings.data_dir, collection)
-    retriever = open_retriever(settings, collection, engine.tokenizer, progress=progress)
+    # Once per collection opened: setting the same value again changes nothing.
+    apply_retrieval_threads(settings.retrieval_threads)
+    retriever = BatchingRetriever.from_settings(
+        open_retriever(settings, collection, engine.tokenizer, progress=progress), settings
+    )
     return Controller(
         engine,
         retriever,
@@ -48,6 +56,7 @@ def controller_for(
         profiler=profiler,
         policy=AdaptivePolicy.from_settings(settings),
         admission=admission,
+        slo=slo,
         owns_engine=owns_engine,
     )
 
@@ -85,9 +94,8 @@ class Service:
         self.profiler = profiler
         self.rules = rules
         self.policy = AdaptivePolicy.from_settings(settings)
-        self.admission = AdmissionQueue(
-            KVLedger(), engine.kv_state, maxsize=self.policy.queue_size
-        )
+        self.admission = AdmissionQueue(KVLedger(), engine.kv_state, maxsize=self.policy.queue_size)
+        self.slo = SLOTracker(self.policy.mitigation)
         self.controllers: dict[str, Controller] = {}
         self._opening: dict[str, asyncio.Task[Controller]] = {}
 
@@ -141,7 +149,7 @@ class Service:
     def _build(self, collection: str) -> Controller:
         return controller_for(
             self.settings, collection, self.engine, rules=self.rules, profiler=self.profiler,
-            admission=self.admission, owns_engine=False,
+            admission=self.admission, slo=self.slo, owns_engine=False,
         )  # fmt: skip
 
     def counters(self) -> dict[str, int]:

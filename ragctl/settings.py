@@ -118,6 +118,46 @@ class Settings(BaseSettings):
         "refuse a request when nothing fits).",
     )
 
+    slo_ms: int | None = Field(
+        None,
+        ge=1,
+        description="Latency SLO in ms for requests that carry none (server field `slo_ms`, "
+        "`aask(slo_ms=...)`). Unset: no SLO.",
+    )
+    collection_slo_ms: dict[str, int] = Field(
+        default_factory=dict,
+        description='Per-collection SLO defaults in ms, e.g. {"squad": 4000}; over `slo_ms`.',
+    )
+    slo_mitigation: str = Field(
+        "adaptive",
+        description="What the SLO loop may do for requests predicted to miss: off, patchwork "
+        "(engine priority + paused admissions), adaptive (patchwork + a cheaper configuration "
+        "at planning time), or a comma list of priority,pause,config.",
+    )
+    embed_batch_size: int = Field(
+        1, ge=1, description="Query embedding: most queries embedded in one batch."
+    )
+    embed_batch_wait_ms: float = Field(
+        0.0, ge=0.0, description="Query embedding: longest wait for a batch to fill."
+    )
+    search_batch_size: int = Field(
+        1, ge=1, description="FAISS search: most queries searched in one batch."
+    )
+    search_batch_wait_ms: float = Field(
+        0.0, ge=0.0, description="FAISS search: longest wait for a batch to fill."
+    )
+    retrieval_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for query embedding and FAISS search. Unset: the libraries' "
+        "defaults.",
+    )
+    max_num_seqs: int | None = Field(
+        None,
+        ge=1,
+        description="In-process engine: most sequences vLLM runs at once. Unset: vLLM's default.",
+    )
+
     def with_overrides(self, **overrides: object) -> Settings:
         """A copy with the given non-None fields replaced (CLI flags over env over defaults)."""
         given = {k: v for k, v in overrides.items() if v is not None}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 Method = Literal["map_rerank", "stuff", "map_reduce"]
@@ -194,6 +194,8 @@ class Plan:
     """Free blocks the engine showed."""
     reserved_blocks: int
     """Blocks in-flight plans have reserved that the engine does not show yet."""
+    slo_action: str = ""
+    """Set when the SLO loop changed the choice (see `scheduler.slo.choose_within_slo`)."""
 
     @property
     def available_blocks(self) -> int:
@@ -307,6 +309,30 @@ class SynthesisResult:
 
 
 @dataclass(frozen=True)
+class SLORecord:
+    """What the SLO loop did for one request (on its Decision)."""
+
+    slo_ms: float
+    mitigation: str
+    predicted_ms: float | None = None
+    """Synthesis time predicted at planning time for the chosen configuration."""
+    plan_action: str = "none"
+    """At planning: none, cheaper-config, below-profile (under the profile's minimum: nothing in
+    the pruned space was predicted to meet the SLO) or unmeetable (the fastest that fitted)."""
+    flagged: bool = False
+    """Predicted to miss while in flight."""
+    boosted_calls: int = 0
+    """Engine calls sent with a better priority because the request was flagged."""
+    paused_ms: float = 0.0
+    """Time this request waited at the admission gate for flagged requests."""
+    delay_ms: float | None = None
+    met: bool | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Decision:
     """Why this answer was produced the way it was."""
 
@@ -334,6 +360,8 @@ class Decision:
     """Blocks in-flight plans had reserved that the engine did not show yet."""
     queued: bool = False
     """Whether the request waited in the admission queue for KV memory."""
+    slo: SLORecord | None = None
+    """What the SLO loop did (None: the request had no SLO)."""
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -345,6 +373,11 @@ class Decision:
             out.append("profiler-error")
         if self.queued:
             out.append("queued")
+        if self.slo is not None:
+            if self.slo.plan_action != "none":
+                out.append(f"slo-{self.slo.plan_action}")
+            if self.slo.flagged:
+                out.append("slo-flagged")
         return tuple(out)
 
     def to_dict(self) -> dict[str, Any]:
@@ -370,6 +403,7 @@ class Decision:
             "need_blocks": self.need_blocks,
             "reserved_blocks": self.reserved_blocks,
             "queued": self.queued,
+            "slo": None if self.slo is None else self.slo.to_dict(),
             "templates": dict(self.templates),
         }
 

@@ -28,7 +28,10 @@ err = Console(stderr=True)
 
 RUN_FILE = "run.json"
 """What a run was asked to do (and AdaptiveRAG*'s calibration table): `--resume` checks it."""
-RESUME_KEYS = ("dataset", "systems", "limit", "calibration", "seed", "rates", "concurrency")
+RESUME_KEYS = (
+    "dataset", "systems", "limit", "calibration", "seed", "rates", "concurrency", "slo_ms",
+    "slo_mitigation", "plan",
+)  # fmt: skip
 
 
 @eval_app.command("ls")
@@ -71,24 +74,51 @@ def eval_run(
     seed: int = typer.Option(0, help="Query sample and arrival times."),
     out_dir: Path = typer.Option(..., "--out", help="Where results, samples and plots go."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --out."),
+    slo_ms: int | None = typer.Option(
+        None,
+        min=1,
+        help="Latency SLO of every query, ms (default: the settings').",
+    ),
+    slo_mitigation: str | None = typer.Option(
+        None,
+        help="off, patchwork, adaptive, or a comma list of priority,pause,config.",
+    ),
+    plan_file: Path | None = typer.Option(
+        None,
+        "--plan",
+        help="An allocation plan (`ragctl allocate`): its batch sizes, threads and engine "
+        "sequences apply, and its concurrency when neither --rate nor --concurrency is given.",
+    ),
 ) -> None:
     """Run the systems side by side on one engine and write results.json, samples.jsonl,
     summary.csv and plots to --out."""
     from ragctl.evaluation.systems import parse_systems
     from ragctl.retrieval.collection import check_dataset
+    from ragctl.scheduler.slo import Mitigation
 
-    settings: Settings = ctx.obj
+    settings: Settings = ctx.obj.with_overrides(slo_ms=slo_ms, slo_mitigation=slo_mitigation)
+    from ragctl.allocation.cli import load_plan_option
+
+    allocation = load_plan_option(plan_file, dataset)
+    if allocation is not None:
+        settings = allocation.apply(settings)
     check_dataset(settings.data_dir, dataset)
+    mitigation = Mitigation.parse(settings.slo_mitigation)
+    run_slo = settings.collection_slo_ms.get(dataset, settings.slo_ms)
     plan = parse_systems(systems)
     rates = _rates(rate)
     if rates and concurrency is not None:
         raise InvalidRequest("give --rate (open loop) or --concurrency (closed loop), not both")
     if not rates and concurrency is None:
-        concurrency = 4
+        concurrency = allocation.concurrency if allocation is not None else 4
     meta = {
         "dataset": dataset, "systems": systems, "limit": limit,
         "calibration": calibration if plan.needs_calibration else 0, "seed": seed,
         "rates": rates, "concurrency": concurrency,
+        "slo_ms": run_slo,
+        # Without an SLO the mitigation does nothing; None keeps older runs resumable.
+        "slo_mitigation": mitigation.label if run_slo else None,
+        "plan": None if allocation is None else allocation.settings_overrides(),
     }  # fmt: skip
     previous = _check_out_dir(out_dir, meta, resume)
     meta.update({
@@ -219,6 +249,7 @@ async def _run(settings: Settings, plan: Any, meta: dict[str, Any], out_dir: Pat
                     writer.close()
         finally:
             meta["counters"] = dict(controller.counters)
+            meta["slo"] = controller.slo.snapshot()
             _save_meta(out_dir, meta)
             await controller.aclose()
     _write_outputs(out_dir, meta)

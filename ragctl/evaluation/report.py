@@ -224,6 +224,36 @@ def system_summary(rows: Sequence[Row], primary: str | None) -> dict[str, Any]:
         "configs": configs,
         "top_config": next(iter(configs), None),
         "tokens": _token_means(answered),
+        "slo": slo_summary(rows),
+    }
+
+
+def slo_summary(rows: Sequence[Row]) -> dict[str, Any] | None:
+    """SLO figures of rows that carried an SLO (None when none did): attainment judged on the
+    client-side delay (arrival to answer; a failed request is a violation), and what the SLO
+    loop did, from each Decision's `slo` record."""
+    with_slo = [r for r in rows if _num(r.get("slo_ms")) is not None]
+    if not with_slo:
+        return None
+    met = [
+        r for r in with_slo
+        if not _failed(r) and float(r["delay_s"]) * 1000 <= float(r["slo_ms"])
+    ]  # fmt: skip
+    records = [(r.get("decision") or {}).get("slo") or {} for r in with_slo]
+    n = len(with_slo)
+    return {
+        "slo_ms": _mean([float(r["slo_ms"]) for r in with_slo]),
+        "requests": n,
+        "met": len(met),
+        "violations": n - len(met),
+        "violation_rate": (n - len(met)) / n,
+        "attainment": len(met) / n,
+        "flagged": sum(bool(x.get("flagged")) for x in records),
+        "boosted_calls": sum(int(x.get("boosted_calls") or 0) for x in records),
+        "paused_mean_ms": _mean([float(x.get("paused_ms") or 0.0) for x in records]),
+        "plan_actions": _histogram(
+            str(x["plan_action"]) for x in records if x.get("plan_action", "none") != "none"
+        ),
     }
 
 
@@ -824,6 +854,25 @@ def render_report(summary: Mapping[str, Any], console: Console) -> None:
             )
         for line in ratio_lines(entry.get("ratios") or ratios(entry)):
             console.print(f"  {line}", highlight=False, markup=False)
+        for line in slo_lines(entry):
+            console.print(f"  {line}", highlight=False, markup=False)
+
+
+def slo_lines(entry: Mapping[str, Any]) -> list[str]:
+    """One line per system that carried an SLO."""
+    lines = []
+    for name, s in (entry.get("systems") or {}).items():
+        slo = s.get("slo")
+        if not slo:
+            continue
+        actions = ", ".join(f"{k} {v}" for k, v in (slo.get("plan_actions") or {}).items())
+        lines.append(
+            f"SLO {name}: {slo['met']}/{slo['requests']} met within {slo['slo_ms']:.0f} ms "
+            f"(violations {slo['violation_rate']:.0%}), flagged {slo['flagged']}, boosted calls "
+            f"{slo['boosted_calls']}, paused {_f(slo.get('paused_mean_ms'), '.0f')} ms on "
+            f"average" + (f"; planning: {actions}" if actions else "")
+        )
+    return lines
 
 
 def report_dir(directory: str | Path, console: Console) -> dict[str, Any]:

@@ -146,6 +146,7 @@ class Runner:
             "delay_s": round(end - arrival, 4),
             "primary": metrics.primary_metric(self.card),
             "error": error,
+            "slo_ms": self.controller.policy.slo_for(self.card.name),
         }
         if answer is None:
             return {**row, "queue_s": None, "profile_s": profile_s, "config": None,

@@ -44,7 +44,7 @@ def _rank(need: int, config: Config) -> tuple[int, int, int, int]:
     )
 
 
-def _clip(space: ConfigSpace, max_chunks: int) -> ConfigSpace:
+def clip_space(space: ConfigSpace, max_chunks: int) -> ConfigSpace:
     """The space limited to the chunks retrieved: hi clipped to `max_chunks`; when even lo asks
     for more, the range collapses to exactly `max_chunks` (use everything there is)."""
     lo, hi = space.num_chunks
@@ -88,6 +88,7 @@ def choose(
     *,
     joint_reasoning: bool,
     max_chunks: int,
+    admissible: Callable[[Config], bool] | None = None,
 ) -> Plan:
     """The best-fit plan for one query.
 
@@ -103,6 +104,8 @@ def choose(
     (true of `config_need` over real call sizes: more chunks never make fewer tokens); each
     family is then binary-searched, so `need` runs O(log n) times per family, at most once per
     configuration, and on fallbacks only when the space does not fit.
+    `admissible` (optional) leaves out configurations before anything is sized (the SLO loop's
+    "predicted to meet the deadline"); it should, like `need`, be monotone in the chunk count.
     """
     if max_chunks < 1:
         raise InvalidRequest("retrieval returned no chunks to answer from")
@@ -135,17 +138,22 @@ def choose(
     def plan(config: Config | None, reason: str, need_blocks: int) -> Plan:
         return Plan(config, reason, need_blocks, kv.free_blocks, reserved)  # type: ignore[arg-type]
 
-    space = _clip(space, max_chunks)
+    space = clip_space(space, max_chunks)
     inside = space.configs()
+    outside = fallback_configs(space, joint_reasoning=joint_reasoning)
+    if admissible is not None:
+        inside = tuple(c for c in inside if admissible(c))
+        outside = tuple(c for c in outside if admissible(c))
     chosen = best(inside)
     if chosen is not None:
         return plan(chosen, "fit", needs[chosen])
-    outside = fallback_configs(space, joint_reasoning=joint_reasoning)
     chosen = best(outside)
     if chosen is not None:
         return plan(chosen, "fallback", needs[chosen])
     # Each family's smallest configuration is its cheapest.
     smallest = [family[0] for family in _families((*inside, *outside))]
+    if not smallest:  # nothing admissible at all
+        return plan(None, "wait", 0)
     return plan(None, "wait", min(need_of(c) for c in smallest))
 
 

@@ -211,7 +211,7 @@ def create_app(
 
             async def one(q: str) -> Answer:
                 return await controller.aask(
-                    q, config, history=history, max_chunks=opts.max_chunks
+                    q, config, history=history, max_chunks=opts.max_chunks, slo_ms=opts.slo_ms
                 )
 
             work = gather_or_cancel([one(q) for q in questions])
@@ -340,7 +340,9 @@ def create_app(
             kv = await asyncio.wait_for(s.engine.kv_state(), timeout=10)
         except (RagctlError, TimeoutError):
             kv = None  # the engine's gauges keep their last values
-        body = metrics.render(kv, s.admission.ledger.reserved, s.admission.waiting)
+        body = metrics.render(
+            kv, s.admission.ledger.reserved, s.admission.waiting, s.slo.snapshot()
+        )
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
@@ -412,7 +414,9 @@ def ragctl_field(answer: Answer, opts: RagctlOptions) -> dict[str, Any]:
     """The response's namespaced `ragctl` field: the Decision, chunks, tokens and timings."""
     d = answer.to_dict()
     d.pop("answer", None)
-    d["slo_ms"] = opts.slo_ms
+    slo = answer.decision.slo
+    # The SLO in force: the request's own, else the collection's default.
+    d["slo_ms"] = slo.slo_ms if slo is not None else opts.slo_ms
     return d
 
 

@@ -1,10 +1,14 @@
 """The server's Prometheus metrics (`GET /metrics`): `ragctl_` names, base units (seconds,
 blocks). Per-request figures are recorded from each Answer's Decision and timings; engine-side
-gauges (KV blocks, queue) are read when scraped."""
+gauges (KV blocks, queue) and the SLO loop's totals are read when scraped."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ragctl.types import Answer, KVState
 
@@ -13,9 +17,55 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 CHUNK_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 20, 25, 30)
 
 
+class SLOCollector:
+    """The SLO tracker's totals as of the last scrape (the tracker counts failed requests too,
+    which per-answer metrics never see)."""
+
+    def __init__(self) -> None:
+        self.snapshot: Mapping[str, Any] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snapshot
+        if not s:
+            return
+        requests = CounterMetricFamily(
+            "ragctl_slo_requests", "Requests that carried an SLO, by outcome.", labels=["outcome"]
+        )
+        requests.add_metric(["met"], s["met"])
+        requests.add_metric(["violated"], s["violated"])
+        yield requests
+        yield CounterMetricFamily(
+            "ragctl_slo_flagged", "Requests flagged as predicted to miss their SLO.",
+            value=s["flagged"],
+        )  # fmt: skip
+        actions = CounterMetricFamily(
+            "ragctl_slo_plan_actions",
+            "Requests planned with another configuration to meet their SLO.",
+            labels=["action"],
+        )
+        for action in ("cheaper-config", "below-profile", "unmeetable"):
+            actions.add_metric([action], s[action])
+        yield actions
+        yield CounterMetricFamily(
+            "ragctl_slo_paused_admission_seconds",
+            "Time new requests waited at the gate while flagged requests could be saved.",
+            value=s["paused_s"],
+        )
+        yield GaugeMetricFamily(
+            "ragctl_slo_attainment_ratio", "Met / requests with an SLO so far.",
+            value=s["attainment"] if s["attainment"] is not None else float("nan"),
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "ragctl_slo_flagged_inflight", "Flagged requests in flight now.",
+            value=s["flagged_inflight"],
+        )  # fmt: skip
+
+
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        self.slo = SLOCollector()
+        r.register(self.slo)
         self.requests = Counter(
             "ragctl_requests", "Requests by model and outcome (ok, invalid, rejected, "
             "cancelled, timeout, error).", ["model", "outcome"], registry=r,
@@ -78,7 +128,14 @@ class ServerMetrics:
     def outcome(self, model: str, outcome: str) -> None:
         self.requests.labels(model, outcome).inc()
 
-    def render(self, kv: KVState | None, reserved: int, waiting: int) -> bytes:
+    def render(
+        self,
+        kv: KVState | None,
+        reserved: int,
+        waiting: int,
+        slo: Mapping[str, Any] | None = None,
+    ) -> bytes:
+        self.slo.snapshot = slo
         if kv is not None:
             self.kv_total.set(kv.total_blocks)
             self.kv_free.set(kv.free_blocks)

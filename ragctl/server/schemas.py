@@ -73,7 +73,10 @@ class RagctlOptions(_Open):
         None, ge=1, le=MAX_CHUNKS, description="Adaptive: never use more chunks than this."
     )
     slo_ms: float | None = Field(
-        None, gt=0, description="Latency objective in ms (recorded with the request)."
+        None,
+        gt=0,
+        description="Latency SLO in ms: the SLO loop flags, prioritises and (model ragctl/auto) "
+        "plans a cheaper configuration to meet it; the response's ragctl.decision.slo says how.",
     )
     deadline_ms: float | None = Field(
         None, gt=0, description="Give up after this many ms: 504, and the engine calls stop."

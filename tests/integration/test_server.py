@@ -105,6 +105,9 @@ def test_fixed_model_and_ragctl_options_in_extra_body(client, questions) -> None
     extra = resp.model_extra["ragctl"]
     assert extra["config"] == "stuff:2" and extra["decision"]["reason"] == "fixed"
     assert len(extra["chunk_ids"]) <= 2 and extra["slo_ms"] == 5000
+    slo = extra["decision"]["slo"]  # the SLO loop's record (met or not on this busy machine)
+    assert slo["slo_ms"] == 5000 and slo["mitigation"] == "adaptive"
+    assert slo["met"] == (slo["delay_ms"] <= 5000)
     # The method can also be fixed on the adaptive model; max_chunks caps the adaptive path.
     resp = client.chat.completions.create(
         model="ragctl/auto",
@@ -235,6 +238,13 @@ def test_models_health_and_metrics(client, server) -> None:
         assert f"\n{name}" in text, name
     assert metric(server, "ragctl_requests_total", '{model="ragctl/stuff",outcome="ok"}') >= 1
     assert metric(server, "ragctl_kv_total_blocks") == health["kv_total_blocks"]
+    # The SLO loop's totals (one request above carried slo_ms).
+    outcomes = ('{outcome="met"}', '{outcome="violated"}')
+    slo_requests = sum(metric(server, "ragctl_slo_requests_total", o) for o in outcomes)
+    assert slo_requests >= 1
+    for name in ("ragctl_slo_flagged_total", "ragctl_slo_paused_admission_seconds_total",
+                 "ragctl_slo_attainment_ratio", "ragctl_slo_plan_actions_total"):  # fmt: skip
+        assert f"\n{name}" in text, name
 
 
 def test_langchain_chat_openai_against_the_server(server, questions) -> None:

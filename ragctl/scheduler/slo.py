@@ -1,0 +1,488 @@
+"""SLO tracking and mitigation: Patchwork's online loop, plus changing a request's configuration.
+
+- `StageStats` keeps running averages of stage seconds per (stage, configuration); from them
+  `predict_synthesis` estimates a configuration's synthesis time and `remaining_s` what an
+  in-flight request still needs. `BaselineEstimator` (one running average of synthesis time,
+  whatever the configuration) is what the predictor's error is measured against.
+- `choose_within_slo` (pure) is best-fit restricted to the configurations predicted to meet the
+  time left: the space's largest fitting one that meets it; else a cheaper one outside the space
+  (`below-profile`); else the fastest that fits (`unmeetable`). The Plan says which.
+- `SLOTracker` holds the in-flight requests of one engine. A request predicted to miss its
+  deadline is flagged (sticky): its later engine calls get a better vLLM priority, and new
+  requests wait at the gate while a flagged request can still make it (Patchwork pauses
+  admissions). `Mitigation` switches each mechanism on or off.
+
+Only `SLOTracker.gate` awaits; the clock is injected, so everything is testable without time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ragctl.errors import InvalidRequest
+from ragctl.scheduler.bestfit import choose, clip_space, fallback_configs, unshown_reserved
+from ragctl.types import Config, ConfigSpace, KVState, Plan, SLORecord
+
+MECHANISMS = ("priority", "pause", "config")
+MITIGATION_MODES: dict[str, frozenset[str]] = {
+    "off": frozenset(),
+    "patchwork": frozenset({"priority", "pause"}),
+    "adaptive": frozenset(MECHANISMS),
+}
+PRE_STAGE = "pre"
+"""Everything before synthesis: retrieval and profiling (concurrent) and the decision."""
+STAGES: dict[str, tuple[str, ...]] = {
+    "map_rerank": ("rerank",),
+    "stuff": ("answer",),
+    "map_reduce": ("map", "reduce"),
+}
+"""The synthesis stages of each method, in order (the names `synthesis.methods` gives them)."""
+FLAGGED_PRIORITY = -1
+"""vLLM priority of a flagged request's calls (lower runs first; everything else runs at 0)."""
+
+
+@dataclass(frozen=True)
+class Mitigation:
+    """Which SLO mechanisms are on."""
+
+    priority: bool = True
+    pause: bool = True
+    config: bool = True
+    max_pause_s: float = 2.0
+    """Longest a new request waits at the gate: a bound, so that a flagged request that the
+    pause cannot save does not stall admissions for long."""
+
+    @classmethod
+    def parse(cls, text: str) -> Mitigation:
+        """`off`, `patchwork`, `adaptive`, or a comma list of priority, pause, config."""
+        key = text.strip().lower()
+        if key in MITIGATION_MODES:
+            on = MITIGATION_MODES[key]
+        else:
+            on = frozenset(p.strip() for p in key.split(",") if p.strip())
+            unknown = sorted(on - set(MECHANISMS))
+            if unknown or not on:
+                raise InvalidRequest(
+                    f"unknown SLO mitigation {text!r}: use off, patchwork, adaptive or a comma "
+                    f"list of {', '.join(MECHANISMS)}"
+                )
+        return cls(priority="priority" in on, pause="pause" in on, config="config" in on)
+
+    @property
+    def label(self) -> str:
+        on = frozenset(m for m in MECHANISMS if getattr(self, m))
+        for name, mechanisms in MITIGATION_MODES.items():
+            if on == mechanisms:
+                return name
+        return ",".join(m for m in MECHANISMS if m in on)
+
+
+class RunningMean:
+    """Exponentially weighted mean: the first observation starts it, later ones move it by
+    `alpha` (recent load weighs more than old)."""
+
+    __slots__ = ("alpha", "value", "count")
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.value = 0.0
+        self.count = 0
+
+    def add(self, x: float) -> None:
+        self.value = x if self.count == 0 else self.value + self.alpha * (x - self.value)
+        self.count += 1
+
+
+class StageStats:
+    """Running averages of stage seconds per (stage, configuration label)."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self._means: dict[tuple[str, str], RunningMean] = {}
+
+    def observe(self, stage: str, label: str, seconds: float) -> None:
+        self._means.setdefault((stage, label), RunningMean(self.alpha)).add(seconds)
+
+    def mean(self, stage: str, label: str) -> float | None:
+        m = self._means.get((stage, label))
+        return m.value if m is not None and m.count else None
+
+    def stage_mean(self, stage: str, config: Config) -> float | None:
+        """Seconds `stage` takes with `config`: its own running mean; unseen, a line over the
+        chunk counts seen with the same method and summary budget (proportional when only one
+        was seen); None when nothing comparable ran yet."""
+        own = self.mean(stage, config.label)
+        if own is not None:
+            return own
+        points = []
+        for (s, label), m in self._means.items():
+            if s != stage or not m.count:
+                continue
+            other = Config.parse(label)
+            if (other.method, other.intermediate_length) == (
+                config.method,
+                config.intermediate_length,
+            ):
+                points.append((other.num_chunks, m.value))
+        if not points:
+            return None
+        if len({k for k, _ in points}) == 1:
+            k0 = points[0][0]
+            return float(np.mean([v for _, v in points])) * config.num_chunks / k0
+        ks, vs = np.array(points, dtype=float).T
+        slope, intercept = np.polyfit(ks, vs, 1)
+        # A line through noisy points may dip below zero for small k: never predict less
+        # than half the fastest seen.
+        return max(float(slope * config.num_chunks + intercept), float(vs.min()) / 2)
+
+    def predict_synthesis(self, config: Config) -> float | None:
+        """Seconds of all of `config`'s synthesis stages; None when any stage is unknown."""
+        total = 0.0
+        for stage in STAGES[config.method]:
+            s = self.stage_mean(stage, config)
+            if s is None:
+                return None
+            total += s
+        return total
+
+
+class BaselineEstimator:
+    """The configuration-blind estimate: one running mean of synthesis seconds."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self._mean = RunningMean(alpha)
+
+    def observe(self, seconds: float) -> None:
+        self._mean.add(seconds)
+
+    def predict(self) -> float | None:
+        return self._mean.value if self._mean.count else None
+
+
+@dataclass
+class PredictionErrors:
+    """Absolute errors of synthesis-time predictions made at planning time."""
+
+    n: int = 0
+    predictor_abs_s: float = 0.0
+    baseline_abs_s: float = 0.0
+    predictor_rel: float = 0.0
+    baseline_rel: float = 0.0
+
+    def add(self, actual: float, predicted: float, baseline: float) -> None:
+        self.n += 1
+        self.predictor_abs_s += abs(predicted - actual)
+        self.baseline_abs_s += abs(baseline - actual)
+        scale = max(actual, 1e-6)
+        self.predictor_rel += abs(predicted - actual) / scale
+        self.baseline_rel += abs(baseline - actual) / scale
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        n = self.n
+        return {
+            "n": n,
+            "predictor_mae_s": self.predictor_abs_s / n if n else None,
+            "baseline_mae_s": self.baseline_abs_s / n if n else None,
+            "predictor_mape": self.predictor_rel / n if n else None,
+            "baseline_mape": self.baseline_rel / n if n else None,
+        }
+
+
+def remaining_s(
+    stats: StageStats,
+    baseline: BaselineEstimator,
+    stage: str,
+    config: Config | None,
+    in_stage_s: float,
+) -> float | None:
+    """Seconds a request still needs: what its current stage is expected to take beyond the
+    `in_stage_s` already spent (at least 0), plus its later stages. Before planning (config
+    None) the synthesis part is the baseline's. None when something is unknown yet."""
+    if config is None:
+        pre = stats.mean(PRE_STAGE, "*") if stage == PRE_STAGE else 0.0
+        synth = baseline.predict()
+        if pre is None or synth is None:
+            return None
+        return max(pre - in_stage_s, 0.0) + synth
+    stages = STAGES[config.method]
+    if stage not in stages:  # planned, not yet synthesising (admission queue)
+        return stats.predict_synthesis(config)
+    left = 0.0
+    for i, s in enumerate(stages[stages.index(stage) :]):
+        expected = stats.stage_mean(s, config)
+        if expected is None:
+            return None
+        left += max(expected - in_stage_s, 0.0) if i == 0 else expected
+    return left
+
+
+# -- planning under an SLO (pure) ---------------------------------------------------------------
+
+
+def choose_within_slo(
+    space: ConfigSpace,
+    kv: KVState,
+    reserved_total: int,
+    need: Callable[[Config], int],
+    *,
+    joint_reasoning: bool,
+    max_chunks: int,
+    predict: Callable[[Config], float | None],
+    budget_s: float,
+) -> Plan:
+    """Best-fit that keeps the request's time budget.
+
+    1. best-fit over the space; if its choice is predicted to meet `budget_s` (or cannot be
+       predicted yet while some time is left), that is the plan (no `slo_action`).
+    2. else best-fit over the configurations predicted to meet it: the largest of the space
+       that fits (`cheaper-config`), else of the cheaper ones outside it (`below-profile`).
+    3. else, of everything that fits now, the one predicted fastest (`unmeetable`).
+    A `wait` plan stays a wait: when nothing fits, nothing faster fits either.
+    """
+    kwargs = {"joint_reasoning": joint_reasoning, "max_chunks": max_chunks}
+    base = choose(space, kv, reserved_total, need, **kwargs)
+    if base.config is None:
+        return base
+    predicted = predict(base.config)
+    if predicted is None and budget_s > 0:
+        return base  # time is left and nothing says this configuration would overrun it
+    if predicted is not None and predicted <= budget_s:
+        return base
+
+    def meets(c: Config) -> bool:
+        p = predict(c)
+        return p is not None and p <= budget_s
+
+    plan = choose(space, kv, reserved_total, need, admissible=meets, **kwargs)
+    if plan.config is not None:
+        action = "cheaper-config" if plan.reason == "fit" else "below-profile"
+        return dataclasses.replace(plan, slo_action=action)
+    available = kv.free_blocks - unshown_reserved(reserved_total, kv)
+    clipped = clip_space(space, max_chunks)
+    candidates = [
+        c
+        for c in (*clipped.configs(), *fallback_configs(clipped, joint_reasoning=joint_reasoning))
+        if need(c) <= available
+    ]
+    known = [(p, c) for c in candidates if (p := predict(c)) is not None]
+    if not known:
+        return base
+    _, fastest = min(known, key=lambda pc: (pc[0], pc[1].num_chunks))
+    return dataclasses.replace(
+        base, config=fastest, need_blocks=need(fastest), slo_action="unmeetable"
+    )
+
+
+# -- the online loop ----------------------------------------------------------------------------
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Tracked:
+    """One in-flight request as the tracker sees it."""
+
+    slo_s: float | None
+    arrival: float
+    id: int = field(default_factory=lambda: next(_ids))
+    stage: str = PRE_STAGE
+    stage_start: float = 0.0
+    config: Config | None = None
+    flagged: bool = False
+    boosted_calls: int = 0
+    paused_s: float = 0.0
+    predicted_s: float | None = None
+    baseline_s: float | None = None
+    plan_action: str = "none"
+    synthesis_start: float | None = None
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.slo_s is None else self.arrival + self.slo_s
+
+
+class SLOTracker:
+    """The in-flight requests of one engine, their predictions, flags and SLO counters."""
+
+    def __init__(
+        self,
+        mitigation: Mitigation | None = None,
+        *,
+        stats: StageStats | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        poll_s: float = 0.02,
+    ) -> None:
+        self.mitigation = mitigation or Mitigation()
+        self.stats = stats or StageStats()
+        self.baseline = BaselineEstimator(self.stats.alpha)
+        self.errors = PredictionErrors()
+        self.clock = clock
+        self.poll_s = poll_s
+        self.inflight: dict[int, Tracked] = {}
+        self.counters = {
+            "requests": 0,
+            "met": 0,
+            "violated": 0,
+            "flagged": 0,
+            "paused_requests": 0,
+            "cheaper-config": 0,
+            "below-profile": 0,
+            "unmeetable": 0,
+        }
+        self.paused_s = 0.0
+        """Total seconds requests waited at the gate."""
+        self._released = asyncio.Event()
+
+    # -- request lifecycle ----------------------------------------------------------------------
+
+    def start(self, slo_ms: float | None) -> Tracked:
+        now = self.clock()
+        t = Tracked(slo_s=None if slo_ms is None else slo_ms / 1000, arrival=now, stage_start=now)
+        self.inflight[t.id] = t
+        return t
+
+    def enter(self, t: Tracked, stage: str) -> None:
+        """`t` starts `stage`; the stage it leaves is recorded in the running averages."""
+        now = self.clock()
+        self._record(t, now)
+        t.stage, t.stage_start = stage, now
+        if (
+            stage in STAGES.get(t.config.method if t.config else "", ())
+            and t.synthesis_start is None
+        ):
+            t.synthesis_start = now
+
+    def planned(self, t: Tracked, config: Config, plan_action: str = "none") -> None:
+        """`t` was planned with `config`: its synthesis time is predicted now (and kept, to
+        measure the predictor's error when it finishes)."""
+        t.config = config
+        t.predicted_s = self.stats.predict_synthesis(config)
+        t.baseline_s = self.baseline.predict()
+        t.plan_action = plan_action
+        if plan_action in self.counters:
+            self.counters[plan_action] += 1
+
+    def budget_s(self, t: Tracked) -> float | None:
+        """Seconds left until `t`'s deadline (None without an SLO)."""
+        return None if t.deadline is None else t.deadline - self.clock()
+
+    def finish(self, t: Tracked, *, ok: bool) -> SLORecord | None:
+        """`t` is done (answered when `ok`); its record, None without an SLO. Failed requests
+        leave the averages alone and count as violations when they carried an SLO."""
+        now = self.clock()
+        self.inflight.pop(t.id, None)
+        if ok:
+            self._record(t, now)
+            if t.synthesis_start is not None:
+                actual = now - t.synthesis_start
+                self.baseline.observe(actual)
+                if t.predicted_s is not None and t.baseline_s is not None:
+                    self.errors.add(actual, t.predicted_s, t.baseline_s)
+        self._released.set()
+        if t.slo_s is None:
+            return None
+        delay = now - t.arrival
+        met = ok and delay <= t.slo_s
+        self.counters["requests"] += 1
+        self.counters["met" if met else "violated"] += 1
+        return SLORecord(
+            slo_ms=t.slo_s * 1000,
+            mitigation=self.mitigation.label,
+            predicted_ms=None if t.predicted_s is None else t.predicted_s * 1000,
+            plan_action=t.plan_action,
+            flagged=t.flagged,
+            boosted_calls=t.boosted_calls,
+            paused_ms=t.paused_s * 1000,
+            delay_ms=delay * 1000,
+            met=met,
+        )
+
+    def _record(self, t: Tracked, now: float) -> None:
+        seconds = now - t.stage_start
+        if t.stage == PRE_STAGE:
+            self.stats.observe(PRE_STAGE, "*", seconds)
+        elif t.config is not None and t.stage in STAGES[t.config.method]:
+            self.stats.observe(t.stage, t.config.label, seconds)
+
+    # -- flagging, priority, the gate -----------------------------------------------------------
+
+    def predicted_miss(self, t: Tracked, now: float) -> bool:
+        if t.deadline is None:
+            return False
+        if now > t.deadline:
+            return True
+        left = remaining_s(self.stats, self.baseline, t.stage, t.config, now - t.stage_start)
+        return left is not None and now + left > t.deadline
+
+    def check(self) -> int:
+        """Flag every in-flight request now predicted to miss; returns how many are flagged."""
+        now = self.clock()
+        for t in self.inflight.values():
+            if not t.flagged and self.predicted_miss(t, now):
+                t.flagged = True
+                self.counters["flagged"] += 1
+        return sum(t.flagged for t in self.inflight.values())
+
+    def priority(self, t: Tracked, calls: int) -> int:
+        """The engine priority for `t`'s next `calls` calls (checked just before they go)."""
+        self.check()
+        if t.flagged and self.mitigation.priority:
+            t.boosted_calls += calls
+            return FLAGGED_PRIORITY
+        return 0
+
+    def savable_flagged(self, exclude: Tracked | None = None) -> int:
+        """Flagged requests whose deadline has not passed yet (the ones a pause can help)."""
+        self.check()
+        now = self.clock()
+        return sum(
+            1
+            for t in self.inflight.values()
+            if t.flagged and t is not exclude and t.deadline is not None and now <= t.deadline
+        )
+
+    async def gate(self, t: Tracked) -> None:
+        """Pause a new request while a flagged one can still be saved (at most
+        `max_pause_s`)."""
+        if not self.mitigation.pause or not self.savable_flagged(exclude=t):
+            return
+        start = self.clock()
+        self.counters["paused_requests"] += 1
+        try:
+            while self.savable_flagged(exclude=t):
+                left = self.mitigation.max_pause_s - (self.clock() - start)
+                if left <= 0:
+                    break
+                self._released.clear()
+                try:
+                    async with asyncio.timeout(min(self.poll_s, left)):
+                        await self._released.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            waited = self.clock() - start
+            t.paused_s += waited
+            self.paused_s += waited
+            # The gate's wait is not part of the request's pre-synthesis stage.
+            t.stage_start = self.clock()
+
+    def snapshot(self) -> dict[str, object]:
+        c = self.counters
+        return {
+            "mitigation": self.mitigation.label,
+            **c,
+            "attainment": c["met"] / c["requests"] if c["requests"] else None,
+            "flagged_inflight": sum(t.flagged for t in self.inflight.values()),
+            "paused_s": self.paused_s,
+            "prediction": self.errors.to_dict(),
+        }

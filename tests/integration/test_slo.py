@@ -1,0 +1,106 @@
+"""The SLO loop on the real engine: stage times learned from real requests, a request planned
+within its deadline, flagged requests' calls sent with a better vLLM priority, new requests
+paused while a flagged one can still make it, and every mechanism switched off."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import pytest_asyncio
+
+from ragctl.controller import AdaptivePolicy, Controller
+from ragctl.retrieval.index import open_retriever
+from ragctl.scheduler.slo import Mitigation, SLOTracker
+from ragctl.types import Config
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+
+LONG = Config("map_reduce", 4, 40)
+SHORT = Config("stuff", 1)
+
+
+def make_controller(engine, settings, mitigation: str) -> Controller:
+    retriever = open_retriever(settings, "squad", engine.tokenizer)
+    policy = AdaptivePolicy(golden_every=0, mitigation=Mitigation.parse(mitigation))
+    return Controller(engine, retriever, answer_max_tokens=16, policy=policy)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def learned(local_engine, small_squad) -> Controller:
+    """A controller whose tracker has seen real stage times of two configurations."""
+    settings, queries = small_squad
+    ctl = make_controller(local_engine, settings, "adaptive")
+    # The engine's first calls are slow (warm-up); keep them out of the averages.
+    warm = ctl.synthesizer.plan(
+        SHORT, queries[0].question, ctl.retriever.search(queries[0].question, 1)
+    )
+    await ctl.run_synthesis(warm)
+    for q in queries[:2]:
+        for config in (SHORT, LONG):
+            await ctl.aask(q.question, config)
+    return ctl
+
+
+async def test_answers_carry_their_slo_record_and_stage_times_are_learned(
+    learned, small_squad
+) -> None:
+    stats = learned.slo.stats
+    assert stats.mean("answer", SHORT.label) > 0
+    assert stats.mean("map", LONG.label) > 0 and stats.mean("reduce", LONG.label) > 0
+    assert learned.slo.stats.predict_synthesis(LONG) > learned.slo.stats.predict_synthesis(SHORT)
+    before = dict(learned.slo.counters)
+    answer = await learned.aask(small_squad[1][2].question, SHORT, slo_ms=600_000)
+    rec = answer.decision.slo
+    assert rec is not None and rec.met and rec.slo_ms == 600_000 and rec.mitigation == "adaptive"
+    assert rec.plan_action == "none" and not rec.flagged and rec.boosted_calls == 0
+    assert rec.predicted_ms is not None and rec.predicted_ms > 0
+    assert answer.to_dict()["decision"]["slo"]["met"] is True
+    assert learned.slo.counters["met"] == before["met"] + 1
+    # Without an SLO there is no record.
+    assert (await learned.aask(small_squad[1][2].question, SHORT)).decision.slo is None
+    # The predictor's error is measured against the baseline as requests finish.
+    assert learned.slo.errors.n >= 3
+
+
+async def test_an_unmeetable_slo_gets_the_fastest_plan_and_boosted_calls(
+    learned, small_squad
+) -> None:
+    answer = await learned.aask(small_squad[1][3].question, slo_ms=1)
+    d = answer.decision
+    rec = d.slo
+    assert rec.plan_action == "unmeetable" and "slo-unmeetable" in d.flags
+    # The fastest configuration the predictor knew of that fitted: far cheaper than the
+    # rules' default space's largest, which the same query gets without an SLO.
+    assert d.config.num_chunks <= 2
+    assert rec.flagged and rec.boosted_calls >= 1  # vLLM accepted priority -1 calls
+    assert rec.met is False
+    unhurried = await learned.aask(small_squad[1][3].question)
+    assert unhurried.decision.config.num_chunks > d.config.num_chunks
+
+
+async def test_new_requests_pause_while_a_flagged_request_can_still_make_it(
+    learned, small_squad
+) -> None:
+    q = [x.question for x in small_squad[1]]
+    predicted_ms = learned.slo.stats.predict_synthesis(LONG) * 1000
+    # Half the predicted time: flagged at once, yet its deadline is still ahead.
+    slow = asyncio.ensure_future(learned.aask(q[4], LONG, slo_ms=predicted_ms / 2))
+    while not any(t.flagged for t in learned.slo.inflight.values()):
+        await asyncio.sleep(0.01)
+    newcomer = await learned.aask(q[5], SHORT, slo_ms=600_000)
+    slow_answer = await slow
+    assert slow_answer.decision.slo.flagged
+    assert newcomer.decision.slo.paused_ms > 0
+    assert learned.slo.paused_s > 0 and learned.slo.counters["paused_requests"] >= 1
+
+
+async def test_mitigation_off_flags_but_changes_nothing(local_engine, small_squad) -> None:
+    settings, queries = small_squad
+    ctl = make_controller(local_engine, settings, "off")
+    await ctl.aask(queries[0].question, SHORT)
+    answer = await ctl.aask(queries[1].question, slo_ms=1)
+    rec = answer.decision.slo
+    assert rec.mitigation == "off" and rec.plan_action == "none"
+    assert rec.flagged and rec.boosted_calls == 0 and rec.paused_ms == 0
+    assert isinstance(ctl.slo, SLOTracker) and ctl.slo.counters["violated"] == 1

@@ -1,0 +1,295 @@
+"""The SLO loop's policy: mitigation switches, the stage-time predictor (against the baseline),
+planning within a deadline, and the tracker's flags, priorities and gate (fake clock)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from ragctl.errors import InvalidRequest
+from ragctl.scheduler.slo import (
+    FLAGGED_PRIORITY,
+    BaselineEstimator,
+    Mitigation,
+    SLOTracker,
+    StageStats,
+    choose_within_slo,
+    remaining_s,
+)
+from ragctl.types import Config, ConfigSpace, KVState
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- mitigation switches ------------------------------------------------------------------------
+
+
+def test_mitigation_modes_and_lists() -> None:
+    assert Mitigation.parse("off") == Mitigation(priority=False, pause=False, config=False)
+    assert Mitigation.parse("patchwork") == Mitigation(priority=True, pause=True, config=False)
+    assert Mitigation.parse("ADAPTIVE") == Mitigation()
+    assert Mitigation.parse("pause, config") == Mitigation(priority=False)
+    assert Mitigation.parse("priority,pause").label == "patchwork"
+    assert Mitigation.parse("config").label == "config"
+    for bad in ("fast", "priority,teleport", ""):
+        with pytest.raises(InvalidRequest, match="unknown SLO mitigation"):
+            Mitigation.parse(bad)
+
+
+# -- predictor ----------------------------------------------------------------------------------
+
+
+def test_running_mean_starts_at_first_value_then_moves_by_alpha() -> None:
+    stats = StageStats(alpha=0.5)
+    assert stats.mean("answer", "stuff:3") is None
+    stats.observe("answer", "stuff:3", 2.0)
+    assert stats.mean("answer", "stuff:3") == 2.0
+    stats.observe("answer", "stuff:3", 4.0)
+    assert stats.mean("answer", "stuff:3") == 3.0
+    with pytest.raises(ValueError):
+        StageStats(alpha=0)
+
+
+def test_unseen_configuration_is_interpolated_within_its_family() -> None:
+    stats = StageStats()
+    stats.observe("answer", "stuff:2", 1.0)
+    # One point: proportional to the chunk count.
+    assert stats.stage_mean("answer", Config("stuff", 6)) == pytest.approx(3.0)
+    stats.observe("answer", "stuff:4", 1.5)
+    # Two points: the line through them (0.25 s per chunk + 0.5 s).
+    assert stats.stage_mean("answer", Config("stuff", 8)) == pytest.approx(2.5)
+    # Another method or summary budget is not comparable.
+    assert stats.stage_mean("answer", Config("map_rerank", 4)) is None
+    stats.observe("map", "map_reduce:4:50", 2.0)
+    assert stats.stage_mean("map", Config("map_reduce", 4, 100)) is None
+    assert stats.predict_synthesis(Config("map_reduce", 4, 50)) is None  # reduce unseen
+    stats.observe("reduce", "map_reduce:4:50", 1.0)
+    assert stats.predict_synthesis(Config("map_reduce", 4, 50)) == pytest.approx(3.0)
+
+
+def test_line_never_predicts_below_half_the_fastest_seen() -> None:
+    stats = StageStats()
+    stats.observe("answer", "stuff:5", 1.0)
+    stats.observe("answer", "stuff:6", 3.0)  # steep line: k=1 would be -7 s
+    assert stats.stage_mean("answer", Config("stuff", 1)) == pytest.approx(0.5)
+
+
+def test_remaining_time_of_an_in_flight_request() -> None:
+    stats, base = StageStats(), BaselineEstimator()
+    mr = Config("map_reduce", 4, 50)
+    assert remaining_s(stats, base, "pre", None, 0.0) is None  # nothing seen yet
+    stats.observe("pre", "*", 1.0)
+    base.observe(5.0)
+    assert remaining_s(stats, base, "pre", None, 0.4) == pytest.approx(0.6 + 5.0)
+    stats.observe("map", mr.label, 3.0)
+    stats.observe("reduce", mr.label, 2.0)
+    assert remaining_s(stats, base, "queue", mr, 10.0) == pytest.approx(5.0)
+    assert remaining_s(stats, base, "map", mr, 1.0) == pytest.approx(2.0 + 2.0)
+    assert remaining_s(stats, base, "map", mr, 9.0) == pytest.approx(0.0 + 2.0)  # overran
+    assert remaining_s(stats, base, "reduce", mr, 0.5) == pytest.approx(1.5)
+
+
+def test_predictor_beats_the_configuration_blind_baseline_on_a_mixed_workload() -> None:
+    clock = Clock()
+    tracker = SLOTracker(Mitigation.parse("off"), clock=clock)
+    small, large = Config("stuff", 2), Config("stuff", 8)
+    for i in range(20):
+        config, seconds = (small, 1.0) if i % 2 else (large, 4.0)
+        t = tracker.start(None)
+        tracker.enter(t, "queue")
+        tracker.planned(t, config)
+        tracker.enter(t, "answer")
+        clock.now += seconds
+        assert tracker.finish(t, ok=True) is None  # no SLO, no record
+    errors = tracker.errors.to_dict()
+    assert errors["n"] >= 15
+    assert errors["predictor_mae_s"] < 0.01  # each configuration's own mean is exact here
+    assert errors["baseline_mae_s"] > 1.0  # one mean for both is off by ~1.5 s
+    assert tracker.counters["requests"] == 0
+
+
+# -- planning within a deadline -----------------------------------------------------------------
+
+SPACE = ConfigSpace(("stuff",), (4, 8), source="test")
+KV = KVState(total_blocks=1000, free_blocks=1000, block_size=16)
+
+
+def need(c: Config) -> int:
+    return 10 * c.num_chunks
+
+
+def predict(c: Config) -> float | None:
+    return {"stuff": 0.5, "map_rerank": 0.2}[c.method] * c.num_chunks
+
+
+def plan(budget: float, kv: KVState = KV, joint: bool = True, space: ConfigSpace = SPACE):
+    return choose_within_slo(
+        space, kv, 0, need, joint_reasoning=joint, max_chunks=10, predict=predict, budget_s=budget
+    )
+
+
+def test_plan_keeps_best_fit_when_it_meets_the_deadline() -> None:
+    p = plan(10.0)
+    assert (p.config, p.reason, p.slo_action) == (Config("stuff", 8), "fit", "")
+
+
+def test_plan_takes_the_largest_configuration_of_the_space_that_meets_it() -> None:
+    p = plan(3.0)  # stuff:8 takes 4 s; stuff:6 takes 3 s
+    assert (p.config, p.reason, p.slo_action) == (Config("stuff", 6), "fit", "cheaper-config")
+    assert p.need_blocks == 60
+
+
+def test_plan_goes_below_the_profile_only_when_the_space_cannot_meet_it() -> None:
+    p = plan(1.6)  # the space's smallest (stuff:4) takes 2 s; stuff:3 outside it takes 1.5 s
+    assert (p.config, p.reason, p.slo_action) == (Config("stuff", 3), "fallback", "below-profile")
+
+
+def test_unmeetable_deadline_gets_the_fastest_configuration_that_fits() -> None:
+    p = plan(0.1)
+    assert (p.config, p.slo_action) == (Config("stuff", 1), "unmeetable")
+    # Memory still rules: with 25 free blocks the space's stuff:8 cannot fit, but stuff:2 can.
+    p = plan(0.1, kv=KVState(1000, 25, 16))
+    assert p.config == Config("stuff", 1)
+
+
+def test_wait_stays_a_wait_and_unknown_predictions_change_nothing() -> None:
+    p = plan(0.1, kv=KVState(1000, 5, 16))
+    assert p.reason == "wait" and p.config is None
+    unknown = choose_within_slo(
+        SPACE, KV, 0, need, joint_reasoning=True, max_chunks=10,
+        predict=lambda c: None, budget_s=0.0,
+    )  # fmt: skip
+    assert (unknown.config, unknown.slo_action) == (Config("stuff", 8), "")
+
+
+def test_past_the_deadline_an_unknown_best_fit_gives_way_to_the_fastest_known() -> None:
+    known = {Config("stuff", 2): 1.0, Config("stuff", 3): 1.5}
+    p = choose_within_slo(
+        SPACE, KV, 0, need, joint_reasoning=True, max_chunks=10,
+        predict=known.get, budget_s=-0.5,
+    )  # fmt: skip
+    assert (p.config, p.slo_action) == (Config("stuff", 2), "unmeetable")
+    # With time left, an unknown prediction changes nothing.
+    p = choose_within_slo(
+        SPACE, KV, 0, need, joint_reasoning=True, max_chunks=10,
+        predict=known.get, budget_s=0.5,
+    )  # fmt: skip
+    assert (p.config, p.slo_action) == (Config("stuff", 8), "")
+
+
+# -- the tracker --------------------------------------------------------------------------------
+
+
+def warm(tracker: SLOTracker, clock: Clock, config: Config, seconds: float, n: int = 3) -> None:
+    """Teach the tracker's averages: `n` requests of `config`, 0.1 s before synthesis."""
+    for _ in range(n):
+        t = tracker.start(None)
+        clock.now += 0.1
+        tracker.enter(t, "queue")
+        tracker.planned(t, config)
+        tracker.enter(t, "answer")
+        clock.now += seconds
+        tracker.finish(t, ok=True)
+
+
+def test_met_and_violated_requests_are_counted_with_their_record() -> None:
+    clock = Clock()
+    tracker = SLOTracker(Mitigation.parse("off"), clock=clock)
+    t = tracker.start(1000)
+    clock.now += 0.5
+    rec = tracker.finish(t, ok=True)
+    assert rec is not None and rec.met and rec.delay_ms == pytest.approx(500)
+    assert rec.mitigation == "off"
+    t = tracker.start(1000)
+    clock.now += 1.5
+    assert tracker.finish(t, ok=True).met is False
+    t = tracker.start(1000)
+    assert tracker.finish(t, ok=False).met is False  # a failure is a violation
+    snap = tracker.snapshot()
+    assert (snap["requests"], snap["met"], snap["violated"]) == (3, 1, 2)
+    assert snap["attainment"] == pytest.approx(1 / 3)
+    assert not tracker.inflight
+
+
+def test_a_request_predicted_to_miss_is_flagged_and_its_calls_boosted() -> None:
+    clock = Clock()
+    tracker = SLOTracker(Mitigation.parse("patchwork"), clock=clock)
+    stuff = Config("stuff", 4)
+    warm(tracker, clock, stuff, 2.0)
+    ok = tracker.start(5000)
+    late = tracker.start(1500)
+    for t in (ok, late):
+        tracker.enter(t, "queue")
+        tracker.planned(t, stuff)
+    # 2 s of synthesis left: fits 5 s, not 1.5 s.
+    assert tracker.priority(ok, 1) == 0
+    assert tracker.priority(late, 3) == FLAGGED_PRIORITY
+    assert late.flagged and not ok.flagged and late.boosted_calls == 3
+    assert tracker.counters["flagged"] == 1
+    rec = tracker.finish(late, ok=True)
+    assert rec.flagged and rec.boosted_calls == 3
+
+
+def test_priority_mechanism_off_flags_but_does_not_boost() -> None:
+    clock = Clock()
+    tracker = SLOTracker(Mitigation.parse("pause,config"), clock=clock)
+    t = tracker.start(100)
+    clock.now += 1  # past its deadline: certainly a miss
+    assert tracker.priority(t, 2) == 0 and t.flagged and t.boosted_calls == 0
+
+
+async def test_gate_pauses_new_requests_while_a_flagged_request_can_be_saved() -> None:
+    tracker = SLOTracker(Mitigation.parse("patchwork"))
+    stuff = Config("stuff", 4)
+    tracker.stats.observe("answer", stuff.label, 60.0)  # a long stage: predicted to miss
+    slow = tracker.start(30_000)
+    tracker.enter(slow, "queue")
+    tracker.planned(slow, stuff)
+    tracker.enter(slow, "answer")
+    assert tracker.check() == 1
+    newcomer = tracker.start(None)
+    gate = asyncio.create_task(tracker.gate(newcomer))
+    await asyncio.sleep(0.1)
+    assert not gate.done()  # paused
+    tracker.finish(slow, ok=True)
+    await asyncio.wait_for(gate, 1.0)
+    assert 0.05 < newcomer.paused_s < 1.0
+    assert tracker.counters["paused_requests"] == 1 and tracker.paused_s == newcomer.paused_s
+
+
+async def test_gate_does_not_pause_for_lost_requests_and_is_bounded() -> None:
+    tracker = SLOTracker(Mitigation(config=False, max_pause_s=0.1))
+    lost = tracker.start(1)  # 1 ms SLO: already past its deadline below
+    time.sleep(0.01)
+    assert tracker.check() == 1
+    t = tracker.start(None)
+    await tracker.gate(t)
+    assert t.paused_s == 0.0  # the pause cannot save it
+    tracker.finish(lost, ok=True)
+    tracker.stats.observe("answer", "stuff:4", 60.0)
+    slow = tracker.start(30_000)
+    tracker.enter(slow, "queue")
+    tracker.planned(slow, Config("stuff", 4))
+    start = time.monotonic()
+    await tracker.gate(tracker.start(None))
+    assert 0.09 < time.monotonic() - start < 1.0  # max_pause_s
+
+
+async def test_gate_off_without_the_pause_mechanism() -> None:
+    tracker = SLOTracker(Mitigation.parse("priority"))
+    tracker.stats.observe("answer", "stuff:4", 60.0)
+    slow = tracker.start(30_000)
+    tracker.enter(slow, "queue")
+    tracker.planned(slow, Config("stuff", 4))
+    t = tracker.start(None)
+    await asyncio.wait_for(tracker.gate(t), 0.05)
+    assert t.paused_s == 0.0
+    assert tracker.check() == 1  # flagged all the same (its calls would be boosted)
