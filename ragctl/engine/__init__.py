@@ -35,4 +35,5 @@ async def open_engine(settings: Settings) -> Engine:
         kv_cache_blocks=settings.kv_cache_blocks,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         timeout_s=settings.engine_timeout_s,
+        max_num_seqs=settings.max_num_seqs,
     )

@@ -67,8 +67,10 @@ class LocalEngine(Engine):
         kv_cache_blocks: int | None = None,
         gpu_memory_utilization: float = 0.9,
         timeout_s: float = 300.0,
+        max_num_seqs: int | None = None,
     ) -> LocalEngine:
-        """Load `model` (an HF folder or id) into a new engine; ~25-35 s on two CPU cores."""
+        """Load `model` (an HF folder or id) into a new engine; ~25-35 s on two CPU cores.
+        `max_num_seqs`: most sequences vLLM runs at once (None: vLLM's default)."""
         gib = kv_cache_gib
         if gib is None:
             gib = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or DEFAULT_KV_CACHE_GIB)
@@ -113,6 +115,10 @@ class LocalEngine(Engine):
         if kv_cache_blocks is not None:
             # Allocated as sized above, but only this many blocks are used.
             extra["num_gpu_blocks_override"] = kv_cache_blocks
+        if max_num_seqs is not None:
+            if max_num_seqs < 1:
+                raise InvalidRequest(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+            extra["max_num_seqs"] = max_num_seqs
         if not current_platform.is_cpu():
             if kv_cache_gib is not None:
                 extra["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))

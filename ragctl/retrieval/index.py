@@ -106,18 +106,40 @@ class Retriever:
         """`search` for several questions with one embedding call."""
         if k < 1:
             raise InvalidRequest(f"the number of chunks to retrieve must be >= 1, got {k}")
-        texts = [q.strip() for q in questions]
-        if any(not t for t in texts):
-            raise InvalidRequest("the question is empty")
-        if not texts:
+        vectors = self.embed_queries(questions)
+        if not len(vectors):
             return []
+        return self.search_vectors(vectors, k)
+
+    def embed_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """The query embeddings of `texts` (stripped; none may be empty), one row each, of the
+        index's dimension: the first half of `search_batch`."""
+        stripped = [t.strip() for t in texts]
+        if any(not t for t in stripped):
+            raise InvalidRequest("the question is empty")
+        if not stripped:
+            return np.zeros((0, self.index.d), dtype=np.float32)
         with self._lock:
-            vectors = self.embedder.embed_queries(texts)
-        if vectors.shape != (len(texts), self.index.d):
+            vectors = self.embedder.embed_queries(stripped)
+        if vectors.shape != (len(stripped), self.index.d):
             raise EmbeddingError(
                 f"{self.embedder.name} gave query embeddings of shape {vectors.shape}; the index "
-                f"expects ({len(texts)}, {self.index.d})"
+                f"expects ({len(stripped)}, {self.index.d})"
             )
+        return vectors
+
+    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Chunk]]:
+        """The `k` chunks nearest to each row of `vectors` (query embeddings from
+        `embed_queries`), best first, each with its `score`: the second half of `search_batch`.
+        """
+        if k < 1:
+            raise InvalidRequest(f"the number of chunks to retrieve must be >= 1, got {k}")
+        if vectors.ndim != 2 or vectors.shape[1] != self.index.d:
+            raise EmbeddingError(
+                f"query embeddings of shape {vectors.shape}; the index expects (n, {self.index.d})"
+            )
+        if not len(vectors):
+            return []
         scores, ids = self.index.search(
             np.ascontiguousarray(vectors, dtype=np.float32), min(k, len(self.chunks))
         )
