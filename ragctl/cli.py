@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from ragctl.allocation.cli import allocate, load_plan_option
 from ragctl.console import progress_bar, stage_progress
 from ragctl.errors import InvalidRequest, PromptTooLong, RagctlError, RuntimeFailure, UserError
 from ragctl.evaluation.cli import eval_app
@@ -40,6 +41,7 @@ model_app = typer.Typer(help="The serving model.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(rules_app, name="rules")
 app.add_typer(eval_app, name="eval")
+app.command("allocate")(allocate)
 
 out = Console()
 err = Console(stderr=True)
@@ -318,15 +320,27 @@ def serve(
         64, min=1, help="Requests answered at once; more get 429 with Retry-After."
     ),
     log_level: str = typer.Option("warning", help="uvicorn's log level."),
+    slo_ms: int | None = typer.Option(None, min=1, help=_help("slo_ms")),
+    slo_mitigation: str | None = typer.Option(None, help=_help("slo_mitigation")),
+    plan_file: Path | None = typer.Option(
+        None,
+        "--plan",
+        help="An allocation plan (`ragctl allocate`): batch sizes, threads, engine sequences.",
+    ),
 ) -> None:
     """OpenAI-compatible server: /v1/chat/completions, /v1/completions, /v1/models, /health,
     /metrics. Model `ragctl/auto` is adaptive; `ragctl/<method>` fixes the method."""
+    from ragctl.scheduler.slo import Mitigation
     from ragctl.server import ServerOptions
     from ragctl.server import serve as run_server
 
-    settings: Settings = ctx.obj
-    if engine_url:
-        settings = settings.with_overrides(engine_url=engine_url)
+    settings: Settings = ctx.obj.with_overrides(
+        engine_url=engine_url, slo_ms=slo_ms, slo_mitigation=slo_mitigation
+    )
+    Mitigation.parse(settings.slo_mitigation)  # a typo fails before the engine starts
+    allocation = load_plan_option(plan_file, dataset)
+    if allocation is not None:
+        settings = allocation.apply(settings)
     options = ServerOptions(dataset, api_key=api_key or None, max_inflight=max_inflight)
     where = settings.engine_url or "in-process"
     err.print(f"[dim]starting the engine ({where}) and opening {dataset}[/dim]")
@@ -662,8 +676,13 @@ def bench_load(
     with _status(f"{requests} requests at concurrency {concurrency} to {url}"):
         result = asyncio.run(
             chat_load(
-                url, qs, requests=requests, concurrency=concurrency, model=model,
-                api_key=api_key, timeout_s=timeout_s,
+                url,
+                qs,
+                requests=requests,
+                concurrency=concurrency,
+                model=model,
+                api_key=api_key,
+                timeout_s=timeout_s,
             )  # fmt: skip
         )
     d = result.to_dict()
