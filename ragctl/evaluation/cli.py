@@ -208,6 +208,7 @@ async def _run(settings: Settings, plan: Any, meta: dict[str, Any], out_dir: Pat
         )
         try:
             await controller.aask(test[0].question, Config("stuff", 1))  # warm-up, not counted
+            controller.slo.reset()  # nor are its stage times (the engine's first call is slow)
             runner = Runner(controller, card, meta.get("adaptiverag_table"))
             if plan.needs_calibration and runner.adaptiverag_table is None:
                 grid = plan.grid or DEFAULT_GRID

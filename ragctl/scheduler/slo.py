@@ -476,6 +476,15 @@ class SLOTracker:
             # The gate's wait is not part of the request's pre-synthesis stage.
             t.stage_start = self.clock()
 
+    def reset(self) -> None:
+        """Forget the averages, errors and counters (after a warm-up that must not count);
+        requests in flight stay tracked."""
+        self.stats = StageStats(self.stats.alpha)
+        self.baseline = BaselineEstimator(self.stats.alpha)
+        self.errors = PredictionErrors()
+        self.counters = dict.fromkeys(self.counters, 0)
+        self.paused_s = 0.0
+
     def snapshot(self) -> dict[str, object]:
         c = self.counters
         return {

@@ -43,7 +43,13 @@ def test_eval_run_interrupt_resume_report(
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        ragctl(run, settings, model_path), stdout=log, stderr=subprocess.STDOUT, env=env
+        ragctl(run, settings, model_path),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        # A test run started in the background (`make test &`) inherits SIGINT ignored; the
+        # child must see Ctrl-C as a user's terminal delivers it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     samples = out / "samples.jsonl"
     deadline = time.monotonic() + 600

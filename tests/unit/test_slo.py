@@ -293,3 +293,15 @@ async def test_gate_off_without_the_pause_mechanism() -> None:
     await asyncio.wait_for(tracker.gate(t), 0.05)
     assert t.paused_s == 0.0
     assert tracker.check() == 1  # flagged all the same (its calls would be boosted)
+
+
+def test_reset_forgets_averages_and_counters_but_not_requests_in_flight() -> None:
+    clock = Clock()
+    tracker = SLOTracker(clock=clock)
+    warm(tracker, clock, Config("stuff", 2), 1.0)
+    t = tracker.start(1000)
+    tracker.finish(tracker.start(1000), ok=True)
+    tracker.reset()
+    assert tracker.stats.predict_synthesis(Config("stuff", 2)) is None
+    assert tracker.counters["requests"] == 0 and tracker.errors.n == 0
+    assert tracker.inflight == {t.id: t}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The SLO benchmark of eval/RESULTS.md: measure ragctl's median delay unloaded, set the SLO to
+# twice that, then run three arrival rates (light, near capacity, overloaded) with the SLO loop
+# off, Patchwork-style (priority + paused admissions) and adaptive (+ configuration changes),
+# and print the violation rates and throughput side by side.
+#
+#   eval/slo_benchmark.sh [DATASET] [OUT]      (env: LIMIT, default 10 queries per rate)
+set -euo pipefail
+dataset=${1:-squad}
+out=${2:-eval/out/slo-$dataset}
+limit=${LIMIT:-10}
+ragctl=${RAGCTL:-ragctl}
+
+if [ ! -f "$out/unloaded/results.json" ]; then
+  $ragctl eval run --dataset "$dataset" --systems ragctl --limit "$limit" --concurrency 1 \
+    --out "$out/unloaded"
+fi
+read -r slo rates < <(python3 - "$out/unloaded/results.json" <<'EOF'
+import json, sys
+phase = next(iter(json.load(open(sys.argv[1]))["rates"].values()))
+p50 = phase["systems"]["ragctl"]["delay_p50_s"]
+# One query at a time takes p50 seconds: 1/p50 q/s is about what the engine sustains.
+capacity = 1 / p50
+print(round(2000 * p50), ",".join(f"{f * capacity:.4f}" for f in (0.3, 1.0, 2.0)))
+EOF
+)
+echo "SLO ${slo} ms (2x the unloaded median); rates ${rates} q/s"
+for mode in off patchwork adaptive; do
+  if [ ! -f "$out/$mode/results.json" ]; then
+    $ragctl eval run --dataset "$dataset" --systems ragctl --limit "$limit" --rate "$rates" \
+      --slo-ms "$slo" --slo-mitigation "$mode" --seed 1 --out "$out/$mode"
+  fi
+done
+python3 - "$out" <<'EOF'
+import json, sys
+from pathlib import Path
+
+root = Path(sys.argv[1])
+runs = {m: json.loads((root / m / "results.json").read_text()) for m in ("off", "patchwork", "adaptive")}
+print(f"{'rate q/s':>9} {'mitigation':>10} {'violations':>10} {'rate':>6} {'vs off':>7} "
+      f"{'q/s':>6} {'mean s':>7} {'p95 s':>6} {'flagged':>7} {'paused ms':>9} plan actions")
+for key in runs["off"]["rates"]:
+    base = runs["off"]["rates"][key]["systems"]["ragctl"]
+    for mode, res in runs.items():
+        s = res["rates"][key]["systems"]["ragctl"]
+        slo = s["slo"]
+        cut = 1 - slo["violations"] / base["slo"]["violations"] if base["slo"]["violations"] else 0.0
+        actions = ", ".join(f"{k} {v}" for k, v in slo["plan_actions"].items()) or "-"
+        print(f"{res['rates'][key]['rate']:>9.4f} {mode:>10} {slo['violations']:>4}/{slo['requests']:<5} "
+              f"{slo['violation_rate']:>6.0%} {cut:>+7.0%} {s['throughput_qps']:>6.3f} "
+              f"{s['delay_mean_s']:>7.2f} {s['delay_p95_s']:>6.2f} {slo['flagged']:>7} "
+              f"{slo['paused_mean_ms'] or 0:>9.0f} {actions}")
+for mode, res in runs.items():
+    pred = res["meta"]["slo"]["prediction"]
+    if pred["n"]:
+        print(f"{mode}: stage-time predictor MAE {pred['predictor_mae_s']:.2f} s "
+              f"(MAPE {pred['predictor_mape']:.0%}) vs baseline {pred['baseline_mae_s']:.2f} s "
+              f"({pred['baseline_mape']:.0%}) over {pred['n']} requests")
+EOF
