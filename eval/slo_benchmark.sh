@@ -21,7 +21,7 @@ phase = next(iter(json.load(open(sys.argv[1]))["rates"].values()))
 p50 = phase["systems"]["ragctl"]["delay_p50_s"]
 # One query at a time takes p50 seconds: 1/p50 q/s is about what the engine sustains.
 capacity = 1 / p50
-print(round(2000 * p50), ",".join(f"{f * capacity:.4f}" for f in (0.3, 1.0, 2.0)))
+print(round(2000 * p50), ",".join(f"{f * capacity:.4f}" for f in (0.5, 1.0, 2.0)))
 EOF
 )
 echo "SLO ${slo} ms (2x the unloaded median); rates ${rates} q/s"
