@@ -4,11 +4,13 @@
 # off, Patchwork-style (priority + paused admissions) and adaptive (+ configuration changes),
 # and print the violation rates and throughput side by side.
 #
-#   eval/slo_benchmark.sh [DATASET] [OUT]      (env: LIMIT, default 10 queries per rate)
+#   eval/slo_benchmark.sh [DATASET] [OUT]
+#   env: LIMIT (queries per rate, default 16); RATES (q/s, default: 0.5, 1 and 2 times 1/p50 of
+#   the unloaded run; the engine batches, so its real capacity is higher: measure and set them)
 set -euo pipefail
 dataset=${1:-squad}
 out=${2:-eval/out/slo-$dataset}
-limit=${LIMIT:-10}
+limit=${LIMIT:-16}
 ragctl=${RAGCTL:-ragctl}
 
 if [ ! -f "$out/unloaded/results.json" ]; then
@@ -24,6 +26,7 @@ capacity = 1 / p50
 print(round(2000 * p50), ",".join(f"{f * capacity:.4f}" for f in (0.5, 1.0, 2.0)))
 EOF
 )
+rates=${RATES:-$rates}
 echo "SLO ${slo} ms (2x the unloaded median); rates ${rates} q/s"
 for mode in off patchwork adaptive; do
   if [ ! -f "$out/$mode/results.json" ]; then
