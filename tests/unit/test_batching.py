@@ -5,11 +5,8 @@ others alone, stats), and `BatchingRetriever` over a small in-memory FAISS retri
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import re
 import threading
 import time
-from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -18,9 +15,9 @@ from ragctl.errors import InvalidRequest
 from ragctl.retrieval import batching
 from ragctl.retrieval.batching import Batcher, BatchingRetriever, apply_retrieval_threads
 from ragctl.retrieval.collection import load_card
-from ragctl.retrieval.embeddings import normalize
 from ragctl.retrieval.index import build_retriever
 from ragctl.types import Chunk
+from tests.unit.test_index import HashingEmbedder as IndexTestEmbedder
 
 
 class Fake:
@@ -178,20 +175,11 @@ def test_bad_bounds_are_refused() -> None:
 # --- BatchingRetriever over a small in-memory index ----------------------------------------------
 
 
-class HashingEmbedder:
-    """Bag of hashed words: deterministic and cheap."""
+class HashingEmbedder(IndexTestEmbedder):
+    """test_index's bag of hashed words, on fewer dimensions: more tied scores to batch over."""
 
     name = "test:hashing-32"
     dim = 32
-
-    def _embed(self, texts: Sequence[str]) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            for word in re.findall(r"\w+", text.lower()):
-                out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1
-        return normalize(out)
-
-    embed_documents = embed_queries = _embed
 
 
 WORDS = "super bowl denver broncos carolina panthers stadium santa clara levi halftime".split()
