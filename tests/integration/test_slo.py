@@ -86,8 +86,9 @@ async def test_new_requests_pause_while_a_flagged_request_can_still_make_it(
     predicted_ms = learned.slo.stats.predict_synthesis(LONG) * 1000
     # Half the predicted time: flagged at once, yet its deadline is still ahead.
     slow = asyncio.ensure_future(learned.aask(q[4], LONG, slo_ms=predicted_ms / 2))
-    while not any(t.flagged for t in learned.slo.inflight.values()):
-        await asyncio.sleep(0.01)
+    async with asyncio.timeout(120):  # a test that never sees the flag fails, not hangs
+        while not any(t.flagged for t in learned.slo.inflight.values()):
+            await asyncio.sleep(0.01)
     newcomer = await learned.aask(q[5], SHORT, slo_ms=600_000)
     slow_answer = await slow
     assert slow_answer.decision.slo.flagged
