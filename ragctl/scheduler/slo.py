@@ -23,6 +23,7 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -495,3 +496,63 @@ class SLOTracker:
             "paused_s": self.paused_s,
             "prediction": self.errors.to_dict(),
         }
+
+
+# -- one request's reports ----------------------------------------------------------------------
+
+
+class StageHooks:
+    """What the controller reports of one run, stage by stage; these do nothing (a run outside
+    any request, e.g. a golden feedback run). `RequestTrace` reports to the SLO tracker."""
+
+    async def gate(self) -> None:
+        """Wait at the admission gate while the tracker pauses new requests."""
+
+    def on_stage(self, stage: str) -> None:
+        """The run enters `stage` (`queue`, then each synthesis stage)."""
+
+    def on_plan(self, config: Config, action: str | None = None) -> None:
+        """The run was planned with `config` (`action`: the plan's `slo_action`)."""
+
+    def priority_for(self, calls: int) -> int:
+        """The engine priority of the next stage's `calls` calls."""
+        return 0
+
+    def planning(self) -> dict[str, Any]:
+        """Best-fit's SLO arguments (`predict`, `budget_s`) when it must keep a deadline."""
+        return {}
+
+    def finish(self, *, ok: bool) -> SLORecord | None:
+        """The run is over; its SLO record (None without an SLO)."""
+        return None
+
+
+class RequestTrace(StageHooks):
+    """One request as `tracker` sees it, from `start` (now) to `finish`."""
+
+    def __init__(self, tracker: SLOTracker, slo_ms: float | None) -> None:
+        self.tracker = tracker
+        self.tracked = tracker.start(slo_ms)
+
+    async def gate(self) -> None:
+        await self.tracker.gate(self.tracked)
+
+    def on_stage(self, stage: str) -> None:
+        self.tracker.enter(self.tracked, stage)
+
+    def on_plan(self, config: Config, action: str | None = None) -> None:
+        self.tracker.planned(self.tracked, config, action or "none")
+
+    def priority_for(self, calls: int) -> int:
+        return self.tracker.priority(self.tracked, calls)
+
+    def planning(self) -> dict[str, Any]:
+        if self.tracked.slo_s is None or not self.tracker.mitigation.config:
+            return {}
+        return {
+            "predict": self.tracker.stats.predict_synthesis,
+            "budget_s": lambda: self.tracker.budget_s(self.tracked),
+        }
+
+    def finish(self, *, ok: bool) -> SLORecord | None:
+        return self.tracker.finish(self.tracked, ok=ok)
