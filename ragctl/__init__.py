@@ -1,10 +1,11 @@
 """ragctl: a query-adaptive RAG controller in front of a vLLM engine.
 
 The data path is retrieve -> (profile -> rules) -> schedule -> synthesis -> engine; see
-`ragctl.controller` for the one place that awaits, and `ragctl.types` for the records it passes.
+`ragctl.controller` for the one place that awaits, `ragctl.policy` for what it decides, and
+`ragctl.types` for the records it passes.
 
     import ragctl
-    with ragctl.Controller.open("squad") as ctl:
+    with ragctl.open("squad") as ctl:
         print(ctl.ask("Where was Super Bowl 50 played?").text)
 """
 
@@ -13,16 +14,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Answer", "Config", "Controller", "Decision", "Message", "Settings"]
+__all__ = ["Answer", "Config", "Controller", "Decision", "Message", "Settings", "aopen", "open"]
 
 if TYPE_CHECKING:
     from ragctl.controller import Controller
+    from ragctl.service import aopen, open
     from ragctl.settings import Settings
     from ragctl.types import Answer, Config, Decision, Message
 
 _LAZY = {
     "Controller": "ragctl.controller",
     "Settings": "ragctl.settings",
+    "open": "ragctl.service",
+    "aopen": "ragctl.service",
     "Answer": "ragctl.types",
     "Config": "ragctl.types",
     "Decision": "ragctl.types",

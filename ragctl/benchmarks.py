@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ragctl.controller import Controller, adaptive_decision, best_fit, resolve_space
+from ragctl.controller import Controller
+from ragctl.policy import adaptive_decision, best_fit, resolve_space
 from ragctl.profiler import ProfileOutcome
 from ragctl.rules import RuleSet
 from ragctl.scheduler import KVLedger

@@ -1,6 +1,7 @@
 """Opening ragctl from settings: one engine, one profiler, one admission queue, one SLO tracker
 and one rule set, shared by a controller per collection (the server's shape), or a single
-controller that owns its engine (the CLI's and the Python API's shape).
+controller that owns its engine (the CLI's shape, and the Python API's: `ragctl.open` for
+blocking code, `ragctl.aopen` for async code).
 
 Order matters for error messages: the dataset and rules are checked before the engine starts
 (cheap, clear errors), and the index is opened last."""
@@ -11,13 +12,16 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from ragctl.controller import AdaptivePolicy, CollectionInfo, Controller
+from ragctl.bridge import Bridge
+from ragctl.controller import Controller
 from ragctl.engine import Engine, open_engine
+from ragctl.policy import AdaptivePolicy
 from ragctl.profiler import Profiler, open_profiler
 from ragctl.retrieval.collection import check_dataset, dataset_names
 from ragctl.rules import RuleSet, load_rules
 from ragctl.scheduler import AdmissionQueue, KVLedger, SLOTracker
 from ragctl.settings import Settings
+from ragctl.types import CollectionInfo
 
 Progress = Callable[[str, int, int], None]
 
@@ -33,6 +37,7 @@ def controller_for(
     slo: SLOTracker | None = None,
     owns_engine: bool,
     progress: Progress | None = None,
+    bridge: Bridge | None = None,
 ) -> Controller:
     """A controller of `collection` on `engine` (opens or builds its index: blocking work).
     Its retriever batches query embedding and search across concurrent requests as `settings`
@@ -58,13 +63,39 @@ def controller_for(
         admission=admission,
         slo=slo,
         owns_engine=owns_engine,
+        bridge=bridge,
     )
 
 
+def open(collection: str, settings: Settings | None = None, **overrides: Any) -> Controller:
+    """A controller of `collection` for blocking use, on the settings' defaults (plus
+    `overrides`, e.g. `model=...`, `engine_url=...`). Its engine runs on a private event
+    loop thread; `ask`, `batch`, `aask` and `abatch` all work. Close it with `close()` or
+    a `with` block."""
+    settings = (settings or Settings()).with_overrides(**overrides)
+    bridge = Bridge.private()
+    try:
+        return bridge.run(open_controller(settings, collection, bridge=bridge))
+    except BaseException:
+        bridge.close()
+        raise
+
+
+async def aopen(collection: str, settings: Settings | None = None, **overrides: Any) -> Controller:
+    """`open` for async code: the engine runs on the calling event loop."""
+    settings = (settings or Settings()).with_overrides(**overrides)
+    return await open_controller(settings, collection)
+
+
 async def open_controller(
-    settings: Settings, collection: str, *, progress: Progress | None = None
+    settings: Settings,
+    collection: str,
+    *,
+    progress: Progress | None = None,
+    bridge: Bridge | None = None,
 ) -> Controller:
-    """A controller of `collection` that owns its engine and profiler (closed by `aclose`)."""
+    """A controller of `collection` that owns its engine and profiler (closed by `aclose`);
+    `bridge`: the event loop it runs on, when it is a private one."""
     check_dataset(settings.data_dir, collection)
     rules = load_rules(settings.rules_file)
     engine = await open_engine(settings)
@@ -73,7 +104,7 @@ async def open_controller(
         profiler = await open_profiler(settings, engine)
         return controller_for(
             settings, collection, engine, rules=rules, profiler=profiler,
-            owns_engine=True, progress=progress,
+            owns_engine=True, progress=progress, bridge=bridge,
         )  # fmt: skip
     except BaseException:
         if profiler is not None:

@@ -449,3 +449,23 @@ class Answer:
             "confidence": self.synthesis.confidence if self.synthesis else None,
             "source_chunk_id": self.synthesis.source_chunk_id if self.synthesis else None,
         }
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """What the profiler is told about the collection a query runs against."""
+
+    name: str
+    metadata: str
+    """The dataset card's one-line description."""
+    chunk_tokens: int
+    """Chunk size in tokens of the serving model."""
+
+    @classmethod
+    def of(cls, retriever: Any) -> CollectionInfo:
+        """From a `retrieval.index.Retriever` (its dataset card); a generic description for a
+        retriever without one."""
+        card = getattr(retriever, "card", None)
+        if card is None:
+            return cls("default", "a document collection", 256)
+        return cls(card.name, card.metadata, card.chunking.size)

@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 import pytest_asyncio
 
-from ragctl.controller import AdaptivePolicy, Controller
+from ragctl.controller import Controller
+from ragctl.policy import AdaptivePolicy
 from ragctl.profiler import Profiler
 from ragctl.retrieval.index import open_retriever
 from ragctl.types import Config

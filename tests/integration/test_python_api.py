@@ -1,4 +1,4 @@
-"""The Python API as a user writes it: `ragctl.Controller.open(collection)` in blocking code,
+"""The Python API as a user writes it: `ragctl.open(collection)` in blocking code,
 `aask`/`abatch` from any event loop, and a controller built explicitly from parts."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def test_one_line_controller_blocking_and_async(
 ) -> None:
     settings, queries = small_squad
     qs = [q.question for q in queries]
-    with ragctl.Controller.open(
+    with ragctl.open(
         "squad", settings, model=model_path, kv_cache_gib=1, golden_every=0, answer_max_tokens=32
     ) as ctl:
         answer = ctl.ask(qs[0])
@@ -50,7 +50,7 @@ def test_one_line_controller_blocking_and_async(
         assert [a.question for a in got] == qs[2:5]
         assert ctl.ask(qs[0], Config("stuff", 1)).text == fixed[0].text  # greedy: same answer
     with pytest.raises(UnknownDataset):
-        ragctl.Controller.open("nope", settings, model=model_path)
+        ragctl.open("nope", settings, model=model_path)
 
 
 async def test_explicit_controller_from_parts(local_engine, small_squad) -> None:

@@ -9,7 +9,8 @@ import asyncio
 import pytest
 import pytest_asyncio
 
-from ragctl.controller import AdaptivePolicy, Controller
+from ragctl.controller import Controller
+from ragctl.policy import AdaptivePolicy
 from ragctl.retrieval.index import open_retriever
 from ragctl.scheduler.slo import Mitigation, SLOTracker
 from ragctl.types import Config

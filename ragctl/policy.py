@@ -1,0 +1,163 @@
+"""The adaptive path's decisions, pure: which space a query gets (its profile through the rules,
+else the collection's recent confident spaces, else the rules' default), the admission queue's
+best-fit `decide` over that space, the Decision record, and the question the synthesis prompts
+see. No engine and no awaiting here: `ragctl.controller` awaits, this decides."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ragctl.profiler import ProfileOutcome
+from ragctl.rules import RuleSet, default_space, evaluate, merge_spaces
+from ragctl.scheduler import NeedTable, choose
+from ragctl.scheduler.slo import Mitigation, choose_within_slo
+from ragctl.synthesis.methods import CallSizer
+from ragctl.types import Config, ConfigSpace, Decision, KVState, Message, Plan
+
+GOLDEN_CONFIG = Config("map_reduce", 30, 300)
+"""The most expensive configuration: what a query "should" have looked like (paper section 4.1)."""
+HISTORY_TURNS = 6
+"""Earlier messages of a conversation carried into the synthesis prompts (the latest ones)."""
+
+
+@dataclass(frozen=True)
+class AdaptivePolicy:
+    """The adaptive path's knobs (see `Settings` for what each means)."""
+
+    confidence_threshold: float = 0.9
+    history_size: int = 10
+    golden_every: int = 30
+    golden_config: Config = GOLDEN_CONFIG
+    kv_buffer_blocks: int = 1
+    queue_size: int = 256
+    slo_ms: float | None = None
+    """SLO of requests that carry none (None: no SLO)."""
+    collection_slo_ms: Mapping[str, float] = field(default_factory=dict)
+    """Per-collection SLO defaults, over `slo_ms`."""
+    mitigation: Mitigation = field(default_factory=Mitigation)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> AdaptivePolicy:
+        return cls(
+            confidence_threshold=settings.confidence_threshold,
+            history_size=settings.history_size,
+            golden_every=settings.golden_every,
+            kv_buffer_blocks=settings.kv_buffer_blocks,
+            queue_size=settings.queue_size,
+            slo_ms=settings.slo_ms,
+            collection_slo_ms=dict(settings.collection_slo_ms),
+            mitigation=Mitigation.parse(settings.slo_mitigation),
+        )
+
+    def slo_for(self, collection: str) -> float | None:
+        return self.collection_slo_ms.get(collection, self.slo_ms)
+
+    def golden_for(self, chunks: int) -> Config:
+        """The golden configuration, on at most the `chunks` retrieved."""
+        c = self.golden_config
+        return Config(c.method, min(c.num_chunks, chunks), c.intermediate_length)
+
+
+@dataclass(frozen=True)
+class SpaceChoice:
+    """The pruned space for one query, and whether the query's own profile produced it."""
+
+    space: ConfigSpace
+    profile_used: bool
+    note: str
+    """Why the profile was not used (empty when it was)."""
+    joint_reasoning: bool
+    """What the fallback assumes when nothing in the space fits."""
+
+
+def resolve_space(
+    outcome: ProfileOutcome,
+    rules: RuleSet,
+    history: Sequence[ConfigSpace],
+    threshold: float,
+) -> SpaceChoice:
+    """A confident profile goes through the rules; otherwise the collection's recent confident
+    spaces (merged), else the rules' conservative default."""
+    profile = outcome.profile
+    if profile is not None and profile.confidence is not None and profile.confidence >= threshold:
+        return SpaceChoice(evaluate(rules, profile), True, "", profile.joint_reasoning)
+    if profile is None:
+        note = f"profiler error: {outcome.error or 'no profile'}"
+    elif profile.confidence is None:
+        note = "low-confidence: no log-probs"
+    else:
+        note = f"low-confidence {profile.confidence:.2f} < {threshold:.2f}"
+    space = merge_spaces(list(history)) if history else default_space(rules)
+    # Joint reasoning unless the space only answers from single chunks.
+    joint = any(m != "map_rerank" for m in space.methods)
+    return SpaceChoice(space, False, note, joint)
+
+
+def outcome_counter(outcome: ProfileOutcome, choice: SpaceChoice) -> str:
+    """The counter a profiled query adds to besides `profiled`: `profile_used`,
+    `profiler_errors` or `low_confidence`."""
+    if choice.profile_used:
+        return "profile_used"
+    return "profiler_errors" if outcome.profile is None else "low_confidence"
+
+
+def best_fit(
+    choice: SpaceChoice,
+    sizer: CallSizer,
+    chunks: int,
+    buffer_blocks: int,
+    *,
+    predict: Callable[[Config], float | None] | None = None,
+    budget_s: Callable[[], float] | None = None,
+) -> Callable[[KVState, int], Plan]:
+    """The admission queue's `decide`: best-fit over the query's space, sized by `sizer`.
+    With `predict` and `budget_s` (the SLO loop's configuration mechanism), best-fit keeps
+    to the configurations predicted to finish within the time left when it decides."""
+
+    def decide(kv: KVState, reserved: int) -> Plan:
+        need = NeedTable(sizer, kv.block_size, buffer_blocks)
+        kwargs = {"joint_reasoning": choice.joint_reasoning, "max_chunks": chunks}
+        if predict is None or budget_s is None:
+            return choose(choice.space, kv, reserved, need, **kwargs)
+        return choose_within_slo(
+            choice.space, kv, reserved, need, predict=predict, budget_s=budget_s(), **kwargs
+        )
+
+    return decide
+
+
+def adaptive_decision(
+    plan: Plan,
+    kv: KVState,
+    choice: SpaceChoice,
+    outcome: ProfileOutcome,
+    templates: dict[str, str],
+    queued: bool,
+) -> Decision:
+    """The Decision record of an admitted adaptive query."""
+    assert plan.config is not None  # admitted plans are runnable
+    return Decision(
+        config=plan.config,
+        reason=plan.reason,
+        kv=kv,
+        templates=templates,
+        profile=outcome.profile,
+        profile_used=choice.profile_used,
+        profile_note=choice.note,
+        space=choice.space,
+        need_blocks=plan.need_blocks,
+        reserved_blocks=plan.reserved_blocks,
+        queued=queued,
+    )
+
+
+def with_history(question: str, history: Sequence[Message]) -> str:
+    """The question as the synthesis prompts see it: with the conversation's latest earlier
+    turns in front, so a follow-up ("and who founded it?") can be answered."""
+    turns = [m for m in history if m.content.strip()][-HISTORY_TURNS:]
+    if not turns:
+        return question
+    lines = [f"{m.role.capitalize()}: {' '.join(m.content.split())}" for m in turns]
+    return "(conversation so far)\n" + "\n".join(lines) + f"\n(current question) {question}"
