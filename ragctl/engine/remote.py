@@ -5,7 +5,8 @@ context length and tokenizer, the request body for each `GenerationRequest` (log
 structured output and priority through vLLM's extensions), and the mapping of HTTP and transport
 failures onto ragctl's error tree. KV state comes from `/metrics` (parsed by `metrics.py`) and
 lags the engine by up to one stats interval. An OpenAI-compatible server that is not vLLM has no
-such `/metrics`: connect with `kv_metrics=False` and the KV state reads as unknown (`UNKNOWN_KV`).
+such `/metrics`: connect with `kv_metrics=False` (or `None`, to find out) and the KV state reads
+as unknown (`UNKNOWN_KV`).
 """
 
 from __future__ import annotations
@@ -84,8 +85,12 @@ class RemoteEngine(Engine):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self._timeout_s = timeout_s
-        self.kv_metrics = kv_metrics
-        """Read the KV state from vLLM's `/metrics`; False for servers without it (`UNKNOWN_KV`)."""
+        self._kv_metrics = kv_metrics
+
+    @property
+    def has_kv_metrics(self) -> bool:
+        """Whether the KV state comes from vLLM's `/metrics` (else it is `UNKNOWN_KV`)."""
+        return self._kv_metrics
 
     @classmethod
     async def connect(
@@ -97,13 +102,15 @@ class RemoteEngine(Engine):
         api_key: str | None = None,
         timeout_s: float = 300.0,
         cache_dir: Path | None = None,
-        kv_metrics: bool = True,
+        kv_metrics: bool | None = True,
     ) -> RemoteEngine:
         """Find the served model (`model`, matched against the served names and then the served
         folders, else the first one served), its context length and its tokenizer.
 
         `kv_metrics=False`: the server is not vLLM (no `/metrics`); `kv_state` then reports
-        `UNKNOWN_KV` instead of failing, so configurations are chosen without memory limits."""
+        `UNKNOWN_KV` instead of failing, so configurations are chosen without memory limits.
+        `kv_metrics=None`: read `/metrics` once now and use it if the server has it (any
+        OpenAI-compatible server); `has_kv_metrics` says which."""
         root = server_root(base_url)
         client = make_client(root, api_key=api_key, timeout_s=timeout_s)
         try:
@@ -122,15 +129,33 @@ class RemoteEngine(Engine):
             await client.aclose()
             raise
         log.info("connected to %s: model %s, context %d", root, name, max_len)
-        return cls(
+        engine = cls(
             client,
             url=root,
             name=name,
             tokenizer=tok,
             max_model_len=max_len,
             timeout_s=timeout_s,
-            kv_metrics=kv_metrics,
+            kv_metrics=kv_metrics is not False,
         )
+        if kv_metrics is None:
+            await engine._probe_kv_metrics()
+        return engine
+
+    async def _probe_kv_metrics(self) -> None:
+        """Read `/metrics` once: without vLLM's figures there, the KV state is unknown from now
+        on. A server that cannot be reached fails the connection (closed)."""
+        try:
+            await self.kv_state()
+        except (EngineUnavailable, EngineTimeout):
+            await self.aclose()
+            raise
+        except EngineError as e:  # no /metrics, not vLLM's, or not readable with this key
+            log.info("%s: no vLLM KV metrics (%s); KV memory is treated as unknown", self.url, e)
+            self._kv_metrics = False
+        except BaseException:
+            await self.aclose()
+            raise
 
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         return await gather_or_cancel([self._one(r) for r in requests])
@@ -240,7 +265,7 @@ class RemoteEngine(Engine):
         return parse_metrics(resp.text, model_name=self.name)
 
     async def kv_state(self) -> KVState:
-        if not self.kv_metrics:
+        if not self._kv_metrics:
             return UNKNOWN_KV
         return kv_state_from_stats(await self.stats())
 

@@ -56,7 +56,10 @@ class CountingTokenizer:
 
 
 def mock_engine(
-    handler: Callable[[httpx.Request], httpx.Response], api_key: str | None = None
+    handler: Callable[[httpx.Request], httpx.Response],
+    api_key: str | None = None,
+    *,
+    kv_metrics: bool = True,
 ) -> RemoteEngine:
     root = "http://engine.test"
     return RemoteEngine(
@@ -66,6 +69,7 @@ def mock_engine(
         tokenizer=CountingTokenizer(),  # type: ignore[arg-type]
         max_model_len=100,
         timeout_s=5,
+        kv_metrics=kv_metrics,
     )
 
 
@@ -295,8 +299,8 @@ async def test_without_kv_metrics_memory_is_unknown() -> None:
         paths.append(request.url.path)
         return httpx.Response(404, text="Not Found")
 
-    async with mock_engine(handler) as eng:
-        eng.kv_metrics = False
+    async with mock_engine(handler, kv_metrics=False) as eng:
+        assert not eng.has_kv_metrics
         kv = await eng.kv_state()
     assert kv == remote.UNKNOWN_KV and kv.source == "unknown"
     assert kv.free_blocks == kv.total_blocks and kv.usage == 0.0
