@@ -1,8 +1,9 @@
 """ragctl inside a LangChain application.
 
-- `LangChainRetriever` makes any LangChain `BaseRetriever` (a vector store's `as_retriever()`,
-  BM25, an ensemble, ...) a ragctl retriever: `search(question, k)` runs it and turns its
-  `Document`s into `Chunk`s, remembering which Document each chunk came from.
+- `LangChainRetriever` (in `documents.py`, with the Document <-> Chunk conversions) makes any
+  LangChain `BaseRetriever` (a vector store's `as_retriever()`, BM25, an ensemble, ...) a ragctl
+  retriever: `search(question, k)` runs it and turns its `Document`s into `Chunk`s, remembering
+  which Document each chunk came from.
 - `RagctlRetrievalChain` is a LangChain `Runnable` with exactly the input and output of
   `create_retrieval_chain` (langchain_classic.chains), so the code that calls a retrieval chain
   does not change: `{"input": question, "chat_history"?: [...]}` in, `{..., "context":
@@ -36,41 +37,30 @@ app whose engine already runs on that loop), that loop is home: the async forms 
 directly and the blocking forms work from other threads (`await asyncio.to_thread(chain.invoke,
 ...)`), but not on the loop's own thread, which they would block forever (a clear error says so).
 
-Nothing but this module needs langchain-core; without it, importing this module raises
-`MissingDependency`.
+Nothing but this module (and `documents.py`, imported through it) needs langchain-core;
+without it, importing this module raises `MissingDependency`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import hashlib
-import logging
-import math
-import threading
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from ragctl.controller import AdaptivePolicy, CollectionInfo, Controller
+from ragctl.bridge import Bridge, running_loop
+from ragctl.controller import Controller
 from ragctl.engine.base import Engine, gather_or_cancel
-from ragctl.errors import (
-    EngineError,
-    EngineTimeout,
-    EngineUnavailable,
-    InvalidRequest,
-    MissingDependency,
-)
-from ragctl.runner import LoopThread
-from ragctl.types import Chunk, Config, Message
+from ragctl.engine.remote import RemoteEngine
+from ragctl.errors import InvalidRequest, MissingDependency
+from ragctl.policy import AdaptivePolicy
+from ragctl.types import Config, Message
 
 try:
     from langchain_core.callbacks import (
         AsyncCallbackManagerForChainRun,
         CallbackManagerForChainRun,
     )
-    from langchain_core.documents import Document
     from langchain_core.messages import (
         AIMessage,
         BaseMessage,
@@ -88,212 +78,34 @@ except ImportError as e:  # pragma: no cover - exercised by a test that hides la
         "pip install 'ragctl[langchain]' (or langchain-core)"
     ) from e
 
+from ragctl.integrations.documents import (  # noqa: E402 - after the check for langchain-core
+    CURRENT_CALL,
+    DEFAULT_CHUNK_TOKENS,
+    DEFAULT_METADATA,
+    DEFAULT_NAME,
+    LangChainRetriever,
+    RetrievalCall,
+    chunk_id_of,
+    chunk_to_document,
+    document_to_chunk,
+)
+
 __all__ = [
+    "DEFAULT_CHUNK_TOKENS",
     "ChainRequest",
     "LangChainRetriever",
     "RagctlRetrievalChain",
     "chunk_id_of",
+    "chunk_to_document",
     "document_to_chunk",
     "parse_input",
     "to_messages",
 ]
 
-log = logging.getLogger(__name__)
-
-DEFAULT_NAME = "langchain"
-DEFAULT_METADATA = "a document collection"
-DEFAULT_CHUNK_TOKENS = 256
-"""Chunk size the profiler is told before any document has been seen (and none was given)."""
-ESTIMATE_SAMPLE = 32
-"""Documents whose mean token count is the collection's estimated chunk size."""
-KEEP_DOCUMENTS = 4096
-"""Chunk id -> Document entries a `LangChainRetriever` keeps beyond the calls in flight."""
 OUTPUT_KEYS = ("context", "answer", "decision")
 """What the chain adds to its input (input keys of these names are replaced)."""
 
 LoopChoice = Literal["auto", "private"] | asyncio.AbstractEventLoop
-
-
-class TokenCounter(Protocol):
-    """What the adapter needs of a tokenizer (`ragctl.engine.tokenizer.Tokenizer` has it)."""
-
-    def count(self, text: str) -> int: ...
-
-
-# --- Documents <-> Chunks ---------------------------------------------------------------------
-
-
-def chunk_id_of(doc: Document) -> str:
-    """A Document's chunk id: `metadata["id"]`, else the Document's own `id` (vector stores
-    set it), else a stable hash of its text (the same text gives the same id in every process)."""
-    for value in (doc.metadata.get("id"), doc.id):
-        if value is not None and str(value).strip():
-            return str(value)
-    return "lc-" + hashlib.sha1(doc.page_content.encode("utf-8")).hexdigest()[:16]
-
-
-def _score(metadata: Mapping[str, Any]) -> float | None:
-    for key in ("score", "relevance_score"):
-        value = metadata.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            value = float(value)
-            return value if math.isfinite(value) else None
-    return None
-
-
-def document_to_chunk(doc: Document, n_tokens: int, chunk_id: str | None = None) -> Chunk:
-    """The ragctl Chunk of a LangChain Document: doc_id from metadata `doc_id`, else `source`,
-    else the chunk id; title from `title`; score from `score` (or `relevance_score`)."""
-    cid = chunk_id or chunk_id_of(doc)
-    meta = doc.metadata
-    doc_id = next(
-        (str(meta[k]) for k in ("doc_id", "source") if meta.get(k) not in (None, "")), cid
-    )
-    title = meta.get("title")
-    return Chunk(
-        id=cid,
-        doc_id=doc_id,
-        text=doc.page_content,
-        title=str(title) if title is not None else "",
-        n_tokens=n_tokens,
-        score=_score(meta),
-    )
-
-
-@dataclass
-class _Call:
-    """One chain call's state, seen by the retriever through a context variable: the
-    LangChain config (so the retriever's run nests under the chain's) and the Documents it
-    returned (so `context` gives back exactly those objects, whatever else runs at once)."""
-
-    config: RunnableConfig | None = None
-    documents: dict[str, Document] = field(default_factory=dict)
-
-
-_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
-    "ragctl_langchain_call", default=None
-)
-
-
-class LangChainRetriever:
-    """ragctl's `Retriever` protocol over any LangChain `BaseRetriever`.
-
-    `search(question, k)` invokes the LangChain retriever and returns the first `k` of its
-    documents as Chunks (documents with no text and repeats of an id are left out). The
-    retriever chooses how many documents it returns (its own k); ragctl only ever uses a
-    prefix of them.
-
-    `tokenizer`: the serving model's (`engine.tokenizer`), so chunk sizes are counted in the
-    tokens the engine sees. `name`/`metadata`/`chunk_tokens` describe the collection to the
-    profiler (`collection`); `chunk_tokens` left out is estimated as the mean size of the first
-    documents retrieved (`DEFAULT_CHUNK_TOKENS` until then)."""
-
-    def __init__(
-        self,
-        retriever: BaseRetriever,
-        tokenizer: TokenCounter,
-        *,
-        name: str = DEFAULT_NAME,
-        metadata: str = DEFAULT_METADATA,
-        chunk_tokens: int | None = None,
-        keep_documents: int = KEEP_DOCUMENTS,
-    ) -> None:
-        if not isinstance(retriever, BaseRetriever):
-            raise InvalidRequest(
-                f"expected a LangChain BaseRetriever (e.g. vectorstore.as_retriever()), got "
-                f"{type(retriever).__name__}"
-            )
-        if chunk_tokens is not None and chunk_tokens < 1:
-            raise InvalidRequest(f"chunk_tokens must be at least 1, got {chunk_tokens}")
-        self.retriever = retriever
-        self.tokenizer = tokenizer
-        self.name = name
-        self.metadata = metadata
-        self._chunk_tokens = chunk_tokens
-        self._keep = keep_documents
-        self._sample: list[int] = []
-        self._documents: OrderedDict[str, Document] = OrderedDict()
-        self._lock = threading.Lock()  # search runs in worker threads, several at once
-
-    @property
-    def chunk_tokens(self) -> int:
-        """The chunk size given, else the mean of the first documents seen, else the default."""
-        if self._chunk_tokens is not None:
-            return self._chunk_tokens
-        with self._lock:
-            sample = list(self._sample)
-        return max(1, round(sum(sample) / len(sample))) if sample else DEFAULT_CHUNK_TOKENS
-
-    @property
-    def collection(self) -> CollectionInfo:
-        """What the profiler is told about this collection."""
-        return CollectionInfo(self.name, self.metadata, self.chunk_tokens)
-
-    def search(self, question: str, k: int) -> list[Chunk]:
-        call = _CALL.get()
-        docs = self.retriever.invoke(question, config=call.config if call else None)
-        pairs = self._convert(docs, k)
-        if call is not None:
-            call.documents.update((c.id, d) for c, d in pairs)
-        return [c for c, _ in pairs]
-
-    def to_chunks(self, documents: Iterable[Document], k: int | None = None) -> list[Chunk]:
-        """The Chunks of `documents` (the first `k`), remembered for `document`."""
-        return [c for c, _ in self._convert(documents, k)]
-
-    def document(self, chunk: Chunk) -> Document:
-        """The Document a chunk came from (the retriever's own object) while it is remembered;
-        else a new Document with the chunk's text and ids."""
-        with self._lock:
-            doc = self._documents.get(chunk.id)
-        if doc is not None:
-            return doc
-        meta: dict[str, Any] = {"id": chunk.id, "doc_id": chunk.doc_id}
-        if chunk.title:
-            meta["title"] = chunk.title
-        return Document(page_content=chunk.text, metadata=meta)
-
-    def _convert(
-        self, documents: Iterable[Document], k: int | None
-    ) -> list[tuple[Chunk, Document]]:
-        picked: list[tuple[str, Document]] = []
-        seen: set[str] = set()
-        for doc in documents:
-            if k is not None and len(picked) >= k:
-                break
-            if not isinstance(doc, Document):
-                raise InvalidRequest(
-                    f"the LangChain retriever returned a {type(doc).__name__}, not a Document"
-                )
-            if not doc.page_content.strip():
-                continue
-            cid = chunk_id_of(doc)
-            if cid in seen:
-                continue
-            seen.add(cid)
-            picked.append((cid, doc))
-        counts = _count_tokens(self.tokenizer, [d.page_content for _, d in picked])
-        pairs = [
-            (document_to_chunk(doc, n, cid), doc)
-            for (cid, doc), n in zip(picked, counts, strict=True)
-        ]
-        with self._lock:
-            for chunk, doc in pairs:
-                self._documents[chunk.id] = doc
-                self._documents.move_to_end(chunk.id)
-            while len(self._documents) > self._keep:
-                self._documents.popitem(last=False)
-            room = ESTIMATE_SAMPLE - len(self._sample)
-            if room > 0:
-                self._sample.extend(c.n_tokens for c, _ in pairs[:room])
-        return pairs
-
-
-def _count_tokens(tokenizer: Any, texts: list[str]) -> list[int]:
-    count_many = getattr(tokenizer, "count_many", None)
-    if count_many is not None:
-        return list(count_many(texts))
-    return [tokenizer.count(t) for t in texts]
 
 
 # --- the chain's input ------------------------------------------------------------------------
@@ -425,118 +237,21 @@ def _passthrough(input: Mapping[str, Any]) -> dict[str, Any]:
 
 # --- the event loop the engine runs on --------------------------------------------------------
 
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+BLOCKING_HINT = (
+    "use ainvoke/abatch/astream here, or the blocking form (invoke/batch/stream) from another "
+    "thread"
+)
 
 
-class _Home:
-    """The event loop the chain's engine runs on, and hand-offs to it from other threads and
-    loops (a private one on a daemon thread, or a loop the caller's engine already runs on)."""
-
-    def __init__(self, loop: LoopChoice) -> None:
-        self._thread: LoopThread | None = None
-        if loop == "private" or (loop == "auto" and _running_loop() is None):
-            self._thread = LoopThread("ragctl-langchain")
-            self.loop = self._thread.loop
-        elif loop == "auto":
-            self.loop = asyncio.get_running_loop()
-        elif isinstance(loop, asyncio.AbstractEventLoop):
-            self.loop = loop
-        else:
-            raise InvalidRequest(f"loop must be 'auto', 'private' or an event loop, got {loop!r}")
-
-    @property
-    def private(self) -> bool:
-        return self._thread is not None
-
-    def is_current(self) -> bool:
-        return _running_loop() is self.loop
-
-    def _check(self) -> None:
-        # A private loop may not have started running yet; it only stops when the chain closes.
-        if self.loop.is_closed() or (self._thread is None and not self.loop.is_running()):
-            raise InvalidRequest(
-                "the event loop this chain's engine runs on is not running any more; build "
-                "the chain where it will be used (or with loop='private')"
-            )
-
-    def run(self, coro: Any) -> Any:
-        """Run `coro` on the home loop and wait for it (blocking)."""
-        if self.is_current():
-            coro.close()
-            raise InvalidRequest(
-                "a blocking call (invoke/batch/stream) was made on the event loop this chain's "
-                "engine runs on, which it would block forever; use ainvoke/abatch/astream here, "
-                "or the blocking form from another thread"
-            )
-        try:
-            self._check()
-        except BaseException:
-            coro.close()
-            raise
-        if self._thread is not None:
-            return self._thread.run(coro)
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()
-            raise
-
-    async def arun(self, coro: Any) -> Any:
-        """Await `coro` on the home loop (directly when already on it)."""
-        if self.is_current():
-            return await coro
-        try:
-            self._check()
-        except BaseException:
-            coro.close()
-            raise
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._thread.stop()
-
-
-async def _connect(
-    base_url: str,
-    *,
-    model: str | None,
-    api_key: str | None,
-    tokenizer: str | None,
-    timeout_s: float,
-    kv_metrics: bool | None,
-) -> Engine:
-    """A RemoteEngine to an OpenAI-compatible endpoint. `kv_metrics=None`: use vLLM's
-    `/metrics` when the server has it, else run without KV figures (any other server)."""
-    from ragctl.engine.remote import RemoteEngine
-
-    engine = await RemoteEngine.connect(
-        base_url,
-        model=model,
-        tokenizer=tokenizer,
-        api_key=api_key,
-        timeout_s=timeout_s,
-        kv_metrics=kv_metrics is not False,
-    )
-    if kv_metrics is None:
-        try:
-            await engine.kv_state()
-        except (EngineUnavailable, EngineTimeout):
-            await engine.aclose()
-            raise
-        except EngineError as e:  # no /metrics, not vLLM's, or not readable with this key
-            log.info("%s: no vLLM KV metrics (%s); KV memory is treated as unknown", base_url, e)
-            engine.kv_metrics = False  # type: ignore[attr-defined]
-        except BaseException:
-            await engine.aclose()
-            raise
-    return engine
+def _bridge(loop: LoopChoice) -> Bridge:
+    """The chain's home loop: see the module's notes on event loops."""
+    if loop == "private" or (loop == "auto" and running_loop() is None):
+        return Bridge.private(hint=BLOCKING_HINT)
+    if loop == "auto":
+        return Bridge(asyncio.get_running_loop(), hint=BLOCKING_HINT)
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        return Bridge(loop, hint=BLOCKING_HINT)
+    raise InvalidRequest(f"loop must be 'auto', 'private' or an event loop, got {loop!r}")
 
 
 # --- the chain --------------------------------------------------------------------------------
@@ -593,20 +308,20 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
                     "with base_url the chain connects on a private loop; inside a running loop "
                     "use `await RagctlRetrievalChain.afrom_openai(...)`"
                 )
-            home = _Home("private")
+            bridge = _bridge("private")
             try:
-                engine = home.run(
-                    _connect(
+                engine = bridge.run(
+                    RemoteEngine.connect(
                         base_url, model=model, api_key=api_key, tokenizer=tokenizer,
                         timeout_s=timeout_s, kv_metrics=kv_metrics,
                     )
                 )  # fmt: skip
             except BaseException:
-                home.stop()
+                bridge.close()
                 raise
             owns_engine = True if owns_engine is None else owns_engine
         else:
-            home = _Home(loop)
+            bridge = _bridge(loop)
             owns_engine = False if owns_engine is None else owns_engine
         assert engine is not None
         try:
@@ -631,15 +346,16 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
                 profiler=profiler,
                 policy=policy,
                 owns_engine=owns_engine,
+                bridge=bridge,
             )
         except BaseException:
             if base_url is not None:
-                home.run(engine.aclose())
-                home.stop()
+                bridge.run(engine.aclose())
+            bridge.close()
             raise
         self.adapter = adapter
         """The `LangChainRetriever` over the user's retriever."""
-        self._home = home
+        self._bridge = bridge
         self._closed = False
 
     # -- construction ---------------------------------------------------------------------------
@@ -688,7 +404,7 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
         **options: Any,
     ) -> RagctlRetrievalChain:
         """`from_openai` for async code: the connection lives on the running event loop."""
-        engine = await _connect(
+        engine = await RemoteEngine.connect(
             base_url, model=model, api_key=api_key, tokenizer=tokenizer, timeout_s=timeout_s,
             kv_metrics=kv_metrics,
         )  # fmt: skip
@@ -789,26 +505,19 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
         if self._closed:
             return
         self._closed = True
-        try:
-            await self._home.arun(self.controller.aclose())
-        finally:
-            if self._home.private:
-                await asyncio.to_thread(self._home.stop)
+        await self.controller.aclose()
 
     def close(self) -> None:
         """`aclose`, blocking (from plain code, or from a thread off the chain's loop)."""
         if self._closed:
             return
-        if self._home.is_current():
+        if self._bridge.is_home():
             raise InvalidRequest(
                 "close() was called on the event loop this chain's engine runs on; use "
                 "`await chain.aclose()` there"
             )
         self._closed = True
-        try:
-            self._home.run(self.controller.aclose())
-        finally:
-            self._home.stop()
+        self.controller.close()
 
     def __enter__(self) -> RagctlRetrievalChain:
         return self
@@ -833,7 +542,7 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
         self, input: dict[str, Any], run_manager: CallbackManagerForChainRun, config: RunnableConfig
     ) -> dict[str, Any]:
         request = self._request(input, config)
-        return self._home.run(self._answer(input, request, config))
+        return self._bridge.run(self._answer(input, request, config))
 
     async def _ainvoke(
         self,
@@ -842,7 +551,7 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
         config: RunnableConfig,
     ) -> dict[str, Any]:
         request = self._request(input, config)
-        return await self._home.arun(self._answer(input, request, config))
+        return await self._bridge.arun(self._answer(input, request, config))
 
     def _jobs(
         self, inputs: Sequence[dict[str, Any]], configs: Sequence[RunnableConfig], keep_errors: bool
@@ -865,7 +574,7 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
         keep_errors: bool = False,
     ) -> list[dict[str, Any] | Exception]:
         jobs = self._jobs(inputs, config, keep_errors)
-        return self._home.run(self._answer_all(jobs, keep_errors, config[0]))
+        return self._bridge.run(self._answer_all(jobs, keep_errors, config[0]))
 
     async def _abatch(
         self,
@@ -875,7 +584,7 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
         keep_errors: bool = False,
     ) -> list[dict[str, Any] | Exception]:
         jobs = self._jobs(inputs, config, keep_errors)
-        return await self._home.arun(self._answer_all(jobs, keep_errors, config[0]))
+        return await self._bridge.arun(self._answer_all(jobs, keep_errors, config[0]))
 
     def _transform(
         self,
@@ -886,7 +595,7 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
         input = _merge_chunks(inputs)
         request = self._request(input, config)
         yield AddableDict(_passthrough(input))
-        out = self._home.run(self._answer(input, request, config))
+        out = self._bridge.run(self._answer(input, request, config))
         for key in OUTPUT_KEYS:
             yield AddableDict({key: out[key]})
 
@@ -899,7 +608,7 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
         input = _merge_chunks([chunk async for chunk in inputs])
         request = self._request(input, config)
         yield AddableDict(_passthrough(input))
-        out = await self._home.arun(self._answer(input, request, config))
+        out = await self._bridge.arun(self._answer(input, request, config))
         for key in OUTPUT_KEYS:
             yield AddableDict({key: out[key]})
 
@@ -936,8 +645,8 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
         self, input: Mapping[str, Any], request: ChainRequest, config: RunnableConfig | None
     ) -> dict[str, Any]:
         """One answer, on the home loop: the output dict of create_retrieval_chain's shape."""
-        call = _Call(config)
-        token = _CALL.set(call)
+        call = RetrievalCall(config)
+        token = CURRENT_CALL.set(call)
         try:
             self._sync_collection()
             answer = await self.controller.aask(
@@ -947,7 +656,7 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
                 max_chunks=request.max_chunks,
             )
         finally:
-            _CALL.reset(token)
+            CURRENT_CALL.reset(token)
         self._sync_collection()
         context = [call.documents.get(c.id) or self.adapter.document(c) for c in answer.chunks]
         out = _passthrough(input)

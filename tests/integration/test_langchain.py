@@ -36,10 +36,10 @@ from langchain_core.prompts import ChatPromptTemplate  # noqa: E402
 from langchain_core.retrievers import BaseRetriever  # noqa: E402
 from langchain_openai import ChatOpenAI  # noqa: E402
 
-from ragctl.controller import AdaptivePolicy  # noqa: E402
 from ragctl.engine.remote import RemoteEngine  # noqa: E402
 from ragctl.errors import InvalidRequest  # noqa: E402
 from ragctl.integrations.langchain import RagctlRetrievalChain  # noqa: E402
+from ragctl.policy import AdaptivePolicy  # noqa: E402
 from ragctl.retrieval.embeddings import resolve_st_model  # noqa: E402
 from ragctl.types import Config, Decision  # noqa: E402
 
@@ -284,7 +284,7 @@ async def test_from_openai_url_in_plain_code(vllm_server, retriever, questions) 
         return chain, adaptive, fixed
 
     chain, adaptive, fixed = await asyncio.to_thread(program)
-    assert isinstance(chain.engine, RemoteEngine) and chain.engine.kv_metrics
+    assert isinstance(chain.engine, RemoteEngine) and chain.engine.has_kv_metrics
     d = adaptive["decision"]
     assert d.reason in ("fit", "fallback") and d.kv.source == "metrics"
     assert isinstance(adaptive["answer"], str) and adaptive["context"]
