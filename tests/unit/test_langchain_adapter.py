@@ -4,6 +4,7 @@ tests/integration/test_langchain.py); a word-counting tokenizer stands in for th
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import sys
 
@@ -210,3 +211,53 @@ def test_without_langchain_core_the_import_says_what_to_install(
     monkeypatch.delitem(sys.modules, "ragctl.integrations.langchain")
     with pytest.raises(MissingDependency, match=r"ragctl\[langchain\]"):
         importlib.import_module("ragctl.integrations.langchain")
+
+
+# --- the chain's event loops, over the fake engine of test_controller --------------------------
+
+
+def fake_chain(docs: list[Document], **options: object) -> RagctlRetrievalChain:
+    from tests.unit.test_controller import NO_GOLDEN, FakeEngine, FakeProfiler
+
+    return RagctlRetrievalChain.from_engine(
+        ListRetriever(docs=docs), FakeEngine(), profiler=FakeProfiler(), policy=NO_GOLDEN,
+        **options,
+    )  # fmt: skip
+
+
+def test_a_chain_built_in_plain_code_runs_on_a_private_loop() -> None:
+    docs = [doc("Denver won Super Bowl 50.", id="a"), doc("It was in Santa Clara.", id="b")]
+    chain = fake_chain(docs)
+    fixed = {"configurable": {"ragctl_config": "stuff:1"}}
+    out = chain.invoke({"input": "Who won?", "user": "u1"}, fixed)
+    assert out["answer"] == "Denver" and out["user"] == "u1"
+    assert out["context"][0] is docs[0]  # the retriever's own Document
+    adaptive = asyncio.run(chain.ainvoke({"input": "Who won?"}))  # from another loop
+    assert adaptive["decision"].reason in ("fit", "fallback")
+    assert [o["answer"] for o in chain.batch([{"input": "a?"}, {"input": "b?"}], fixed)] == [
+        "Denver", "Denver",
+    ]  # fmt: skip
+    assert [list(c) for c in chain.stream({"input": "a?"}, fixed)] == [
+        ["input"], ["context"], ["answer"], ["decision"],
+    ]  # fmt: skip
+    home = chain.controller.bridge.loop
+    assert set(chain.engine.loops) == {home}
+    chain.close()
+    assert home.is_closed() and not chain.engine.closed  # not the chain's engine
+    with pytest.raises(InvalidRequest, match="closed"):
+        chain.invoke({"input": "Who won?"})
+
+
+async def test_a_chain_built_on_a_running_loop_calls_home_from_other_threads() -> None:
+    chain = fake_chain([doc("Denver won Super Bowl 50.", id="a")], owns_engine=True)
+    fixed = {"configurable": {"ragctl_config": "stuff:1"}}
+    with pytest.raises(InvalidRequest, match="ainvoke"):
+        chain.invoke({"input": "Who won?"}, fixed)
+    out = await asyncio.to_thread(chain.invoke, {"input": "Who won?"}, fixed)
+    assert out["answer"] == "Denver"
+    assert (await chain.ainvoke({"input": "Who won?"}, fixed))["answer"] == "Denver"
+    assert set(chain.engine.loops) == {asyncio.get_running_loop()}
+    with pytest.raises(InvalidRequest, match="aclose"):
+        chain.close()
+    await chain.aclose()
+    assert chain.engine.closed

@@ -305,3 +305,31 @@ async def test_without_kv_metrics_memory_is_unknown() -> None:
     assert kv == remote.UNKNOWN_KV and kv.source == "unknown"
     assert kv.free_blocks == kv.total_blocks and kv.usage == 0.0
     assert paths == []
+
+
+@pytest.mark.parametrize(("metrics_status", "has_kv"), [(404, False), (503, None)])
+async def test_connect_finds_out_whether_the_server_has_kv_metrics(
+    monkeypatch: pytest.MonkeyPatch, metrics_status: int, has_kv: bool | None
+) -> None:
+    """`kv_metrics=None`: one /metrics read at connect; a server without it (404) runs with KV
+    memory unknown, one that is unavailable (503) fails the connection."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m", "max_model_len": 100}]})
+        return httpx.Response(metrics_status, text="no")
+
+    def client(root: str, **kwargs: object) -> httpx.AsyncClient:
+        return make_client(root, api_key=None, timeout_s=5, transport=httpx.MockTransport(handler))
+
+    monkeypatch.setattr(remote, "make_client", client)
+    monkeypatch.setattr(remote.Tokenizer, "load", staticmethod(lambda name: CountingTokenizer()))
+    if has_kv is None:
+        with pytest.raises(EngineUnavailable):
+            await RemoteEngine.connect("http://engine.test", tokenizer="t", kv_metrics=None)
+        return
+    async with await RemoteEngine.connect(
+        "http://engine.test", tokenizer="t", kv_metrics=None
+    ) as eng:
+        assert eng.has_kv_metrics is has_kv
+        assert await eng.kv_state() == remote.UNKNOWN_KV
