@@ -63,7 +63,7 @@ class Bridge:
         """Whether the caller is running on the home loop."""
         return self.loop is not None and running_loop() is self.loop
 
-    def run(self, coro: Coroutine[Any, Any, T], *, hint: str | None = None) -> T:
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run `coro` on the home loop and block until it is done. Refused (`InvalidRequest`)
         inside a running loop that is home or may be: it would block that loop forever.
         Interrupting the wait (Ctrl-C) cancels the coroutine, so its engine calls are aborted."""
@@ -71,7 +71,7 @@ class Bridge:
             coro.close()
             raise InvalidRequest(
                 "a blocking call was made on the event loop the engine runs on, which it would "
-                f"block forever; {hint or self.hint}"
+                f"block forever; {self.hint}"
             )
         if self.loop is None:
             self._start()

@@ -57,10 +57,6 @@ from ragctl.policy import AdaptivePolicy
 from ragctl.types import Config, Message
 
 try:
-    from langchain_core.callbacks import (
-        AsyncCallbackManagerForChainRun,
-        CallbackManagerForChainRun,
-    )
     from langchain_core.messages import (
         AIMessage,
         BaseMessage,
@@ -538,20 +534,14 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
             raise InvalidRequest("this RagctlRetrievalChain is closed")
         return parse_input(input, config)
 
-    def _invoke(
-        self, input: dict[str, Any], run_manager: CallbackManagerForChainRun, config: RunnableConfig
-    ) -> dict[str, Any]:
-        request = self._request(input, config)
-        return self._bridge.run(self._answer(input, request, config))
+    # LangChain passes each of these the config of the chain's run (its callbacks nest the
+    # retriever's run under the chain's); they take no run manager, so it passes none.
 
-    async def _ainvoke(
-        self,
-        input: dict[str, Any],
-        run_manager: AsyncCallbackManagerForChainRun,
-        config: RunnableConfig,
-    ) -> dict[str, Any]:
-        request = self._request(input, config)
-        return await self._bridge.arun(self._answer(input, request, config))
+    def _invoke(self, input: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        return self._bridge.run(self._answer(input, self._request(input, config), config))
+
+    async def _ainvoke(self, input: dict[str, Any], config: RunnableConfig) -> dict[str, Any]:
+        return await self._bridge.arun(self._answer(input, self._request(input, config), config))
 
     def _jobs(
         self, inputs: Sequence[dict[str, Any]], configs: Sequence[RunnableConfig], keep_errors: bool
@@ -567,30 +557,19 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
         return jobs
 
     def _batch(
-        self,
-        inputs: list[dict[str, Any]],
-        run_manager: list[CallbackManagerForChainRun],
-        config: list[RunnableConfig],
-        keep_errors: bool = False,
+        self, inputs: list[dict[str, Any]], config: list[RunnableConfig], keep_errors: bool = False
     ) -> list[dict[str, Any] | Exception]:
         jobs = self._jobs(inputs, config, keep_errors)
         return self._bridge.run(self._answer_all(jobs, keep_errors, config[0]))
 
     async def _abatch(
-        self,
-        inputs: list[dict[str, Any]],
-        run_manager: list[AsyncCallbackManagerForChainRun],
-        config: list[RunnableConfig],
-        keep_errors: bool = False,
+        self, inputs: list[dict[str, Any]], config: list[RunnableConfig], keep_errors: bool = False
     ) -> list[dict[str, Any] | Exception]:
         jobs = self._jobs(inputs, config, keep_errors)
         return await self._bridge.arun(self._answer_all(jobs, keep_errors, config[0]))
 
     def _transform(
-        self,
-        inputs: Iterator[dict[str, Any]],
-        run_manager: CallbackManagerForChainRun,
-        config: RunnableConfig,
+        self, inputs: Iterator[dict[str, Any]], config: RunnableConfig
     ) -> Iterator[dict[str, Any]]:
         input = _merge_chunks(inputs)
         request = self._request(input, config)
@@ -600,10 +579,7 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
             yield AddableDict({key: out[key]})
 
     async def _atransform(
-        self,
-        inputs: AsyncIterator[dict[str, Any]],
-        run_manager: AsyncCallbackManagerForChainRun,
-        config: RunnableConfig,
+        self, inputs: AsyncIterator[dict[str, Any]], config: RunnableConfig
     ) -> AsyncIterator[dict[str, Any]]:
         input = _merge_chunks([chunk async for chunk in inputs])
         request = self._request(input, config)

@@ -12,7 +12,10 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
-from langchain_core.callbacks import CallbackManagerForRetrieverRun  # noqa: E402
+from langchain_core.callbacks import (  # noqa: E402
+    BaseCallbackHandler,
+    CallbackManagerForRetrieverRun,
+)
 from langchain_core.documents import Document  # noqa: E402
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage  # noqa: E402
 from langchain_core.retrievers import BaseRetriever  # noqa: E402
@@ -246,6 +249,35 @@ def test_a_chain_built_in_plain_code_runs_on_a_private_loop() -> None:
     assert home.is_closed() and not chain.engine.closed  # not the chain's engine
     with pytest.raises(InvalidRequest, match="closed"):
         chain.invoke({"input": "Who won?"})
+
+
+class Runs(BaseCallbackHandler):
+    """The chain's runs and the parents of the retriever's runs, as LangChain reports them."""
+
+    def __init__(self) -> None:
+        self.chains: list[object] = []
+        self.retriever_parents: list[object] = []
+
+    def on_chain_start(self, serialized, inputs, *, run_id, **kwargs) -> None:
+        if kwargs.get("name") == "RagctlRetrievalChain":
+            self.chains.append(run_id)
+
+    def on_retriever_end(self, documents, *, parent_run_id, **kwargs) -> None:
+        self.retriever_parents.append(parent_run_id)
+
+
+def test_the_retrievers_run_nests_under_the_chains_in_every_form() -> None:
+    chain = fake_chain([doc("Denver won Super Bowl 50.", id="a")])
+    runs = Runs()
+    config = {"configurable": {"ragctl_config": "stuff:1"}, "callbacks": [runs]}
+    chain.invoke({"input": "a?"}, config)
+    chain.batch([{"input": "b?"}, {"input": "c?"}], config)
+    list(chain.stream({"input": "d?"}, config))
+    asyncio.run(chain.ainvoke({"input": "e?"}, config))
+    chain.close()
+    assert len(runs.chains) == 5 and sorted(map(str, runs.retriever_parents)) == sorted(
+        map(str, runs.chains)
+    )
 
 
 async def test_a_chain_built_on_a_running_loop_calls_home_from_other_threads() -> None:
