@@ -30,6 +30,7 @@ from ragctl.types import (
 
 RULES = load_rules(None)
 NO_GOLDEN = AdaptivePolicy(golden_every=0)
+GOLD = Config("stuff", 50)  # more chunks than are retrieved
 
 
 class Words:
@@ -238,6 +239,19 @@ async def test_an_engine_failure_mid_synthesis_releases_the_reservation(config) 
     assert not ctl.slo.inflight  # the request's trace finished too
     if config is not None:
         assert engine.stages == 2 and len(engine.reserved_seen) == 2  # map ran, reduce failed
+
+
+async def test_the_golden_run_reserves_too_and_reports_to_no_request() -> None:
+    engine = FakeEngine()
+    ctl = controller(engine=engine, policy=AdaptivePolicy(golden_every=1, golden_config=GOLD))
+    await ctl.aask("Where was Super Bowl 50 played?")
+    assert len(ctl._background) == 1
+    await asyncio.gather(*ctl._background)
+    assert ctl.policy.golden_for(RULES.max_num_chunks) == Config("stuff", RULES.max_num_chunks)
+    assert engine.reserved_seen[-1] > 0  # while the golden stuff call ran
+    assert ctl.admission.ledger.reserved == 0
+    assert (ctl.counters["golden_runs"], ctl.counters["golden_errors"]) == (1, 1)  # no feedback
+    assert ctl.slo.counters["requests"] == 0 and not ctl.slo.inflight
 
 
 # -- the SLO hooks -----------------------------------------------------------------------------
