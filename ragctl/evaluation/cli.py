@@ -133,9 +133,10 @@ def eval_run(
         "adaptiverag_table": previous.get("adaptiverag_table"),
     })  # fmt: skip
     asyncio.run(_run(settings, plan, meta, out_dir))
-    from ragctl.evaluation.report import report_dir
+    from ragctl.evaluation.render import render_report
+    from ragctl.evaluation.writers import load_evaluation
 
-    report_dir(out_dir, out)
+    render_report(load_evaluation(out_dir), out)
     out.print(f"results in {out_dir}/ (results.json, samples.jsonl, summary.csv, plots)")
 
 
@@ -153,9 +154,10 @@ def eval_report(
         raise DataNotFound(f"{run_dir} holds no evaluation run (no samples.jsonl or results.json)")
     if rewrite:
         _write_outputs(run_dir, _read_meta(run_dir))
-    from ragctl.evaluation.report import report_dir
+    from ragctl.evaluation.render import render_report
+    from ragctl.evaluation.writers import load_evaluation
 
-    report_dir(run_dir, out)
+    render_report(load_evaluation(run_dir), out)
 
 
 @eval_app.command("download")
@@ -183,15 +185,11 @@ def eval_download(
 
 
 async def _run(settings: Settings, plan: Any, meta: dict[str, Any], out_dir: Path) -> None:
-    from ragctl.evaluation.runner import (
-        CALIBRATION,
-        SAMPLES,
-        Runner,
-        SampleWriter,
-        done_keys,
-        interleave,
-    )
+    from ragctl.evaluation.runner import Runner, done_keys, interleave
     from ragctl.evaluation.systems import System, calibrate, complexity_class, split
+    from ragctl.evaluation.writers import CALIBRATION_FILE as CALIBRATION
+    from ragctl.evaluation.writers import SAMPLES_FILE as SAMPLES
+    from ragctl.evaluation.writers import SampleWriter
     from ragctl.retrieval.collection import load_card, load_queries
     from ragctl.service import open_controller
     from ragctl.types import Config
@@ -257,10 +255,10 @@ async def _run(settings: Settings, plan: Any, meta: dict[str, Any], out_dir: Pat
 
 
 def _write_outputs(out_dir: Path, meta: dict[str, Any]) -> None:
-    from ragctl.evaluation.report import (
+    from ragctl.evaluation.plots import write_plots
+    from ragctl.evaluation.summaries import summarize
+    from ragctl.evaluation.writers import (
         load_samples,
-        summarize,
-        write_plots,
         write_results,
         write_summary_csv,
     )
