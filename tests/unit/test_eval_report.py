@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 from rich.console import Console
 
+from ragctl.errors import DataNotFound
 from ragctl.evaluation.plots import write_plots
 from ragctl.evaluation.ratios import ratios
 from ragctl.evaluation.render import render_report, slo_lines
+from ragctl.evaluation.run import report_run
 from ragctl.evaluation.summaries import Evaluation, oracle, phase_key, summarize
 from ragctl.evaluation.systems import system_order
 from ragctl.evaluation.writers import (
@@ -513,10 +515,12 @@ def test_report_from_samples_and_results(
     tmp_path: Path, rows: list[dict[str, Any]], summary: Evaluation
 ) -> None:
     write_samples(tmp_path / "samples.jsonl", rows)
-    assert load_evaluation(tmp_path) == summary
+    recomputed = load_evaluation(tmp_path)
+    assert recomputed == summary
+    assert report_run(tmp_path) == summary
 
     write_results(tmp_path, summary, {"model": "some-model"})
-    loaded = load_evaluation(tmp_path)
+    loaded = report_run(tmp_path)
     assert loaded.meta == {"model": "some-model"}
     console = Console(record=True, width=200)
     render_report(loaded, console)
@@ -525,3 +529,17 @@ def test_report_from_samples_and_results(
 
     with pytest.raises(FileNotFoundError):
         load_evaluation(tmp_path / "empty")
+    with pytest.raises(DataNotFound, match="no evaluation run"):
+        report_run(tmp_path / "empty")
+
+
+def test_report_rewrite_recomputes_the_files(
+    tmp_path: Path, rows: list[dict[str, Any]], summary: Evaluation
+) -> None:
+    write_samples(tmp_path / "samples.jsonl", rows)
+    (tmp_path / "run.json").write_text(json.dumps({"model": "from-run-json"}))
+    loaded = report_run(tmp_path, rewrite=True)
+    assert loaded.meta == {"model": "from-run-json"} and loaded.phases == summary.phases
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "results.json", "summary.csv", "quality_vs_delay.png", "delay_cdf.png", "load.png",
+    }  # fmt: skip
