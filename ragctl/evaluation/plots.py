@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ragctl.evaluation.summaries import Evaluation, Phase, failed, finite, phase_key
+from ragctl.evaluation.summaries import Evaluation, Phase, Row, failed, finite, phase_key
 from ragctl.evaluation.systems import FIXED_PREFIX, ORACLE, RAGCTL, system_order
-
-Row = Mapping[str, Any]
 
 
 def write_plots(directory: str | Path, rows: Sequence[Row], evaluation: Evaluation) -> list[Path]:

@@ -11,8 +11,8 @@ R = TypeVar("R", bound="Record")
 
 class Record:
     """A frozen dataclass that is one object of `results.json`: `to_dict` gives its fields in
-    order, nested records as dicts, leaving out the `OMIT_NONE` fields while they are None;
-    `from_dict` reads it back (fields an older file lacks read as None)."""
+    order, nested records (also a dict's values) as dicts, leaving out the `OMIT_NONE` fields
+    while they are None; `from_dict` reads it back (fields an older file lacks read as None)."""
 
     OMIT_NONE: ClassVar[tuple[str, ...]] = ()
     NESTED: ClassVar[Mapping[str, type[Record]]] = {}
@@ -23,7 +23,7 @@ class Record:
             value = getattr(self, f.name)
             if value is None and f.name in self.OMIT_NONE:
                 continue
-            out[f.name] = value.to_dict() if isinstance(value, Record) else value
+            out[f.name] = _plain(value)
         return out
 
     @classmethod
@@ -34,3 +34,11 @@ class Record:
             nested = cls.NESTED.get(f.name)
             values[f.name] = nested.from_dict(value) if nested and value is not None else value
         return cls(**values)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Record):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

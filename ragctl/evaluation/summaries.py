@@ -114,7 +114,7 @@ class Summary(Record):
 
 @dataclass(frozen=True)
 class SystemSummary(Summary):
-    slo: SloSummary | None = None
+    slo: SloSummary | None
     NESTED: ClassVar[Mapping[str, type[Record]]] = {"slo": SloSummary}
 
 
@@ -123,13 +123,13 @@ class OracleSummary(Summary):
     """Per query the best `fixed:*` configuration (derived, not run): `picks` query id ->
     configuration, over the queries every one of `fixed_systems` answered."""
 
-    fixed_systems: list[str] = field(default_factory=list)
-    queries_excluded: int = 0
-    picks: dict[str, str] = field(default_factory=dict)
+    fixed_systems: list[str]
+    queries_excluded: int
+    picks: dict[str, str]
 
 
 @dataclass(frozen=True)
-class Phase:
+class Phase(Record):
     """One arrival rate (or closed loop): its systems in `system_order`, the oracle, the ratios."""
 
     rate: float | None
@@ -153,15 +153,6 @@ class Phase:
         if self.oracle is not None:
             out[ORACLE] = self.oracle
         return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rate": self.rate,
-            "concurrency": self.concurrency,
-            "systems": {name: s.to_dict() for name, s in self.systems.items()},
-            "oracle": None if self.oracle is None else self.oracle.to_dict(),
-            "ratios": self.ratios.to_dict(),
-        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Phase:
