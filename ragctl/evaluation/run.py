@@ -261,7 +261,7 @@ async def _phase(
         writer.close()
 
 
-def write_outputs(out_dir: Path, meta: dict[str, Any]) -> Evaluation:
+def write_outputs(out_dir: Path, meta: dict[str, Any]) -> None:
     """Summarize `samples.jsonl`; write results.json, summary.csv and the plots."""
     from ragctl.evaluation.plots import write_plots
 
@@ -270,7 +270,6 @@ def write_outputs(out_dir: Path, meta: dict[str, Any]) -> Evaluation:
     write_results(out_dir, evaluation, meta)
     write_summary_csv(out_dir, evaluation)
     write_plots(out_dir, rows, evaluation)
-    return evaluation
 
 
 def report_run(run_dir: Path, *, rewrite: bool = False) -> Evaluation:
