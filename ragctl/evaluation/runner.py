@@ -1,6 +1,7 @@
 """Running an evaluation: every system on the same queries, on one shared engine, interleaved,
 under open-loop Poisson arrivals or a closed loop, with each finished query appended to
 `samples.jsonl` at once (an interrupted run keeps what finished; `--resume` skips it).
+The phases of a whole run are in `ragctl.evaluation.run`.
 
 A job is (query, system). Jobs are interleaved query by query, with the system order rotated
 per query, so no system always goes first. Open loop: each system receives queries at `rate`
@@ -12,7 +13,6 @@ workers take the next job as soon as they finish one.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -24,11 +24,9 @@ from ragctl.controller import Controller
 from ragctl.errors import InvalidRequest, RagctlError
 from ragctl.evaluation import metrics
 from ragctl.evaluation.systems import System, adaptiverag_config, median_config
+from ragctl.evaluation.writers import SampleWriter, read_rows
 from ragctl.retrieval.collection import DatasetCard
 from ragctl.types import Answer, Query
-
-SAMPLES = "samples.jsonl"
-CALIBRATION = "calibration.jsonl"
 
 
 @dataclass(frozen=True)
@@ -65,35 +63,10 @@ def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
 
 def done_keys(path: Path, rate: float | None) -> set[tuple[str, str]]:
     """(system, query id) of the rows already in `path` for this phase (errors included: a
-    query that failed is a result too)."""
-    keys: set[tuple[str, str]] = set()
+    query that failed is a result too; a row torn by an interruption is not: it runs again)."""
     if not path.exists():
-        return keys
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a row torn by the interruption: run that job again
-            if row.get("rate") == rate:
-                keys.add((row["system"], row["query_id"]))
-    return keys
-
-
-class SampleWriter:
-    """Appends one JSON row per finished job and flushes it (kill -9 loses at most the row
-    being written)."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
-
-    def write(self, row: dict[str, Any]) -> None:
-        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._f.flush()
-
-    def close(self) -> None:
-        self._f.close()
+        return set()
+    return {(r["system"], r["query_id"]) for r in read_rows(path)[0] if r.get("rate") == rate}
 
 
 @dataclass

@@ -34,6 +34,10 @@ DEFAULT_GRID: tuple[Config, ...] = (
 )
 """The fixed baselines: cheap to expensive, all three methods, up to the default space's top."""
 
+RAGCTL = "ragctl"
+BASELINES = ("adaptiverag", "parrot")
+FIXED_PREFIX = "fixed:"
+ORACLE = "oracle"
 DEFAULT_SYSTEMS = "ragctl,fixed,adaptiverag,parrot,oracle"
 METHOD_ORDER = ("map_rerank", "stuff", "map_reduce")
 """Methods from cheapest to most expensive (for medians)."""
@@ -56,6 +60,10 @@ class System:
     """The configuration of a `fixed` system."""
 
 
+def fixed_system(config: Config) -> System:
+    return System(FIXED_PREFIX + config.label, "fixed", config)
+
+
 @dataclass(frozen=True)
 class Plan:
     """What `ragctl eval run` runs: the systems, and whether the oracle is derived."""
@@ -72,6 +80,22 @@ class Plan:
         return any(s.kind == "adaptiverag" for s in self.systems)
 
 
+def system_order(name: str) -> tuple[Any, ...]:
+    """Sort key: ragctl, adaptiverag, parrot, other systems, then `fixed:*` by method, chunks
+    and summary budget."""
+    if name == RAGCTL:
+        return (0, 0, "", 0, 0)
+    if name in BASELINES:
+        return (0, 1 + BASELINES.index(name), "", 0, 0)
+    if name.startswith(FIXED_PREFIX):
+        try:
+            c = Config.parse(name[len(FIXED_PREFIX) :])
+        except ValueError:
+            return (3, 0, name, 0, 0)
+        return (2, 0, c.method, c.num_chunks, c.intermediate_length or 0)
+    return (1, 0, name, 0, 0)
+
+
 def parse_systems(text: str, grid: Sequence[Config] = DEFAULT_GRID) -> Plan:
     """`ragctl,fixed,adaptiverag,parrot,oracle`; `fixed` expands to `grid`, `fixed:stuff:5`
     names one configuration. Unknown names are a clear error."""
@@ -81,18 +105,18 @@ def parse_systems(text: str, grid: Sequence[Config] = DEFAULT_GRID) -> Plan:
         name = raw.strip()
         if not name:
             continue
-        if name == "oracle":
+        if name == ORACLE:
             oracle = True
         elif name == "fixed":
             for c in grid:
-                systems[f"fixed:{c.label}"] = System(f"fixed:{c.label}", "fixed", c)
-        elif name.startswith("fixed:"):
+                systems[FIXED_PREFIX + c.label] = fixed_system(c)
+        elif name.startswith(FIXED_PREFIX):
             try:
-                config = Config.parse(name[len("fixed:") :])
+                config = Config.parse(name[len(FIXED_PREFIX) :])
             except ValueError as e:
                 raise InvalidRequest(f"system {name!r}: {e}") from None
-            systems[f"fixed:{config.label}"] = System(f"fixed:{config.label}", "fixed", config)
-        elif name in ("ragctl", "adaptiverag", "parrot"):
+            systems[FIXED_PREFIX + config.label] = fixed_system(config)
+        elif name in (RAGCTL, *BASELINES):
             systems[name] = System(name, name)  # type: ignore[arg-type]
         else:
             known = ", ".join(DESCRIPTIONS)
@@ -122,12 +146,12 @@ def calibrate(
     references (no score for anyone) is left out."""
     by: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     for r in rows:
-        if not str(r["system"]).startswith("fixed:"):
+        if not str(r["system"]).startswith(FIXED_PREFIX):
             continue
         primary = 0.0 if r.get("error") else (r.get("scores") or {}).get(r["primary"])
         if primary is None:
             continue
-        config = str(r["system"])[len("fixed:") :]
+        config = str(r["system"])[len(FIXED_PREFIX) :]
         for cls in (classes.get(r["query_id"], "unknown"), "*"):
             by[(cls, config)].append((float(primary), float(r["delay_s"])))
     best: dict[str, tuple[float, float, str]] = {}

@@ -14,16 +14,16 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from ragctl.evaluation.report import (
+from ragctl.errors import DataNotFound
+from ragctl.evaluation.plots import write_plots
+from ragctl.evaluation.ratios import ratios
+from ragctl.evaluation.render import render_report, slo_lines
+from ragctl.evaluation.run import report_run
+from ragctl.evaluation.summaries import Evaluation, oracle, phase_key, summarize
+from ragctl.evaluation.systems import system_order
+from ragctl.evaluation.writers import (
+    load_evaluation,
     load_samples,
-    oracle,
-    phase_key,
-    ratios,
-    render_report,
-    report_dir,
-    summarize,
-    system_order,
-    write_plots,
     write_results,
     write_summary_csv,
 )
@@ -139,54 +139,54 @@ def rows() -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summary(rows: list[dict[str, Any]]) -> Evaluation:
     return summarize(rows)
 
 
 # -- summaries ---------------------------------------------------------------------------------
 
 
-def test_phases_and_order(summary: dict[str, Any]) -> None:
-    assert summary["dataset"] == "squad" and summary["primary"] == "f1"
-    assert list(summary["rates"]) == ["0.5", "1"]
-    half = summary["rates"]["0.5"]
-    assert half["rate"] == 0.5 and half["concurrency"] is None
-    assert list(half["systems"]) == ["ragctl", "adaptiverag", "parrot", MR, STUFF5, STUFF9]
+def test_phases_and_order(summary: Evaluation) -> None:
+    assert summary.dataset == "squad" and summary.primary == "f1"
+    assert list(summary.phases) == ["0.5", "1"]
+    half = summary.phases["0.5"]
+    assert half.rate == 0.5 and half.concurrency is None
+    assert list(half.systems) == ["ragctl", "adaptiverag", "parrot", MR, STUFF5, STUFF9]
     assert phase_key(None) == "closed" and phase_key(None, 4) == "closed:4"
     assert phase_key(2) == "2" == phase_key(2.0)
 
 
-def test_system_summary_by_hand(summary: dict[str, Any]) -> None:
-    s = summary["rates"]["0.5"]["systems"]["ragctl"]
-    assert (s["n"], s["answered"], s["errors"]) == (4, 3, 1)
-    assert s["error_kinds"] == {"EngineTimeout": 1}
-    assert s["primary"] == "f1"
-    assert s["primary_value"] == pytest.approx(0.6)
-    assert s["quality"]["f1"] == pytest.approx(0.6)
-    assert s["quality"]["em"] == 0.0
-    assert s["quality"]["evidence_recall"] == pytest.approx(0.75)  # (1 + 0.5) / 2; None left out
-    assert s["quality"]["evidence_hit"] == 1.0
-    assert s["delay_mean_s"] == pytest.approx(3.0)
-    assert s["delay_p50_s"] == pytest.approx(3.0)
-    assert s["delay_p95_s"] == pytest.approx(3.9)  # 3 + 0.9 * (4 - 3)
-    assert s["queue_mean_s"] == 0.0
+def test_system_summary_by_hand(summary: Evaluation) -> None:
+    s = summary.phases["0.5"].systems["ragctl"]
+    assert (s.n, s.answered, s.errors) == (4, 3, 1)
+    assert s.error_kinds == {"EngineTimeout": 1}
+    assert s.primary == "f1"
+    assert s.primary_value == pytest.approx(0.6)
+    assert s.quality["f1"] == pytest.approx(0.6)
+    assert s.quality["em"] == 0.0
+    assert s.quality["evidence_recall"] == pytest.approx(0.75)  # (1 + 0.5) / 2; None left out
+    assert s.quality["evidence_hit"] == 1.0
+    assert s.delay_mean_s == pytest.approx(3.0)
+    assert s.delay_p50_s == pytest.approx(3.0)
+    assert s.delay_p95_s == pytest.approx(3.9)  # 3 + 0.9 * (4 - 3)
+    assert s.queue_mean_s == 0.0
     # answered 3 over the phase's span: first arrival 0.0, last end 8.0 (the error row's)
-    assert s["throughput_qps"] == pytest.approx(3 / 8)
+    assert s.throughput_qps == pytest.approx(3 / 8)
     # profile_s of answered rows (0.5 + 0.5 + none) over their delays (9); the error row's 4 s
     # of profiling is left out
-    assert s["profiler_overhead"] == pytest.approx(1.0 / 9.0)
-    assert s["configs"] == {"stuff:5": 2, "map_reduce:9:100": 1}
-    assert s["top_config"] == "stuff:5"
-    assert s["tokens"] == pytest.approx({"calls": 4.0, "prompt": 400.0, "output": 40.0})
+    assert s.profiler_overhead == pytest.approx(1.0 / 9.0)
+    assert s.configs == {"stuff:5": 2, "map_reduce:9:100": 1}
+    assert s.top_config == "stuff:5"
+    assert s.tokens == pytest.approx({"calls": 4.0, "prompt": 400.0, "output": 40.0})
 
 
-def test_fixed_summary_and_no_profiler(summary: dict[str, Any]) -> None:
-    s = summary["rates"]["0.5"]["systems"][STUFF5]
-    assert s["primary_value"] == pytest.approx((0.8 + 0.5 + 0.4) / 3)
-    assert s["delay_mean_s"] == 1.0 and s["delay_p95_s"] == 1.0
-    assert s["profiler_overhead"] is None
-    assert s["throughput_qps"] == pytest.approx(3 / 1.0)  # all arrive at 0, end at 1
-    assert s["configs"] == {"stuff:5": 3}
+def test_fixed_summary_and_no_profiler(summary: Evaluation) -> None:
+    s = summary.phases["0.5"].systems[STUFF5]
+    assert s.primary_value == pytest.approx((0.8 + 0.5 + 0.4) / 3)
+    assert s.delay_mean_s == 1.0 and s.delay_p95_s == 1.0
+    assert s.profiler_overhead is None
+    assert s.throughput_qps == pytest.approx(3 / 1.0)  # all arrive at 0, end at 1
+    assert s.configs == {"stuff:5": 3}
 
 
 def test_errors_excluded_but_counted() -> None:
@@ -195,20 +195,46 @@ def test_errors_excluded_but_counted() -> None:
         row("ragctl", "q2", 0.0, 100.0, error="EngineTimeout: late"),
         row("ragctl", "q3", 0.0, 100.0, error="RuntimeError"),
     ]
-    s = summarize(rows)["rates"]["0.5"]["systems"]["ragctl"]
-    assert (s["n"], s["answered"], s["errors"]) == (3, 1, 2)
-    assert s["error_kinds"] == {"EngineTimeout": 1, "RuntimeError": 1}
-    assert s["primary_value"] == 1.0 and s["quality"]["em"] == 1.0
-    assert s["delay_mean_s"] == 2.0 and s["delay_p95_s"] == 2.0
+    s = summarize(rows).phases["0.5"].systems["ragctl"]
+    assert (s.n, s.answered, s.errors) == (3, 1, 2)
+    assert s.error_kinds == {"EngineTimeout": 1, "RuntimeError": 1}
+    assert s.primary_value == 1.0 and s.quality["em"] == 1.0
+    assert s.delay_mean_s == 2.0 and s.delay_p95_s == 2.0
 
 
 def test_only_errors_gives_nones() -> None:
-    s = summarize([row("ragctl", "q1", 0.0, 1.0, error="X: y")])["rates"]["0.5"]
-    sys_ = s["systems"]["ragctl"]
-    assert sys_["answered"] == 0 and sys_["primary_value"] is None
-    assert sys_["delay_mean_s"] is None and sys_["throughput_qps"] == 0.0
-    assert s["ratios"]["delay_ratio_vs_fixed_equal_quality"]["value"] is None
-    assert "ragctl has no answered rows" in s["ratios"]["oracle_gap"]["reason"]
+    s = summarize([row("ragctl", "q1", 0.0, 1.0, error="X: y")]).phases["0.5"]
+    sys_ = s.systems["ragctl"]
+    assert sys_.answered == 0 and sys_.primary_value is None
+    assert sys_.delay_mean_s is None and sys_.throughput_qps == 0.0
+    assert s.ratios.delay_ratio_vs_fixed_equal_quality.value is None
+    assert "ragctl has no answered rows" in s.ratios.oracle_gap.reason
+
+
+def test_slo_summary_and_lines() -> None:
+    rows = []
+    for i, (delay, error, action) in enumerate(
+        [(0.5, None, "none"), (2.5, None, "pause"), (0.2, "EngineTimeout: x", "boost"),
+         (0.9, None, "pause")]
+    ):  # fmt: skip
+        r = row("ragctl", f"q{i}", 0.5, delay, rate=None, concurrency=2, error=error)
+        r["slo_ms"] = 1000
+        slo = {"flagged": i % 2 == 0, "boosted_calls": i, "paused_ms": 10.0 * i}
+        r["decision"] = {"slo": {**slo, "plan_action": action}}
+        rows.append(r)
+    rows.append(row(STUFF5, "q0", 0.4, 0.3, rate=None, concurrency=2))
+    phase = summarize(rows).phases["closed:2"]
+    slo = phase.systems["ragctl"].slo
+    assert slo is not None and phase.systems[STUFF5].slo is None
+    # met: q0 (0.5 s) and q3 (0.9 s); q1 is late, q2 failed
+    assert (slo.requests, slo.met, slo.violations) == (4, 2, 2)
+    assert slo.attainment == 0.5 and slo.violation_rate == 0.5 and slo.slo_ms == 1000
+    assert (slo.flagged, slo.boosted_calls, slo.paused_mean_ms) == (2, 6, 15.0)
+    assert slo.plan_actions == {"pause": 2, "boost": 1}
+    assert slo_lines(phase) == [
+        "SLO ragctl: 2/4 met within 1000 ms (violations 50%), flagged 2, boosted calls 6, "
+        "paused 15 ms on average; planning: pause 2, boost 1"
+    ]
 
 
 def test_closed_loop_phase_sorted_last() -> None:
@@ -217,8 +243,8 @@ def test_closed_loop_phase_sorted_last() -> None:
         row("ragctl", "q1", 1.0, 2.0, rate=2.0),
     ]
     s = summarize(rows)
-    assert list(s["rates"]) == ["2", "closed:4"]
-    assert s["rates"]["closed:4"]["concurrency"] == 4
+    assert list(s.phases) == ["2", "closed:4"]
+    assert s.phases["closed:4"].concurrency == 4
 
 
 def test_mixed_datasets_and_primaries_refused() -> None:
@@ -242,18 +268,18 @@ def test_system_order() -> None:
 # -- oracle ------------------------------------------------------------------------------------
 
 
-def test_oracle_picks_ties_and_missing_query(summary: dict[str, Any]) -> None:
-    o = summary["rates"]["0.5"]["oracle"]
+def test_oracle_picks_ties_and_missing_query(summary: Evaluation) -> None:
+    o = summary.phases["0.5"].oracle
     # q1: stuff:5, stuff:9 and map_reduce tie at 0.8 -> the fastest (stuff:5, 1.0 s);
     # q2: map_reduce's 0.9; q3: map_reduce has no row -> left out
-    assert o["picks"] == {"q1": "stuff:5", "q2": "map_reduce:9:100"}
-    assert o["queries_excluded"] == 1
-    assert o["n"] == 2
-    assert o["primary_value"] == pytest.approx(0.85)
-    assert o["delay_mean_s"] == pytest.approx(2.5)
-    assert o["configs"] == {"map_reduce:9:100": 1, "stuff:5": 1}
-    assert o["fixed_systems"] == [MR, STUFF5, STUFF9]
-    assert o["throughput_qps"] is None and o["profiler_overhead"] is None
+    assert o.picks == {"q1": "stuff:5", "q2": "map_reduce:9:100"}
+    assert o.queries_excluded == 1
+    assert o.n == 2
+    assert o.primary_value == pytest.approx(0.85)
+    assert o.delay_mean_s == pytest.approx(2.5)
+    assert o.configs == {"map_reduce:9:100": 1, "stuff:5": 1}
+    assert o.fixed_systems == [MR, STUFF5, STUFF9]
+    assert o.throughput_qps is None and o.profiler_overhead is None
 
 
 def test_oracle_exact_tie_and_error_rows() -> None:
@@ -267,86 +293,87 @@ def test_oracle_exact_tie_and_error_rows() -> None:
     ]
     o = oracle(rows, "f1")
     assert o is not None
-    assert o["picks"] == {"q1": "stuff:5", "q3": "stuff:9"}
-    assert o["queries_excluded"] == 1
-    assert o["primary_value"] == pytest.approx(0.25)
+    assert o.picks == {"q1": "stuff:5", "q3": "stuff:9"}
+    assert o.queries_excluded == 1
+    assert o.primary_value == pytest.approx(0.25)
     assert oracle([row("ragctl", "q1", 1.0, 1.0)], "f1") is None
 
 
 # -- ratios ------------------------------------------------------------------------------------
 
 
-def test_ratios_by_hand(summary: dict[str, Any]) -> None:
-    r = summary["rates"]["0.5"]["ratios"]
-    assert r == ratios(summary["rates"]["0.5"])
-    assert r["primary"] == "f1"
+def test_ratios_by_hand(summary: Evaluation) -> None:
+    r = summary.phases["0.5"].ratios
+    half = summary.phases["0.5"]
+    assert r == ratios(half.systems, half.oracle)
+    assert r.primary == "f1"
 
-    a = r["delay_ratio_vs_fixed_equal_quality"]
+    a = r.delay_ratio_vs_fixed_equal_quality
     # stuff:9 (0.633, 2.0 s) and map_reduce (0.85, 3.5 s) reach 0.6; stuff:9 is faster
-    assert a["config"] == STUFF9 and a["reason"] is None
-    assert a["value"] == pytest.approx(2.0 / 3.0)
-    assert a["fixed_delay_s"] == 2.0 and a["ragctl_delay_s"] == pytest.approx(3.0)
-    assert a["fixed_quality"] == pytest.approx(0.6333333) and a["ragctl_quality"] == 0.6
+    assert a.config == STUFF9 and a.reason is None
+    assert a.value == pytest.approx(2.0 / 3.0)
+    assert a.fixed_delay_s == 2.0 and a.ragctl_delay_s == pytest.approx(3.0)
+    assert a.fixed_quality == pytest.approx(0.6333333) and a.ragctl_quality == 0.6
 
-    b = r["delay_ratio_vs_adaptiverag"]
-    assert b["value"] == pytest.approx(5.0 / 3.0) and b["quality_diff"] == pytest.approx(0.0)
-    c = r["delay_ratio_vs_parrot"]
-    assert c["value"] == pytest.approx(2.0)
-    assert c["quality_diff"] == pytest.approx(0.1)
-    assert c["quality_diff_pct"] == pytest.approx(20.0)
-    assert c["other_quality"] == pytest.approx(0.5) and c["other_delay_s"] == 6.0
+    b = r.delay_ratio_vs_adaptiverag
+    assert b.value == pytest.approx(5.0 / 3.0) and b.quality_diff == pytest.approx(0.0)
+    c = r.delay_ratio_vs_parrot
+    assert c.value == pytest.approx(2.0)
+    assert c.quality_diff == pytest.approx(0.1)
+    assert c.quality_diff_pct == pytest.approx(20.0)
+    assert c.other_quality == pytest.approx(0.5) and c.other_delay_s == 6.0
 
-    d = r["quality_vs_fixed_similar_delay"]
+    d = r.quality_vs_fixed_similar_delay
     # |3.5 - 3| = 0.5 beats stuff:9's 1.0 and stuff:5's 2.0
-    assert d["config"] == MR
-    assert d["value"] == pytest.approx(-0.25)
-    assert d["quality_diff_pct"] == pytest.approx(-0.25 / 0.85 * 100)
-    assert d["delay_ratio"] == pytest.approx(3.5 / 3.0)
+    assert d.config == MR
+    assert d.value == pytest.approx(-0.25)
+    assert d.quality_diff_pct == pytest.approx(-0.25 / 0.85 * 100)
+    assert d.delay_ratio == pytest.approx(3.5 / 3.0)
 
-    e = r["oracle_gap"]
-    assert e["value"] == pytest.approx(0.25)
-    assert e["gap_pct"] == pytest.approx(0.25 / 0.85 * 100)
-    assert e["delay_ratio"] == pytest.approx(2.5 / 3.0)
-    assert e["oracle_quality"] == pytest.approx(0.85)
+    e = r.oracle_gap
+    assert e.value == pytest.approx(0.25)
+    assert e.gap_pct == pytest.approx(0.25 / 0.85 * 100)
+    assert e.delay_ratio == pytest.approx(2.5 / 3.0)
+    assert e.oracle_quality == pytest.approx(0.85)
 
-    assert r["profiler_overhead"]["value"] == pytest.approx(1.0 / 9.0)
+    assert r.profiler_overhead.value == pytest.approx(1.0 / 9.0)
 
 
-def test_ratios_when_no_fixed_reaches_ragctl(summary: dict[str, Any]) -> None:
-    r = summary["rates"]["1"]["ratios"]
-    a = r["delay_ratio_vs_fixed_equal_quality"]
-    assert a["value"] is None and a["config"] is None
-    assert a["best_fixed_config"] == MR and a["best_fixed_quality"] == 0.7
-    assert "no fixed configuration reaches ragctl's f1 0.900" in a["reason"]
-    assert "fixed:map_reduce:9:100 at 0.700" in a["reason"]
+def test_ratios_when_no_fixed_reaches_ragctl(summary: Evaluation) -> None:
+    r = summary.phases["1"].ratios
+    a = r.delay_ratio_vs_fixed_equal_quality
+    assert a.value is None and a.config is None
+    assert a.best_fixed_config == MR and a.best_fixed_quality == 0.7
+    assert "no fixed configuration reaches ragctl's f1 0.900" in a.reason
+    assert "fixed:map_reduce:9:100 at 0.700" in a.reason
     # no baselines ran at this rate
-    assert r["delay_ratio_vs_adaptiverag"]["value"] is None
-    assert r["delay_ratio_vs_adaptiverag"]["reason"] == "no adaptiverag rows in this phase"
-    assert r["delay_ratio_vs_parrot"]["reason"] == "no parrot rows in this phase"
+    assert r.delay_ratio_vs_adaptiverag.value is None
+    assert r.delay_ratio_vs_adaptiverag.reason == "no adaptiverag rows in this phase"
+    assert r.delay_ratio_vs_parrot.reason == "no parrot rows in this phase"
     # similar delay: stuff:5 (1.0) and map_reduce (4.0) are both 1 s or more away from 2.0;
     # stuff:5 is 1.0 away, map_reduce 2.0
-    d = r["quality_vs_fixed_similar_delay"]
-    assert d["config"] == STUFF5 and d["value"] == pytest.approx(0.4)
-    assert d["quality_diff_pct"] == pytest.approx(80.0)
-    e = r["oracle_gap"]
-    assert e["value"] == pytest.approx(-0.2)  # ragctl beats the oracle here
-    assert e["delay_ratio"] == pytest.approx(2.0)
-    assert r["profiler_overhead"]["value"] == pytest.approx(0.1)
+    d = r.quality_vs_fixed_similar_delay
+    assert d.config == STUFF5 and d.value == pytest.approx(0.4)
+    assert d.quality_diff_pct == pytest.approx(80.0)
+    e = r.oracle_gap
+    assert e.value == pytest.approx(-0.2)  # ragctl beats the oracle here
+    assert e.delay_ratio == pytest.approx(2.0)
+    assert r.profiler_overhead.value == pytest.approx(0.1)
 
 
 def test_ratios_without_ragctl_or_fixed() -> None:
-    r = ratios({"systems": {}, "oracle": None})
+    r = ratios({}, None)
     for key in ("delay_ratio_vs_fixed_equal_quality", "delay_ratio_vs_adaptiverag",
                 "delay_ratio_vs_parrot", "quality_vs_fixed_similar_delay", "oracle_gap",
                 "profiler_overhead"):  # fmt: skip
-        assert r[key]["value"] is None
-        assert r[key]["reason"] == "no ragctl rows in this phase"
-    s = summarize([row("ragctl", "q1", 1.0, 2.0)])["rates"]["0.5"]["ratios"]
+        assert getattr(r, key).value is None
+        assert getattr(r, key).reason == "no ragctl rows in this phase"
+    s = summarize([row("ragctl", "q1", 1.0, 2.0)]).phases["0.5"].ratios
     no_fixed = "no fixed configuration in this phase"
-    assert s["delay_ratio_vs_fixed_equal_quality"]["reason"] == no_fixed
-    assert s["quality_vs_fixed_similar_delay"]["reason"] == no_fixed
-    assert s["oracle_gap"]["reason"].startswith("no oracle")
-    assert s["profiler_overhead"]["reason"] == "ragctl recorded no profiler time"
+    assert s.delay_ratio_vs_fixed_equal_quality.reason == no_fixed
+    assert s.quality_vs_fixed_similar_delay.reason == no_fixed
+    assert s.oracle_gap.reason.startswith("no oracle")
+    assert s.profiler_overhead.reason == "ragctl recorded no profiler time"
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -361,7 +388,7 @@ def test_torn_last_line_tolerated(
 ) -> None:
     path = tmp_path / "samples.jsonl"
     write_samples(path, rows, tail='{"dataset": "squad", "system": "rag')
-    with caplog.at_level(logging.WARNING, logger="ragctl.evaluation.report"):
+    with caplog.at_level(logging.WARNING, logger="ragctl.evaluation.writers"):
         loaded = load_samples(path)
     assert loaded == rows
     assert "skipped 1 unreadable line(s)" in caplog.text
@@ -373,12 +400,19 @@ def test_clean_file_no_warning(
 ) -> None:
     path = tmp_path / "samples.jsonl"
     write_samples(path, rows, tail="\n")
-    with caplog.at_level(logging.WARNING, logger="ragctl.evaluation.report"):
+    with caplog.at_level(logging.WARNING, logger="ragctl.evaluation.writers"):
         assert load_samples(path) == rows
     assert "skipped" not in caplog.text
 
 
-def test_results_json(tmp_path: Path, summary: dict[str, Any]) -> None:
+SUMMARY_KEYS = [
+    "n", "answered", "errors", "error_kinds", "primary", "primary_value", "quality",
+    "delay_mean_s", "delay_p50_s", "delay_p95_s", "queue_mean_s", "throughput_qps",
+    "profiler_overhead", "configs", "top_config", "tokens",
+]  # fmt: skip
+
+
+def test_results_json(tmp_path: Path, summary: Evaluation) -> None:
     meta = {"dataset": "squad", "command": "ragctl eval run", "model": "m", "settings": {},
             "seed": 0, "limits": {"queries": 4}, "out": tmp_path}  # fmt: skip
     path = write_results(tmp_path / "run", summary, meta)
@@ -386,11 +420,42 @@ def test_results_json(tmp_path: Path, summary: dict[str, Any]) -> None:
     assert list(data) == ["version", "meta", "dataset", "primary", "rates"]
     assert data["meta"]["out"] == str(tmp_path)
     assert list(data["rates"]) == ["0.5", "1"]
-    assert list(data["rates"]["0.5"]) == ["rate", "concurrency", "systems", "oracle", "ratios"]
-    assert data["rates"] == json.loads(json.dumps(summary["rates"]))
+    half = data["rates"]["0.5"]
+    assert list(half) == ["rate", "concurrency", "systems", "oracle", "ratios"]
+    # the field names older results.json files have
+    assert list(half["systems"]["ragctl"]) == [*SUMMARY_KEYS, "slo"]
+    assert half["systems"]["ragctl"]["slo"] is None
+    assert list(half["oracle"]) == [*SUMMARY_KEYS, "fixed_systems", "queries_excluded", "picks"]
+    assert list(half["ratios"]) == [
+        "primary", "delay_ratio_vs_fixed_equal_quality", "delay_ratio_vs_adaptiverag",
+        "delay_ratio_vs_parrot", "quality_vs_fixed_similar_delay", "oracle_gap",
+        "profiler_overhead",
+    ]  # fmt: skip
+    numbers = ["value", "config", "fixed_quality", "fixed_delay_s", "ragctl_quality",
+               "ragctl_delay_s"]  # fmt: skip
+    best = ["best_fixed_config", "best_fixed_quality", "best_fixed_delay_s"]
+    reached = half["ratios"]["delay_ratio_vs_fixed_equal_quality"]
+    assert list(reached) == [*numbers, "reason"]
+    missed = data["rates"]["1"]["ratios"]["delay_ratio_vs_fixed_equal_quality"]
+    assert list(missed) == [*numbers, *best, "reason"]
+    assert half["ratios"]["delay_ratio_vs_parrot"]["value"] == pytest.approx(2.0)
+    # and read back to the same records
+    loaded = Evaluation.from_dict(data)
+    assert loaded.phases == summary.phases
+    assert loaded.meta["model"] == "m" and loaded.dataset == "squad"
 
 
-def test_summary_csv_columns(tmp_path: Path, summary: dict[str, Any]) -> None:
+def test_old_results_without_ratios_recompute_them(summary: Evaluation) -> None:
+    payload = {"dataset": "squad", "primary": "f1",
+               "rates": {k: p.to_dict() for k, p in summary.phases.items()}}  # fmt: skip
+    for phase in payload["rates"].values():
+        del phase["ratios"]
+    loaded = Evaluation.from_dict(payload)
+    assert loaded.phases["0.5"].ratios == summary.phases["0.5"].ratios
+    assert loaded.phases["0.5"].ratios.delay_ratio_vs_parrot.value == pytest.approx(2.0)
+
+
+def test_summary_csv_columns(tmp_path: Path, summary: Evaluation) -> None:
     path = write_summary_csv(tmp_path, summary)
     with path.open() as f:
         reader = csv.DictReader(f)
@@ -414,7 +479,7 @@ def test_summary_csv_columns(tmp_path: Path, summary: dict[str, Any]) -> None:
     assert float(orc["quality"]) == pytest.approx(0.85)
 
 
-def test_plots_written(tmp_path: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+def test_plots_written(tmp_path: Path, rows: list[dict[str, Any]], summary: Evaluation) -> None:
     paths = write_plots(tmp_path, rows, summary)
     assert [p.name for p in paths] == ["quality_vs_delay.png", "delay_cdf.png", "load.png"]
     for p in paths:
@@ -429,7 +494,7 @@ def test_single_rate_has_no_load_plot(tmp_path: Path) -> None:
     assert not (tmp_path / "load.png").exists()
 
 
-def test_render_report_mentions_every_system(summary: dict[str, Any]) -> None:
+def test_render_report_mentions_every_system(summary: Evaluation) -> None:
     console = Console(record=True, width=200)
     render_report(summary, console)
     text = console.export_text()
@@ -446,21 +511,35 @@ def test_render_report_mentions_every_system(summary: dict[str, Any]) -> None:
     assert "1 left out" in text
 
 
-def test_report_dir_from_samples_and_results(
-    tmp_path: Path, rows: list[dict[str, Any]], summary: dict[str, Any]
+def test_report_from_samples_and_results(
+    tmp_path: Path, rows: list[dict[str, Any]], summary: Evaluation
 ) -> None:
     write_samples(tmp_path / "samples.jsonl", rows)
-    console = Console(record=True, width=200)
-    recomputed = report_dir(tmp_path, console)
+    recomputed = load_evaluation(tmp_path)
     assert recomputed == summary
-    assert "parrot" in console.export_text()
+    assert report_run(tmp_path) == summary
 
     write_results(tmp_path, summary, {"model": "some-model"})
+    loaded = report_run(tmp_path)
+    assert loaded.meta == {"model": "some-model"}
     console = Console(record=True, width=200)
-    loaded = report_dir(tmp_path, console)
-    assert loaded["meta"] == {"model": "some-model"}
+    render_report(loaded, console)
     text = console.export_text()
     assert "some-model" in text and "fixed:map_reduce:9:100" in text
 
     with pytest.raises(FileNotFoundError):
-        report_dir(tmp_path / "empty", Console(record=True))
+        load_evaluation(tmp_path / "empty")
+    with pytest.raises(DataNotFound, match="no evaluation run"):
+        report_run(tmp_path / "empty")
+
+
+def test_report_rewrite_recomputes_the_files(
+    tmp_path: Path, rows: list[dict[str, Any]], summary: Evaluation
+) -> None:
+    write_samples(tmp_path / "samples.jsonl", rows)
+    (tmp_path / "run.json").write_text(json.dumps({"model": "from-run-json"}))
+    loaded = report_run(tmp_path, rewrite=True)
+    assert loaded.meta == {"model": "from-run-json"} and loaded.phases == summary.phases
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "results.json", "summary.csv", "quality_vs_delay.png", "delay_cdf.png", "load.png",
+    }  # fmt: skip

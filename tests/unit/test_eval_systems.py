@@ -1,5 +1,6 @@
 """The evaluation's pure policy: system names, the AdaptiveRAG* calibration table, Parrot*'s
-median, the test/calibration split, interleaving, Poisson arrivals and resume bookkeeping."""
+median, the test/calibration split, interleaving, Poisson arrivals, `--rate` and resume
+bookkeeping."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ragctl.errors import InvalidRequest
+from ragctl.evaluation.run import check_out_dir, parse_rates, save_meta
 from ragctl.evaluation.runner import done_keys, interleave, poisson_arrivals
 from ragctl.evaluation.systems import (
     DEFAULT_GRID,
@@ -133,3 +135,31 @@ def test_done_keys_per_phase_and_torn_lines(tmp_path) -> None:
     assert done_keys(path, 0.1) == {("ragctl", "a"), ("parrot", "a")}
     assert done_keys(path, 0.2) == {("ragctl", "b")}
     assert done_keys(tmp_path / "none.jsonl", None) == set()
+
+
+def test_parse_rates() -> None:
+    assert parse_rates(None) == [] and parse_rates("") == []
+    assert parse_rates("0.02, 0.05,") == [0.02, 0.05]
+    with pytest.raises(InvalidRequest, match="numbers separated by commas"):
+        parse_rates("0.1,fast")
+    with pytest.raises(InvalidRequest, match="must be positive"):
+        parse_rates("0.1,0")
+
+
+def test_check_out_dir_resume_rules(tmp_path) -> None:
+    meta = {"dataset": "squad", "systems": "ragctl", "limit": 4, "seed": 0}
+    assert check_out_dir(tmp_path, meta, resume=False) == {}
+    with pytest.raises(InvalidRequest, match="nothing to resume"):
+        check_out_dir(tmp_path, meta, resume=True)
+    save_meta(tmp_path, {**meta, "started_at": "then"})
+    with pytest.raises(InvalidRequest, match="already holds a run"):
+        check_out_dir(tmp_path, meta, resume=False)
+    assert check_out_dir(tmp_path, meta, resume=True)["started_at"] == "then"
+    with pytest.raises(InvalidRequest, match=r"same run as before \(limit=4\)"):
+        check_out_dir(tmp_path, {**meta, "limit": 5}, resume=True)
+    # a samples.jsonl without run.json is a run too
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "samples.jsonl").write_text("")
+    with pytest.raises(InvalidRequest, match="already holds a run"):
+        check_out_dir(other, meta, resume=False)

@@ -1,0 +1,132 @@
+"""`ragctl eval run`'s phases (`ragctl.evaluation.run`) on a fake controller, no engine: the
+calibration of AdaptiveRAG*, the rows and files a run writes, `--resume` skipping what is done,
+and the checks before anything starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from rich.console import Console
+from rich.progress import Progress
+
+from ragctl.errors import InvalidRequest
+from ragctl.evaluation.run import RunRequest, read_meta, run_evaluation
+from ragctl.settings import Settings
+from ragctl.types import Answer, Config, ConfigSpace, Decision
+
+
+class FakeController:
+    """Answers `x` to every question; counts calls."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, Config | None]] = []
+        self.profiled: list[str] = []
+        self.counters = {"asks": 0}
+        self.policy = SimpleNamespace(slo_for=lambda name: None)
+        self.slo = SimpleNamespace(reset=lambda: None, snapshot=lambda: {"fake": True})
+        self.closed = False
+
+    async def aask(self, question: str, config: Config | None = None) -> Answer:
+        self.asked.append((question, config))
+        self.counters["asks"] += 1
+        used = config or Config("stuff", 3)
+        decision = Decision(used, "fixed" if config else "fit")
+        return Answer(question, "x", decision, (), (), {"queue": 0.0, "profile": 0.01})
+
+    async def profile(self, question: str) -> tuple[Any, Any]:
+        self.profiled.append(question)
+        space = ConfigSpace(("stuff",), (3, 3), (50,))
+        return SimpleNamespace(profile=None, seconds=0.01), SimpleNamespace(space=space)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "data" / "squad"
+    folder.mkdir(parents=True)
+    queries = [{"id": f"q{i}", "question": f"what is {i}?", "answers": ["x"],
+                "gold_doc_ids": ["d1"]} for i in range(4)]  # fmt: skip
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (folder / "corpus.jsonl").write_text(json.dumps({"id": "d1", "title": "t", "text": "x"}))
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def controllers(monkeypatch: pytest.MonkeyPatch) -> list[FakeController]:
+    made: list[FakeController] = []
+
+    async def fake_open(settings: Settings, collection: str, progress: Any = None) -> Any:
+        made.append(FakeController())
+        return made[-1]
+
+    monkeypatch.setattr("ragctl.service.open_controller", fake_open)
+    return made
+
+
+def _progress() -> Progress:
+    return Progress(console=Console(file=open("/dev/null", "w")))  # noqa: SIM115
+
+
+def _run(data_dir: Path, out: Path, *, resume: bool = False, limit: int = 2) -> Any:
+    request = RunRequest("squad", "ragctl,fixed:stuff:3,fixed:stuff:5,adaptiverag", limit, 1,
+                         None, 2, 0)  # fmt: skip
+    settings = Settings(data_dir=data_dir)
+    return run_evaluation(settings, request, out, resume=resume, allocation=None,
+                          progress=_progress)  # fmt: skip
+
+
+def test_run_writes_rows_files_and_meta(
+    tmp_path: Path, data_dir: Path, controllers: list[FakeController]
+) -> None:
+    out = tmp_path / "out"
+    evaluation = _run(data_dir, out)
+    (ctl,) = controllers
+    assert ctl.closed
+    # calibration: one query on both fixed configurations, then its profile
+    calibration = [json.loads(line) for line in (out / "calibration.jsonl").open()]
+    assert sorted(r["system"] for r in calibration) == ["fixed:stuff:3", "fixed:stuff:5"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").open()]
+    assert len(samples) == 2 * 4
+    assert {r["concurrency"] for r in samples} == {2} and {r["rate"] for r in samples} == {None}
+    assert all(r["scores"]["f1"] == 1.0 and r["error"] is None for r in samples)
+    meta = read_meta(out)
+    assert meta["adaptiverag_table"]["*"] in ("stuff:3", "stuff:5")
+    assert meta["counters"] == {"asks": ctl.counters["asks"]} and meta["slo"] == {"fake": True}
+    assert meta["rates"] == [] and meta["concurrency"] == 2 and meta["calibration"] == 1
+    phase = evaluation.phases["closed:2"]
+    assert list(phase.systems) == ["ragctl", "adaptiverag", "fixed:stuff:3", "fixed:stuff:5"]
+    assert phase.systems["ragctl"].n == 2 and phase.systems["ragctl"].primary_value == 1.0
+    assert evaluation.meta["model"] == meta["model"]
+    for name in ("results.json", "summary.csv", "quality_vs_delay.png", "delay_cdf.png"):
+        assert (out / name).exists()
+
+
+def test_resume_runs_only_what_is_missing(
+    tmp_path: Path, data_dir: Path, controllers: list[FakeController]
+) -> None:
+    out = tmp_path / "out"
+    _run(data_dir, out)
+    with pytest.raises(InvalidRequest, match="already holds a run"):
+        _run(data_dir, out)
+    with pytest.raises(InvalidRequest, match="same run as before"):
+        _run(data_dir, out, resume=True, limit=3)
+    samples = out / "samples.jsonl"
+    lines = samples.read_text().splitlines(keepends=True)
+    torn = json.loads(lines[-1])
+    samples.write_text("".join(lines[:-1]) + lines[-1][:20] + "\n")  # the last row torn
+    started = read_meta(out)["started_at"]
+    _run(data_dir, out, resume=True)
+    resumed = controllers[-1]
+    # the warm-up and the one torn job; calibration is not run again (its table is in run.json)
+    question = f"what is {torn['query_id'][1:]}?"
+    assert resumed.asked[1][0] == question and len(resumed.asked) == 2
+    assert resumed.profiled == ([question] if torn["system"] == "adaptiverag" else [])
+    rows = [json.loads(line) for line in samples.read_text().splitlines() if line.endswith("}")]
+    assert len({(r["system"], r["query_id"]) for r in rows}) == 8
+    assert read_meta(out)["started_at"] == started
