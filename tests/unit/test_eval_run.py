@@ -4,6 +4,7 @@ and the checks before anything starts."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -70,7 +71,7 @@ def controllers(monkeypatch: pytest.MonkeyPatch) -> list[FakeController]:
 
 
 def _progress() -> Progress:
-    return Progress(console=Console(file=open("/dev/null", "w")))  # noqa: SIM115
+    return Progress(console=Console(file=io.StringIO()))
 
 
 def _run(data_dir: Path, out: Path, *, resume: bool = False, limit: int = 2) -> Any:
