@@ -28,11 +28,15 @@ RESULTS_VERSION = 1
 
 class SampleWriter:
     """Appends one JSON row per finished job and flushes it (kill -9 loses at most the row
-    being written)."""
+    being written). A torn last line left by an interrupted run is ended first, so the first
+    row of a resumed run starts a line of its own instead of being glued to it."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        torn = path.is_file() and path.stat().st_size > 0 and not _ends_with_newline(path)
         self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        if torn:
+            self._f.write("\n")
 
     def write(self, row: dict[str, Any]) -> None:
         self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -40,6 +44,12 @@ class SampleWriter:
 
     def close(self) -> None:
         self._f.close()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        return f.read(1) == b"\n"
 
 
 def read_rows(path: str | Path) -> tuple[list[dict[str, Any]], list[int]]:

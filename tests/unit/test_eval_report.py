@@ -22,6 +22,7 @@ from ragctl.evaluation.run import report_run
 from ragctl.evaluation.summaries import Evaluation, oracle, phase_key, summarize
 from ragctl.evaluation.systems import system_order
 from ragctl.evaluation.writers import (
+    SampleWriter,
     load_evaluation,
     load_samples,
     write_results,
@@ -393,6 +394,19 @@ def test_torn_last_line_tolerated(
     assert loaded == rows
     assert "skipped 1 unreadable line(s)" in caplog.text
     assert f"line {len(rows) + 1}" in caplog.text
+
+
+def test_resume_after_a_torn_line_keeps_the_new_row(
+    tmp_path: Path, rows: list[dict[str, Any]]
+) -> None:
+    """A run killed mid-write leaves a line without its newline; the resumed run's first row
+    must not be glued onto it (it would be unreadable, and its job run again on every resume)."""
+    path = tmp_path / "samples.jsonl"
+    write_samples(path, rows[:1], tail='{"dataset": "squad", "system": "rag')
+    writer = SampleWriter(path)
+    writer.write(rows[1])
+    writer.close()
+    assert load_samples(path) == rows[:2]
 
 
 def test_clean_file_no_warning(
