@@ -64,3 +64,9 @@ def format_passage(index: int, chunk: Chunk) -> str:
 
 def format_notes(notes: list[str]) -> str:
     return "\n\n".join(f"[{i}] {n.strip()}" for i, n in enumerate(notes, 1))
+
+
+def is_refusal(text: str, phrase: str) -> bool:
+    """Whether a model's output is empty or starts with `phrase` ("unanswerable", ...)."""
+    t = text.strip().strip(".!\"'").lower()
+    return not t or t.startswith(phrase)
