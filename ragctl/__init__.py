@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+# Registers the built-in synthesis methods (ragctl.synthesis.registry): importing any part of
+# ragctl runs this first, so every Config knows them.
+import ragctl.synthesis.registry  # noqa: F401
+
 __version__ = "0.1.0"
 __all__ = ["Answer", "Config", "Controller", "Decision", "Message", "Settings", "aopen", "open"]
 

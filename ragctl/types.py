@@ -11,8 +11,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-Method = Literal["map_rerank", "stuff", "map_reduce"]
-METHODS: tuple[Method, ...] = ("map_rerank", "stuff", "map_reduce")
+Method = str
+"""A synthesis method's name, one of METHODS."""
+METHODS: list[Method] = []
+"""The synthesis methods, cheapest first: filled by `ragctl.synthesis.registry.register`, which
+owns everything else about them (types must not import synthesis)."""
+TAKES_INTERMEDIATE: set[Method] = set()
+"""The methods that take an intermediate_length (map_reduce's summary budget)."""
 
 
 @dataclass(frozen=True)
@@ -48,18 +53,21 @@ class Config:
     method: Method
     num_chunks: int
     intermediate_length: int | None = None
-    """Mapper output budget in tokens; map_reduce only."""
+    """Mapper output budget in tokens; only for the methods in TAKES_INTERMEDIATE (map_reduce)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown synthesis method {self.method!r}; choose one of {METHODS}")
+            raise ValueError(
+                f"unknown synthesis method {self.method!r}; choose one of {tuple(METHODS)}"
+            )
         if self.num_chunks < 1:
             raise ValueError(f"num_chunks must be >= 1, got {self.num_chunks}")
-        if self.method == "map_reduce":
+        if self.method in TAKES_INTERMEDIATE:
             if self.intermediate_length is None or self.intermediate_length < 1:
-                raise ValueError("map_reduce needs intermediate_length >= 1")
+                raise ValueError(f"{self.method} needs intermediate_length >= 1")
         elif self.intermediate_length is not None:
-            raise ValueError(f"intermediate_length applies to map_reduce only, not {self.method}")
+            only = " and ".join(sorted(TAKES_INTERMEDIATE))
+            raise ValueError(f"intermediate_length applies to {only} only, not {self.method}")
 
     @property
     def label(self) -> str:
@@ -141,18 +149,21 @@ class ConfigSpace:
     num_chunks: tuple[int, int]
     """Inclusive range."""
     intermediate_lengths: tuple[int, ...] = ()
-    """The summary budgets map_reduce may use (empty when map_reduce is not allowed)."""
+    """The summary budgets map_reduce may use (empty when no method taking one is allowed)."""
     source: str = ""
     """Where the space came from: the rule's name, `history`, or `default`."""
 
     def __post_init__(self) -> None:
         if not self.methods or any(m not in METHODS for m in self.methods):
-            raise ValueError(f"methods must be a non-empty subset of {METHODS}: {self.methods!r}")
+            raise ValueError(
+                f"methods must be a non-empty subset of {tuple(METHODS)}: {self.methods!r}"
+            )
         lo, hi = self.num_chunks
         if not 1 <= lo <= hi:
             raise ValueError(f"num_chunks must be a range 1 <= lo <= hi, got {self.num_chunks!r}")
-        if "map_reduce" in self.methods and not self.intermediate_lengths:
-            raise ValueError("a space with map_reduce needs intermediate_lengths")
+        needs = next((m for m in self.methods if m in TAKES_INTERMEDIATE), None)
+        if needs is not None and not self.intermediate_lengths:
+            raise ValueError(f"a space with {needs} needs intermediate_lengths")
         if any(n < 1 for n in self.intermediate_lengths):
             raise ValueError(f"intermediate_lengths must be >= 1: {self.intermediate_lengths!r}")
 
@@ -161,7 +172,7 @@ class ConfigSpace:
         out: list[Config] = []
         for method in self.methods:
             for n in range(self.num_chunks[0], self.num_chunks[1] + 1):
-                if method == "map_reduce":
+                if method in TAKES_INTERMEDIATE:
                     out.extend(Config(method, n, il) for il in self.intermediate_lengths)
                 else:
                     out.append(Config(method, n))

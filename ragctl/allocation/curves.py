@@ -1,10 +1,11 @@
 """Latency-versus-batch-size curves: measured points and their continuous piecewise-linear fit.
 
-Pure (numpy only). A `Curve` is one component at one thread count (engine components have no
-thread count): the median seconds to process a batch of each measured size, and the fit the
-allocation MILP reads its latencies from. The fit is a least-squares continuous piecewise-linear
-function whose breakpoints are searched over the measured batch sizes; it uses fewer segments
-whenever they fit about as well (see `fit_piecewise_linear`).
+Pure (numpy, and the synthesis registry's names). A `Curve` is one component at one thread
+count (engine components have no thread count): the median seconds to process a batch of each
+measured size, and the fit the allocation MILP reads its latencies from. The fit is a
+least-squares continuous piecewise-linear function whose breakpoints are searched over the
+measured batch sizes; it uses fewer segments whenever they fit about as well (see
+`fit_piecewise_linear`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from ragctl.synthesis import registry
+
 CPU_COMPONENTS = ("embed", "search")
 """Run in this process on CPU threads (query embedding, FAISS search)."""
-ENGINE_COMPONENTS = ("profile", "rerank", "stuff", "map", "reduce")
+SYNTHESIS_COMPONENTS = tuple(registry.stage_components().values())
+"""The synthesis calls of each kind (the built-in methods' stages: rerank, stuff, map, reduce)."""
+ENGINE_COMPONENTS = ("profile", *SYNTHESIS_COMPONENTS)
 """Run as engine calls: the profiler call and the synthesis calls of each kind."""
-SYNTHESIS_COMPONENTS = ("rerank", "stuff", "map", "reduce")
-STAGE_COMPONENT = {"rerank": "rerank", "answer": "stuff", "map": "map", "reduce": "reduce"}
-"""Synthesis stage name (`StageRecord.name`) -> component."""
 
 MIN_GAIN = 0.5
 """An extra segment is kept only when it at least halves the squared error of the fit without

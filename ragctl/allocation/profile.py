@@ -29,18 +29,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragctl.allocation.curves import STAGE_COMPONENT, Curve
+from ragctl.allocation.curves import Curve
 from ragctl.engine.base import gather_or_cancel
+from ragctl.synthesis import registry
 from ragctl.types import Config, GenerationRequest
 
 Status = Callable[[str], None]
 """Called with a line saying what is being measured now."""
-
-METHOD_COMPONENTS = {
-    "map_rerank": ("rerank",),
-    "stuff": ("stuff",),
-    "map_reduce": ("map", "reduce"),
-}
 
 
 @dataclass(frozen=True)
@@ -105,11 +100,12 @@ async def sample_mix(controller: Any, questions: Sequence[str]) -> Mix:
     calls: Counter[str] = Counter()
     seen: Counter[str] = Counter()
     configs: Counter[str] = Counter()
+    component = registry.stage_components()
     for a in answers:
         configs[a.decision.config.label] += 1
         kinds = set()
         for stage in a.stages:
-            comp = STAGE_COMPONENT.get(stage.name, stage.name)
+            comp = component.get(stage.name, stage.name)
             calls[comp] += stage.calls
             kinds.add(comp)
         seen.update(kinds)
@@ -198,21 +194,21 @@ async def engine_pools(
     them (`synthesizer.plan`) with the configuration the sample ran most for the method."""
     synth = controller.synthesizer
     pools: dict[str, list[GenerationRequest]] = {}
-    for method, comps in METHOD_COMPONENTS.items():
+    for method in registry.specs():
+        comps = method.stage_components
         if not any(mix.visits.get(c, 0) > 0 for c in comps):
             continue
-        config = _chosen_config(mix, method)
+        config = _chosen_config(mix, method.name)
         if config is None:
             continue
         steps = [synth.plan(config, q, ch) for q, ch in zip(questions, chunks, strict=True)]
-        if method == "map_reduce":
-            pools["map"] = [r for s in steps for r in s.requests]
-            # The reducer's prompt holds the mappers' notes: run one query's mappers.
-            gens = await controller.engine.generate(steps[0].requests)
-            reduce_step = steps[0].finish(gens)
-            pools["reduce"] = list(reduce_step.requests)
-        else:
-            pools[comps[0]] = [r for s in steps for r in s.requests]
+        pools[comps[0]] = [r for s in steps for r in s.requests]
+        # A later stage's prompts hold the earlier stages' outputs (map_reduce's reducer, the
+        # mappers' notes): run one query's chain that far.
+        step = steps[0]
+        for comp in comps[1:]:
+            step = step.finish(await controller.engine.generate(step.requests))
+            pools[comp] = list(step.requests)
     return pools
 
 
@@ -291,7 +287,7 @@ async def profile_components(
         status("planning real synthesis calls")
     chunks = await asyncio.to_thread(retriever.search_batch, qs, k)
     pools = await engine_pools(controller, mix, qs, chunks)
-    skipped = [c for c in ("rerank", "stuff", "map", "reduce") if c not in pools]
+    skipped = [c for c in registry.stage_components().values() if c not in pools]
     if skipped:
         m.notes.append(f"not measured (the sample never used them): {', '.join(skipped)}")
     await measure_engine(

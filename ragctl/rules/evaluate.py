@@ -8,7 +8,7 @@ import statistics
 from collections.abc import Sequence
 
 from ragctl.rules.schema import FixedSpace, Limits, PerPiece, Rule, RuleSet, Then
-from ragctl.types import METHODS, ConfigSpace, Profile
+from ragctl.types import METHODS, TAKES_INTERMEDIATE, ConfigSpace, Profile
 
 
 def evaluate(rules: RuleSet, profile: Profile) -> ConfigSpace:
@@ -38,7 +38,7 @@ def merge_spaces(spaces: Sequence[ConfigSpace]) -> ConfigSpace:
     # Each lo_i <= hi_i makes median(lo) <= median(hi); max() only guards the rounding.
     hi = max(lo, hi)
     ilens: tuple[int, ...] = ()
-    if "map_reduce" in methods:
+    if TAKES_INTERMEDIATE.intersection(methods):
         ilens = tuple(sorted({n for s in spaces for n in s.intermediate_lengths}))
     return ConfigSpace(methods, (lo, hi), ilens, source="history")
 
@@ -77,7 +77,7 @@ def _space(
 ) -> ConfigSpace:
     lo, hi = (min(max(n, 1), limits.max_chunks) for n in chunks)
     ilens: tuple[int, ...] = ()
-    if "map_reduce" in methods and ilen is not None:
+    if TAKES_INTERMEDIATE.intersection(methods) and ilen is not None:
         ilens = intermediate_values(ilen[0], ilen[1], limits.intermediate_values)
     return ConfigSpace(tuple(methods), (lo, hi), ilens, source)  # type: ignore[arg-type]
 

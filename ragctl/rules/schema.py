@@ -21,7 +21,9 @@ from pydantic import (
 )
 
 from ragctl.errors import RulesError
-from ragctl.types import PIECES_RANGE, SUMMARY_RANGE, Method, Profile
+from ragctl.synthesis import registry
+from ragctl.synthesis.registry import MAX_CHUNKS
+from ragctl.types import PIECES_RANGE, SUMMARY_RANGE, TAKES_INTERMEDIATE, Profile
 
 PROFILE_FIELDS = ("complexity", "joint_reasoning", "pieces", "summary_length")
 """The Profile fields a rule may read, in Profile order (fields_read reports in this order)."""
@@ -155,7 +157,7 @@ IntermediateLength = Annotated[
         custom_error_message=f"expected a range [low, high] or {FROM_SUMMARY}",
     ),
 ]
-Methods = Annotated[list[Method], Field(min_length=1)]
+Methods = Annotated[list[Annotated[str, AfterValidator(registry.known)]], Field(min_length=1)]
 
 
 class Then(_Strict):
@@ -164,7 +166,7 @@ class Then(_Strict):
     methods: Methods
     num_chunks: NumChunks
     intermediate_length: IntermediateLength | None = None
-    """map_reduce's summary budget; required when methods has map_reduce, refused otherwise."""
+    """map_reduce's summary budget; required when a method takes one, refused otherwise."""
 
     @property
     def per_piece(self) -> bool:
@@ -207,7 +209,7 @@ class Rule(_Strict):
 
 
 class Limits(_Strict):
-    max_chunks: int = Field(30, ge=1)
+    max_chunks: int = Field(MAX_CHUNKS, ge=1)
     """No space asks for more chunks than this (ranges are clipped to [1, max_chunks])."""
     intermediate_values: int = Field(3, ge=1)
     """How many evenly spaced intermediate_length values a range yields (ends included;
@@ -257,12 +259,12 @@ def _space_problems(
     dup = next((m for i, m in enumerate(methods) if m in methods[:i]), None)
     if dup is not None:
         out.append(((*loc, "methods"), f"{dup} is listed twice"))
-    if "map_reduce" in methods and ilen is None:
-        out.append(((*loc, "intermediate_length"), "map_reduce needs an intermediate_length"))
-    if "map_reduce" not in methods and ilen is not None:
-        out.append(
-            ((*loc, "intermediate_length"), "applies to map_reduce only, which methods lacks")
-        )
+    takes = [m for m in methods if m in TAKES_INTERMEDIATE]
+    if takes and ilen is None:
+        out.append(((*loc, "intermediate_length"), f"{takes[0]} needs an intermediate_length"))
+    if not takes and ilen is not None:
+        only = " or ".join(sorted(TAKES_INTERMEDIATE))
+        out.append(((*loc, "intermediate_length"), f"applies to {only} only, which methods lacks"))
     low = num_chunks.per_piece[0] if isinstance(num_chunks, PerPiece) else num_chunks[0]
     if low > limits.max_chunks:
         what = "per_piece" if isinstance(num_chunks, PerPiece) else "num_chunks"

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 
 from ragctl.errors import InvalidRequest
+from ragctl.synthesis import registry
 from ragctl.types import METHODS, Config, ConfigSpace, KVState, Plan
 
 
@@ -56,25 +57,25 @@ def clip_space(space: ConfigSpace, max_chunks: int) -> ConfigSpace:
 def fallback_configs(space: ConfigSpace, *, joint_reasoning: bool) -> tuple[Config, ...]:
     """Cheaper configurations outside `space` (already clipped), tried when none of it fits.
 
-    - no joint reasoning: map_rerank; each chunk is answered on its own, so fewer chunks lose
-      little.
-    - joint reasoning: stuff (the chunks must be read together); and, when the space allows
-      map_reduce, map_reduce at the space's smallest intermediate_length.
+    - no joint reasoning: the `independent` methods (map_rerank); each chunk is answered on its
+      own, so fewer chunks lose little.
+    - joint reasoning: the `joint` methods (the chunks must be read together: stuff); one that
+      takes an intermediate_length (map_reduce) only when the space allows it, at the space's
+      smallest.
     Chunk counts run from 1 up to the space's hi; configurations inside the space are left out
     (they were tried), which for a method the space allows leaves only k < lo.
     """
     inside = set(space.configs())
-    variants: list[tuple[str, int | None]]
-    if joint_reasoning:
-        variants = [("stuff", None)]
-        if "map_reduce" in space.methods:
-            variants.append(("map_reduce", min(space.intermediate_lengths)))
-    else:
-        variants = [("map_rerank", None)]
+    role = "joint" if joint_reasoning else "independent"
+    variants = [
+        (m.name, min(space.intermediate_lengths) if m.takes_intermediate else None)
+        for m in registry.specs()
+        if m.fallback == role and (not m.takes_intermediate or m.name in space.methods)
+    ]
     out = []
     for method, ilen in variants:
         for k in range(1, space.num_chunks[1] + 1):
-            config = Config(method, k, ilen)  # type: ignore[arg-type]
+            config = Config(method, k, ilen)
             if config not in inside:
                 out.append(config)
     return tuple(out)

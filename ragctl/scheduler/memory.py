@@ -6,11 +6,12 @@ choice (`bestfit.py`) and the admission queue (`admission.py`) only compare thes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only its attributes are read; keeps the memory model free of synthesis
-    from ragctl.synthesis.methods import CallEstimate, CallSizer
+    from ragctl.synthesis.methods import CallEstimate, CallSizer, StageSize
     from ragctl.types import Config
 
 
@@ -56,10 +57,12 @@ def config_need(calls: Sequence[CallEstimate], block_size: int, buffer_blocks: i
 
 class NeedTable:
     """`config_need(sizer.estimate(config), ...)` for any configuration of one query, in O(1)
-    after one pass per stage: the per-call blocks are summed as prefix sums over the chunks.
+    after one pass per stage: the blocks of a per-chunk stage are summed as prefix sums over the
+    chunks, a one-call stage's are its call's at n.
 
     Best-fit sizes dozens of configurations per query; building each one's call list costs
     more than the whole rest of the decision. The numbers are the same (a unit test checks).
+    The method's stages come from the sizer (`CallSizer.stages`): this is only arithmetic.
     """
 
     def __init__(self, sizer: CallSizer, block_size: int, buffer_blocks: int) -> None:
@@ -68,34 +71,20 @@ class NeedTable:
         self.sizer = sizer
         self.block_size = block_size
         self.buffer_blocks = buffer_blocks
-        self._prefix: dict[tuple[str, int | None], list[int]] = {}
+        self._stages: dict[tuple[str, int | None], list[Callable[[int], int]]] = {}
 
-    def _blocks(self, call: CallEstimate) -> int:
-        return blocks_for(call.prompt_tokens + call.max_tokens, self.block_size)
-
-    def _sums(self, stage: str, ilen: int | None) -> list[int]:
-        """Blocks of the stage's first n calls, for n = 0..chunks (stuff: its one call at n)."""
-        key = (stage, ilen)
-        if key not in self._prefix:
-            s = self.sizer
-            if stage == "answer":
-                self._prefix[key] = [0] + [self._blocks(c) for c in s.stuff_calls()]
-            else:
-                sums = [0]
-                for i in range(len(s.passages)):
-                    call = s.rerank_call(i) if stage == "rerank" else s.map_call(i, ilen or 0)
-                    sums.append(sums[-1] + self._blocks(call))
-                self._prefix[key] = sums
-        return self._prefix[key]
+    def _stage_blocks(self, stage: StageSize) -> Callable[[int], int]:
+        """The stage's blocks at n chunks."""
+        if not stage.per_chunk:
+            return lambda n: blocks_for(sum(stage.call(n)), self.block_size)
+        per_call = (
+            blocks_for(sum(stage.call(i)), self.block_size) for i in range(len(self.sizer.passages))
+        )
+        return list(itertools.accumulate(per_call, initial=0)).__getitem__
 
     def __call__(self, config: Config) -> int:
         n = self.sizer.chunks_used(config)
-        if config.method == "map_rerank":
-            peak = self._sums("rerank", None)[n]
-        elif config.method == "stuff":
-            peak = self._sums("answer", None)[n]
-        else:
-            ilen = config.intermediate_length
-            reduce = self._blocks(self.sizer.reduce_call(n, ilen or 0))
-            peak = max(self._sums("map", ilen)[n], reduce)
-        return peak + self.buffer_blocks
+        key = (config.method, config.intermediate_length)
+        if key not in self._stages:
+            self._stages[key] = [self._stage_blocks(s) for s in self.sizer.stages(config)]
+        return max(blocks(n) for blocks in self._stages[key]) + self.buffer_blocks

@@ -29,6 +29,7 @@ import numpy as np
 
 from ragctl.errors import InvalidRequest
 from ragctl.scheduler.bestfit import choose, clip_space, fallback_configs, unshown_reserved
+from ragctl.synthesis import registry
 from ragctl.types import Config, ConfigSpace, KVState, Plan, SLORecord
 
 MECHANISMS = ("priority", "pause", "config")
@@ -39,12 +40,6 @@ MITIGATION_MODES: dict[str, frozenset[str]] = {
 }
 PRE_STAGE = "pre"
 """Everything before synthesis: retrieval and profiling (concurrent) and the decision."""
-STAGES: dict[str, tuple[str, ...]] = {
-    "map_rerank": ("rerank",),
-    "stuff": ("answer",),
-    "map_reduce": ("map", "reduce"),
-}
-"""The synthesis stages of each method, in order (the names `synthesis.methods` gives them)."""
 FLAGGED_PRIORITY = -1
 """vLLM priority of a flagged request's calls (lower runs first; everything else runs at 0)."""
 
@@ -148,7 +143,7 @@ class StageStats:
     def predict_synthesis(self, config: Config) -> float | None:
         """Seconds of all of `config`'s synthesis stages; None when any stage is unknown."""
         total = 0.0
-        for stage in STAGES[config.method]:
+        for stage in registry.spec(config.method).stages:
             s = self.stage_mean(stage, config)
             if s is None:
                 return None
@@ -214,7 +209,7 @@ def remaining_s(
         if pre is None or synth is None:
             return None
         return max(pre - in_stage_s, 0.0) + synth
-    stages = STAGES[config.method]
+    stages = registry.spec(config.method).stages
     if stage not in stages:  # planned, not yet synthesising (admission queue)
         return stats.predict_synthesis(config)
     left = 0.0
@@ -358,8 +353,9 @@ class SLOTracker:
         self._record(t, now)
         t.stage, t.stage_start = stage, now
         if (
-            stage in STAGES.get(t.config.method if t.config else "", ())
-            and t.synthesis_start is None
+            t.synthesis_start is None
+            and t.config
+            and stage in registry.spec(t.config.method).stages
         ):
             t.synthesis_start = now
 
@@ -412,7 +408,7 @@ class SLOTracker:
         seconds = now - t.stage_start
         if t.stage == PRE_STAGE:
             self.stats.observe(PRE_STAGE, "*", seconds)
-        elif t.config is not None and t.stage in STAGES[t.config.method]:
+        elif t.config is not None and t.stage in registry.spec(t.config.method).stages:
             self.stats.observe(t.stage, t.config.label, seconds)
 
     # -- flagging, priority, the gate -----------------------------------------------------------

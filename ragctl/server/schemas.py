@@ -8,22 +8,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from ragctl.errors import InvalidRequest, ModelNotFound
-from ragctl.types import Config, Message
+from ragctl.synthesis import registry
+from ragctl.synthesis.registry import MAX_CHUNKS
+from ragctl.types import METHODS, Config, Message
 
 MODEL_PREFIX = "ragctl/"
 AUTO_MODEL = "ragctl/auto"
-METHODS = ("map_rerank", "stuff", "map_reduce")
-FIXED_DEFAULTS = {
-    "map_rerank": Config("map_rerank", 5),
-    "stuff": Config("stuff", 5),
-    "map_reduce": Config("map_reduce", 5, 100),
-}
-"""What `ragctl/<method>` runs when the request names no `num_chunks`/`intermediate_length`."""
-
-MAX_CHUNKS = 30
+MethodName = Annotated[
+    str,
+    AfterValidator(registry.known),
+    Field(json_schema_extra=lambda schema: schema.update(enum=list(METHODS))),
+]
 
 
 def served_models() -> list[str]:
@@ -62,7 +60,7 @@ class RagctlOptions(_Open):
     collection: str | None = Field(
         None, min_length=1, description="Collection (index) to answer from; default: the server's."
     )
-    method: Literal["map_rerank", "stuff", "map_reduce"] | None = Field(
+    method: MethodName | None = Field(
         None, description="Fix the synthesis method (turns `ragctl/auto` into a fixed model)."
     )
     num_chunks: int | None = Field(None, ge=1, le=MAX_CHUNKS, description="Fixed chunk count.")
@@ -97,14 +95,8 @@ class RagctlOptions(_Open):
                     "too (model ragctl/<method> or the `method` field)"
                 )
             return None
-        default = FIXED_DEFAULTS[method]
-        ilen = None
-        if method == "map_reduce":
-            ilen = self.intermediate_length or default.intermediate_length
-        elif self.intermediate_length is not None:
-            raise InvalidRequest(f"intermediate_length applies to map_reduce only, not {method}")
-        try:
-            return Config(method, self.num_chunks or default.num_chunks, ilen)
+        try:  # the method's defaults where the request names no num_chunks/intermediate_length
+            return registry.spec(method).fixed_config(self.num_chunks, self.intermediate_length)
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
 

@@ -1,5 +1,6 @@
-"""Synthesis: turn retrieved chunks into an answer with map_rerank, stuff or map_reduce.
-Planning and combining are pure (`methods.Synthesizer`); the controller runs the calls."""
+"""Synthesis: turn retrieved chunks into an answer with one of the registered methods
+(`registry`: map_rerank, stuff, map_reduce, each in its own module). Planning and combining are
+pure (`methods.Synthesizer`); the controller runs the calls."""
 
 from ragctl.synthesis.methods import CallEstimate, Step, Synthesizer
 

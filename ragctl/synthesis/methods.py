@@ -1,12 +1,8 @@
-"""The three synthesis methods as pure planners: each turns (config, question, chunks) into a
-chain of `Step`s — the engine calls of one stage plus a `finish` function that turns their
-generations into the next step or the final `SynthesisResult`. The controller runs the chain;
-nothing here awaits or talks to an engine.
-
-- map_rerank: one call per chunk; answers ranked by log-prob confidence, "unanswerable" last.
-- stuff: all chunks in one prompt (the longest prefix that fits the context window).
-- map_reduce: one mapper per chunk bounded to `intermediate_length` tokens, submitted together,
-  then one reducer over the notes.
+"""The machinery the synthesis methods share: `Synthesizer` plans a configuration's calls as a
+chain of `Step`s (the engine calls of one stage plus a `finish` function that turns their
+generations into the next step or the final `SynthesisResult`), and `CallSizer` sizes them; both
+dispatch to the method's spec (`registry`; the methods themselves are `map_rerank`, `stuff` and
+`map_reduce`). The controller runs the chain; nothing here awaits or talks to an engine.
 """
 
 from __future__ import annotations
@@ -14,43 +10,18 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-from ragctl.engine.tokenizer import Tokenizer
 from ragctl.errors import InvalidRequest, PromptTooLong
-from ragctl.synthesis.prompts import format_notes, format_passage, load_template
-from ragctl.types import (
-    Chunk,
-    Config,
-    Generation,
-    GenerationRequest,
-    Message,
-    SynthesisResult,
-)
+from ragctl.synthesis import registry
+from ragctl.synthesis.prompts import format_passage, load_template
+from ragctl.synthesis.registry import CallEstimate, StageSize, Step
+from ragctl.types import Chunk, Config, GenerationRequest, Message
 
-UNANSWERABLE = "unanswerable"
-NOTHING_RELEVANT = "nothing relevant"
-# Per-note framing in the reducer prompt ("[i] " and the blank line), in tokens, for estimates.
-NOTE_OVERHEAD_TOKENS = 6
+if TYPE_CHECKING:
+    from ragctl.engine.tokenizer import Tokenizer
 
-
-@dataclass(frozen=True)
-class Step:
-    """One stage of a method: calls to submit together, and what to do with their results."""
-
-    name: str
-    requests: tuple[GenerationRequest, ...]
-    finish: Callable[[Sequence[Generation]], Step | SynthesisResult]
-
-
-@dataclass(frozen=True)
-class CallEstimate:
-    """A call's size before it runs: exact prompt tokens where the prompt is known (mappers,
-    map_rerank, stuff), an upper bound for the reducer (every note at its full budget)."""
-
-    stage: str
-    prompt_tokens: int
-    max_tokens: int
-
+__all__ = ["CallEstimate", "CallSizer", "Step", "Synthesizer"]
 
 # Upper bound on the tokens a passage gains in a real prompt over its standalone count: its
 # `[i]` number, the joining blank line, and a merge at either edge.
@@ -72,11 +43,12 @@ class CallSizer:
     answer_max_tokens: int
     max_model_len: int
 
-    def _passage(self, i: int) -> int:
+    def passage(self, i: int) -> int:
         return self.passages[i] + PASSAGE_SLACK_TOKENS
 
     @property
-    def _budget(self) -> int:
+    def budget(self) -> int:
+        """Prompt tokens an answer call may use."""
         return self.max_model_len - self.answer_max_tokens
 
     def chunks_used(self, config: Config) -> int:
@@ -85,47 +57,13 @@ class CallSizer:
             raise InvalidRequest("retrieval returned no chunks to answer from")
         return n
 
-    def rerank_call(self, i: int) -> CallEstimate:
-        """map_rerank's call over chunk `i`."""
-        prompt = min(self.overhead["map_rerank"] + self._passage(i), self._budget)
-        return CallEstimate("rerank", prompt, self.answer_max_tokens)
-
-    def map_call(self, i: int, ilen: int) -> CallEstimate:
-        """map_reduce's mapper over chunk `i`."""
-        prompt = min(self.overhead["map"] + self._passage(i), self.max_model_len - ilen)
-        return CallEstimate("map", prompt, ilen)
-
-    def reduce_call(self, n: int, ilen: int) -> CallEstimate:
-        """map_reduce's reducer over `n` notes, each at its full budget."""
-        bound = self.overhead["reduce"] + n * (ilen + NOTE_OVERHEAD_TOKENS)
-        return CallEstimate("reduce", min(bound, self._budget), self.answer_max_tokens)
-
-    def stuff_calls(self) -> list[CallEstimate]:
-        """stuff's one call for every chunk count 1..len(passages), in one pass (each keeps
-        the longest prefix that fits the context window)."""
-        out, total, full = [], self.overhead["stuff"], False
-        for i in range(len(self.passages)):
-            if not full and total + self._passage(i) <= self._budget:
-                total += self._passage(i)
-            else:
-                full = True
-            out.append(CallEstimate("answer", total, self.answer_max_tokens))
-        return out
+    def stages(self, config: Config) -> tuple[StageSize, ...]:
+        """How each stage's calls grow with the chunk count (what `NeedTable` sums)."""
+        return registry.spec(config.method).size(self, config)
 
     def estimate(self, config: Config) -> list[CallEstimate]:
         n = self.chunks_used(config)
-        if config.method == "map_rerank":
-            return [self.rerank_call(i) for i in range(n)]
-        if config.method == "stuff":
-            return [self.stuff_calls()[n - 1]]
-        ilen = config.intermediate_length
-        assert ilen is not None  # Config guarantees it for map_reduce
-        return [self.map_call(i, ilen) for i in range(n)] + [self.reduce_call(n, ilen)]
-
-
-def _is_refusal(text: str, phrase: str) -> bool:
-    t = text.strip().strip(".!\"'").lower()
-    return not t or t.startswith(phrase)
+        return [call for stage in self.stages(config) for call in stage.calls(n)]
 
 
 class Synthesizer:
@@ -142,7 +80,7 @@ class Synthesizer:
         self.max_model_len = max_model_len
         self.answer_max_tokens = answer_max_tokens
         self.temperature = temperature
-        self.templates = {n: load_template(n) for n in ("map_rerank", "stuff", "map", "reduce")}
+        self.templates = {n: load_template(n) for m in registry.specs() for n in m.templates}
         # Chunk id -> tokens of its passage; chunks recur across queries, so sizing mostly hits.
         self._passage_tokens: dict[str, int] = {}
         self._title_tokens: dict[str, int] = {}
@@ -158,14 +96,9 @@ class Synthesizer:
         chunks = tuple(chunks[: config.num_chunks])
         if not chunks:
             raise InvalidRequest("retrieval returned no chunks to answer from")
-        if config.method == "map_rerank":
-            return self._map_rerank(question, chunks)
-        if config.method == "stuff":
-            return self._stuff(question, chunks)
-        assert config.intermediate_length is not None  # Config guarantees it for map_reduce
-        return self._map_reduce(question, chunks, config.intermediate_length)
+        return registry.spec(config.method).plan(self, config, question, chunks)
 
-    def _call(
+    def call(
         self, template: str, tag: str, max_tokens: int, logprobs: bool, **values: object
     ) -> GenerationRequest:
         return GenerationRequest(
@@ -176,99 +109,10 @@ class Synthesizer:
             tag=tag,
         )
 
-    def _answer_call(self, template: str, **values: object) -> GenerationRequest:
-        return self._call(template, "answer", self.answer_max_tokens, True, **values)
+    def answer_call(self, template: str, **values: object) -> GenerationRequest:
+        return self.call(template, "answer", self.answer_max_tokens, True, **values)
 
-    def _map_rerank(self, question: str, chunks: tuple[Chunk, ...]) -> Step:
-        calls = tuple(
-            self._call(
-                "map_rerank",
-                "rerank",
-                self.answer_max_tokens,
-                True,
-                chunk=format_passage(1, c),
-                question=question,
-            )
-            for c in chunks
-        )
-
-        def finish(gens: Sequence[Generation]) -> SynthesisResult:
-            # Real answers beat "unanswerable"; then higher confidence; then retrieval rank.
-            best = max(
-                range(len(gens)),
-                key=lambda i: (
-                    not _is_refusal(gens[i].text, UNANSWERABLE),
-                    gens[i].confidence or 0.0,
-                    -i,
-                ),
-            )
-            return SynthesisResult(
-                answer=gens[best].text.strip(),
-                confidence=gens[best].confidence,
-                source_chunk_id=chunks[best].id,
-                used_chunk_ids=tuple(c.id for c in chunks),
-            )
-
-        return Step("rerank", calls, finish)
-
-    def _stuff(self, question: str, chunks: tuple[Chunk, ...]) -> Step:
-        def build(n: int) -> GenerationRequest:
-            context = "\n\n".join(format_passage(i, c) for i, c in enumerate(chunks[:n], 1))
-            return self._answer_call("stuff", context=context, question=question)
-
-        n, call = self._longest_fitting(len(chunks), build)
-        used = chunks[:n]
-
-        def finish(gens: Sequence[Generation]) -> SynthesisResult:
-            return SynthesisResult(
-                answer=gens[0].text.strip(),
-                confidence=gens[0].confidence,
-                used_chunk_ids=tuple(c.id for c in used),
-            )
-
-        return Step("answer", (call,), finish)
-
-    def _map_reduce(self, question: str, chunks: tuple[Chunk, ...], ilen: int) -> Step:
-        mappers = tuple(self._mapper(question, c, ilen) for c in chunks)
-
-        def after_map(gens: Sequence[Generation]) -> Step:
-            notes = [g.text.strip() for g in gens]
-            # Notes that found nothing only cost reducer tokens; keep them all if none found
-            # anything, so the reducer can still say so.
-            useful = [n for n in notes if not _is_refusal(n, NOTHING_RELEVANT)] or notes
-
-            def build(k: int) -> GenerationRequest:
-                notes_text = format_notes(useful[:k])
-                return self._answer_call("reduce", notes=notes_text, question=question)
-
-            _, reducer = self._longest_fitting(len(useful), build)
-
-            def finish(final: Sequence[Generation]) -> SynthesisResult:
-                return SynthesisResult(
-                    answer=final[0].text.strip(),
-                    confidence=final[0].confidence,
-                    intermediate=tuple(notes),
-                    used_chunk_ids=tuple(c.id for c in chunks),
-                )
-
-            return Step("reduce", (reducer,), finish)
-
-        return Step("map", mappers, after_map)
-
-    def _mapper(self, question: str, chunk: Chunk, ilen: int) -> GenerationRequest:
-        # Words are ~0.75 tokens; the token budget is enforced by max_tokens regardless.
-        words = max(5, int(ilen * 0.75))
-        return self._call(
-            "map",
-            "map",
-            ilen,
-            False,
-            chunk=format_passage(1, chunk),
-            question=question,
-            max_words=words,
-        )
-
-    def _longest_fitting(
+    def longest_fitting(
         self, n: int, build: Callable[[int], GenerationRequest]
     ) -> tuple[int, GenerationRequest]:
         """The largest k in 1..n whose call fits the context window (binary search: prompt
@@ -303,25 +147,16 @@ class Synthesizer:
     def estimate_calls(
         self, config: Config, question: str, chunks: Sequence[Chunk]
     ) -> list[CallEstimate]:
-        """Every call `config` will make, with its prompt and output budget in tokens."""
+        """Every call `config` will make, with its prompt and output budget in tokens: exact for
+        the first stage, whose prompts are known; later stages' prompts hold earlier outputs,
+        so they are the sizer's bounds."""
         step = self.plan(config, question, chunks)
-        out = [
+        first = [
             CallEstimate(step.name, self.prompt_tokens(r.messages), r.max_tokens)
             for r in step.requests
         ]
-        if config.method == "map_reduce":
-            assert config.intermediate_length is not None
-            n = min(config.num_chunks, len(chunks))
-            empty = self._answer_call("reduce", notes="", question=question)
-            bound = self.prompt_tokens(empty.messages) + n * (
-                config.intermediate_length + NOTE_OVERHEAD_TOKENS
-            )
-            out.append(
-                CallEstimate(
-                    "reduce", min(bound, self.max_model_len - empty.max_tokens), empty.max_tokens
-                )
-            )
-        return out
+        later = self.sizer(question, chunks).estimate(config)
+        return first + [c for c in later if c.stage != step.name]
 
     def sizer(self, question: str, chunks: Sequence[Chunk]) -> CallSizer:
         """A per-query table that sizes any configuration's calls in microseconds (the
@@ -357,17 +192,12 @@ class Synthesizer:
     @cached_property
     def _empty_prompt_tokens(self) -> dict[str, int]:
         """Each template's prompt tokens with its passage and question slots empty."""
-        blank = {"question": "", "chunk": "", "context": "", "notes": ""}
-        return {
-            "map_rerank": self.prompt_tokens(self.templates["map_rerank"].render(**blank)),
-            "stuff": self.prompt_tokens(self.templates["stuff"].render(**blank)),
-            # The widest word budget (3 digits) bounds every real one.
-            "map": self.prompt_tokens(self.templates["map"].render(**blank, max_words=999)),
-            "reduce": self.prompt_tokens(self.templates["reduce"].render(**blank)),
-        }
+        # The widest word budget (3 digits) bounds every real one.
+        blank = {"question": "", "chunk": "", "context": "", "notes": "", "max_words": 999}
+        return {n: self.prompt_tokens(t.render(**blank)) for n, t in self.templates.items()}
 
     def question_overhead(self, question: str) -> int:
         """Tokens of the smallest prompt this question can make (a stuff prompt with no
         passages) plus the answer budget: what must fit before any chunk does."""
-        call = self._answer_call("stuff", context="", question=question)
+        call = self.answer_call("stuff", context="", question=question)
         return self.prompt_tokens(call.messages) + call.max_tokens

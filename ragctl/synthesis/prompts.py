@@ -11,7 +11,6 @@ import re
 import string
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
 
 from ragctl.types import Chunk, Message
 
@@ -51,6 +50,8 @@ def parse_template(name: str, text: str) -> Template:
 @cache
 def load_template(name: str) -> Template:
     """One of the shipped templates: map_rerank, stuff, map, reduce."""
+    from importlib import resources  # here: `import ragctl` imports synthesis, and stays cheap
+
     text = (resources.files("ragctl.synthesis") / "templates" / f"{name}.txt").read_text("utf-8")
     return parse_template(name, text)
 
@@ -64,3 +65,9 @@ def format_passage(index: int, chunk: Chunk) -> str:
 
 def format_notes(notes: list[str]) -> str:
     return "\n\n".join(f"[{i}] {n.strip()}" for i, n in enumerate(notes, 1))
+
+
+def is_refusal(text: str, phrase: str) -> bool:
+    """Whether a model's output is empty or starts with `phrase` ("unanswerable", ...)."""
+    t = text.strip().strip(".!\"'").lower()
+    return not t or t.startswith(phrase)
