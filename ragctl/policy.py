@@ -13,11 +13,11 @@ from ragctl.profiler import ProfileOutcome
 from ragctl.rules import RuleSet, default_space, evaluate, merge_spaces
 from ragctl.scheduler import NeedTable, choose
 from ragctl.scheduler.slo import Mitigation, choose_within_slo
+from ragctl.synthesis import registry
 from ragctl.synthesis.methods import CallSizer
+from ragctl.synthesis.registry import GOLDEN_CONFIG
 from ragctl.types import Config, ConfigSpace, Decision, KVState, Message, Plan
 
-GOLDEN_CONFIG = Config("map_reduce", 30, 300)
-"""The most expensive configuration: what a query "should" have looked like (paper section 4.1)."""
 HISTORY_TURNS = 6
 """Earlier messages of a conversation carried into the synthesis prompts (the latest ones)."""
 
@@ -91,7 +91,7 @@ def resolve_space(
         note = f"low-confidence {profile.confidence:.2f} < {threshold:.2f}"
     space = merge_spaces(list(history)) if history else default_space(rules)
     # Joint reasoning unless the space only answers from single chunks.
-    joint = any(m != "map_rerank" for m in space.methods)
+    joint = not all(registry.spec(m).fallback == "independent" for m in space.methods)
     return SpaceChoice(space, False, note, joint)
 
 

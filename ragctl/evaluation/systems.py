@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ragctl.errors import InvalidRequest
-from ragctl.types import Config, ConfigSpace, Profile
+from ragctl.types import METHODS, TAKES_INTERMEDIATE, Config, ConfigSpace, Profile
 
 Kind = Literal["ragctl", "fixed", "adaptiverag", "parrot"]
 
@@ -39,7 +39,6 @@ BASELINES = ("adaptiverag", "parrot")
 FIXED_PREFIX = "fixed:"
 ORACLE = "oracle"
 DEFAULT_SYSTEMS = "ragctl,fixed,adaptiverag,parrot,oracle"
-METHOD_ORDER = ("map_rerank", "stuff", "map_reduce")
 """Methods from cheapest to most expensive (for medians)."""
 
 DESCRIPTIONS = {
@@ -173,11 +172,11 @@ def adaptiverag_config(table: Mapping[str, str], profile: Profile | None) -> Con
 def median_config(space: ConfigSpace) -> Config:
     """Parrot*'s pick: the median of each knob of the pruned space (lower median; methods from
     cheapest to most expensive)."""
-    methods = sorted(space.methods, key=METHOD_ORDER.index)
+    methods = sorted(space.methods, key=METHODS.index)
     method = methods[(len(methods) - 1) // 2]
     lo, hi = space.num_chunks
     n = (lo + hi) // 2
-    if method != "map_reduce":
+    if method not in TAKES_INTERMEDIATE:
         return Config(method, n)
     lengths = sorted(space.intermediate_lengths)
     return Config(method, n, lengths[(len(lengths) - 1) // 2])
