@@ -46,7 +46,7 @@ index: setup ## build the SQuAD index (once; reused until data, chunking or embe
 demo: setup ## answer a few SQuAD questions with each synthesis method on the embedded default
 	$(RAGCTL) demo --dataset squad
 
-test: setup ## run all tests (unit + integration on the real engine)
+test: lint ## lint, then run all tests (unit + integration on the real engine)
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: setup ## run the fast unit tests only
@@ -59,8 +59,9 @@ bench: setup ## ragctl vs fixed configurations, controller overhead, profiler ag
 	$(RAGCTL) bench profiler --questions 30
 	$(RAGCTL) --kv-cache-blocks 24 --max-model-len 2048 bench pressure --questions 12
 
-lint: setup ## ruff
+lint: setup ## ruff, and the import layers of pyproject.toml (import-linter)
 	$(VENV)/bin/ruff check ragctl tests
+	$(VENV)/bin/lint-imports
 
 clean: ## remove the venv and caches (the model cache in ~/.cache/ragctl stays)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

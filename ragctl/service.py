@@ -16,7 +16,7 @@ from ragctl.bridge import Bridge
 from ragctl.controller import Controller
 from ragctl.engine import Engine, open_engine
 from ragctl.policy import AdaptivePolicy
-from ragctl.profiler import Profiler, open_profiler
+from ragctl.profiler import Profiler
 from ragctl.retrieval.collection import check_dataset, dataset_names
 from ragctl.rules import RuleSet, load_rules
 from ragctl.scheduler import AdmissionQueue, KVLedger, SLOTracker
@@ -204,3 +204,21 @@ class Service:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.aclose()
+
+
+async def open_profiler(settings: Settings, serving_engine: Engine) -> Profiler:
+    """A Profiler on `settings.profiler_url` (an OpenAI-compatible endpoint, opened here and
+    closed by `Profiler.aclose`) when set, else on the serving engine (left open)."""
+    common = {"timeout_s": settings.profiler_timeout_s, "max_examples": settings.golden_examples}
+    if not settings.profiler_url:
+        return Profiler(serving_engine, **common)
+    from ragctl.engine.remote import RemoteEngine
+
+    engine = await RemoteEngine.connect(
+        settings.profiler_url,
+        model=settings.profiler_model,
+        api_key=settings.profiler_api_key,
+        timeout_s=settings.profiler_timeout_s,
+        cache_dir=settings.cache_dir,
+    )
+    return Profiler(engine, owns_engine=True, **common)

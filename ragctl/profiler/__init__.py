@@ -7,7 +7,6 @@ from ragctl.profiler.profiler import (
     FeedbackExamples,
     ProfileOutcome,
     Profiler,
-    open_profiler,
 )
 from ragctl.profiler.prompts import TEMPLATE_VERSIONS, FeedbackExample, load_profiler_template
 from ragctl.profiler.schema import (
@@ -25,7 +24,6 @@ __all__ = [
     "ProfileOutcome",
     "Profiler",
     "load_profiler_template",
-    "open_profiler",
     "parse_profile",
     "profile_confidence",
     "profile_to_json",

@@ -35,7 +35,6 @@ from ragctl.profiler.prompts import (
     useful_notes,
 )
 from ragctl.profiler.schema import PROFILE_SCHEMA, parse_profile, profile_confidence
-from ragctl.settings import Settings
 from ragctl.synthesis.prompts import Template
 from ragctl.types import Generation, GenerationRequest, Profile
 
@@ -117,7 +116,7 @@ class FeedbackExamples:
 
 class Profiler:
     """Profiles queries with an LLM behind any `Engine`: the shared serving engine, or a
-    `RemoteEngine` to a separate OpenAI-compatible endpoint (see `open_profiler`)."""
+    `RemoteEngine` to a separate OpenAI-compatible endpoint (see `ragctl.service.open_profiler`)."""
 
     def __init__(
         self,
@@ -317,24 +316,6 @@ class Profiler:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-async def open_profiler(settings: Settings, serving_engine: Engine) -> Profiler:
-    """A Profiler on `settings.profiler_url` (an OpenAI-compatible endpoint, opened here and
-    closed by `Profiler.aclose`) when set, else on the serving engine (left open)."""
-    common = {"timeout_s": settings.profiler_timeout_s, "max_examples": settings.golden_examples}
-    if not settings.profiler_url:
-        return Profiler(serving_engine, **common)
-    from ragctl.engine.remote import RemoteEngine
-
-    engine = await RemoteEngine.connect(
-        settings.profiler_url,
-        model=settings.profiler_model,
-        api_key=settings.profiler_api_key,
-        timeout_s=settings.profiler_timeout_s,
-        cache_dir=settings.cache_dir,
-    )
-    return Profiler(engine, owns_engine=True, **common)
 
 
 def _key(collection: str | None, metadata: str) -> str:

@@ -14,8 +14,9 @@ import yaml
 
 from ragctl.engine.base import Engine
 from ragctl.engine.remote import RemoteEngine
-from ragctl.profiler import Profiler, open_profiler, profile_confidence
+from ragctl.profiler import Profiler, profile_confidence
 from ragctl.resources import data_folder
+from ragctl.service import open_profiler
 from ragctl.settings import Settings
 from ragctl.types import Generation, GenerationRequest, KVState
 

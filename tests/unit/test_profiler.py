@@ -20,12 +20,12 @@ from ragctl.profiler import (
     FeedbackExamples,
     Profiler,
     load_profiler_template,
-    open_profiler,
     parse_profile,
     profile_confidence,
     profile_to_json,
 )
 from ragctl.profiler import prompts as profiler_prompts
+from ragctl.service import open_profiler
 from ragctl.settings import Settings
 from ragctl.types import (
     PIECES_RANGE,
