@@ -4,27 +4,33 @@
   call sizing, reservation bookkeeping, the Decision record), over synthetic decisions.
 - `agreement`: what the profiler says against what a dataset annotates (confusion tables).
 - `pressure`: many adaptive queries at once on a small KV cache.
+- `configs_bench`, `overhead_bench`, `profiler_bench`, `pressure_bench`, `load_bench`: the whole
+  `ragctl bench` runs (open, measure, write results.json); the CLI only parses and renders.
 The summaries are pure functions over plain rows, so the same rows can be re-summarised later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import statistics
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ragctl.controller import Controller
+from ragctl.errors import InvalidRequest
 from ragctl.policy import adaptive_decision, best_fit, resolve_space
 from ragctl.profiler import ProfileOutcome
 from ragctl.rules import RuleSet
 from ragctl.scheduler import KVLedger
 from ragctl.synthesis.methods import Synthesizer
-from ragctl.types import Chunk, KVState, Profile, Query
+from ragctl.types import Chunk, Config, KVState, Profile, Query
 
 # -- controller overhead ------------------------------------------------------------------------
 
@@ -261,3 +267,217 @@ def _decided_after(answer: Any) -> float:
     """Seconds from arrival to the configuration decision (retrieval ‖ profile, then queue)."""
     t = answer.timings
     return max(t.get("retrieve", 0.0), t.get("profile", 0.0)) + t.get("queue", 0.0)
+
+
+# -- the `ragctl bench` runs ------------------------------------------------------------------
+# Each takes what opens the controller or shows progress from the caller (the CLI passes its
+# progress bars), runs the measurement, writes its files and returns what it wrote.
+
+OpenController = Callable[[Any, str], Awaitable[Controller]]
+Status = Callable[[str], AbstractContextManager[Any]]
+Tally = Callable[[str, int], AbstractContextManager[Callable[[], None]]]
+
+
+def parse_systems(text: str) -> list[Config | None]:
+    """`ragctl` (adaptive, None) or a fixed `method:chunks[:ilen]`, comma-separated."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise InvalidRequest("--systems is empty")
+    try:
+        return [None if n == "ragctl" else Config.parse(n) for n in names]
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
+
+
+def system_label(config: Config | None) -> str:
+    return "ragctl" if config is None else config.label
+
+
+def _write_json(path: Path, data: Any, end: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + end)
+
+
+async def configs_bench(
+    settings: Any,
+    dataset: str,
+    questions: int,
+    configs: Sequence[Config | None],
+    out_dir: Path,
+    *,
+    open_controller: OpenController,
+    tally: Tally,
+) -> dict[str, Any]:
+    """ragctl and fixed configurations on the same questions, interleaved, one at a time;
+    writes samples.jsonl and results.json to `out_dir`, returns the results."""
+    from ragctl.retrieval.collection import load_queries
+
+    queries = load_queries(settings.data_dir, dataset)[:questions]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    controller = await open_controller(settings, dataset)
+    startup = time.perf_counter() - t
+    samples = []
+    try:
+        # The first call pays one-off costs (loading the embedding model, the engine's first
+        # batch); report it apart instead of charging it to whichever system runs first.
+        t = time.perf_counter()
+        await controller.aask(queries[0].question, Config("stuff", 1))
+        warmup = time.perf_counter() - t
+        with (
+            tally("bench", len(queries) * len(configs)) as advance,
+            open(out_dir / "samples.jsonl", "w") as f,
+        ):
+            for q in queries:
+                # Interleaved: every system sees the same machine conditions.
+                for cfg in configs:
+                    a = await controller.aask(q.question, cfg)
+                    row = {"query_id": q.id, "system": system_label(cfg),
+                           "gold": list(q.answers[:1]), "gold_doc_ids": list(q.gold_doc_ids),
+                           **a.to_dict()}  # fmt: skip
+                    samples.append(row)
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    advance()
+    finally:
+        await controller.aclose()
+    result = {
+        "dataset": dataset,
+        "questions": len(queries),
+        "model": settings.model or "embedded:SmolLM2-135M-Instruct",
+        "engine": settings.engine_url or "in-process",
+        "engine_startup_seconds": round(startup, 2),
+        "warmup_seconds": round(warmup, 2),
+        "systems": configs_summary(samples),
+    }
+    _write_json(out_dir / "results.json", result)
+    return result
+
+
+def configs_summary(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per system: latency, profiler share, tokens, calls, evidence recall, configurations."""
+    by_system: dict[str, list[dict[str, Any]]] = {}
+    for s in samples:
+        by_system.setdefault(s["system"], []).append(s)
+    summary = {}
+    for label, rows in by_system.items():
+        secs = [r["timings"]["total"] for r in rows]
+        recall = [
+            len(set(r["gold_doc_ids"]) & set(r["doc_ids"])) / len(r["gold_doc_ids"])
+            for r in rows if r["gold_doc_ids"]
+        ]  # fmt: skip
+        profile = [r["timings"]["profile"] for r in rows if "profile" in r["timings"]]
+        configs = Counter(r["config"] for r in rows)
+        summary[label] = {
+            "n": len(rows),
+            "mean_seconds": statistics.fmean(secs),
+            "p50_seconds": statistics.median(secs),
+            "p95_seconds": percentile(secs, 0.95),
+            # Profiler time over end-to-end time, summed over the questions.
+            "profile_share": sum(profile) / sum(secs) if profile else None,
+            "profile_mean_seconds": statistics.fmean(profile) if profile else None,
+            "prompt_tokens": sum(r["tokens"]["prompt"] for r in rows),
+            "output_tokens": sum(r["tokens"]["output"] for r in rows),
+            "calls": sum(r["tokens"]["calls"] for r in rows),
+            "evidence_recall": statistics.fmean(recall) if recall else 0.0,
+            "configs": dict(configs.most_common()),
+        }
+    return summary
+
+
+def overhead_bench(
+    settings: Any,
+    card: Any,
+    rules: RuleSet,
+    tokenizer: Any,
+    pool: Sequence[Chunk],
+    out_dir: Path,
+    *,
+    decisions: int,
+    seed: int,
+) -> dict[str, Any]:
+    """`overhead_run` with the serving tokenizer and the collection's chunks; writes
+    results.json to `out_dir`."""
+    answer_tokens = settings.answer_max_tokens or card.answer_max_tokens
+    synthesizer = Synthesizer(tokenizer, settings.max_model_len, answer_tokens)
+    result = overhead_run(synthesizer, rules, pool, decisions=decisions, seed=seed)
+    _write_json(out_dir / "results.json", result)
+    return result
+
+
+async def profiler_bench(
+    settings: Any, datasets: Sequence[str], questions: int, out_dir: Path, *, status: Status
+) -> dict[str, Any]:
+    """`agreement_tables` per dataset over `questions` spread across its annotated classes;
+    writes results.json to `out_dir` and returns it."""
+    from ragctl.engine import open_engine
+    from ragctl.profiler import open_profiler
+    from ragctl.retrieval.collection import check_dataset, load_queries
+
+    cards = {d: check_dataset(settings.data_dir, d) for d in datasets}
+    # Spread over each dataset's annotated classes, so every row of the tables is filled.
+    queries = {
+        d: spread_by_class(d, load_queries(settings.data_dir, d), questions) for d in datasets
+    }
+    with status(f"starting the engine ({settings.engine_url or 'in-process'})"):
+        engine = await open_engine(settings)
+    profiler = await open_profiler(settings, engine)
+    try:
+        results = {}
+        for d in datasets:
+            card = cards[d]
+            with status(f"profiling {len(queries[d])} {d} questions"):
+                rows = await agreement_run(
+                    profiler, d, card.metadata, card.chunking.size, queries[d]
+                )
+            results[d] = agreement_tables(d, rows)
+    finally:
+        await profiler.aclose()
+        await engine.aclose()
+    profiler_model = settings.profiler_model or settings.profiler_url or settings.model
+    payload = {"profiler": profiler_model or "embedded:SmolLM2-135M-Instruct", **results}
+    _write_json(out_dir / "results.json", payload)
+    return payload
+
+
+async def pressure_bench(
+    settings: Any,
+    dataset: str,
+    questions: int,
+    stagger_ms: float,
+    out_dir: Path,
+    *,
+    open_controller: OpenController,
+) -> dict[str, Any]:
+    """`pressure_run` after one warm-up call; writes results.json to `out_dir`."""
+    from ragctl.retrieval.collection import load_queries
+
+    qs = [q.question for q in load_queries(settings.data_dir, dataset)[:questions]]
+    controller = await open_controller(settings, dataset)
+    try:
+        await controller.aask(qs[0], Config("stuff", 1))  # warm-up, not counted
+        rows = await pressure_run(controller, qs, stagger_s=stagger_ms / 1000)
+        counters = dict(controller.counters)
+    finally:
+        await controller.aclose()
+    result = {
+        "dataset": dataset,
+        "questions": len(qs),
+        "answered": sum(r["answered"] for r in rows),
+        "kv_cache_blocks": settings.kv_cache_blocks,
+        "counters": counters,
+        "rows": rows,
+    }
+    _write_json(out_dir / "results.json", result)
+    return result
+
+
+async def load_bench(
+    url: str, questions: Sequence[str], out_file: Path, **options: Any
+) -> tuple[Any, dict[str, Any]]:
+    """`chat_load` against a running server; writes its figures to `out_file`."""
+    from ragctl.loadtest import chat_load
+
+    result = await chat_load(url, questions, **options)
+    d = result.to_dict()
+    _write_json(out_file, {"url": url, "model": options.get("model"), **d}, end="\n")
+    return result, d

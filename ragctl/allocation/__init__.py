@@ -1,7 +1,7 @@
 """Offline throughput-maximising allocation (Patchwork-style): measure each component's latency
 against batch size on this machine (`profile`), fit piecewise-linear curves (`curves`), solve a
 MILP for batch sizes, thread shares and engine concurrency (`milp`), and write the plan file that
-`serve` and `eval run` apply (`plan`). `ragctl allocate` (`cli`) runs all four.
+`serve` and `eval run` apply (`plan`). `run` strings them together for `ragctl allocate`.
 
 The pure parts (curves, milp, plan) import nothing heavier than numpy, scipy and PyYAML; the
 measuring part imports the engine and the retriever only when it runs."""

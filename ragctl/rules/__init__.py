@@ -1,6 +1,6 @@
 """Rules: YAML data that maps a query Profile to a pruned ConfigSpace (RAGServe/METIS
 Algorithm 1). `schema` owns the file format, `loader` reading it with located errors,
-`evaluate` the pure mapping; `cli` the `ragctl rules` commands (imported by the CLI only)."""
+`evaluate` the pure mapping (`ragctl rules` is `ragctl/cli/rules.py`)."""
 
 from ragctl.rules.evaluate import (
     default_space,

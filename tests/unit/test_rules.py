@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from ragctl.cli.rules import app as rules_app
 from ragctl.errors import RulesError, UserError
 from ragctl.rules import (
     RuleSet,
@@ -23,7 +24,6 @@ from ragctl.rules import (
     merge_spaces,
     parse_rules,
 )
-from ragctl.rules.cli import rules_app
 from ragctl.types import ConfigSpace, Profile
 
 DEFAULT = load_rules()

@@ -1,29 +1,25 @@
-"""`ragctl rules validate | ls`: check a rules file, or show what it does. Mounted by
-`ragctl.cli` as `app.add_typer(rules_app, name="rules")`; errors are RulesError, which the main
-CLI prints as one line (exit 2)."""
+"""`ragctl rules validate | ls`: check a rules file, or show what it does. Errors are RulesError,
+which `main` prints as one line (exit 2)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from ragctl.cli.common import out, print_json
 from ragctl.rules.evaluate import default_space
 from ragctl.rules.loader import default_rules_path, load_rules
 from ragctl.rules.schema import PerPiece, Rule, RuleSet
 
-rules_app = typer.Typer(
+app = typer.Typer(
     help="Rules: YAML that maps a query profile to a pruned configuration space.",
     no_args_is_help=True,
 )
 
-out = Console()
 
-
-@rules_app.command()
+@app.command()
 def validate(
     file: Path | None = typer.Argument(
         None, help="Rules file to check (default: the packaged default.yaml)."
@@ -36,7 +32,7 @@ def validate(
     print(f"{path}: ok, {n} rule{'' if n == 1 else 's'}")
 
 
-@rules_app.command("ls")
+@app.command("ls")
 def ls(
     file: Path | None = typer.Option(
         None, "--file", "-f", help="Rules file (default: the packaged default.yaml)."
@@ -51,7 +47,7 @@ def ls(
         data = rules.model_dump(mode="json")
         data["fields_read"] = list(rules.fields_read)
         data["max_num_chunks"] = rules.max_num_chunks
-        print(json.dumps(data, ensure_ascii=False))
+        print_json(data)
         return
     out.print(_table(rules, str(path)))
     d = default_space(rules)

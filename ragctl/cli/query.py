@@ -1,0 +1,237 @@
+"""`ragctl ask`, `ragctl profile` and `ragctl demo`: one question (or a few) through the
+controller, with the decision shown in a few lines."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from ragctl.cli.common import (
+    DATASET_FLAGS,
+    load_rules,
+    open_controller,
+    out,
+    parse_config,
+    print_json,
+    serving_tokenizer,
+    start_engine,
+    tally,
+)
+from ragctl.errors import InvalidRequest, PromptTooLong
+from ragctl.settings import Settings
+from ragctl.types import Config
+
+
+def ask(
+    ctx: typer.Context,
+    question: str = typer.Argument(..., help="The question."),
+    dataset: str = typer.Option("squad", *DATASET_FLAGS, help="Collection to answer from."),
+    method: str | None = typer.Option(
+        None, help="Fix the method (map_rerank | stuff | map_reduce). Unset: adaptive."
+    ),
+    chunks: int = typer.Option(5, help="With --method: number of chunks (num_chunks)."),
+    intermediate_length: int | None = typer.Option(
+        None, help="With --method map_reduce: mapper output budget in tokens (default 100)."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Answer one question: adaptively (profile, rules, best-fit), or with --method fixed."""
+    settings: Settings = ctx.obj
+    config = _config(method, chunks, intermediate_length) if method else None
+    if method is None and intermediate_length is not None:
+        raise InvalidRequest("--intermediate-length applies to --method map_reduce only")
+    _precheck_question(settings, question)
+
+    async def run() -> Any:
+        # Checks the dataset and the rules file before the engine starts.
+        controller = await open_controller(settings, dataset)
+        try:
+            return await controller.aask(question, config)
+        finally:
+            await controller.aclose()
+
+    answer = asyncio.run(run())
+    d = answer.to_dict()
+    if json_out:
+        print_json(d)
+        return
+    out.print(f"[bold]{answer.text or '(empty answer)'}[/bold]")
+    for line in decision_lines(answer.decision):
+        out.print(line, highlight=False)
+    out.print(f"chunks  {', '.join(d['chunk_ids'])}", highlight=False)
+    tk = d["tokens"]
+    out.print(f"tokens  {tk['prompt']} prompt + {tk['output']} output in {tk['calls']} calls")
+    out.print("timings " + "  ".join(f"{k} {v:.2f}s" for k, v in d["timings"].items()))
+
+
+def profile(
+    ctx: typer.Context,
+    question: str = typer.Argument(..., help="The question."),
+    dataset: str = typer.Option("squad", *DATASET_FLAGS, help="Collection it is asked of."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Profile one question (complexity, joint reasoning, pieces, summary length, confidence)
+    and show the configuration space the rules give it."""
+    settings: Settings = ctx.obj
+    from ragctl.controller import resolve_space
+    from ragctl.profiler import open_profiler
+    from ragctl.retrieval.collection import check_dataset
+
+    _precheck_question(settings, question)
+    rules = load_rules(settings)
+    card = check_dataset(settings.data_dir, dataset)
+
+    async def run() -> Any:
+        engine = await start_engine(settings)
+        profiler = await open_profiler(settings, engine)
+        try:
+            return await profiler.profile(
+                question.strip(), card.metadata, card.chunking.size, collection=card.name
+            )
+        finally:
+            await profiler.aclose()
+            await engine.aclose()
+
+    outcome = asyncio.run(run())
+    choice = resolve_space(outcome, rules, (), settings.confidence_threshold)
+    if json_out:
+        print_json(
+            {
+                "question": question.strip(),
+                "dataset": dataset,
+                "profile": None if outcome.profile is None else outcome.profile.to_dict(),
+                "error": outcome.error,
+                "trusted": choice.profile_used,
+                "note": choice.note,
+                "space": choice.space.to_dict(),
+                "seconds": outcome.seconds,
+                "template": outcome.template,
+            }
+        )
+        return
+    used = "trusted" if choice.profile_used else f"not trusted: {choice.note}"
+    out.print(f"profile {_profile_text(outcome.profile)} ({used})", highlight=False)
+    out.print(f"space   {_space_text(choice.space)}", highlight=False)
+    out.print(f"took    {outcome.seconds:.2f}s (prompt {outcome.template})", highlight=False)
+
+
+def demo(
+    ctx: typer.Context,
+    dataset: str = typer.Option("squad", *DATASET_FLAGS),
+    questions: int = typer.Option(3, help="How many of the dataset's questions."),
+    fixed: str = typer.Option("stuff:5", help="The fixed configuration shown beside ragctl's."),
+) -> None:
+    """Answer a few questions adaptively (profile, pruned space, chosen configuration and why)
+    next to one fixed configuration's answer and time."""
+    settings: Settings = ctx.obj
+    from ragctl.retrieval.collection import load_queries
+
+    baseline = parse_config(fixed)
+    queries = load_queries(settings.data_dir, dataset)[:questions]
+
+    async def run() -> list[tuple[Any, Any, Any]]:
+        controller = await open_controller(settings, dataset)
+        rows = []
+        try:
+            with tally("answering", len(queries) * 2) as advance:
+                for q in queries:
+                    adaptive = await controller.aask(q.question)
+                    advance()
+                    rows.append((q, adaptive, await controller.aask(q.question, baseline)))
+                    advance()
+        finally:
+            await controller.aclose()
+        return rows
+
+    rows = asyncio.run(run())
+    model = settings.model or "the embedded model (SmolLM2-135M: mechanics, not quality)"
+    out.print(f"[bold]{dataset}[/bold]: ragctl (adaptive) next to fixed {baseline.label}")
+    out.print(f"model: {model}")
+    for q, adaptive, fixed_answer in rows:
+        gold = q.answers[0] if q.answers else ""
+        table = Table(title=q.question, caption=f"gold: {_clip(gold, 200)}", title_justify="left",
+                      caption_justify="left", expand=True)  # fmt: skip
+        table.add_column("system", no_wrap=True)
+        table.add_column("answer", ratio=1)
+        table.add_column("tokens in+out", justify="right", no_wrap=True)
+        table.add_column("seconds", justify="right", no_wrap=True)
+        table.add_column("gold in context", no_wrap=True)
+        for name, a in (("ragctl " + adaptive.decision.config.label, adaptive),
+                        ("fixed " + baseline.label, fixed_answer)):  # fmt: skip
+            hit = bool(set(q.gold_doc_ids) & {c.doc_id for c in a.chunks})
+            tk = a.tokens
+            table.add_row(name, _clip(a.text, 200), f"{tk['prompt']}+{tk['output']}",
+                          f"{a.timings['total']:.1f}", "yes" if hit else "no")  # fmt: skip
+        out.print(table)
+        for line in decision_lines(adaptive.decision):
+            out.print("  " + line, highlight=False)
+        t = adaptive.timings
+        out.print(f"  profile {t.get('profile', 0):.2f}s of {t['total']:.2f}s", highlight=False)
+
+
+def decision_lines(d: Any) -> list[str]:
+    """The Decision in a few human lines."""
+    if d.reason == "fixed":
+        return [f"config  {d.config.label} (fixed)"]
+    used = "used" if d.profile_used else f"not used: {d.profile_note}"
+    lines = [f"profile {_profile_text(d.profile)} ({used})"]
+    if d.space is not None:
+        lines.append(f"space   {_space_text(d.space)}")
+    why = d.reason + (", queued for KV memory" if d.queued else "")
+    kv = d.kv
+    free = f"{kv.free_blocks}/{kv.total_blocks} blocks free" if kv else "KV unknown"
+    lines.append(
+        f"config  {d.config.label} ({why}: needs {d.need_blocks} blocks; {free}, "
+        f"{d.reserved_blocks} reserved in flight)"
+    )
+    return lines
+
+
+def _precheck_question(settings: Settings, question: str) -> None:
+    if not question.strip():
+        raise InvalidRequest("the question is empty")
+    if not settings.engine_url:
+        # Fail before the ~30 s engine start; the controller checks the exact prompt again.
+        n = serving_tokenizer(settings).count(question)
+        if n >= settings.max_model_len:
+            raise PromptTooLong(
+                f"the question is {n} tokens; the model's context is {settings.max_model_len}"
+            )
+
+
+def _config(method: str, chunks: int, ilen: int | None) -> Any:
+    if method == "map_reduce" and ilen is None:
+        ilen = 100
+    if method != "map_reduce" and ilen is not None:
+        raise InvalidRequest("--intermediate-length applies to --method map_reduce only")
+    try:
+        return Config(method, chunks, ilen)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
+
+
+def _profile_text(profile: Any) -> str:
+    if profile is None:
+        return "none"
+    conf = "n/a" if profile.confidence is None else f"{profile.confidence:.2f}"
+    lo, hi = profile.summary_length
+    return (
+        f"complexity={profile.complexity} joint={'yes' if profile.joint_reasoning else 'no'} "
+        f"pieces={profile.pieces} summary={lo}-{hi} confidence={conf}"
+    )
+
+
+def _space_text(space: Any) -> str:
+    lo, hi = space.num_chunks
+    text = f"{'|'.join(space.methods)} x chunks {lo}-{hi}"
+    if space.intermediate_lengths:
+        text += f" x summary {'/'.join(map(str, space.intermediate_lengths))}"
+    return f"{text} (from {space.source})"
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
