@@ -410,8 +410,8 @@ async def profiler_bench(
     """`agreement_tables` per dataset over `questions` spread across its annotated classes;
     writes results.json to `out_dir` and returns it."""
     from ragctl.engine import open_engine
-    from ragctl.profiler import open_profiler
     from ragctl.retrieval.collection import check_dataset, load_queries
+    from ragctl.service import open_profiler
 
     cards = {d: check_dataset(settings.data_dir, d) for d in datasets}
     # Spread over each dataset's annotated classes, so every row of the tables is filled.
@@ -469,15 +469,3 @@ async def pressure_bench(
     }
     _write_json(out_dir / "results.json", result)
     return result
-
-
-async def load_bench(
-    url: str, questions: Sequence[str], out_file: Path, **options: Any
-) -> tuple[Any, dict[str, Any]]:
-    """`chat_load` against a running server; writes its figures to `out_file`."""
-    from ragctl.loadtest import chat_load
-
-    result = await chat_load(url, questions, **options)
-    d = result.to_dict()
-    _write_json(out_file, {"url": url, "model": options.get("model"), **d}, end="\n")
-    return result, d

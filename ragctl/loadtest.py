@@ -10,9 +10,10 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ragctl.benchmarks import percentile
+from ragctl.benchmarks import _write_json, percentile
 
 
 @dataclass
@@ -109,3 +110,13 @@ async def chat_load(
         result.wall_s = time.perf_counter() - start
         await client.close()
     return result
+
+
+async def load_bench(
+    url: str, questions: Sequence[str], out_file: Path, **options: Any
+) -> tuple[Any, dict[str, Any]]:
+    """`chat_load` against a running server; writes its figures to `out_file`."""
+    result = await chat_load(url, questions, **options)
+    d = result.to_dict()
+    _write_json(out_file, {"url": url, "model": options.get("model"), **d}, end="\n")
+    return result, d

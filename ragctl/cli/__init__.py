@@ -1,8 +1,7 @@
 """The `ragctl` command (typer + rich): one module per command group (`index`, `model`, `query`:
-ask/profile/demo, `serve`, `bench`, `rules`, `allocate`; `eval` comes from
-`ragctl.evaluation.cli`). Global options are the Settings fields marked as CLI flags (each also
-readable from `RAGCTL_<NAME>`); errors print one line on stderr and exit non-zero (2: you asked
-wrongly, 1: it failed while running)."""
+ask/profile/demo, `serve`, `bench`, `rules`, `allocate`, `eval`). Global options are the
+Settings fields marked as CLI flags (each also readable from `RAGCTL_<NAME>`); errors print one
+line on stderr and exit non-zero (2: you asked wrongly, 1: it failed while running)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import typer
 
 from ragctl.cli import allocate, bench, index, model, query, rules, serve
 from ragctl.cli.common import run_app, with_settings_options
-from ragctl.evaluation.cli import eval_app
+from ragctl.cli.eval import eval_app
 from ragctl.settings import Settings
 
 app = typer.Typer(

@@ -154,7 +154,7 @@ def load(
 ) -> None:
     """Load test over HTTP with the openai client: answered, rejected (429/503), failed, and
     latency percentiles; every request is accounted for."""
-    from ragctl.benchmarks import load_bench
+    from ragctl.loadtest import load_bench
     from ragctl.retrieval.collection import load_queries
 
     settings: Settings = ctx.obj

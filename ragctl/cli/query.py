@@ -22,7 +22,8 @@ from ragctl.cli.common import (
 )
 from ragctl.errors import InvalidRequest, PromptTooLong
 from ragctl.settings import Settings
-from ragctl.types import Config
+from ragctl.synthesis import registry
+from ragctl.types import METHODS, Config
 
 
 def ask(
@@ -30,11 +31,13 @@ def ask(
     question: str = typer.Argument(..., help="The question."),
     dataset: str = typer.Option("squad", *DATASET_FLAGS, help="Collection to answer from."),
     method: str | None = typer.Option(
-        None, help="Fix the method (map_rerank | stuff | map_reduce). Unset: adaptive."
+        None, help=f"Fix the method ({' | '.join(METHODS)}). Unset: adaptive."
     ),
-    chunks: int = typer.Option(5, help="With --method: number of chunks (num_chunks)."),
+    chunks: int | None = typer.Option(
+        None, help="With --method: number of chunks (num_chunks; default: the method's)."
+    ),
     intermediate_length: int | None = typer.Option(
-        None, help="With --method map_reduce: mapper output budget in tokens (default 100)."
+        None, help="With --method map_reduce: mapper output budget in tokens (default: its)."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -42,7 +45,7 @@ def ask(
     settings: Settings = ctx.obj
     config = _config(method, chunks, intermediate_length) if method else None
     if method is None and intermediate_length is not None:
-        raise InvalidRequest("--intermediate-length applies to --method map_reduce only")
+        raise InvalidRequest("--intermediate-length applies to a fixed --method only")
     _precheck_question(settings, question)
 
     async def run() -> Any:
@@ -76,9 +79,9 @@ def profile(
     """Profile one question (complexity, joint reasoning, pieces, summary length, confidence)
     and show the configuration space the rules give it."""
     settings: Settings = ctx.obj
-    from ragctl.controller import resolve_space
-    from ragctl.profiler import open_profiler
+    from ragctl.policy import resolve_space
     from ragctl.retrieval.collection import check_dataset
+    from ragctl.service import open_profiler
 
     _precheck_question(settings, question)
     rules = load_rules(settings)
@@ -202,13 +205,13 @@ def _precheck_question(settings: Settings, question: str) -> None:
             )
 
 
-def _config(method: str, chunks: int, ilen: int | None) -> Any:
-    if method == "map_reduce" and ilen is None:
-        ilen = 100
-    if method != "map_reduce" and ilen is not None:
-        raise InvalidRequest("--intermediate-length applies to --method map_reduce only")
+def _config(method: str, chunks: int | None, ilen: int | None) -> Config:
+    """The fixed configuration of `--method`, with the method's defaults where unset."""
     try:
-        return Config(method, chunks, ilen)  # type: ignore[arg-type]
+        spec = registry.spec(method)
+        if ilen is not None and not spec.takes_intermediate:
+            raise InvalidRequest(f"--intermediate-length does not apply to --method {method}")
+        return spec.fixed_config(chunks, ilen)
     except ValueError as e:
         raise InvalidRequest(str(e)) from None
 

@@ -145,9 +145,9 @@ def test_errors_are_one_line_and_non_zero(env, tmp_path: Path) -> None:
     one_line_error(run(*flags, "ask", "why " * 6000, settings=settings), 2, "context")
     one_line_error(run(*flags, "ask", "q?", "--method", "nope", settings=settings), 2, "method")
     one_line_error(run(*flags, "ask", "q?", "--method", "stuff", "--intermediate-length", "9",
-                       settings=settings), 2, "map_reduce only")
+                       settings=settings), 2, "does not apply to --method stuff")
     one_line_error(run(*flags, "ask", "q?", "--intermediate-length", "9", settings=settings),
-                   2, "map_reduce only")
+                   2, "fixed --method only")
     missing = settings.model_copy(update={"data_dir": tmp_path / "absent"})
     one_line_error(run(*flags, "ask", "q?", settings=missing), 2, "RAGCTL_DATA_DIR")
     port = free_port()

@@ -73,7 +73,7 @@ def eval_run(
 ) -> None:
     """Run the systems side by side on one engine and write results.json, samples.jsonl,
     summary.csv and plots to --out."""
-    from ragctl.allocation.cli import load_plan_option
+    from ragctl.cli.common import load_plan_option
     from ragctl.evaluation.render import render_report
     from ragctl.evaluation.run import RunRequest, run_evaluation
 
