@@ -9,7 +9,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 Method = str
 """A synthesis method's name, one of METHODS."""
@@ -93,43 +96,28 @@ class Config:
 Complexity = Literal["high", "low"]
 PIECES_RANGE = (1, 10)
 SUMMARY_RANGE = (30, 200)
+Pieces = Annotated[int, Field(ge=PIECES_RANGE[0], le=PIECES_RANGE[1])]
+SummaryTokens = Annotated[int, Field(ge=SUMMARY_RANGE[0], le=SUMMARY_RANGE[1])]
+"""The profile's bounded integers, shared with the profiler's wire format (`profiler.schema`)."""
 
 
-@dataclass(frozen=True)
+@pydantic_dataclass(frozen=True, config=ConfigDict(strict=True))
 class Profile:
-    """What the LLM profiler says about a query (RAGServe/METIS section 4.1)."""
+    """What the LLM profiler says about a query (RAGServe/METIS section 4.1); pydantic validates
+    the fields strictly (no coercion: `pieces=True` or `joint_reasoning="yes"` is a ValueError)."""
 
     complexity: Complexity
     joint_reasoning: bool
     """Whether the answer needs several pieces of information read together."""
-    pieces: int
-    """Pieces of information needed, 1-10."""
-    summary_length: tuple[int, int]
-    """Range of tokens a per-chunk summary needs, within 30-200 (map_reduce's
-    intermediate_length)."""
-    confidence: float | None = None
+    pieces: Pieces
+    summary_length: tuple[SummaryTokens, SummaryTokens]
+    """Range of tokens a per-chunk summary needs (map_reduce's intermediate_length), lo <= hi."""
+    confidence: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     """exp(mean log-prob) of the profiler's answer tokens, in [0, 1]; None when not measured."""
 
     def __post_init__(self) -> None:
-        if self.complexity not in ("high", "low"):
-            raise ValueError(f"complexity must be high or low, got {self.complexity!r}")
-        if not isinstance(self.joint_reasoning, bool):
-            raise ValueError(f"joint_reasoning must be a bool, got {self.joint_reasoning!r}")
-        lo, hi = PIECES_RANGE
-        if (
-            isinstance(self.pieces, bool)
-            or not isinstance(self.pieces, int)
-            or not (lo <= self.pieces <= hi)
-        ):
-            raise ValueError(f"pieces must be an integer in {lo}-{hi}, got {self.pieces!r}")
-        s_lo, s_hi = self.summary_length
-        if not (SUMMARY_RANGE[0] <= s_lo <= s_hi <= SUMMARY_RANGE[1]):
-            raise ValueError(
-                f"summary_length must be a range within {SUMMARY_RANGE[0]}-{SUMMARY_RANGE[1]}, "
-                f"got {self.summary_length!r}"
-            )
-        if self.confidence is not None and not (0.0 <= self.confidence <= 1.0):
-            raise ValueError(f"confidence must be in [0, 1], got {self.confidence!r}")
+        if self.summary_length[0] > self.summary_length[1]:
+            raise ValueError(f"summary_length must be a range lo <= hi, got {self.summary_length}")
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -23,34 +23,52 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ragctl.errors import ProfilerError
-from ragctl.types import PIECES_RANGE, SUMMARY_RANGE, Profile
+from ragctl.types import Complexity, Pieces, Profile, SummaryTokens
 
-FIELDS = ("complexity", "joint", "pieces", "summary_min", "summary_max")
+
+class ProfileJSON(BaseModel):
+    """The profiler's JSON, field for field in the order the prompt gives them: the one
+    definition of both the engine's schema (`PROFILE_SCHEMA`) and `parse_profile`'s checks."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    complexity: Complexity
+    joint: Literal["yes", "no"]
+    pieces: Pieces
+    summary_min: SummaryTokens
+    summary_max: SummaryTokens
+
+    @field_validator("joint", mode="before")
+    @classmethod
+    def _joint_bool(cls, value: Any) -> Any:
+        """A JSON boolean is read too (endpoints that do not enforce the schema)."""
+        return ("yes" if value else "no") if isinstance(value, bool) else value
+
+
+def _engine_schema() -> dict[str, Any]:
+    """`ProfileJSON`'s JSON schema without pydantic's `title`s, in the shape vLLM's structured
+    output takes: per-field type/enum/minimum/maximum, all required, nothing else allowed."""
+    schema = ProfileJSON.model_json_schema()
+    props = {
+        k: {key: v for key, v in p.items() if key != "title"}
+        for k, p in schema["properties"].items()
+    }
+    return {
+        "type": "object",
+        "properties": props,
+        "required": schema["required"],
+        "additionalProperties": schema["additionalProperties"],
+    }
+
+
+PROFILE_SCHEMA: dict[str, Any] = _engine_schema()
+FIELDS = tuple(PROFILE_SCHEMA["properties"])
 """The keys of the profiler's JSON, in the order the schema (and the prompt) gives them."""
-
-PROFILE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "complexity": {"type": "string", "enum": ["high", "low"]},
-        "joint": {"type": "string", "enum": ["yes", "no"]},
-        "pieces": {"type": "integer", "minimum": PIECES_RANGE[0], "maximum": PIECES_RANGE[1]},
-        "summary_min": {
-            "type": "integer",
-            "minimum": SUMMARY_RANGE[0],
-            "maximum": SUMMARY_RANGE[1],
-        },
-        "summary_max": {
-            "type": "integer",
-            "minimum": SUMMARY_RANGE[0],
-            "maximum": SUMMARY_RANGE[1],
-        },
-    },
-    "required": list(FIELDS),
-    "additionalProperties": False,
-}
 
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL | re.IGNORECASE)
 
@@ -70,29 +88,36 @@ def parse_profile(text: str, confidence: float | None = None) -> Profile:
         raise ProfilerError(f"not JSON ({e.msg} at char {e.pos}): {_clip(text)}") from None
     if not isinstance(data, dict):
         raise ProfilerError(f"not a JSON object but {type(data).__name__}: {_clip(text)}")
-    missing = [k for k in FIELDS if k not in data]
-    if missing:
-        raise ProfilerError(f"missing field {', '.join(missing)}: {_clip(text)}")
-    extra = sorted(set(data) - set(FIELDS))
-    if extra:
-        raise ProfilerError(f"unknown field {', '.join(extra)}: {_clip(text)}")
-
-    complexity = data["complexity"]
-    if complexity not in ("high", "low"):
-        raise ProfilerError(f'complexity must be "high" or "low", got {complexity!r}')
-    joint = data["joint"]
-    if isinstance(joint, str) and joint in ("yes", "no"):
-        joint = joint == "yes"
-    elif not isinstance(joint, bool):
-        raise ProfilerError(f'joint must be "yes" or "no", got {joint!r}')
-    pieces = _integer(data, "pieces", PIECES_RANGE)
-    lo = _integer(data, "summary_min", SUMMARY_RANGE)
-    hi = _integer(data, "summary_max", SUMMARY_RANGE)
-    if lo > hi:
-        lo, hi = hi, lo  # a reversed range: see the module docstring
+    try:
+        wire = ProfileJSON.model_validate(data)
+    except ValidationError as e:
+        raise ProfilerError(_reason(e, text)) from None
     if confidence is not None and not (0.0 <= confidence <= 1.0):
         raise ProfilerError(f"confidence must be in [0, 1], got {confidence!r}")
-    return Profile(complexity, joint, pieces, (lo, hi), confidence)
+    lo, hi = sorted((wire.summary_min, wire.summary_max))  # a reversed range: module docstring
+    return Profile(wire.complexity, wire.joint == "yes", wire.pieces, (lo, hi), confidence)
+
+
+def _reason(error: ValidationError, text: str) -> str:
+    """pydantic's errors as one line: the missing keys, else the unknown ones, else what is wrong
+    with the first bad value (the bounds and choices read from the schema)."""
+    errors = error.errors()
+    for kind, label in (("missing", "missing"), ("extra_forbidden", "unknown")):
+        if keys := [str(e["loc"][0]) for e in errors if e["type"] == kind]:
+            return f"{label} field {', '.join(sorted(keys, key=_order))}: {_clip(text)}"
+    first = errors[0]
+    key, value = str(first["loc"][0]), first["input"]
+    prop = PROFILE_SCHEMA["properties"][key]
+    if "enum" in prop:
+        return f"{key} must be {' or '.join(json.dumps(v) for v in prop['enum'])}, got {value!r}"
+    if first["type"] == "int_type":
+        return f"{key} must be an integer, got {value!r}"
+    return f"{key} must be in {prop['minimum']}-{prop['maximum']}, got {value!r}"
+
+
+def _order(key: str) -> tuple[int, str]:
+    """Schema keys in schema order, unknown ones after them in alphabetical order."""
+    return (FIELDS.index(key), "") if key in FIELDS else (len(FIELDS), key)
 
 
 def profile_to_json(profile: Profile) -> str:
@@ -137,15 +162,6 @@ def profile_confidence(token_logprobs: Sequence[float] | None) -> float | None:
     if not chosen:
         return 1.0  # the grammar forced every token
     return math.exp(sum(chosen) / len(chosen))
-
-
-def _integer(data: dict[str, Any], key: str, bounds: tuple[int, int]) -> int:
-    value = data[key]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ProfilerError(f"{key} must be an integer, got {value!r}")
-    if not bounds[0] <= value <= bounds[1]:
-        raise ProfilerError(f"{key} must be in {bounds[0]}-{bounds[1]}, got {value}")
-    return value
 
 
 def _clip(text: str, limit: int = 80) -> str:

@@ -103,6 +103,52 @@ def test_schema_requires_every_field_and_bounds_the_numbers() -> None:
         assert (props[key]["minimum"], props[key]["maximum"]) == SUMMARY_RANGE
 
 
+def test_engine_schema_is_the_plain_json_schema_vllm_was_sent_before() -> None:
+    bounded = {"type": "integer", "minimum": 30, "maximum": 200}
+    assert PROFILE_SCHEMA == {
+        "type": "object",
+        "properties": {
+            "complexity": {"type": "string", "enum": ["high", "low"]},
+            "joint": {"type": "string", "enum": ["yes", "no"]},
+            "pieces": {"type": "integer", "minimum": 1, "maximum": 10},
+            "summary_min": bounded,
+            "summary_max": bounded,
+        },
+        "required": ["complexity", "joint", "pieces", "summary_min", "summary_max"],
+        "additionalProperties": False,
+    }
+    assert list(PROFILE_SCHEMA["properties"]) == PROFILE_SCHEMA["required"]  # the prompt's order
+
+
+@pytest.mark.parametrize("key", ["pieces", "summary_min", "summary_max"])
+def test_schema_bounds_and_validation_agree(key: str) -> None:
+    prop = PROFILE_SCHEMA["properties"][key]
+    lo, hi = prop["minimum"], prop["maximum"]
+    for ok in (lo, hi):
+        both = {"summary_min": ok, "summary_max": ok} if key.startswith("summary") else {key: ok}
+        profile = parse_profile(as_json(**both))
+        assert ok == (profile.pieces if key == "pieces" else profile.summary_length[0])
+    for bad in (lo - 1, hi + 1):
+        with pytest.raises(ProfilerError, match=f"{key} must be in {lo}-{hi}, got {bad}$"):
+            parse_profile(as_json(**{key: bad}))
+    # Profile itself takes the same bounds (no stricter, no looser).
+    field = "pieces" if key == "pieces" else "summary_length"
+    base = Profile("low", False, 1, (30, 30))
+    for ok in (lo, hi):
+        replace(base, **{field: ok if field == "pieces" else (ok, ok)})
+    for bad in (lo - 1, hi + 1):
+        with pytest.raises(ValueError):
+            replace(base, **{field: bad if field == "pieces" else (bad, bad)})
+
+
+def test_schema_enums_and_validation_agree() -> None:
+    for key in ("complexity", "joint"):
+        for value in PROFILE_SCHEMA["properties"][key]["enum"]:
+            parse_profile(as_json(**{key: value}))
+        with pytest.raises(ProfilerError, match=f"^{key} must be "):
+            parse_profile(as_json(**{key: "other"}))
+
+
 def test_parse_valid_profile_compact_and_pretty() -> None:
     expected = Profile("high", True, 3, (60, 120), 0.9)
     assert parse_profile(VALID, 0.9) == expected
