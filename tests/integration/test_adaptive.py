@@ -32,9 +32,10 @@ async def controller(local_engine, small_squad) -> Controller:
     return make_controller(local_engine, small_squad[0])
 
 
-def check_decision(answer, *, kv_total: int) -> None:
+def check_decision(answer, *, kv_total: int, reasons: tuple[str, ...] = ("fit",)) -> None:
+    """`reasons`: what best-fit may have answered; on an idle engine the space fits."""
     d = answer.decision
-    assert d.reason in ("fit", "fallback")
+    assert d.reason in reasons
     assert d.space is not None and d.need_blocks is not None and d.kv is not None
     assert d.kv.total_blocks == kv_total
     # Best-fit never chose more than was free minus what others had reserved.
@@ -137,7 +138,8 @@ async def test_memory_pressure_shrinks_configurations_and_loses_nothing(
         answers = await asyncio.gather(*(controller.aask(q) for q in questions))
         assert [a.question for a in answers] == questions  # none lost, in order
         for a in answers:
-            check_decision(a, kv_total=kv.total_blocks)
+            # Under pressure a query may get a cheaper configuration outside its space.
+            check_decision(a, kv_total=kv.total_blocks, reasons=("fit", "fallback"))
         decisions = [a.decision for a in answers]
         # 12 plans of >= 3 blocks each cannot all fit 23 blocks at once: some had to take a
         # cheaper configuration or wait for memory, and they saw others' reservations.

@@ -25,7 +25,8 @@ def test_one_line_controller_blocking_and_async(
         "squad", settings, model=model_path, kv_cache_gib=1, golden_every=0, answer_max_tokens=32
     ) as ctl:
         answer = ctl.ask(qs[0])
-        assert isinstance(answer, ragctl.Answer) and answer.decision.reason in ("fit", "fallback")
+        assert isinstance(answer, ragctl.Answer)
+        assert answer.decision.reason == "fit"  # one question on an idle 1 GiB cache
         assert answer.decision.profile is not None and answer.chunks
         fixed = ctl.batch(qs[:2], Config("stuff", 1))
         assert [a.question for a in fixed] == qs[:2]

@@ -200,7 +200,6 @@ async def test_kv_state(engine: RemoteEngine) -> None:
     assert kv.source == "metrics"
     stats = await engine.stats()
     assert kv.total_blocks == stats.num_gpu_blocks - stats.num_engines
-    assert stats.num_requests_running >= 0 and stats.num_requests_waiting >= 0
 
 
 @integration

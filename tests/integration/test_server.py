@@ -87,7 +87,7 @@ def test_chat_adaptive_answer_with_decision(client, questions) -> None:
     assert resp.usage.prompt_tokens > 0 and resp.usage.completion_tokens > 0
     extra = resp.model_extra["ragctl"]
     d = extra["decision"]
-    assert d["reason"] in ("fit", "fallback") and d["profile"] is not None
+    assert d["reason"] == "fit" and d["profile"] is not None  # one request, idle engine
     assert d["kv"]["total_blocks"] > 0 and d["need_blocks"] <= d["kv"]["total_blocks"]
     assert extra["config"] == f"{d['method']}:{d['num_chunks']}" + (
         f":{d['intermediate_length']}" if d["method"] == "map_reduce" else ""

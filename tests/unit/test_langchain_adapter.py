@@ -236,7 +236,7 @@ def test_a_chain_built_in_plain_code_runs_on_a_private_loop() -> None:
     assert out["answer"] == "Denver" and out["user"] == "u1"
     assert out["context"][0] is docs[0]  # the retriever's own Document
     adaptive = asyncio.run(chain.ainvoke({"input": "Who won?"}))  # from another loop
-    assert adaptive["decision"].reason in ("fit", "fallback")
+    assert adaptive["decision"].reason == "fit"  # the fake engine's cache is idle
     assert [o["answer"] for o in chain.batch([{"input": "a?"}, {"input": "b?"}], fixed)] == [
         "Denver", "Denver",
     ]  # fmt: skip

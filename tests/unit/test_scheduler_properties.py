@@ -117,8 +117,14 @@ def test_best_fit_properties(space, need, state, reserved_total, joint, max_chun
         assert all(need(c) <= plan.need_blocks for c in fitting_inside)
         return
 
-    # Nothing in the space fits: a fallback outside it, or wait.
-    assert plan.reason in ("fallback", "wait")
+    # Nothing in the space fits: a fallback outside it when its cheapest one fits, else wait.
+    smallest = Config("stuff" if joint else "map_rerank", 1)
+    if smallest not in inside and need(smallest) <= available:
+        assert plan.reason == "fallback"
+    else:
+        assert plan.reason in ("fallback", "wait")  # a larger fallback may still fit
+    if plan.reason == "wait":
+        assert plan.config is None and plan.need_blocks > available
     if plan.reason == "fallback":
         c = plan.config
         assert c not in inside and 1 <= c.num_chunks <= hi
