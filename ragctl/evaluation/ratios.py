@@ -4,16 +4,27 @@ baselines and the oracle, on the dataset's primary metric.
 Delay ratios are always other / ragctl (above 1: ragctl is faster); quality differences are
 ragctl - other (above 0: ragctl is better). Every ratio has `value` (None when it cannot be
 computed, then `reason` says why) and the numbers it came from, ragctl's last.
+
+Intervals (given the per-query rows): each figure comparing two systems has a 95% paired
+bootstrap interval (`value_ci`, `quality_diff_ci`, `delay_ratio_ci`) over the `n` queries both
+answered with a delay and a primary score; `left_out` counts the queries either ran that are
+not among them (one failed, or has no delay or score). `significant` (and
+`quality_diff_significant`, `delay_ratio_significant`): the interval excludes 0 for a
+difference, 1 for a delay ratio (the same resamples: mean(a) / mean(b) > 1 exactly when
+mean(a) - mean(b) > 0). The value itself stays the ratio of the two systems' own means; the
+choice of configuration (the fastest of equal quality, the closest delay) is taken as given.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ragctl.evaluation.intervals import Interval, excludes, paired_diff_ci, ratio_ci
 from ragctl.evaluation.records import Record
-from ragctl.evaluation.systems import FIXED_PREFIX, RAGCTL, system_order
+from ragctl.evaluation.systems import FIXED_PREFIX, ORACLE, RAGCTL, system_order
 
 if TYPE_CHECKING:
     from ragctl.evaluation.summaries import OracleSummary, Summary
@@ -37,6 +48,10 @@ class VsFixedEqualQuality(Record):
     best_fixed_quality: float | None = None
     best_fixed_delay_s: float | None = None
     reason: str | None = None
+    value_ci: Interval | None = None
+    significant: bool | None = None
+    n: int | None = None
+    left_out: int | None = None
     OMIT_NONE: ClassVar[tuple[str, ...]] = (
         "best_fixed_config", "best_fixed_quality", "best_fixed_delay_s",
     )  # fmt: skip
@@ -56,6 +71,12 @@ class VsBaseline(Record):
     ragctl_quality: float | None = None
     ragctl_delay_s: float | None = None
     reason: str | None = None
+    value_ci: Interval | None = None
+    significant: bool | None = None
+    quality_diff_ci: Interval | None = None
+    quality_diff_significant: bool | None = None
+    n: int | None = None
+    left_out: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,12 @@ class VsFixedSimilarDelay(Record):
     ragctl_quality: float | None = None
     ragctl_delay_s: float | None = None
     reason: str | None = None
+    value_ci: Interval | None = None
+    significant: bool | None = None
+    delay_ratio_ci: Interval | None = None
+    delay_ratio_significant: bool | None = None
+    n: int | None = None
+    left_out: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,14 +114,22 @@ class OracleGap(Record):
     ragctl_quality: float | None = None
     ragctl_delay_s: float | None = None
     reason: str | None = None
+    value_ci: Interval | None = None
+    significant: bool | None = None
+    delay_ratio_ci: Interval | None = None
+    delay_ratio_significant: bool | None = None
+    n: int | None = None
+    left_out: int | None = None
 
 
 @dataclass(frozen=True)
 class ProfilerOverhead(Record):
-    """Ragctl's profiler time / its delay."""
+    """Ragctl's profiler time / its delay (`value_ci` over its `n` answered rows)."""
 
     value: float | None = None
     reason: str | None = None
+    value_ci: Interval | None = None
+    n: int | None = None
 
 
 @dataclass(frozen=True)
@@ -139,8 +174,22 @@ def _pct(diff: float | None, base: float | None) -> float | None:
     return None if r is None else 100.0 * r
 
 
-def ratios(systems: Mapping[str, Summary], oracle: OracleSummary | None) -> Ratios:
-    """The ratios of one phase, from its system summaries and its oracle."""
+PerQuery = Mapping[str, Mapping[str, Any] | None]
+"""A system's rows by query id: the answered row, or None where it failed."""
+
+
+def ratios(
+    systems: Mapping[str, Summary],
+    oracle: OracleSummary | None,
+    samples: Mapping[str, PerQuery] | None = None,
+) -> Ratios:
+    """The ratios of one phase, from its system summaries and its oracle; with `samples`
+    (system, or `ORACLE` -> `PerQuery`) their paired intervals too."""
+    r = _ratios(systems, oracle)
+    return r if samples is None else _with_intervals(r, systems, samples)
+
+
+def _ratios(systems: Mapping[str, Summary], oracle: OracleSummary | None) -> Ratios:
     rag = systems.get(RAGCTL)
     primary = next((s.primary for s in systems.values() if s.primary), None)
     rq, rd = _q(rag), _d(rag)
@@ -258,4 +307,96 @@ def _oracle_gap(oracle: OracleSummary | None, why: str | None, base: dict[str, A
     return OracleGap(
         value=oq - rq, gap_pct=_pct(oq - rq, oq), delay_ratio=_ratio(od, base["ragctl_delay_s"]),
         **numbers,
+    )  # fmt: skip
+
+
+# -- intervals ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """Ragctl's and another system's primary scores and delays on the queries both answered."""
+
+    rq: list[float]
+    rd: list[float]
+    oq: list[float]
+    od: list[float]
+    left_out: int
+
+
+def _point(row: Mapping[str, Any] | None, primary: str | None) -> tuple[float, float] | None:
+    """A row's primary score and delay, when it has both (finite)."""
+    if row is None or primary is None:
+        return None
+    q, d = (row.get("scores") or {}).get(primary), row.get("delay_s")
+    if q is None or d is None or not math.isfinite(float(q)) or not math.isfinite(float(d)):
+        return None
+    return float(q), float(d)
+
+
+def _pairs(rag: PerQuery, other: PerQuery, primary: str | None) -> _Pairs:
+    out = _Pairs([], [], [], [], 0)
+    left_out = 0
+    for qid in dict.fromkeys([*rag, *other]):
+        a, b = _point(rag.get(qid), primary), _point(other.get(qid), primary)
+        if a is None or b is None:
+            left_out += 1
+            continue
+        out.rq.append(a[0])
+        out.rd.append(a[1])
+        out.oq.append(b[0])
+        out.od.append(b[1])
+    return replace(out, left_out=left_out)
+
+
+def _with_intervals(
+    r: Ratios, systems: Mapping[str, Summary], samples: Mapping[str, PerQuery]
+) -> Ratios:
+    rag = samples.get(RAGCTL)
+    if rag is None:
+        return r
+
+    def pairs(name: str | None) -> _Pairs | None:
+        other = samples.get(name) if name else None
+        return None if other is None else _pairs(rag, other, r.primary)
+
+    def counts(p: _Pairs) -> dict[str, int]:
+        return {"n": len(p.rq), "left_out": p.left_out}
+
+    a = r.delay_ratio_vs_fixed_equal_quality
+    if a.value is not None and (p := pairs(a.config)):
+        ci = ratio_ci(p.od, p.rd)
+        a = replace(a, value_ci=ci, significant=excludes(ci, 1.0), **counts(p))
+    vs = {}
+    for key in ("delay_ratio_vs_adaptiverag", "delay_ratio_vs_parrot"):
+        b = getattr(r, key)
+        if b.value is not None and (p := pairs(b.system)):
+            ci = ratio_ci(p.od, p.rd)
+            diff_ci = paired_diff_ci(p.rq, p.oq) if b.quality_diff is not None else None
+            b = replace(
+                b, value_ci=ci, significant=excludes(ci, 1.0), quality_diff_ci=diff_ci,
+                quality_diff_significant=excludes(diff_ci, 0.0), **counts(p),
+            )  # fmt: skip
+        vs[key] = b
+    d = r.quality_vs_fixed_similar_delay
+    if d.value is not None and (p := pairs(d.config)):
+        ci, delay_ci = paired_diff_ci(p.rq, p.oq), ratio_ci(p.od, p.rd)
+        d = replace(
+            d, value_ci=ci, significant=excludes(ci, 0.0), delay_ratio_ci=delay_ci,
+            delay_ratio_significant=excludes(delay_ci, 1.0), **counts(p),
+        )  # fmt: skip
+    e = r.oracle_gap
+    if e.value is not None and (p := pairs(ORACLE)):
+        ci, delay_ci = paired_diff_ci(p.oq, p.rq), ratio_ci(p.od, p.rd)
+        e = replace(
+            e, value_ci=ci, significant=excludes(ci, 0.0), delay_ratio_ci=delay_ci,
+            delay_ratio_significant=excludes(delay_ci, 1.0), **counts(p),
+        )  # fmt: skip
+    o = r.profiler_overhead
+    summary = systems.get(RAGCTL)
+    if o.value is not None and summary is not None:
+        o = replace(o, value_ci=summary.profiler_overhead_ci, n=summary.delay_n)
+    return replace(
+        r, delay_ratio_vs_fixed_equal_quality=a, quality_vs_fixed_similar_delay=d,
+        oracle_gap=e, profiler_overhead=o, **vs,
     )  # fmt: skip

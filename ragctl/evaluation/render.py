@@ -1,16 +1,37 @@
-"""A run's report as rich tables, and the ratios and SLO figures in words."""
+"""A run's report as rich tables, and the ratios and SLO figures in words.
+
+Each figure is followed by its 95% bootstrap interval and the n behind it (blank for a
+`results.json` written before intervals); a comparison whose paired interval excludes no
+difference is marked `SIGNIFICANT` (`*`), explained in `FOOTNOTE`.
+"""
 
 from __future__ import annotations
 
+from functools import partial
+
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ragctl.evaluation.ratios import Ratios
 from ragctl.evaluation.summaries import Evaluation, Phase
 from ragctl.evaluation.systems import BASELINES, FIXED_PREFIX, ORACLE, RAGCTL
 
-COLUMNS = ("n", "errors", None, "evid. recall", "mean s", "p50 s", "p95 s", "q/s", "profiler")
+COLUMNS = (
+    "n", "errors", "answered", None, "evid. recall", "mean s", "p50 s", "p95 s", "q/s", "profiler",
+)  # fmt: skip
 """The numeric columns of a phase's table (None: the primary metric's)."""
+
+SIGNIFICANT = "*"
+TABLE_NOTE = (
+    "under each figure its 95% bootstrap interval over queries; n behind each figure: the "
+    "answered queries, or the n=k under it"
+)
+FOOTNOTE = (
+    f"[lo, hi]: 95% paired bootstrap interval over the n queries both systems answered (the "
+    f"others left out); {SIGNIFICANT} significant: the interval of the difference excludes 0 "
+    "(of a delay ratio, excludes 1)"
+)
 
 
 def _f(value: float | None, fmt: str = ".2f") -> str:
@@ -29,6 +50,36 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def _ci(ci: list[float] | None, fmt: str = ".2f", significant: bool | None = None) -> str:
+    """` [lo, hi]` (and the marker when significant); blank without an interval."""
+    if not ci:
+        return ""
+    mark = SIGNIFICANT if significant else ""
+    return f" [{format(ci[0], fmt)}, {format(ci[1], fmt)}]{mark}"
+
+
+def _pct_ci(ci: list[float] | None) -> str:
+    return "" if not ci else f" [{ci[0]:.1%}, {ci[1]:.1%}]"
+
+
+def _pairs(n: int | None, left_out: int | None) -> str:
+    """`; n=3 paired, 1 left out` (blank in a file without intervals)."""
+    if n is None:
+        return ""
+    return f"; n={n} paired" + (f", {left_out} left out" if left_out else "")
+
+
+def _cell(
+    value: str, ci: list[float] | None, n: int | None, *, answered: int | None, fmt: str = ".2f"
+) -> str:
+    """The figure, and under it its interval `[lo, hi]` and, when not all answered rows count,
+    its n."""
+    below = _ci(ci, fmt).strip()
+    if n is not None and n != answered:
+        below = f"{below} n={n}".strip()
+    return f"{value}\n[dim]{escape(below)}[/dim]" if below else value
+
+
 def _sys(name: str | None) -> str:
     if name is None:
         return "-"
@@ -44,7 +95,8 @@ def ratio_lines(r: Ratios) -> list[str]:
         lines.append(
             f"ragctl mean delay {_f(a.ragctl_delay_s)} s vs {_sys(a.config)} at equal-or-better "
             f"{p} ({_q(a.fixed_quality)} >= {_q(a.ragctl_quality)}) {_f(a.fixed_delay_s)} s: "
-            f"{_f(a.value)}× (fixed / ragctl)"
+            f"{_f(a.value)}× (fixed / ragctl){_ci(a.value_ci, '.2f', a.significant)}"
+            f"{_pairs(a.n, a.left_out)}"
         )
     else:
         lines.append(f"vs fixed at equal-or-better {p}: {a.reason or 'n/a'}")
@@ -55,15 +107,25 @@ def ratio_lines(r: Ratios) -> list[str]:
             continue
         lines.append(
             f"{name} mean delay {_f(b.other_delay_s)} s vs ragctl {_f(b.ragctl_delay_s)} s: "
-            f"{_f(b.value)}×; {p} ragctl {_q(b.ragctl_quality)} vs {_q(b.other_quality)} "
-            f"({_signed(b.quality_diff)}, {_signed(b.quality_diff_pct, '.1f')}%)"
+            f"{_f(b.value)}×{_ci(b.value_ci, '.2f', b.significant)}; {p} ragctl "
+            f"{_q(b.ragctl_quality)} vs {_q(b.other_quality)} ({_signed(b.quality_diff)}"
+            f"{_ci(b.quality_diff_ci, '+.3f', b.quality_diff_significant)}, "
+            f"{_signed(b.quality_diff_pct, '.1f')}%){_pairs(b.n, b.left_out)}"
         )
     d = r.quality_vs_fixed_similar_delay
     if d.value is not None:
         lines.append(
             f"at similar delay, {_sys(d.config)} ({_f(d.fixed_delay_s)} s vs ragctl "
             f"{_f(d.ragctl_delay_s)} s): {p} ragctl {_q(d.ragctl_quality)} vs "
-            f"{_q(d.fixed_quality)}: {_signed(d.value)} ({_signed(d.quality_diff_pct, '.1f')}%)"
+            f"{_q(d.fixed_quality)}: {_signed(d.value)}{_ci(d.value_ci, '+.3f', d.significant)} "
+            f"({_signed(d.quality_diff_pct, '.1f')}%)"
+            + (
+                ""
+                if d.delay_ratio_ci is None
+                else f"; delay fixed / ragctl {_f(d.delay_ratio)}×"
+                f"{_ci(d.delay_ratio_ci, '.2f', d.delay_ratio_significant)}"
+            )
+            + _pairs(d.n, d.left_out)
         )
     else:
         lines.append(f"vs fixed at similar delay: {d.reason or 'n/a'}")
@@ -74,13 +136,19 @@ def ratio_lines(r: Ratios) -> list[str]:
         lines.append(
             f"oracle {p} {_q(e.oracle_quality)} at {_f(e.oracle_delay_s)} s: ragctl "
             f"{_q(e.ragctl_quality)} is {_q(abs(e.value))} {side} it ({_f(gap_pct, '.1f')}% "
-            f"of the oracle's); delay oracle / ragctl {_f(e.delay_ratio)}×"
+            f"of the oracle's)"
+            + ("" if e.value_ci is None else f"; gap{_ci(e.value_ci, '+.3f', e.significant)}")
+            + f"; delay oracle / ragctl {_f(e.delay_ratio)}×"
+            f"{_ci(e.delay_ratio_ci, '.2f', e.delay_ratio_significant)}{_pairs(e.n, e.left_out)}"
         )
     else:
         lines.append(f"vs oracle: {e.reason or 'n/a'}")
     o = r.profiler_overhead
     if o.value is not None:
-        lines.append(f"profiler overhead: {o.value:.1%} of ragctl's delay")
+        lines.append(
+            f"profiler overhead: {o.value:.1%} of ragctl's delay{_pct_ci(o.value_ci)}"
+            + ("" if o.n is None else f", n={o.n}")
+        )
     else:
         lines.append(f"profiler overhead: {o.reason or 'n/a'}")
     return lines
@@ -109,21 +177,31 @@ def phase_table(phase: Phase, primary: str) -> Table:
     table = Table(title=phase.title, title_justify="left")
     table.add_column("system", no_wrap=True)
     for col in COLUMNS:
-        table.add_column(col or primary, justify="right")
-    table.add_column("top config", no_wrap=True)
+        # a figure with an interval: wide enough for half of it (`[0.40,`), wraps, never cuts
+        wide = {"n": None, "errors": None, "q/s": None, "answered": 8}.get(col or primary, 6)
+        table.add_column(col or primary, justify="right", min_width=wide)
+    table.add_column("top config", overflow="fold")
     for name, s in phase.with_oracle().items():
         share = "" if s.top_share is None else f" ({s.top_share:.0%})"
+        quality_n = s.quality_n or {}
+        overhead = _pct(s.profiler_overhead)
+        if s.profiler_overhead_ci:
+            lo, hi = s.profiler_overhead_ci
+            overhead = f"{overhead}\n[dim]\\[{lo:.1%}, {hi:.1%}][/dim]"
+        answered = s.answered
+        cell = partial(_cell, answered=answered)
         table.add_row(
             name,
             "-" if s.n is None else str(s.n),
             "-" if s.errors is None else str(s.errors),
-            _q(s.primary_value),
-            _q(s.evidence_recall),
-            _f(s.delay_mean_s),
-            _f(s.delay_p50_s),
-            _f(s.delay_p95_s),
+            "-" if answered is None else str(answered),
+            cell(_q(s.primary_value), s.primary_value_ci, s.primary_n),
+            cell(_q(s.evidence_recall), s.evidence_recall_ci, quality_n.get("evidence_recall")),
+            cell(_f(s.delay_mean_s), s.delay_mean_s_ci, s.delay_n),
+            cell(_f(s.delay_p50_s), s.delay_p50_s_ci, s.delay_n),
+            cell(_f(s.delay_p95_s), s.delay_p95_s_ci, s.delay_n),
             _q(s.throughput_qps),
-            _pct(s.profiler_overhead),
+            overhead,
             f"{s.top_config or '-'}{share}",
             style="bold" if name == RAGCTL else ("dim" if name == ORACLE else None),
         )
@@ -149,5 +227,10 @@ def render_report(evaluation: Evaluation, console: Console) -> None:
                 "by every fixed configuration)",
                 highlight=False,
             )
+        with_intervals = any(s.delay_n is not None for s in phase.systems.values())
+        if with_intervals:
+            console.print(TABLE_NOTE, style="dim", highlight=False)
         for line in [*ratio_lines(phase.ratios), *slo_lines(phase)]:
             console.print(f"  {line}", highlight=False, markup=False)
+        if with_intervals:
+            console.print(f"  {FOOTNOTE}", style="dim", highlight=False, markup=False)

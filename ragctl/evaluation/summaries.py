@@ -2,7 +2,10 @@
 some concurrency) and system, plus the oracle and the headline `ratios`.
 
 Rows with a non-null `error` are counted as errors and left out of every mean and percentile.
-Every summary is a `Record`: it converts to the dict `results.json` holds and back.
+Every quality and delay figure has a 95% bootstrap interval over the rows behind it (`*_ci`,
+`[lo, hi]`, see `intervals`; None below two rows or in a file written before intervals), and
+the ratios paired ones. Every summary is a `Record`: it converts to the dict `results.json`
+holds and back.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from typing import Any, ClassVar
 
 from ragctl.benchmarks import percentile
 from ragctl.errors import InvalidRequest
+from ragctl.evaluation.intervals import Interval, mean_ci, percentile_ci, ratio_ci
 from ragctl.evaluation.metrics import mean_scores, primary_metric
-from ragctl.evaluation.ratios import Ratios, ratios
+from ragctl.evaluation.ratios import PerQuery, Ratios, ratios
 from ragctl.evaluation.records import Record
 from ragctl.evaluation.systems import FIXED_PREFIX, ORACLE, system_order
 
@@ -46,6 +50,17 @@ def histogram(labels: Iterable[str]) -> dict[str, int]:
 
 def delays_of(rows: Iterable[Row]) -> list[float]:
     return [float(r["delay_s"]) for r in rows if finite(r.get("delay_s")) is not None]
+
+
+def scores_of(rows: Iterable[Row]) -> dict[str, list[float]]:
+    """Score name -> the rows' finite values of it (as `mean_scores` averages them)."""
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        for name, value in (r.get("scores") or {}).items():
+            bucket = out.setdefault(name, [])
+            if value is not None:
+                bucket.append(float(value))
+    return out
 
 
 def phase_key(rate: float | None, concurrency: int | None = None) -> str:
@@ -81,7 +96,12 @@ class Summary(Record):
     """One system's numbers (or the oracle's) in one phase. `quality`: every score's mean,
     evidence included; `throughput_qps`: answered / (last end_s - first arrival_s);
     `profiler_overhead`: sum profile_s / sum delay_s (None when nothing was profiled);
-    `configs`: label -> count, most first; `tokens`: means."""
+    `configs`: label -> count, most first; `tokens`: means.
+
+    Next to each figure its 95% interval (`*_ci`; `quality_ci` per score) and the number of
+    queries behind it: `quality_n` per score (the answered rows with that score), `delay_n`
+    (the answered rows with a delay: the delay figures and the profiler overhead), `queue_n`.
+    All None in a `results.json` written before intervals."""
 
     n: int | None
     answered: int | None
@@ -89,13 +109,23 @@ class Summary(Record):
     error_kinds: dict[str, int]
     primary: str | None
     primary_value: float | None
+    primary_value_ci: Interval | None
     quality: dict[str, float]
+    quality_ci: dict[str, Interval | None] | None
+    quality_n: dict[str, int] | None
     delay_mean_s: float | None
+    delay_mean_s_ci: Interval | None
     delay_p50_s: float | None
+    delay_p50_s_ci: Interval | None
     delay_p95_s: float | None
+    delay_p95_s_ci: Interval | None
+    delay_n: int | None
     queue_mean_s: float | None
+    queue_mean_s_ci: Interval | None
+    queue_n: int | None
     throughput_qps: float | None
     profiler_overhead: float | None
+    profiler_overhead_ci: Interval | None
     configs: dict[str, int]
     top_config: str | None
     tokens: dict[str, float]
@@ -103,6 +133,15 @@ class Summary(Record):
     @property
     def evidence_recall(self) -> float | None:
         return (self.quality or {}).get("evidence_recall")
+
+    @property
+    def evidence_recall_ci(self) -> Interval | None:
+        return (self.quality_ci or {}).get("evidence_recall")
+
+    @property
+    def primary_n(self) -> int | None:
+        """The number of answered rows with a primary score."""
+        return (self.quality_n or {}).get(self.primary) if self.primary else None
 
     @property
     def top_share(self) -> float | None:
@@ -195,6 +234,8 @@ class Evaluation:
 def _scored(rows: Sequence[Row], primary: str | None, configs: dict[str, int]) -> dict[str, Any]:
     """The fields a system and the oracle compute alike from their answered rows."""
     quality = mean_scores([r.get("scores") or {} for r in rows])
+    scored = scores_of(rows)
+    quality_ci = {name: mean_ci(scored[name]) for name in quality}
     delays = delays_of(rows)
     tokens: dict[str, list[float]] = {}
     for r in rows:
@@ -205,10 +246,17 @@ def _scored(rows: Sequence[Row], primary: str | None, configs: dict[str, int]) -
     return {
         "primary": primary,
         "primary_value": quality.get(primary) if primary else None,
+        "primary_value_ci": quality_ci.get(primary) if primary else None,
         "quality": quality,
+        "quality_ci": quality_ci,
+        "quality_n": {name: len(scored[name]) for name in quality},
         "delay_mean_s": mean(delays),
+        "delay_mean_s_ci": mean_ci(delays),
         "delay_p50_s": percentile(delays, 0.5) if delays else None,
+        "delay_p50_s_ci": percentile_ci(delays, 0.5),
         "delay_p95_s": percentile(delays, 0.95) if delays else None,
+        "delay_p95_s_ci": percentile_ci(delays, 0.95),
+        "delay_n": len(delays),
         "configs": configs,
         "top_config": next(iter(configs), None),
         "tokens": {name: sum(v) / len(v) for name, v in tokens.items() if v},
@@ -225,10 +273,11 @@ def system_summary(rows: Sequence[Row], primary: str | None) -> SystemSummary:
     ends = [float(r["end_s"]) for r in rows if finite(r.get("end_s")) is not None]
     span = max(ends) - min(starts) if starts and ends else None
     profiled = [finite(r.get("profile_s")) for r in timed]
-    overhead = None
+    overhead = overhead_ci = None
     if any(p is not None for p in profiled):
         total = sum(delays_of(timed))
         overhead = sum(p or 0.0 for p in profiled) / total if total else None
+        overhead_ci = ratio_ci([p or 0.0 for p in profiled], delays_of(timed))
     configs = histogram(str(r["config"]) for r in answered if r.get("config"))
     return SystemSummary(
         n=len(rows),
@@ -236,8 +285,11 @@ def system_summary(rows: Sequence[Row], primary: str | None) -> SystemSummary:
         errors=len(errors),
         error_kinds=histogram(str(r["error"]).split(":", 1)[0].strip() for r in errors),
         queue_mean_s=mean(queues),
+        queue_mean_s_ci=mean_ci(queues),
+        queue_n=len(queues),
         throughput_qps=len(answered) / span if span is not None and span > 0 else None,
         profiler_overhead=overhead,
+        profiler_overhead_ci=overhead_ci,
         slo=slo_summary(rows),
         **_scored(answered, primary, configs),
     )
@@ -314,8 +366,11 @@ def oracle(rows: Sequence[Row], primary: str | None) -> OracleSummary | None:
         errors=0,
         error_kinds={},
         queue_mean_s=None,
+        queue_mean_s_ci=None,
+        queue_n=None,
         throughput_qps=None,
         profiler_overhead=None,
+        profiler_overhead_ci=None,
         fixed_systems=fixed,
         queries_excluded=len(queries) - len(picked),
         picks=picks,
@@ -335,6 +390,27 @@ def _primary_of(rows: Sequence[Row], dataset: str | None) -> str | None:
         except (InvalidRequest, OSError, ValueError):
             return None
     return None
+
+
+def by_query(rows: Iterable[Row]) -> dict[str, Row | None]:
+    """A system's rows by query id, in first-seen order: the first answered row, or None where
+    every row of that query failed."""
+    out: dict[str, Row | None] = {}
+    for r in rows:
+        qid = str(r.get("query_id"))
+        if out.get(qid) is None:
+            out[qid] = None if failed(r) else r
+    return out
+
+
+def oracle_by_query(samples: Mapping[str, PerQuery], orc: OracleSummary) -> dict[str, Row | None]:
+    """The oracle's picks as rows by query id (None: a query some fixed system did not answer)."""
+    out: dict[str, Row | None] = {}
+    for system in orc.fixed_systems:
+        out.update(dict.fromkeys(q for q in samples.get(system, {}) if q not in out))
+    for qid, config in orc.picks.items():
+        out[qid] = samples[FIXED_PREFIX + config][qid]
+    return out
 
 
 def _phase_order(phase: Phase) -> tuple[int, float]:
@@ -361,6 +437,9 @@ def summarize(rows: Sequence[Row]) -> Evaluation:
             for name in sorted(by_system, key=system_order)
         }
         orc = oracle(phase_rows, primary)
+        samples = {name: by_query(by_system[name]) for name in systems}
+        if orc is not None:
+            samples[ORACLE] = oracle_by_query(samples, orc)
         phases[key] = Phase(
             rate=phase_rows[0].get("rate"),
             concurrency=next(
@@ -368,7 +447,7 @@ def summarize(rows: Sequence[Row]) -> Evaluation:
             ),
             systems=systems,
             oracle=orc,
-            ratios=ratios(systems, orc),
+            ratios=ratios(systems, orc, samples),
         )
     ordered = sorted(phases.items(), key=lambda kv: (*_phase_order(kv[1]), kv[0]))
     return Evaluation(dataset=dataset, primary=primary, phases=dict(ordered))

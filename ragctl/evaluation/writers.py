@@ -20,7 +20,9 @@ RESULTS_FILE = "results.json"
 SAMPLES_FILE = "samples.jsonl"
 CALIBRATION_FILE = "calibration.jsonl"
 SUMMARY_FILE = "summary.csv"
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2
+"""2: the summaries and ratios carry 95% bootstrap intervals and their n (`*_ci`, `quality_n`,
+`delay_n`, `significant`, ...); a version 1 file reads with those None."""
 
 
 # -- samples.jsonl -----------------------------------------------------------------------------
@@ -140,6 +142,26 @@ SUMMARY_COLUMNS_TAIL = (
 )  # fmt: skip
 _TOKEN_COLUMNS = {"calls_mean": "calls", "prompt_tokens_mean": "prompt",
                   "output_tokens_mean": "output"}  # fmt: skip
+_CI_COLUMNS = ("delay_mean_s", "delay_p50_s", "delay_p95_s", "queue_mean_s", "profiler_overhead")
+"""The tail's figures followed by their interval (`_ci_lo`, `_ci_hi`)."""
+_N_AFTER = {"quality": "quality_n", "delay_p95_s": "delay_n"}
+"""The n of the figures up to this column, after its interval."""
+
+
+def _with_intervals(columns: list[str], with_ci: set[str]) -> list[str]:
+    out: list[str] = []
+    for c in columns:
+        out.append(c)
+        if c in with_ci:
+            out += [f"{c}_ci_lo", f"{c}_ci_hi"]
+        if c in _N_AFTER:
+            out.append(_N_AFTER[c])
+    return out
+
+
+def _bounds(name: str, ci: list[float] | None) -> dict[str, float | None]:
+    lo, hi = ci if ci else (None, None)
+    return {f"{name}_ci_lo": lo, f"{name}_ci_hi": hi}
 
 
 def _score_columns(evaluation: Evaluation) -> list[str]:
@@ -154,11 +176,17 @@ def _score_columns(evaluation: Evaluation) -> list[str]:
 def write_summary_csv(directory: str | Path, evaluation: Evaluation) -> Path:
     """Write `summary.csv`: one row per phase x system, the oracle included (`system` =
     `oracle`); columns `SUMMARY_COLUMNS_HEAD`, each score's mean (em, f1, ..., evidence_recall,
-    evidence_hit, as present), then `SUMMARY_COLUMNS_TAIL`. Empty cells for None."""
+    evidence_hit, as present), then `SUMMARY_COLUMNS_TAIL`. Each quality and delay figure (and
+    the profiler overhead) is followed by its 95% interval (`quality_ci_lo`, `quality_ci_hi`,
+    `f1_ci_lo`, ..., `delay_mean_s_ci_lo`, ...); `quality_n` (rows with a primary score) follows
+    quality's, `delay_n` (rows with a delay) delay_p95_s's. Empty cells for None."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     scores = _score_columns(evaluation)
-    columns = [*SUMMARY_COLUMNS_HEAD, *scores, *SUMMARY_COLUMNS_TAIL]
+    columns = _with_intervals(
+        [*SUMMARY_COLUMNS_HEAD, *scores, *SUMMARY_COLUMNS_TAIL],
+        {"quality", *scores, *_CI_COLUMNS},
+    )
     path = directory / SUMMARY_FILE
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
@@ -166,6 +194,8 @@ def write_summary_csv(directory: str | Path, evaluation: Evaluation) -> Path:
         for phase in evaluation.phases.values():
             for name, s in phase.with_oracle().items():
                 quality, tokens = s.quality or {}, s.tokens or {}
+                quality_ci = s.quality_ci or {}
+                tail_ci = [_bounds(c, getattr(s, f"{c}_ci")) for c in _CI_COLUMNS]
                 row = {
                     "rate": phase.rate,
                     "concurrency": phase.concurrency,
@@ -174,8 +204,13 @@ def write_summary_csv(directory: str | Path, evaluation: Evaluation) -> Path:
                     "errors": s.errors,
                     "primary": s.primary,
                     "quality": s.primary_value,
+                    **_bounds("quality", s.primary_value_ci),
+                    "quality_n": s.primary_n,
                     **{k: quality.get(k) for k in scores},
+                    **{k: v for c in scores for k, v in _bounds(c, quality_ci.get(c)).items()},
                     **{k: getattr(s, k) for k in SUMMARY_COLUMNS_TAIL if k not in _TOKEN_COLUMNS},
+                    **{k: v for bounds in tail_ci for k, v in bounds.items()},
+                    "delay_n": s.delay_n,
                     **{k: tokens.get(t) for k, t in _TOKEN_COLUMNS.items()},
                 }
                 writer.writerow({k: "" if v is None else v for k, v in row.items()})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from rich.console import Console
 
 from ragctl.errors import DataNotFound
 from ragctl.evaluation.plots import write_plots
-from ragctl.evaluation.ratios import ratios
+from ragctl.evaluation.ratios import Ratios, ratios
 from ragctl.evaluation.render import render_report, slo_lines
 from ragctl.evaluation.run import report_run
 from ragctl.evaluation.summaries import Evaluation, oracle, phase_key, summarize
@@ -132,6 +133,30 @@ def rows_rate_one() -> list[dict[str, Any]]:
         row(STUFF5, "q1", 0.5, 1.0, rate=1.0),
         row(MR, "q1", 0.7, 4.0, rate=1.0),
     ]
+
+
+INTERVAL_FIELDS = (
+    "value_ci", "significant", "quality_diff_ci", "quality_diff_significant", "delay_ratio_ci",
+    "delay_ratio_significant", "n", "left_out",
+)  # fmt: skip
+
+
+def without_intervals(r: Ratios) -> Ratios:
+    """The ratios with every interval field None, as computed without per-query rows."""
+    out = {}
+    for f in fields(r):
+        record = getattr(r, f.name)
+        if f.name != "primary":
+            names = {g.name for g in fields(record)}
+            record = replace(record, **{k: None for k in INTERVAL_FIELDS if k in names})
+        out[f.name] = record
+    return replace(r, **out)
+
+
+def subsequence(items: list[str], of: list[str]) -> bool:
+    """Whether `items` appear in `of` in the same order (others may come between)."""
+    rest = iter(of)
+    return all(item in rest for item in items)
 
 
 @pytest.fixture
@@ -306,7 +331,8 @@ def test_oracle_exact_tie_and_error_rows() -> None:
 def test_ratios_by_hand(summary: Evaluation) -> None:
     r = summary.phases["0.5"].ratios
     half = summary.phases["0.5"]
-    assert r == ratios(half.systems, half.oracle)
+    assert without_intervals(r) == ratios(half.systems, half.oracle)
+    assert r != ratios(half.systems, half.oracle)  # the intervals are there
     assert r.primary == "f1"
 
     a = r.delay_ratio_vs_fixed_equal_quality
@@ -419,6 +445,10 @@ def test_clean_file_no_warning(
     assert "skipped" not in caplog.text
 
 
+SUMMARY_INTERVAL_KEYS = [
+    "primary_value_ci", "quality_ci", "quality_n", "delay_mean_s_ci", "delay_p50_s_ci",
+    "delay_p95_s_ci", "delay_n", "queue_mean_s_ci", "queue_n", "profiler_overhead_ci",
+]  # fmt: skip
 SUMMARY_KEYS = [
     "n", "answered", "errors", "error_kinds", "primary", "primary_value", "quality",
     "delay_mean_s", "delay_p50_s", "delay_p95_s", "queue_mean_s", "throughput_qps",
@@ -436,10 +466,18 @@ def test_results_json(tmp_path: Path, summary: Evaluation) -> None:
     assert list(data["rates"]) == ["0.5", "1"]
     half = data["rates"]["0.5"]
     assert list(half) == ["rate", "concurrency", "systems", "oracle", "ratios"]
-    # the field names older results.json files have
-    assert list(half["systems"]["ragctl"]) == [*SUMMARY_KEYS, "slo"]
-    assert half["systems"]["ragctl"]["slo"] is None
-    assert list(half["oracle"]) == [*SUMMARY_KEYS, "fixed_systems", "queries_excluded", "picks"]
+    assert data["version"] == 2
+    # the field names older results.json files have, in their order; the intervals among them
+    rag = half["systems"]["ragctl"]
+    assert subsequence([*SUMMARY_KEYS, "slo"], list(rag))
+    assert set(rag) - {*SUMMARY_KEYS, "slo"} == set(SUMMARY_INTERVAL_KEYS)
+    assert list(rag).index("primary_value_ci") == list(rag).index("primary_value") + 1
+    assert rag["slo"] is None
+    assert rag["primary_value_ci"] == pytest.approx([0.4, 0.8])
+    assert rag["quality_n"] == {"f1": 3, "em": 3, "evidence_recall": 2, "evidence_hit": 2}
+    assert rag["delay_n"] == 3 and rag["queue_n"] == 3
+    assert subsequence([*SUMMARY_KEYS, "fixed_systems", "queries_excluded", "picks"],
+                       list(half["oracle"]))  # fmt: skip
     assert list(half["ratios"]) == [
         "primary", "delay_ratio_vs_fixed_equal_quality", "delay_ratio_vs_adaptiverag",
         "delay_ratio_vs_parrot", "quality_vs_fixed_similar_delay", "oracle_gap",
@@ -449,9 +487,11 @@ def test_results_json(tmp_path: Path, summary: Evaluation) -> None:
                "ragctl_delay_s"]  # fmt: skip
     best = ["best_fixed_config", "best_fixed_quality", "best_fixed_delay_s"]
     reached = half["ratios"]["delay_ratio_vs_fixed_equal_quality"]
-    assert list(reached) == [*numbers, "reason"]
+    with_ci = ["value_ci", "significant", "n", "left_out"]
+    assert list(reached) == [*numbers, "reason", *with_ci]
+    assert reached["n"] == 3 and reached["left_out"] == 1  # q4: ragctl failed on it
     missed = data["rates"]["1"]["ratios"]["delay_ratio_vs_fixed_equal_quality"]
-    assert list(missed) == [*numbers, *best, "reason"]
+    assert list(missed) == [*numbers, *best, "reason", *with_ci]
     assert half["ratios"]["delay_ratio_vs_parrot"]["value"] == pytest.approx(2.0)
     # and read back to the same records
     loaded = Evaluation.from_dict(data)
@@ -465,8 +505,11 @@ def test_old_results_without_ratios_recompute_them(summary: Evaluation) -> None:
     for phase in payload["rates"].values():
         del phase["ratios"]
     loaded = Evaluation.from_dict(payload)
-    assert loaded.phases["0.5"].ratios == summary.phases["0.5"].ratios
-    assert loaded.phases["0.5"].ratios.delay_ratio_vs_parrot.value == pytest.approx(2.0)
+    # without the per-query rows the paired intervals cannot be recomputed: None, the rest same
+    recomputed = loaded.phases["0.5"].ratios
+    assert recomputed == without_intervals(summary.phases["0.5"].ratios)
+    assert recomputed.delay_ratio_vs_parrot.value == pytest.approx(2.0)
+    assert recomputed.delay_ratio_vs_parrot.value_ci is None
 
 
 def test_summary_csv_columns(tmp_path: Path, summary: Evaluation) -> None:
@@ -475,18 +518,35 @@ def test_summary_csv_columns(tmp_path: Path, summary: Evaluation) -> None:
         reader = csv.DictReader(f)
         table = list(reader)
         header = reader.fieldnames
-    assert header == [
+    old = [
         "rate", "concurrency", "system", "n", "errors", "primary", "quality",
         "em", "f1", "evidence_recall", "evidence_hit",
         "delay_mean_s", "delay_p50_s", "delay_p95_s", "queue_mean_s", "throughput_qps",
         "profiler_overhead", "top_config", "calls_mean", "prompt_tokens_mean",
         "output_tokens_mean",
     ]  # fmt: skip
+    assert subsequence(old, header)
+    assert header[header.index("quality") :][:4] == [
+        "quality", "quality_ci_lo", "quality_ci_hi", "quality_n",
+    ]  # fmt: skip
+    assert header[header.index("delay_p95_s") :][:4] == [
+        "delay_p95_s", "delay_p95_s_ci_lo", "delay_p95_s_ci_hi", "delay_n",
+    ]  # fmt: skip
+    for name in ("em", "f1", "evidence_recall", "evidence_hit", "delay_mean_s", "delay_p50_s",
+                 "queue_mean_s", "profiler_overhead"):  # fmt: skip
+        assert header[header.index(name) + 1 : header.index(name) + 3] == [
+            f"{name}_ci_lo", f"{name}_ci_hi",
+        ]  # fmt: skip
     assert len(table) == 7 + 4  # 6 systems + oracle at 0.5; 3 systems + oracle at 1
     rag = table[0]
     assert (rag["rate"], rag["system"], rag["n"], rag["errors"]) == ("0.5", "ragctl", "4", "1")
     assert float(rag["quality"]) == pytest.approx(0.6)
+    assert (float(rag["quality_ci_lo"]), float(rag["quality_ci_hi"])) == pytest.approx((0.4, 0.8))
+    assert (rag["quality_n"], rag["delay_n"]) == ("3", "3")
     assert float(rag["delay_p95_s"]) == pytest.approx(3.9)
+    assert float(rag["delay_mean_s_ci_lo"]) == pytest.approx(2.0)
+    # one row at rate 1: no interval, blank cells
+    assert table[7]["system"] == "ragctl" and table[7]["quality_ci_lo"] == ""
     assert rag["top_config"] == "stuff:5"
     orc = table[6]
     assert orc["system"] == "oracle" and orc["throughput_qps"] == ""
