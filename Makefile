@@ -47,7 +47,7 @@ demo: setup ## answer a few SQuAD questions with each synthesis method on the em
 	$(RAGCTL) demo --dataset squad
 
 test: lint ## lint, then run all tests (unit + integration on the real engine)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=10 tests
 
 test-unit: setup ## run the fast unit tests only
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit

@@ -22,14 +22,18 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 def test_allocate_then_eval_with_the_plan_and_an_slo(
-    small_squad: tuple[Settings, list[Query]], model_path: str, tmp_path: Path
+    small_squad: tuple[Settings, list[Query]], model_path: str, vllm_server, tmp_path: Path
 ) -> None:
     settings, _ = small_squad
+
+    def cli(args: list[str]) -> list[str]:
+        return ragctl(args, settings, model_path, vllm_server.url)
+
     plan = tmp_path / "plan.yaml"
     alloc = ["allocate", "--dataset", "squad", "--out", str(plan), "--sample", "2",
              "--batch-sizes", "1,4,8", "--engine-batch-sizes", "1,2,4",
              "--repeats", "2"]  # fmt: skip
-    done = subprocess.run(ragctl(alloc, settings, model_path), capture_output=True, text=True,
+    done = subprocess.run(cli(alloc), capture_output=True, text=True,
                           env=ENV, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "predicted throughput" in done.stdout.lower()
@@ -51,7 +55,7 @@ def test_allocate_then_eval_with_the_plan_and_an_slo(
             "--limit", "2"]  # fmt: skip
     run = [*base, "--out", str(out), "--plan", str(plan), "--slo-ms", "600000",
            "--slo-mitigation", "patchwork"]  # fmt: skip
-    done = subprocess.run(ragctl(run, settings, model_path), capture_output=True, text=True,
+    done = subprocess.run(cli(run), capture_output=True, text=True,
                           env=ENV, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     meta = json.loads((out / "run.json").read_text())
@@ -72,8 +76,8 @@ def test_allocate_then_eval_with_the_plan_and_an_slo(
     bad = tmp_path / "bad.yaml"
     bad.write_text(plan.read_text().replace("max_num_seqs", "max_num_seq"))
     refused = subprocess.run(
-        ragctl([*base, "--out", str(tmp_path / "other"), "--plan", str(bad)], settings,
-               model_path), capture_output=True, text=True, env=ENV, timeout=120,
+        cli([*base, "--out", str(tmp_path / "other"), "--plan", str(bad)]),
+        capture_output=True, text=True, env=ENV, timeout=120,
     )  # fmt: skip
     assert refused.returncode == 2 and "max_num_seq" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1

@@ -21,11 +21,13 @@ pytestmark = pytest.mark.integration
 SYSTEMS = "ragctl,fixed:map_rerank:2,fixed:stuff:2,adaptiverag,parrot,oracle"
 
 
-def ragctl(args: list[str], settings: Settings, model_path: str, **kw) -> list[str]:
+def ragctl(args: list[str], settings: Settings, model_path: str, engine_url: str) -> list[str]:
+    """The command line, on the session's vLLM server (`--model` names its tokenizer): these
+    tests are about the CLI's runs and files, and an engine start per command costs minutes."""
     return [
-        sys.executable, "-m", "ragctl", "--model", model_path,
+        sys.executable, "-m", "ragctl", "--model", model_path, "--engine-url", engine_url,
         "--data-dir", str(settings.data_dir), "--cache-dir", str(settings.cache_dir),
-        "--kv-cache-gib", "1", "--golden-every", "0", "--answer-max-tokens", "16", *args,
+        "--golden-every", "0", "--answer-max-tokens", "16", *args,
     ]  # fmt: skip
 
 
@@ -34,16 +36,20 @@ def rows(path: Path) -> list[dict]:
 
 
 def test_eval_run_interrupt_resume_report(
-    small_squad: tuple[Settings, list[Query]], model_path: str, tmp_path: Path
+    small_squad: tuple[Settings, list[Query]], model_path: str, vllm_server, tmp_path: Path
 ) -> None:
     settings, _ = small_squad
+
+    def cli(args: list[str]) -> list[str]:
+        return ragctl(args, settings, model_path, vllm_server.url)
+
     out = tmp_path / "run"
     run = ["eval", "run", "--dataset", "squad", "--systems", SYSTEMS, "--limit", "3",
            "--calibration", "2", "--concurrency", "2", "--out", str(out)]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     log = open(tmp_path / "first.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        ragctl(run, settings, model_path),
+        cli(run),
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,
@@ -65,14 +71,14 @@ def test_eval_run_interrupt_resume_report(
     assert json.loads((out / "run.json").read_text())["adaptiverag_table"]["*"]
 
     # Same command without --resume: refused; with a different limit: refused; then resumed.
-    again = subprocess.run(ragctl(run, settings, model_path), capture_output=True, text=True,
+    again = subprocess.run(cli(run), capture_output=True, text=True,
                            env=env, timeout=300)  # fmt: skip
     assert again.returncode == 2 and "--resume" in again.stderr
     other = [*run[:7], "4", *run[8:], "--resume"]  # --limit 4
-    bad = subprocess.run(ragctl(other, settings, model_path), capture_output=True, text=True,
+    bad = subprocess.run(cli(other), capture_output=True, text=True,
                          env=env, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and "same run" in bad.stderr
-    done = subprocess.run(ragctl([*run, "--resume"], settings, model_path), capture_output=True,
+    done = subprocess.run(cli([*run, "--resume"]), capture_output=True,
                           text=True, env=env, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
 
