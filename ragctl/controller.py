@@ -19,8 +19,8 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from ragctl.bridge import Bridge
@@ -47,12 +47,24 @@ from ragctl.types import (
     Config,
     ConfigSpace,
     Decision,
+    KVState,
     Message,
+    Plan,
     StageRecord,
     SynthesisResult,
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """The adaptive path's decision for one query, not carried out (`Controller.propose`)."""
+
+    outcome: ProfileOutcome
+    choice: SpaceChoice
+    plan: Plan
+
 
 NO_HOOKS = StageHooks()
 """The hooks of a run outside any request (golden feedback, `run_synthesis` by itself)."""
@@ -186,6 +198,12 @@ class Controller:
         """The profile of `question` and the space it would get (history is not updated)."""
         return await self.bridge.arun(self._profile_only(question))
 
+    async def propose(self, question: str) -> Proposal:
+        """What the adaptive path would decide for `question` now, without answering it: the
+        real profiler, rules and best-fit against the engine's KV state (policy replay). Like
+        `aask`, it updates the collection's history of confident spaces."""
+        return await self.bridge.arun(self._propose(question))
+
     async def aclose(self) -> None:
         """Stop background feedback runs, then (when it owns them) the profiler and engine;
         then a private event loop."""
@@ -301,28 +319,8 @@ class Controller:
         trace: StageHooks = NO_HOOKS,
     ) -> Answer:
         timings: dict[str, float] = {}
-        k = self.rules.max_num_chunks
-        if max_chunks is not None:
-            k = min(k, max_chunks)
-        retrieval = asyncio.ensure_future(self._retrieve(q, k, timings))
-        try:
-            outcome = await self._profile(q, timings)
-            chunks = await retrieval
-        finally:
-            if not retrieval.done():
-                retrieval.cancel()
-        t = time.perf_counter()
-        choice = self._space_for(outcome, record=True)
         sq = with_history(q, history)
-        trace.on_stage("queue")
-        decide = best_fit(
-            choice,
-            self.synthesizer.sizer(sq, chunks),
-            len(chunks),
-            self.policy.kv_buffer_blocks,
-            **trace.planning(),
-        )
-        timings["decide"] = time.perf_counter() - t
+        outcome, chunks, choice, decide = await self._choose(q, sq, max_chunks, timings, trace)
         admitted = await self.admission.admit(decide)
         timings["queue"] = admitted.queued_s
         plan = admitted.plan
@@ -336,6 +334,46 @@ class Controller:
             answer = await self._synthesize(q, sq, chunks, decision, timings, start, trace)
         self._maybe_golden(q, chunks)
         return answer
+
+    async def _choose(
+        self,
+        q: str,
+        synthesis_question: str,
+        max_chunks: int | None,
+        timings: dict[str, float],
+        trace: StageHooks = NO_HOOKS,
+    ) -> tuple[ProfileOutcome, list[Chunk], SpaceChoice, Callable[[KVState, int], Plan]]:
+        """The adaptive path up to the admission queue: retrieval ‖ profile, the pruned space
+        (the collection's history learns from it), and best-fit's `decide`."""
+        k = self.rules.max_num_chunks
+        if max_chunks is not None:
+            k = min(k, max_chunks)
+        retrieval = asyncio.ensure_future(self._retrieve(q, k, timings))
+        try:
+            outcome = await self._profile(q, timings)
+            chunks = await retrieval
+        finally:
+            if not retrieval.done():
+                retrieval.cancel()
+        t = time.perf_counter()
+        choice = self._space_for(outcome, record=True)
+        trace.on_stage("queue")
+        decide = best_fit(
+            choice,
+            self.synthesizer.sizer(synthesis_question, chunks),
+            len(chunks),
+            self.policy.kv_buffer_blocks,
+            **trace.planning(),
+        )
+        timings["decide"] = time.perf_counter() - t
+        return outcome, chunks, choice, decide
+
+    async def _propose(self, question: str) -> Proposal:
+        q = self.check_question(question)
+        timings: dict[str, float] = {}
+        outcome, _, choice, decide = await self._choose(q, q, None, timings)
+        plan = decide(await self.engine.kv_state(), self.admission.ledger.reserved)
+        return Proposal(outcome, choice, plan)
 
     # -- steps ----------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""`ragctl eval ls | run | report | download`."""
+"""`ragctl eval ls | run | grid | replay | report | download`."""
 
 from __future__ import annotations
 
@@ -88,6 +88,71 @@ def eval_run(
     )
     render_report(evaluation, out)
     out.print(f"results in {out_dir}/ (results.json, samples.jsonl, summary.csv, plots)")
+
+
+@eval_app.command("grid")
+def eval_grid(
+    ctx: typer.Context,
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset card name."),
+    limit: int = typer.Option(40, min=1, help="Test queries (the seeded sample eval run draws)."),
+    calibration: int = typer.Option(
+        10, min=0, help="Calibration queries (AdaptiveRAG*'s, never among the test queries)."
+    ),
+    seed: int = typer.Option(0, help="Query sample."),
+    configs: str | None = typer.Option(
+        None,
+        help="Comma-separated method:chunks[:ilen] (default: the dataset card's grid, else "
+        "the wide default grid).",
+    ),
+) -> None:
+    """Answer every query with every configuration of the grid, one at a time on an idle
+    engine, and keep each cell on disk (resumable; a built cell is never answered again)."""
+    from ragctl.evaluation.render import render_grid
+    from ragctl.evaluation.run import GridRequest, build_grid
+
+    settings: Settings = ctx.obj
+    report = build_grid(
+        settings,
+        GridRequest(dataset, limit, calibration, seed, configs),
+        progress=lambda: progress_bar(err),
+    )
+    render_grid(report, out)
+
+
+@eval_app.command("replay")
+def eval_replay(
+    ctx: typer.Context,
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset card name."),
+    systems: str = typer.Option(
+        DEFAULT_SYSTEMS, help="Comma-separated systems (eval ls); `fixed` = the whole grid."
+    ),
+    limit: int = typer.Option(40, min=1, help="Test queries (the seeded sample eval run draws)."),
+    calibration: int = typer.Option(
+        10, min=0, help="Calibration queries for adaptiverag (never among the test queries)."
+    ),
+    seed: int = typer.Option(0, help="Query sample."),
+    configs: str | None = typer.Option(
+        None, help="The grid's configurations (default: the card's grid, else the wide one)."
+    ),
+    out_dir: Path = typer.Option(..., "--out", help="Where results, samples and plots go."),
+) -> None:
+    """Replay each system's decisions (real profiler and policy) over the outcome grid: the
+    quality, tokens and solo delay each would get, and the grid's quality-cost frontier. Cells
+    the grid lacks are answered live once and added to it."""
+    from ragctl.evaluation.render import render_replay
+    from ragctl.evaluation.run import GridRequest, replay_run
+
+    settings: Settings = ctx.obj
+    report = replay_run(
+        settings,
+        GridRequest(dataset, limit, calibration, seed, configs),
+        systems,
+        out_dir,
+        progress=lambda: progress_bar(err),
+    )
+    render_replay(report, out)
+    out.print(f"results in {out_dir}/ (results.json, samples.jsonl, summary.csv, frontier.csv, "
+              "frontier.png)")  # fmt: skip
 
 
 @eval_app.command("report")

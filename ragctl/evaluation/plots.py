@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ragctl.evaluation.summaries import Evaluation, Phase, Row, failed, finite, phase_key
 from ragctl.evaluation.systems import FIXED_PREFIX, ORACLE, RAGCTL, system_order
+
+if TYPE_CHECKING:
+    from ragctl.evaluation.grid import FrontierPoint
 
 
 def write_plots(directory: str | Path, rows: Sequence[Row], evaluation: Evaluation) -> list[Path]:
@@ -131,4 +134,50 @@ def _load(rated: Sequence[Phase], colors: dict[str, Any], dataset: str, path: Pa
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{dataset}: load")
+    return _save(fig, path)
+
+
+def write_frontier_plot(
+    path: Path,
+    points: Sequence[FrontierPoint],
+    systems: Sequence[FrontierPoint],
+    dataset: str,
+    primary: str,
+) -> Path:
+    """`frontier.png`: the grid's configurations (grey, the quality–cost frontier as a line)
+    and the replayed systems on it; quality against solo delay and against prompt tokens."""
+    fig, axes = _panels(2)
+    colors = _colors(p.name for p in systems)
+    for ax, attr, label in (
+        (axes[0], "delay_s", "solo delay, mean (s)"),
+        (axes[1], "prompt_tokens", "prompt tokens per query, mean"),
+    ):
+        grid = [(getattr(p, attr), p.quality, p) for p in points
+                if getattr(p, attr) is not None and p.quality is not None]  # fmt: skip
+        for x, y, p in grid:
+            ax.scatter([x], [y], color="grey", s=25, zorder=2)
+            ax.annotate(p.name, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6,
+                        color="grey")  # fmt: skip
+        # The frontier of this panel's cost: best quality so far, cheapest first.
+        best, line = -1.0, []
+        for x, y, _ in sorted(grid, key=lambda t: (t[0], -t[1])):
+            if y > best:
+                best = y
+                line.append((x, y))
+        if line:
+            ax.step(*zip(*line, strict=True), where="post", color="grey", linestyle="--",
+                    label="grid frontier")  # fmt: skip
+        for s in systems:
+            x, y = getattr(s, attr), s.quality
+            if x is None or y is None:
+                continue
+            marker = "*" if s.name == ORACLE else ("D" if s.name == RAGCTL else "o")
+            ax.scatter([x], [y], color=colors[s.name], marker=marker, s=120, zorder=3,
+                       label=s.name)  # fmt: skip
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"{primary} (mean, 0-1)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{dataset}: the grid's quality-cost frontier and the systems on it (replay)")
+    path.parent.mkdir(parents=True, exist_ok=True)
     return _save(fig, path)

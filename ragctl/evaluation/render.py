@@ -7,7 +7,9 @@ difference is marked `SIGNIFICANT` (`*`), explained in `FOOTNOTE`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -16,6 +18,10 @@ from rich.table import Table
 from ragctl.evaluation.ratios import Ratios
 from ragctl.evaluation.summaries import Evaluation, Phase
 from ragctl.evaluation.systems import BASELINES, FIXED_PREFIX, ORACLE, RAGCTL
+
+if TYPE_CHECKING:
+    from ragctl.evaluation.grid import FrontierPoint
+    from ragctl.evaluation.run import GridReport, ReplayReport
 
 COLUMNS = (
     "n", "errors", "answered", None, "evid. recall", "mean s", "p50 s", "p95 s", "q/s", "profiler",
@@ -234,3 +240,55 @@ def render_report(evaluation: Evaluation, console: Console) -> None:
             console.print(f"  {line}", highlight=False, markup=False)
         if with_intervals:
             console.print(f"  {FOOTNOTE}", style="dim", highlight=False, markup=False)
+
+
+def frontier_table(
+    points: Sequence[FrontierPoint], systems: Sequence[FrontierPoint], primary: str
+) -> Table:
+    """The grid's configurations cheapest first (`frontier` marks the Pareto-optimal ones),
+    then the systems, each with the solo delay the grid needs for its quality and the ratio of
+    that to its own: at least 1.0 is on or above the frontier."""
+    from ragctl.evaluation.grid import frontier_delay_at
+
+    table = Table(
+        "configuration / system", primary, "solo s", "prompt tokens", "frontier",
+        "grid s at this quality", "ratio",
+    )  # fmt: skip
+    for p in points:
+        table.add_row(
+            p.name, _q(p.quality), _f(p.delay_s), _f(p.prompt_tokens, ".0f"),
+            "yes" if p.on_frontier else "", "", "",
+            style=None if p.on_frontier else "dim",
+        )  # fmt: skip
+    for s in systems:
+        at = frontier_delay_at(points, s.quality) if s.quality is not None else None
+        ratio = at / s.delay_s if at is not None and s.delay_s else None
+        table.add_row(
+            escape(_sys(s.name)), _q(s.quality), _f(s.delay_s), _f(s.prompt_tokens, ".0f"), "",
+            _f(at), _f(ratio), style="bold" if s.name == RAGCTL else None,
+        )  # fmt: skip
+    return table
+
+
+def render_grid(report: GridReport, console: Console) -> None:
+    """`eval grid`'s summary: what was built, and the grid over the test queries."""
+    console.print(
+        f"[bold]{report.dataset}[/bold] grid: {report.queries} queries x {len(report.configs)} "
+        f"configurations; {report.built} cells built in {report.seconds:.0f} s, "
+        f"{report.reused} reused; in {report.folder}"
+    )
+    console.print(frontier_table(report.points, [], "quality"))
+
+
+def render_replay(report: ReplayReport, console: Console) -> None:
+    """`eval replay`'s report: the run report of the replayed rows, then the frontier."""
+    render_report(report.evaluation, console)
+    primary = report.evaluation.primary or "quality"
+    console.print(frontier_table(report.points, report.systems, primary))
+    console.print(
+        f"replayed {report.decisions} decisions in {report.seconds:.1f} s (engine start "
+        f"included); {report.live_cells} cells answered live and added to the grid; profiles "
+        f"{report.profile_hits} cached, {report.profile_misses} asked. Solo delays on an idle "
+        "engine: replay says nothing about load (`eval run` measures that).",
+        highlight=False,
+    )

@@ -1,7 +1,8 @@
 """What `ragctl eval` does, command by command: `datasets` (eval ls), `run_evaluation` (eval
 run: check what was asked, and with `--resume` that it is the run `DIR` already holds; open the
 engine and controller; calibrate AdaptiveRAG* when it runs; run every phase; write
-results.json, summary.csv and the plots) and `report_run` (eval report)."""
+results.json, summary.csv and the plots), `report_run` (eval report), `build_grid` (eval grid:
+the outcome grid, `grid`) and `replay_run` (eval replay: decisions over the grid, `replay`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from ragctl.errors import DataNotFound, InvalidRequest
 from ragctl.evaluation.summaries import Evaluation, summarize
-from ragctl.evaluation.systems import DEFAULT_GRID, Plan, fixed_system, parse_systems
+from ragctl.evaluation.systems import (
+    DEFAULT_GRID,
+    FIXED_PREFIX,
+    Plan,
+    fixed_system,
+    parse_systems,
+)
 from ragctl.evaluation.writers import (
     CALIBRATION_FILE,
     RESULTS_FILE,
@@ -29,11 +36,13 @@ from ragctl.evaluation.writers import (
     write_summary_csv,
 )
 from ragctl.settings import Settings
+from ragctl.types import Config
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
     from ragctl.allocation.plan import PlanFile
+    from ragctl.evaluation.grid import FrontierPoint
     from ragctl.evaluation.runner import Job, Runner
     from ragctl.retrieval.collection import DatasetCard
 
@@ -192,7 +201,6 @@ async def _run(
     from ragctl.evaluation.systems import calibrate, complexity_class, split
     from ragctl.retrieval.collection import load_card, load_queries
     from ragctl.service import open_controller
-    from ragctl.types import Config
 
     card = load_card(meta["dataset"])
     queries = load_queries(settings.data_dir, card.name)
@@ -280,3 +288,234 @@ def report_run(run_dir: Path, *, rewrite: bool = False) -> Evaluation:
     if rewrite:
         write_outputs(run_dir, read_meta(run_dir))
     return load_evaluation(run_dir)
+
+
+# -- eval grid and eval replay -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GridRequest:
+    """The options of `ragctl eval grid` (and the grid part of `eval replay`)."""
+
+    dataset: str
+    limit: int
+    calibration: int
+    seed: int
+    configs: str | None
+    """`method:chunks[:ilen],...`; None: the dataset card's grid, else the wide default."""
+
+
+@dataclass(frozen=True)
+class GridReport:
+    dataset: str
+    folder: Path
+    queries: int
+    configs: tuple[Config, ...]
+    built: int
+    """Cells answered by this run."""
+    reused: int
+    """Cells an earlier run had built."""
+    seconds: float
+    points: list[FrontierPoint]
+    """Per configuration, its means over the test queries, frontier flagged."""
+
+
+def _grid_queries(settings: Settings, request: GridRequest) -> tuple[DatasetCard, list, list]:
+    from ragctl.evaluation.systems import split
+    from ragctl.retrieval.collection import check_dataset, load_card, load_queries
+
+    check_dataset(settings.data_dir, request.dataset)
+    card = load_card(request.dataset)
+    queries = load_queries(settings.data_dir, card.name)
+    test, calib = split(queries, request.limit, request.calibration, request.seed)
+    return card, test, calib
+
+
+def _grid_configs(card: DatasetCard, text: str | None) -> tuple[Config, ...]:
+    from ragctl.evaluation.grid import default_grid, parse_configs
+
+    return parse_configs(text) if text else default_grid(card)
+
+
+def build_grid(
+    settings: Settings, request: GridRequest, *, progress: Callable[[], Progress]
+) -> GridReport:
+    """Answer every (query, configuration) of the grid the cache lacks, one at a time on an
+    idle engine: the test queries and the calibration ones (`split`, as `eval run` draws them)."""
+    card, test, calib = _grid_queries(settings, request)
+    configs = _grid_configs(card, request.configs)
+    return asyncio.run(_build_grid(settings, card, test, calib, configs, progress))
+
+
+async def _build_grid(
+    settings: Settings,
+    card: DatasetCard,
+    test: list,
+    calib: list,
+    configs: tuple[Config, ...],
+    progress: Callable[[], Progress],
+) -> GridReport:
+    from ragctl.console import stage_callback
+    from ragctl.evaluation.grid import GridKey, GridStore, build, grid_summary
+    from ragctl.service import open_controller
+
+    start = time.perf_counter()
+    queries = [*test, *calib]
+    with progress() as bar:
+        task = bar.add_task(f"{card.name}: starting the engine", total=None)
+        controller = await open_controller(
+            settings, card.name, progress=stage_callback(bar, card.name)
+        )
+        try:
+            store = GridStore.open(settings.cache_dir, GridKey.of(controller))
+            todo = len(store.missing(queries, configs))
+            total = len(queries) * len(configs)
+            bar.update(task, description=f"{card.name}: grid", total=total,
+                       completed=total - todo)  # fmt: skip
+            if todo:
+                await controller.aask(queries[0].question, Config("stuff", 1))  # warm-up
+            built = await build(controller, card, store, queries, configs,
+                                on_cell=lambda _: bar.advance(task))  # fmt: skip
+        finally:
+            await controller.aclose()
+    return GridReport(
+        dataset=card.name,
+        folder=store.folder,
+        queries=len(queries),
+        configs=configs,
+        built=built,
+        reused=total - todo,
+        seconds=time.perf_counter() - start,
+        points=grid_summary(store, card, test, configs),
+    )
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    evaluation: Evaluation
+    points: list[FrontierPoint]
+    """The grid's configurations over the test queries, frontier flagged."""
+    systems: list[FrontierPoint]
+    """Each replayed system (and the oracle) placed on the same plane."""
+    decisions: int
+    live_cells: int
+    profile_hits: int
+    profile_misses: int
+    seconds: float
+    out_dir: Path
+
+
+def replay_run(
+    settings: Settings,
+    request: GridRequest,
+    systems: str,
+    out_dir: Path,
+    *,
+    progress: Callable[[], Progress],
+) -> ReplayReport:
+    """Replay each system's decisions over the grid; write samples.jsonl, results.json,
+    summary.csv, the run's plots, frontier.csv and frontier.png to `out_dir`."""
+    card, test, calib = _grid_queries(settings, request)
+    configs = _grid_configs(card, request.configs)
+    plan = parse_systems(systems, grid=configs)
+    if not plan.needs_calibration:
+        calib = []
+    return asyncio.run(
+        _replay(settings, card, test, calib, configs, plan, systems, out_dir, progress)
+    )
+
+
+async def _replay(
+    settings: Settings,
+    card: DatasetCard,
+    test: list,
+    calib: list,
+    configs: tuple[Config, ...],
+    plan: Plan,
+    systems: str,
+    out_dir: Path,
+    progress: Callable[[], Progress],
+) -> ReplayReport:
+    from ragctl.console import stage_callback
+    from ragctl.evaluation.grid import GridKey, GridStore, grid_summary
+    from ragctl.evaluation.plots import write_frontier_plot
+    from ragctl.evaluation.replay import PROFILES_FILE, CachedProfiler, Replayer, ReplayStats
+    from ragctl.evaluation.writers import write_frontier_csv
+    from ragctl.service import open_controller
+
+    start = time.perf_counter()
+    stats = ReplayStats()
+    with progress() as bar:
+        task = bar.add_task(f"{card.name}: starting the engine", total=None)
+        controller = await open_controller(
+            settings, card.name, progress=stage_callback(bar, card.name)
+        )
+        try:
+            store = GridStore.open(settings.cache_dir, GridKey.of(controller))
+            profiler = CachedProfiler(
+                controller.profiler, store.folder / PROFILES_FILE, controller.profiler.engine.name
+            )
+            controller.profiler = profiler  # type: ignore[assignment]
+            replayer = Replayer(controller, card, store, stats)
+            table = None
+            if plan.needs_calibration:
+                bar.update(task, description=f"{card.name}: AdaptiveRAG* calibration")
+                table = await replayer.adaptiverag_table(calib, configs)
+            jobs = len(test) * len(plan.systems)
+            bar.update(task, description=f"{card.name}: replay", total=jobs, completed=0)
+            rows = await replayer.rows(test, plan, table, on_row=lambda: bar.advance(task))
+        finally:
+            await controller.aclose()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = out_dir / SAMPLES_FILE
+    samples.unlink(missing_ok=True)  # a replay is cheap: it is written whole each time
+    writer = SampleWriter(samples)
+    try:
+        for row in rows:
+            writer.write(row)
+    finally:
+        writer.close()
+    points = grid_summary(store, card, test, configs)
+    meta = {
+        "command": "ragctl " + " ".join(sys.argv[1:]),
+        "replay": True,
+        "dataset": card.name, "systems": systems, "limit": len(test),
+        "calibration": len(calib), "grid": [c.label for c in configs],
+        "grid_folder": store.folder.name, "adaptiverag_table": table,
+        "model": settings.model or "embedded SmolLM2-135M-Instruct",
+        "rules_file": str(settings.rules_file) if settings.rules_file else None,
+        "confidence_threshold": settings.confidence_threshold,
+        "live_cells": stats.live_cells,
+        "note": "solo delays on an idle engine; replay says nothing about load (eval run does)",
+    }  # fmt: skip
+    write_outputs(out_dir, meta)
+    evaluation = load_evaluation(out_dir)
+    placed = system_points(evaluation)
+    write_frontier_csv(out_dir, points, placed)
+    write_frontier_plot(out_dir / "frontier.png", points, placed, card.name,
+                        evaluation.primary or "quality")  # fmt: skip
+    return ReplayReport(
+        evaluation=evaluation,
+        points=points,
+        systems=placed,
+        decisions=stats.decisions,
+        live_cells=stats.live_cells,
+        profile_hits=profiler.hits,
+        profile_misses=profiler.misses,
+        seconds=time.perf_counter() - start,
+        out_dir=out_dir,
+    )
+
+
+def system_points(evaluation: Evaluation) -> list[FrontierPoint]:
+    """The non-fixed systems and the oracle of the (one) replay phase, as points."""
+    from ragctl.evaluation.grid import FrontierPoint
+
+    out = []
+    for phase in evaluation.phases.values():
+        for name, s in phase.with_oracle().items():
+            if name.startswith(FIXED_PREFIX):
+                continue
+            prompt = (s.tokens or {}).get("prompt")
+            out.append(FrontierPoint(name, s.primary_value, s.delay_mean_s, prompt))
+    return out

@@ -135,9 +135,7 @@ def complexity_class(profile: Profile | None) -> str:
     return f"{profile.complexity}-{'joint' if profile.joint_reasoning else 'single'}"
 
 
-def calibrate(
-    rows: Iterable[Mapping[str, Any]], classes: Mapping[str, str]
-) -> dict[str, str]:
+def calibrate(rows: Iterable[Mapping[str, Any]], classes: Mapping[str, str]) -> dict[str, str]:
     """AdaptiveRAG*'s table: for each class, the fixed configuration with the best mean primary
     score over that class's calibration queries (ties: the lower mean delay), plus `*`, the best
     overall, for classes calibration never saw. `rows` are fixed-system sample rows; `classes`

@@ -7,12 +7,15 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ragctl.evaluation.metrics import ANSWER_SCORES, EVIDENCE_SCORES
 from ragctl.evaluation.summaries import Evaluation, summarize
+
+if TYPE_CHECKING:
+    from ragctl.evaluation.grid import FrontierPoint
 
 log = logging.getLogger(__name__)
 
@@ -214,4 +217,28 @@ def write_summary_csv(directory: str | Path, evaluation: Evaluation) -> Path:
                     **{k: tokens.get(t) for k, t in _TOKEN_COLUMNS.items()},
                 }
                 writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return path
+
+
+# -- frontier.csv ------------------------------------------------------------------------------
+
+FRONTIER_FILE = "frontier.csv"
+
+
+def write_frontier_csv(
+    directory: str | Path, points: Sequence[FrontierPoint], systems: Sequence[FrontierPoint]
+) -> Path:
+    """Write `frontier.csv`: one row per grid configuration (`kind` = grid, `on_frontier`) and
+    per replayed system (`kind` = system)."""
+    path = Path(directory) / FRONTIER_FILE
+    columns = ["kind", "name", "quality", "delay_s", "prompt_tokens", "on_frontier"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for kind, items in (("grid", points), ("system", systems)):
+            for p in items:
+                frontier = p.on_frontier if kind == "grid" else ""
+                writer.writerow({"kind": kind, "name": p.name, "quality": p.quality,
+                                 "delay_s": p.delay_s, "prompt_tokens": p.prompt_tokens,
+                                 "on_frontier": frontier})  # fmt: skip
     return path

@@ -144,6 +144,9 @@ class DatasetCard(_Strict):
     answer_max_tokens: int = Field(gt=0)
     metric: Metric
     evidence: Evidence
+    grid: list[str] | None = None
+    """The configurations `ragctl eval grid` answers every query with (`method:chunks[:ilen]`);
+    None: the wide default grid."""
 
 
 @dataclass(frozen=True)

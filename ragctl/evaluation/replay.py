@@ -1,0 +1,244 @@
+"""Policy replay (`ragctl eval replay`): each system's decision path only, answered from the grid.
+
+Per test query, in order, the real controller decides what it would run (`Controller.propose`:
+the real profiler, rules and best-fit against the idle engine's KV state, the collection's
+history of confident spaces learning as it goes); AdaptiveRAG* and Parrot* decide from the same
+profile; fixed systems and the oracle need no decision. Each chosen configuration is looked up
+in the outcome grid (`grid`), and one outside it is answered live once and added to it.
+
+The rows replay writes have the shape of `eval run`'s samples (closed loop, one in flight), so
+the summaries, paired intervals, ratios and report are the same code. A row's delay is the
+cell's solo delay with the profiler's seconds added where the system profiles (less the part
+that overlapped retrieval, as it does live). Replay says nothing about load: that is what `eval
+run` measures.
+
+Profiles are cached beside the grid (`profiles.jsonl`, keyed by the question, the profiler's
+model and templates, and the collection line), so a second replay makes no LLM call at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ragctl.errors import InvalidRequest
+from ragctl.evaluation.grid import GridStore, answer_cell
+from ragctl.evaluation.metrics import primary_metric
+from ragctl.evaluation.systems import (
+    FIXED_PREFIX,
+    Plan,
+    adaptiverag_config,
+    calibrate,
+    complexity_class,
+    median_config,
+)
+from ragctl.evaluation.writers import SampleWriter, read_rows
+from ragctl.profiler import ProfileOutcome
+from ragctl.types import Config, Profile
+
+if TYPE_CHECKING:
+    from ragctl.controller import Controller, Proposal
+    from ragctl.retrieval.collection import DatasetCard
+    from ragctl.types import Query
+
+PROFILES_FILE = "profiles.jsonl"
+REPLAY_CONCURRENCY = 1
+"""Replay rows are a closed loop of one: every delay is a solo delay."""
+
+
+# -- the profile cache -------------------------------------------------------------------------
+
+
+def outcome_from_dict(d: Mapping[str, Any]) -> ProfileOutcome:
+    """A `ProfileOutcome.to_dict()` read back."""
+    p = d.get("profile")
+    profile = None
+    if p is not None:
+        profile = Profile(
+            complexity=p["complexity"],
+            joint_reasoning=p["joint_reasoning"],
+            pieces=p["pieces"],
+            summary_length=tuple(p["summary_length"]),
+            confidence=p.get("confidence"),
+        )
+    return ProfileOutcome(
+        profile=profile,
+        error=d.get("error"),
+        error_kind=d.get("error_kind"),
+        seconds=float(d["seconds"]),
+        template=str(d["template"]),
+        raw=d.get("raw", ""),
+        prompt_tokens=int(d.get("prompt_tokens", 0)),
+        output_tokens=int(d.get("output_tokens", 0)),
+        examples=int(d.get("examples", 0)),
+        finish_reason=d.get("finish_reason"),
+    )
+
+
+class CachedProfiler:
+    """The controller's profiler, remembering its outcomes on disk. Only outcomes of prompts
+    without feedback examples are cached (replay makes no golden runs), and failures are not:
+    a timeout is the machine's state, not the query's."""
+
+    def __init__(self, inner: Any, path: Path, model: str) -> None:
+        self.inner = inner
+        self.path = path
+        self.model = model
+        self.hits = 0
+        self.misses = 0
+        self._cache: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for row in read_rows(path)[0]:
+                self._cache[str(row["key"])] = row["outcome"]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def key(self, question: str, metadata: str, chunk_tokens: int) -> str:
+        text = json.dumps(
+            [question, metadata, chunk_tokens, self.model, sorted(self.inner.templates.items())]
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    async def profile(
+        self, question: str, metadata: str, chunk_tokens: int, *, collection: str | None = None
+    ) -> ProfileOutcome:
+        key = self.key(question, metadata, chunk_tokens)
+        if key in self._cache:
+            self.hits += 1
+            return outcome_from_dict(self._cache[key])
+        self.misses += 1
+        outcome = await self.inner.profile(question, metadata, chunk_tokens, collection=collection)
+        if outcome.ok and outcome.examples == 0:
+            self._cache[key] = outcome.to_dict()
+            writer = SampleWriter(self.path)
+            try:
+                writer.write({"key": key, "question": question, "outcome": outcome.to_dict()})
+            finally:
+                writer.close()
+        return outcome
+
+
+# -- replay ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplayStats:
+    decisions: int = 0
+    live_cells: int = 0
+    """Chosen configurations the grid lacked, answered live and added to it."""
+
+
+@dataclass
+class Replayer:
+    controller: Controller
+    card: DatasetCard
+    store: GridStore
+    stats: ReplayStats
+
+    async def cell(self, query: Query, config: Config) -> dict[str, Any]:
+        found = self.store.get(query.id, config)
+        if found is None:
+            found = await answer_cell(self.controller, self.card, query, config)
+            self.store.add(found)
+            self.stats.live_cells += 1
+        return found
+
+    async def adaptiverag_table(
+        self, calib: Sequence[Query], grid: Sequence[Config]
+    ) -> dict[str, str]:
+        """AdaptiveRAG*'s table from the grid's cells of the calibration queries."""
+        if not calib:
+            raise InvalidRequest("adaptiverag needs calibration queries (--calibration N)")
+        rows, classes = [], {}
+        for q in calib:
+            for c in grid:
+                cell = await self.cell(q, c)
+                rows.append({**cell, "system": FIXED_PREFIX + c.label})
+            outcome, _ = await self.controller.profile(q.question)
+            classes[q.id] = complexity_class(outcome.profile)
+        return calibrate(rows, classes)
+
+    async def rows(
+        self,
+        test: Sequence[Query],
+        plan: Plan,
+        table: Mapping[str, str] | None,
+        on_row: Callable[[], None] | None = None,
+    ) -> list[dict[str, Any]]:
+        profiled = any(s.kind != "fixed" for s in plan.systems)
+        out = []
+        for q in test:
+            proposal = await self.controller.propose(q.question) if profiled else None
+            self.stats.decisions += proposal is not None
+            for s in plan.systems:
+                config, why = self.choose(s.kind, s.config, proposal, table)
+                cell = await self.cell(q, config) if config is not None else None
+                profile_s = proposal.outcome.seconds if proposal and s.kind != "fixed" else None
+                out.append(self.row(s.name, q, config, cell, profile_s, proposal, why))
+                if on_row is not None:
+                    on_row()
+        return out
+
+    @staticmethod
+    def choose(
+        kind: str,
+        fixed: Config | None,
+        proposal: Proposal | None,
+        table: Mapping[str, str] | None,
+    ) -> tuple[Config | None, str | None]:
+        """The system's configuration for the query, or None and why not."""
+        if kind == "fixed":
+            return fixed, None
+        assert proposal is not None
+        if kind == "ragctl":
+            if proposal.plan.config is None:
+                return None, "Waits: nothing fits the idle engine"
+            return proposal.plan.config, None
+        if kind == "adaptiverag":
+            assert table is not None
+            return adaptiverag_config(table, proposal.outcome.profile), None
+        return median_config(proposal.choice.space), None
+
+    def row(
+        self,
+        system: str,
+        q: Query,
+        config: Config | None,
+        cell: Mapping[str, Any] | None,
+        profile_s: float | None,
+        proposal: Proposal | None,
+        why: str | None,
+    ) -> dict[str, Any]:
+        base = {
+            "dataset": self.card.name, "system": system, "query_id": q.id, "rate": None,
+            "concurrency": REPLAY_CONCURRENCY, "arrival_s": 0.0, "queue_s": 0.0,
+            "primary": primary_metric(self.card), "slo_ms": None,
+            "profile_s": profile_s, "config": config.label if config else None,
+            "replayed": True,
+        }  # fmt: skip
+        if cell is None or cell.get("error"):
+            error = why or (cell or {}).get("error") or "no answer"
+            return {**base, "error": error, "delay_s": None, "end_s": None, "scores": {},
+                    "tokens": None, "answer": None, "decision": None}  # fmt: skip
+        delay = float(cell["delay_s"])
+        if profile_s is not None:
+            # Live, the profiler runs beside retrieval: only the part beyond it adds delay.
+            delay += max(0.0, profile_s - float(cell.get("retrieve_s") or 0.0))
+        decision = None
+        if proposal is not None and system != "fixed":
+            decision = {
+                "profile": proposal.outcome.to_dict(),
+                "profile_used": proposal.choice.profile_used,
+                "space_note": proposal.choice.note,
+                "reason": proposal.plan.reason,
+            }
+        return {
+            **base, "error": None, "delay_s": round(delay, 4), "end_s": round(delay, 4),
+            "scores": cell.get("scores") or {}, "tokens": cell.get("tokens"),
+            "answer": cell.get("answer"), "decision": decision,
+        }  # fmt: skip

@@ -1,0 +1,233 @@
+"""The outcome grid and policy replay over the fake engine of test_controller: the grid's
+configurations, its key, resuming a build, failed cells, the frontier, the profile cache, and
+that replay's choices are the controller's own. tests/integration/test_eval.py builds and
+replays a grid on the real engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ragctl.errors import InvalidRequest
+from ragctl.evaluation.grid import (
+    CELLS_FILE,
+    CellSummary,
+    GridKey,
+    GridStore,
+    build,
+    default_grid,
+    frontier,
+    frontier_delay_at,
+    parse_configs,
+    summarize_cells,
+    wide_grid,
+)
+from ragctl.evaluation.replay import CachedProfiler, Replayer, ReplayStats, outcome_from_dict
+from ragctl.evaluation.summaries import summarize
+from ragctl.evaluation.systems import parse_systems
+from ragctl.profiler import ProfileOutcome
+from ragctl.retrieval.collection import load_card
+from ragctl.types import METHODS, Config, Query
+from tests.unit.test_controller import FakeEngine, FakeProfiler, a_profile, controller
+
+CARD = load_card("squad")
+QUERIES = [
+    Query(f"q{i}", f"Where was Super Bowl {i} played?", ("Santa Clara",), ("d0",)) for i in range(3)
+]
+SMALL = parse_configs("stuff:1,stuff:3,map_rerank:2,map_reduce:3:50")
+
+
+class CountingEngine(FakeEngine):
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.calls = 0
+
+    async def generate(self, requests):
+        self.calls += 1
+        return await super().generate(requests)
+
+
+def key(**changes) -> GridKey:
+    base = dict(dataset="squad", model="m", collection="fp", templates={"stuff.answer": "v1"},
+                answer_max_tokens=32, temperature=0.0, max_model_len=4096)  # fmt: skip
+    return GridKey(**{**base, **changes})
+
+
+# -- the grid's configurations and key ---------------------------------------------------------
+
+
+def test_the_wide_grid_spans_every_method_cheap_to_expensive() -> None:
+    grid = wide_grid()
+    assert len(grid) == 20 and len({c.label for c in grid}) == 20
+    assert {c.method for c in grid} == set(METHODS)
+    stuff = [c.num_chunks for c in grid if c.method == "stuff"]
+    assert stuff == [1, 2, 3, 4, 6, 9, 12]
+    assert default_grid(CARD) == grid  # SQuAD's card names no grid of its own
+
+
+def test_a_card_grid_replaces_the_default() -> None:
+    qmsum = default_grid(load_card("qmsum"))
+    assert qmsum != wide_grid() and len(qmsum) == 16
+    assert max(c.num_chunks for c in qmsum if c.method == "stuff") == 6
+
+
+def test_parse_configs_sorts_dedups_and_refuses_bad_labels() -> None:
+    got = parse_configs("map_reduce:3:50, stuff:3,stuff:1,stuff:3")
+    assert [c.label for c in got] == ["stuff:1", "stuff:3", "map_reduce:3:50"]
+    for bad in ("stuff", "stuff:x", "map_reduce:3", "nope:3", "stuff:31", " , "):
+        with pytest.raises(InvalidRequest):
+            parse_configs(bad)
+
+
+def test_the_key_changes_with_everything_that_changes_an_answer() -> None:
+    assert key().digest == key().digest
+    changed = [
+        key(model="other"), key(collection="fp2"), key(templates={"stuff.answer": "v2"}),
+        key(answer_max_tokens=64), key(temperature=0.7), key(max_model_len=2048),
+    ]  # fmt: skip
+    digests = {k.digest for k in changed}
+    assert len(digests) == len(changed) and key().digest not in digests
+
+
+def test_the_key_of_a_controller_reads_its_engine_and_synthesizer() -> None:
+    k = GridKey.of(controller())
+    assert k.model == "fake" and k.answer_max_tokens == 16 and k.max_model_len == 4096
+    assert k.templates and all(isinstance(v, str) for v in k.templates.values())
+
+
+# -- building ----------------------------------------------------------------------------------
+
+
+async def test_a_build_resumes_and_never_answers_a_cell_twice(tmp_path: Path) -> None:
+    engine = CountingEngine()
+    ctl = controller(engine=engine)
+    store = GridStore.open(tmp_path, key())
+    assert await build(ctl, CARD, store, QUERIES[:2], SMALL) == 8
+    calls = engine.calls
+    cell = store.get("q0", Config("map_reduce", 3, 50))
+    assert cell is not None and cell["error"] is None and cell["answer"] == "Denver"
+    assert [s["name"] for s in cell["stages"]] == ["map", "reduce"]
+    assert cell["tokens"]["calls"] == 4 and cell["delay_s"] >= 0
+    assert cell["scores"]["evidence_recall"] == 1.0  # d0 is among the chunks used
+
+    # Reopened from disk, with a torn last line (an interrupted write): that cell is rebuilt.
+    path = store.folder / CELLS_FILE
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    again = GridStore.open(tmp_path, key())
+    assert len(again.cells) == 7
+    assert await build(ctl, CARD, again, QUERIES[:2], SMALL) == 1
+    assert len(GridStore.open(tmp_path, key()).cells) == 8
+    # A third query only adds its own cells; another key is another grid.
+    assert await build(ctl, CARD, again, QUERIES, SMALL) == 4
+    assert GridStore.open(tmp_path, key(model="other")).cells == {}
+    assert engine.calls > calls
+    assert json.loads((store.folder / "key.json").read_text())["model"] == "m"
+
+
+async def test_a_failed_cell_is_kept_and_scores_zero(tmp_path: Path) -> None:
+    store = GridStore.open(tmp_path, key())
+    await build(controller(engine=FakeEngine(fail_at=0)), CARD, store, QUERIES[:1],
+                [Config("stuff", 1)])  # fmt: skip
+    cell = store.get("q0", Config("stuff", 1))
+    assert cell is not None and cell["error"].startswith("EngineError")
+    assert await build(controller(), CARD, store, QUERIES[:1], [Config("stuff", 1)]) == 0
+    [summary] = summarize_cells(store, ["q0"], [Config("stuff", 1)], "f1")
+    assert summary.errors == 1 and summary.quality == 0.0 and summary.delay_s is None
+
+
+# -- the frontier ------------------------------------------------------------------------------
+
+
+def cs(name: str, quality: float, delay: float) -> CellSummary:
+    return CellSummary(name, 10, 0, quality, None, delay, delay * 100)
+
+
+def test_the_frontier_keeps_what_nothing_beats_on_both_axes() -> None:
+    points = frontier([cs("a", 0.2, 1.0), cs("b", 0.1, 2.0), cs("c", 0.5, 3.0), cs("d", 0.5, 4.0)])
+    assert [p.name for p in points] == ["a", "b", "c", "d"]  # cheapest first
+    assert [p.on_frontier for p in points] == [True, False, True, False]
+    assert frontier_delay_at(points, 0.3) == 3.0
+    assert frontier_delay_at(points, 0.2) == 1.0
+    assert frontier_delay_at(points, 0.6) is None
+
+
+# -- replay ------------------------------------------------------------------------------------
+
+
+async def test_replay_asks_the_controller_and_answers_missing_cells_live(tmp_path: Path) -> None:
+    engine = CountingEngine()
+    ctl = controller(engine=engine)
+    store = GridStore.open(tmp_path, key())
+    await build(ctl, CARD, store, QUERIES, SMALL)
+    built = engine.calls
+    proposal = await ctl.propose(QUERIES[0].question)
+    assert engine.calls == built  # deciding makes no synthesis call
+    assert proposal.plan.reason == "fit" and proposal.choice.profile_used
+    answered = await ctl.aask(QUERIES[0].question)
+    assert answered.decision.config == proposal.plan.config  # the same decision as live
+
+    plan = parse_systems("ragctl,fixed,parrot,oracle", grid=SMALL)
+    stats = ReplayStats()
+    rows = await Replayer(ctl, CARD, store, stats).rows(QUERIES, plan, None)
+    assert len(rows) == len(QUERIES) * len(plan.systems)
+    rag = [r for r in rows if r["system"] == "ragctl"]
+    assert {r["config"] for r in rag} == {proposal.plan.config.label}
+    # ragctl's choice (the rules' largest) is not in the small grid: answered live once per
+    # query, then found.
+    assert proposal.plan.config not in SMALL and stats.live_cells >= len(QUERIES)
+    assert store.get("q0", proposal.plan.config) is not None
+    assert all(r["concurrency"] == 1 and r["rate"] is None and r["error"] is None for r in rows)
+    fixed = next(r for r in rows if r["system"] == "fixed:stuff:3" and r["query_id"] == "q1")
+    assert fixed["delay_s"] == store.get("q1", Config("stuff", 3))["delay_s"]
+    evaluation = summarize(rows)
+    [phase] = evaluation.phases.values()
+    assert phase.oracle is not None and phase.oracle.n == len(QUERIES)
+    assert phase.systems["ragctl"].delay_n == len(QUERIES)
+
+
+def test_a_profiled_row_adds_only_the_profile_time_beyond_retrieval(tmp_path: Path) -> None:
+    store = GridStore.open(tmp_path, key())
+    r = Replayer(controller(), CARD, store, ReplayStats())
+    cell = {"delay_s": 2.0, "retrieve_s": 0.5, "scores": {}, "tokens": {}, "answer": "x"}
+    q, c = QUERIES[0], Config("stuff", 1)
+    assert r.row("fixed:stuff:1", q, c, cell, None, None, None)["delay_s"] == 2.0
+    assert r.row("parrot", q, c, cell, 1.5, None, None)["delay_s"] == 3.0
+    assert r.row("parrot", q, c, cell, 0.2, None, None)["delay_s"] == 2.0
+    failed = r.row("ragctl", q, None, None, 1.0, None, "Waits: nothing fits the idle engine")
+    assert failed["error"].startswith("Waits") and failed["delay_s"] is None
+
+
+async def test_the_profile_cache_makes_a_second_replay_ask_nothing(tmp_path: Path) -> None:
+    class Counting(FakeProfiler):
+        asked = 0
+
+        async def profile(self, *args, **kwargs):
+            Counting.asked += 1
+            return await super().profile(*args, **kwargs)
+
+    path = tmp_path / "profiles.jsonl"
+    first = CachedProfiler(Counting(), path, "m")
+    got = await first.profile("q?", "meta", 100)
+    assert Counting.asked == 1 and first.misses == 1
+    second = CachedProfiler(Counting(), path, "m")
+    again = await second.profile("q?", "meta", 100)
+    assert Counting.asked == 1 and second.hits == 1 and again == got
+    assert (await CachedProfiler(Counting(), path, "other").profile("q?", "meta", 100)) == got
+    assert Counting.asked == 2  # another model is another key
+
+    failing = CachedProfiler(FakeProfiler(ProfileOutcome(None, "timeout: 1s", "timeout", 1.0,
+                                                         "v1")), path, "m")  # fmt: skip
+    await failing.profile("x?", "meta", 100)
+    await failing.profile("x?", "meta", 100)
+    assert failing.misses == 2  # a failure is not cached
+
+
+def test_an_outcome_reads_back_from_its_dict() -> None:
+    o = ProfileOutcome(a_profile(0.8), None, None, 1.25, "v1", raw="{}", prompt_tokens=10,
+                       output_tokens=5)  # fmt: skip
+    assert outcome_from_dict(json.loads(json.dumps(o.to_dict()))) == o
+    e = ProfileOutcome(None, "garbage: x", "garbage", 0.5, "v1")
+    assert outcome_from_dict(e.to_dict()) == e
