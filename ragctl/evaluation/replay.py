@@ -104,6 +104,9 @@ class CachedProfiler:
         )
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
+    def has(self, question: str, metadata: str, chunk_tokens: int) -> bool:
+        return self.key(question, metadata, chunk_tokens) in self._cache
+
     async def profile(
         self, question: str, metadata: str, chunk_tokens: int, *, collection: str | None = None
     ) -> ProfileOutcome:

@@ -21,7 +21,6 @@ from ragctl.evaluation.systems import (
     DEFAULT_GRID,
     FIXED_PREFIX,
     Plan,
-    fixed_system,
     parse_systems,
 )
 from ragctl.evaluation.writers import (
@@ -31,7 +30,6 @@ from ragctl.evaluation.writers import (
     SampleWriter,
     load_evaluation,
     load_samples,
-    read_rows,
     write_results,
     write_summary_csv,
 )
@@ -197,6 +195,7 @@ async def _run(
     progress: Callable[[], Progress],
 ) -> None:
     from ragctl.console import stage_callback
+    from ragctl.evaluation.grid import GridKey, GridStore, build
     from ragctl.evaluation.runner import Runner, interleave
     from ragctl.evaluation.systems import calibrate, complexity_class, split
     from ragctl.retrieval.collection import load_card, load_queries
@@ -217,15 +216,31 @@ async def _run(
             controller.slo.reset()  # nor are its stage times (the engine's first call is slow)
             runner = Runner(controller, card, meta.get("adaptiverag_table"))
             if plan.needs_calibration and runner.adaptiverag_table is None:
-                path = out_dir / CALIBRATION_FILE
-                jobs = interleave(calib, [fixed_system(c) for c in plan.grid or DEFAULT_GRID])
-                await _phase(runner, jobs, path, bar, task, f"{card.name}: calibration",
-                             rate=None, concurrency=meta["concurrency"] or 4)  # fmt: skip
+                # From the outcome grid: solo answers, built once and shared by later runs.
+                store = GridStore.open(settings.cache_dir, GridKey.of(controller))
+                configs = plan.grid or DEFAULT_GRID
+                todo = len(store.missing(calib, configs))
+                bar.update(task, description=f"{card.name}: calibration (grid)", total=todo,
+                           completed=0)  # fmt: skip
+                await build(controller, card, store, calib, configs,
+                            on_cell=lambda _: bar.advance(task))  # fmt: skip
+                rows = [
+                    {**store.get(q.id, c), "system": FIXED_PREFIX + c.label}  # type: ignore[dict-item]
+                    for q in calib
+                    for c in configs
+                ]
+                writer = SampleWriter(out_dir / CALIBRATION_FILE)
+                try:
+                    for row in rows:
+                        writer.write(row)
+                finally:
+                    writer.close()
                 classes = {}
                 for q in calib:
                     outcome, _ = await controller.profile(q.question)
                     classes[q.id] = complexity_class(outcome.profile)
-                runner.adaptiverag_table = calibrate(read_rows(path)[0], classes)
+                runner.adaptiverag_table = calibrate(rows, classes)
+                meta["calibration_grid"] = store.folder.name
                 meta["adaptiverag_table"] = runner.adaptiverag_table
                 meta["calibration_classes"] = classes
                 save_meta(out_dir, meta)
@@ -456,6 +471,10 @@ async def _replay(
                 controller.profiler, store.folder / PROFILES_FILE, controller.profiler.engine.name
             )
             controller.profiler = profiler  # type: ignore[assignment]
+            c = controller.collection
+            if not all(profiler.has(q.question, c.metadata, c.chunk_tokens) for q in test + calib):
+                # The engine's first call is slow: keep it out of the profiles' timings.
+                await controller.aask(test[0].question, Config("stuff", 1))
             replayer = Replayer(controller, card, store, stats)
             table = None
             if plan.needs_calibration:

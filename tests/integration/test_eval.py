@@ -129,3 +129,61 @@ def test_eval_ls_and_clear_errors(small_squad: tuple[Settings, list[Query]], tmp
     assert r.returncode == 2 and "unknown dataset" in r.stderr
     r = cli("eval", "report", str(tmp_path))
     assert r.returncode == 2 and "no evaluation run" in r.stderr
+
+
+GRID = "stuff:1,stuff:2,map_rerank:2"
+
+
+def test_eval_grid_builds_once_and_replay_reads_it(
+    small_squad: tuple[Settings, list[Query]], model_path: str, vllm_server, tmp_path: Path
+) -> None:
+    settings, _ = small_squad
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(ragctl(list(args), settings, model_path, vllm_server.url),
+                              capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+
+    sample = ["--dataset", "squad", "--limit", "2", "--calibration", "1", "--configs", GRID]
+    bad = cli("eval", "grid", "--dataset", "squad", "--configs", "stuff:2,stuff")
+    assert bad.returncode == 2 and "--configs" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+    first = cli("eval", "grid", *sample)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "9 cells built" in first.stdout and "0 reused" in first.stdout
+    [cells_file] = (settings.cache_dir / "grids" / "squad").glob("*/cells.jsonl")
+    cells = rows(cells_file)
+    assert len(cells) == 9 and not [c for c in cells if c["error"]]
+    for c in cells:
+        assert c["delay_s"] > 0 and c["tokens"]["prompt"] > 0 and c["stages"]
+        assert c["scores"]["f1"] is not None and c["scores"]["evidence_recall"] is not None
+    again = cli("eval", "grid", *sample)
+    assert again.returncode == 0 and "0 cells built" in again.stdout and "9 reused" in again.stdout
+    assert len(rows(cells_file)) == 9
+
+    out = tmp_path / "replay"
+    systems = "ragctl,fixed,adaptiverag,parrot,oracle"
+    replay = cli("eval", "replay", *sample, "--systems", systems, "--out", str(out))
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    replayed = rows(out / "samples.jsonl")
+    assert len(replayed) == 2 * 6  # ragctl, three fixed, adaptiverag, parrot
+    by_cell = {(c["query_id"], c["config"]): c for c in rows(cells_file)}
+    for r in replayed:
+        assert r["error"] is None and r["concurrency"] == 1
+        cell = by_cell[(r["query_id"], r["config"])]  # every choice is a grid cell now
+        assert r["scores"] == cell["scores"] and r["answer"] == cell["answer"]
+        if r["system"].startswith("fixed:"):
+            assert r["delay_s"] == cell["delay_s"] and r["profile_s"] is None
+        else:
+            assert r["profile_s"] > 0 and r["delay_s"] >= cell["delay_s"]
+    for name in ("results.json", "summary.csv", "frontier.csv", "frontier.png"):
+        assert (out / name).stat().st_size > 0
+    assert "says nothing about load" in replay.stdout and "oracle" in replay.stdout
+
+    # A second replay asks the profiler nothing and answers nothing live: the same rows.
+    second = cli("eval", "replay", *sample, "--systems", systems, "--out", str(out))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "0 cells answered live" in second.stdout and " 0 asked" in second.stdout
+    # Cached profiles carry their first timings, so even the delays are the same.
+    assert rows(out / "samples.jsonl") == replayed

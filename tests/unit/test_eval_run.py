@@ -30,6 +30,13 @@ class FakeController:
         self.policy = SimpleNamespace(slo_for=lambda name: None)
         self.slo = SimpleNamespace(reset=lambda: None, snapshot=lambda: {"fake": True})
         self.closed = False
+        # What the outcome grid's key reads (calibration answers land in the grid).
+        self.engine = SimpleNamespace(name="fake", max_model_len=4096)
+        self.retriever = SimpleNamespace(fingerprint="fp")
+        self.synthesizer = SimpleNamespace(
+            template_versions={"stuff": "v1"}, answer_max_tokens=32, temperature=0.0
+        )
+        self.collection = SimpleNamespace(name="squad")
 
     async def aask(self, question: str, config: Config | None = None) -> Answer:
         self.asked.append((question, config))
@@ -77,7 +84,7 @@ def _progress() -> Progress:
 def _run(data_dir: Path, out: Path, *, resume: bool = False, limit: int = 2) -> Any:
     request = RunRequest("squad", "ragctl,fixed:stuff:3,fixed:stuff:5,adaptiverag", limit, 1,
                          None, 2, 0)  # fmt: skip
-    settings = Settings(data_dir=data_dir)
+    settings = Settings(data_dir=data_dir, cache_dir=data_dir.parent / "cache")
     return run_evaluation(settings, request, out, resume=resume, allocation=None,
                           progress=_progress)  # fmt: skip
 
@@ -92,6 +99,13 @@ def test_run_writes_rows_files_and_meta(
     # calibration: one query on both fixed configurations, then its profile
     calibration = [json.loads(line) for line in (out / "calibration.jsonl").open()]
     assert sorted(r["system"] for r in calibration) == ["fixed:stuff:3", "fixed:stuff:5"]
+    # ... answered into the outcome grid, which a second run reads instead of answering again
+    grid = tmp_path / "cache" / "grids" / "squad" / read_meta(out)["calibration_grid"]
+    assert len((grid / "cells.jsonl").read_text().splitlines()) == 2
+    _run(data_dir, tmp_path / "out2")
+    again = controllers[-1]
+    assert len(again.asked) == 1 + 2 * 4  # the warm-up and the test jobs, no calibration
+    assert read_meta(tmp_path / "out2")["adaptiverag_table"] == read_meta(out)["adaptiverag_table"]
     samples = [json.loads(line) for line in (out / "samples.jsonl").open()]
     assert len(samples) == 2 * 4
     assert {r["concurrency"] for r in samples} == {2} and {r["rate"] for r in samples} == {None}
