@@ -1,4 +1,4 @@
-"""`ragctl eval ls | run | grid | replay | report | download`."""
+"""`ragctl eval ls | run | grid | replay | agree | report | download`."""
 
 from __future__ import annotations
 
@@ -153,6 +153,29 @@ def eval_replay(
     render_replay(report, out)
     out.print(f"results in {out_dir}/ (results.json, samples.jsonl, summary.csv, frontier.csv, "
               "frontier.png)")  # fmt: skip
+
+
+@eval_app.command("agree")
+def eval_agree(
+    live_dir: Path = typer.Argument(..., help="An `eval run --concurrency 1` folder."),
+    replay_dir: Path = typer.Argument(..., help="An `eval replay` folder on the same queries."),
+) -> None:
+    """Check replay against a live run: per system, the queries where both chose the same
+    configuration and gave the same answer, and each side's quality."""
+    from ragctl.errors import DataNotFound
+    from ragctl.evaluation.render import render_agreement
+    from ragctl.evaluation.replay import agreement
+    from ragctl.evaluation.writers import SAMPLES_FILE, load_samples
+
+    for d in (live_dir, replay_dir):
+        if not (d / SAMPLES_FILE).exists():
+            raise DataNotFound(f"{d} holds no {SAMPLES_FILE}")
+    found = agreement(
+        load_samples(live_dir / SAMPLES_FILE), load_samples(replay_dir / SAMPLES_FILE)
+    )
+    if not found:
+        raise DataNotFound("the two runs share no system answered on the same queries")
+    render_agreement(found, out)
 
 
 @eval_app.command("report")

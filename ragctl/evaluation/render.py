@@ -21,6 +21,7 @@ from ragctl.evaluation.systems import BASELINES, FIXED_PREFIX, ORACLE, RAGCTL
 
 if TYPE_CHECKING:
     from ragctl.evaluation.grid import FrontierPoint
+    from ragctl.evaluation.replay import Agreement
     from ragctl.evaluation.run import GridReport, ReplayReport
 
 COLUMNS = (
@@ -292,3 +293,21 @@ def render_replay(report: ReplayReport, console: Console) -> None:
         "engine: replay says nothing about load (`eval run` measures that).",
         highlight=False,
     )
+
+
+def render_agreement(agreements: Sequence[Agreement], console: Console) -> None:
+    """`eval agree`: per system, how often replay chose and answered as the live run did."""
+    table = Table("system", "n", "same config", "same answer", "live quality", "replay quality")
+    for a in agreements:
+        table.add_row(
+            escape(_sys(a.system)), str(a.n), f"{a.same_config}/{a.n}", f"{a.same_answer}/{a.n}",
+            _q(a.live_quality), _q(a.replay_quality),
+        )  # fmt: skip
+    console.print(table)
+    for a in agreements:
+        for d in a.disagreements:
+            console.print(
+                f"  {a.system} {d['query_id']}: live {d['live']} -> {_q(d['live_score'])}, "
+                f"replay {d['replay']} -> {_q(d['replay_score'])}",
+                highlight=False, markup=False,
+            )  # fmt: skip

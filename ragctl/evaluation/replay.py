@@ -245,3 +245,62 @@ class Replayer:
             "scores": cell.get("scores") or {}, "tokens": cell.get("tokens"),
             "answer": cell.get("answer"), "decision": decision,
         }  # fmt: skip
+
+
+# -- replay against a live run -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """One system's replayed rows against the same system's live rows, on the queries both
+    answered."""
+
+    system: str
+    n: int
+    same_config: int
+    same_answer: int
+    live_quality: float | None
+    replay_quality: float | None
+    disagreements: list[dict[str, Any]]
+    """Per query that differs: its configurations, answers and primary scores."""
+
+
+def agreement(
+    live: Sequence[Mapping[str, Any]], replayed: Sequence[Mapping[str, Any]]
+) -> list[Agreement]:
+    """Does replay tell what a live run (closed loop, one in flight, greedy decoding) got?"""
+
+    def index(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], Mapping[str, Any]]:
+        return {(str(r["system"]), str(r["query_id"])): r for r in rows if r.get("error") is None}
+
+    a, b = index(live), index(replayed)
+    out = []
+    for system in sorted({s for s, _ in a} & {s for s, _ in b}):
+        pairs = [(a[k], b[k]) for k in a if k[0] == system and k in b]
+        primary = next((str(r["primary"]) for r, _ in pairs if r.get("primary")), None)
+
+        def q(r: Mapping[str, Any], primary: str | None = primary) -> float | None:
+            v = (r.get("scores") or {}).get(primary) if primary else None
+            return None if v is None else float(v)
+
+        differ = [
+            {"query_id": x["query_id"], "live": x.get("config"), "replay": y.get("config"),
+             "live_answer": x.get("answer"), "replay_answer": y.get("answer"),
+             "live_score": q(x), "replay_score": q(y)}
+            for x, y in pairs
+            if x.get("config") != y.get("config") or x.get("answer") != y.get("answer")
+        ]  # fmt: skip
+        lq = [v for x, _ in pairs if (v := q(x)) is not None]
+        rq = [v for _, y in pairs if (v := q(y)) is not None]
+        out.append(
+            Agreement(
+                system=system,
+                n=len(pairs),
+                same_config=sum(x.get("config") == y.get("config") for x, y in pairs),
+                same_answer=sum(x.get("answer") == y.get("answer") for x, y in pairs),
+                live_quality=sum(lq) / len(lq) if lq else None,
+                replay_quality=sum(rq) / len(rq) if rq else None,
+                disagreements=differ,
+            )
+        )
+    return out

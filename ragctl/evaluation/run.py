@@ -479,7 +479,7 @@ async def _replay(
             table = None
             if plan.needs_calibration:
                 bar.update(task, description=f"{card.name}: AdaptiveRAG* calibration")
-                table = await replayer.adaptiverag_table(calib, configs)
+                table = await replayer.adaptiverag_table(calib, plan.grid or configs)
             jobs = len(test) * len(plan.systems)
             bar.update(task, description=f"{card.name}: replay", total=jobs, completed=0)
             rows = await replayer.rows(test, plan, table, on_row=lambda: bar.advance(task))

@@ -26,7 +26,10 @@ def run(*args: str, settings: Settings, timeout: float = 300) -> subprocess.Comp
     }
     return subprocess.run(
         [sys.executable, "-m", "ragctl", *args],
-        capture_output=True, text=True, env=env, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
     )
 
 
@@ -55,14 +58,28 @@ def test_index_builds_once_then_reuses(env) -> None:
 
 
 @pytest.mark.parametrize(
-    "method_args", [["--method", "stuff"], ["--method", "map_rerank"],
-                    ["--method", "map_reduce", "--intermediate-length", "24"]],
+    "method_args",
+    [
+        ["--method", "stuff"],
+        ["--method", "map_rerank"],
+        ["--method", "map_reduce", "--intermediate-length", "24"],
+    ],
 )
 def test_ask_json(env, small_squad, method_args: list[str]) -> None:
     settings, flags = env
     query = small_squad[1][2]
-    proc = run(*flags, "ask", query.question, "--dataset", "squad", "--chunks", "3",
-               *method_args, "--json", settings=settings)
+    proc = run(
+        *flags,
+        "ask",
+        query.question,
+        "--dataset",
+        "squad",
+        "--chunks",
+        "3",
+        *method_args,
+        "--json",
+        settings=settings,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["decision"]["method"] == method_args[1]
@@ -141,15 +158,31 @@ def test_rules_commands(env, tmp_path: Path) -> None:
 
 def test_errors_are_one_line_and_non_zero(env, tmp_path: Path) -> None:
     settings, flags = env
-    one_line_error(run(*flags, "ask", "q?", "--dataset", "nope", settings=settings),
-                   2, "unknown dataset")
+    one_line_error(
+        run(*flags, "ask", "q?", "--dataset", "nope", settings=settings), 2, "unknown dataset"
+    )
     one_line_error(run(*flags, "ask", "   ", settings=settings), 2, "empty")
     one_line_error(run(*flags, "ask", "why " * 6000, settings=settings), 2, "context")
     one_line_error(run(*flags, "ask", "q?", "--method", "nope", settings=settings), 2, "method")
-    one_line_error(run(*flags, "ask", "q?", "--method", "stuff", "--intermediate-length", "9",
-                       settings=settings), 2, "does not apply to --method stuff")
-    one_line_error(run(*flags, "ask", "q?", "--intermediate-length", "9", settings=settings),
-                   2, "fixed --method only")
+    one_line_error(
+        run(
+            *flags,
+            "ask",
+            "q?",
+            "--method",
+            "stuff",
+            "--intermediate-length",
+            "9",
+            settings=settings,
+        ),
+        2,
+        "does not apply to --method stuff",
+    )
+    one_line_error(
+        run(*flags, "ask", "q?", "--intermediate-length", "9", settings=settings),
+        2,
+        "fixed --method only",
+    )
     missing = settings.model_copy(update={"data_dir": tmp_path / "absent"})
     one_line_error(run(*flags, "ask", "q?", settings=missing), 2, "RAGCTL_DATA_DIR")
     port = free_port()
@@ -158,7 +191,11 @@ def test_errors_are_one_line_and_non_zero(env, tmp_path: Path) -> None:
 
 
 def test_model_prepare_reuses_the_prepared_folder(model_path: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "ragctl", "model", "prepare"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ragctl", "model", "prepare"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "already prepared" in proc.stdout and model_path in proc.stdout

@@ -21,8 +21,12 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")
 
 # Long enough (1,500 decode steps, end-of-sequence ignored so greedy decoding cannot stop it
 # early on a CPU whose kernels round differently) that the kill lands while it runs.
-LONG = GenerationRequest((Message("user", "Count from one to one thousand in words."),),
-                         max_tokens=1500, ignore_eos=True, tag="doomed")
+LONG = GenerationRequest(
+    (Message("user", "Count from one to one thousand in words."),),
+    max_tokens=1500,
+    ignore_eos=True,
+    tag="doomed",
+)
 
 
 async def wait_until_running(call: asyncio.Task, kv_state) -> None:
@@ -60,7 +64,8 @@ async def test_in_process_engine_core_killed_mid_request(model_path: str) -> Non
         # The engine core and its workers; not multiprocessing's resource tracker, which the
         # rest of the session still needs.
         core = [
-            p for p in psutil.Process().children(recursive=True)
+            p
+            for p in psutil.Process().children(recursive=True)
             if p.pid not in before and "EngineCore" in " ".join([p.name(), *p.cmdline()])
         ]
         assert core, "vLLM should run its engine core in a child process"

@@ -41,8 +41,12 @@ async def remote_controller(vllm_server, small_squad):
 
 def check(answer: Answer, config: Config, controller: Controller, query: Query) -> None:
     assert answer.decision.config == config and answer.decision.reason == "fixed"
-    assert answer.decision.templates == {"map_rerank": "v1", "stuff": "v1", "map": "v1",
-                                         "reduce": "v1"}
+    assert answer.decision.templates == {
+        "map_rerank": "v1",
+        "stuff": "v1",
+        "map": "v1",
+        "reduce": "v1",
+    }
     kv = answer.decision.kv
     assert kv is not None and kv.total_blocks > 0 and 0 <= kv.free_blocks <= kv.total_blocks
     assert isinstance(answer.text, str)

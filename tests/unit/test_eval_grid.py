@@ -231,3 +231,28 @@ def test_an_outcome_reads_back_from_its_dict() -> None:
     assert outcome_from_dict(json.loads(json.dumps(o.to_dict()))) == o
     e = ProfileOutcome(None, "garbage: x", "garbage", 0.5, "v1")
     assert outcome_from_dict(e.to_dict()) == e
+
+
+def test_agreement_counts_same_choices_and_answers_and_lists_the_rest() -> None:
+    from ragctl.evaluation.replay import agreement
+
+    def r(system, qid, config, answer, f1, error=None):
+        return {"system": system, "query_id": qid, "config": config, "answer": answer,
+                "scores": {"f1": f1}, "primary": "f1", "error": error}  # fmt: skip
+
+    live = [r("ragctl", "q0", "stuff:3", "a", 1.0), r("ragctl", "q1", "stuff:3", "b", 0.0),
+            r("ragctl", "q2", "stuff:3", "c", 0.0, error="EngineError: x"),
+            r("parrot", "q0", "stuff:6", "a", 1.0)]  # fmt: skip
+    replayed = [r("ragctl", "q0", "stuff:3", "a", 1.0), r("ragctl", "q1", "stuff:6", "z", 0.5),
+                r("ragctl", "q2", "stuff:3", "c", 0.0),
+                r("fixed:stuff:1", "q0", "stuff:1", "a", 1)]  # fmt: skip
+    [a] = agreement(live, replayed)  # parrot and fixed:stuff:1 are on one side only
+    assert (a.system, a.n, a.same_config, a.same_answer) == ("ragctl", 2, 1, 1)
+    assert a.live_quality == 0.5 and a.replay_quality == 0.75
+    [d] = a.disagreements
+    assert (d["query_id"], d["live"], d["replay"], d["replay_score"]) == (
+        "q1",
+        "stuff:3",
+        "stuff:6",
+        0.5,
+    )

@@ -259,8 +259,11 @@ async def test_raw_prompts_use_the_completions_endpoint() -> None:
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append((request.url.path, json.loads(request.content)))
-        choice = {"text": " done", "finish_reason": "length",
-                  "logprobs": {"token_logprobs": [-0.5, -1.5], "tokens": ["a", "b"]}}
+        choice = {
+            "text": " done",
+            "finish_reason": "length",
+            "logprobs": {"token_logprobs": [-0.5, -1.5], "tokens": ["a", "b"]},
+        }
         return httpx.Response(
             200, json={"choices": [choice], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
         )

@@ -71,7 +71,9 @@ def test_history_and_content_parts() -> None:
     )
     assert req.question() == "a\nb"
     assert req.history() == (
-        Message("system", "Be brief."), Message("user", "first"), Message("assistant", "answer")
+        Message("system", "Be brief."),
+        Message("user", "first"),
+        Message("assistant", "answer"),
     )
     assert CompletionRequest.model_validate(
         {"model": "ragctl/auto", "prompt": ["x", "y"]}

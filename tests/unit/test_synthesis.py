@@ -87,8 +87,9 @@ def test_map_rerank_prefers_answers_then_confidence(synth: Synthesizer) -> None:
     assert result.answer == "red" and result.source_chunk_id == chunks[2].id
     assert result.confidence == pytest.approx(2.718281828 ** (-0.15))
     # All refusals: the most confident refusal is returned as the answer.
-    only_refusals = step.finish([gen("unanswerable", (-0.5,)), gen("unanswerable", (-0.1,)),
-                                 gen("", None)])
+    only_refusals = step.finish(
+        [gen("unanswerable", (-0.5,)), gen("unanswerable", (-0.1,)), gen("", None)]
+    )
     assert only_refusals.source_chunk_id == chunks[1].id
 
 
