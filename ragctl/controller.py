@@ -31,6 +31,7 @@ from ragctl.policy import (
     SpaceChoice,
     adaptive_decision,
     best_fit,
+    chunk_cap,
     outcome_counter,
     resolve_space,
     with_history,
@@ -358,10 +359,13 @@ class Controller:
         t = time.perf_counter()
         choice = self._space_for(outcome, record=True)
         trace.on_stage("queue")
+        cap = chunk_cap(
+            choice.space, [c.score or 0.0 for c in chunks], self.policy.retrieval_aware_k
+        )
         decide = best_fit(
             choice,
             self.synthesizer.sizer(synthesis_question, chunks),
-            len(chunks),
+            cap,
             self.policy.kv_buffer_blocks,
             **trace.planning(),
         )

@@ -37,6 +37,8 @@ class AdaptivePolicy:
     collection_slo_ms: Mapping[str, float] = field(default_factory=dict)
     """Per-collection SLO defaults, over `slo_ms`."""
     mitigation: Mitigation = field(default_factory=Mitigation)
+    retrieval_aware_k: bool = False
+    """Cut the chunk count inside a space's range at the largest retrieval-score gap."""
 
     @classmethod
     def from_settings(cls, settings: Any) -> AdaptivePolicy:
@@ -49,6 +51,7 @@ class AdaptivePolicy:
             slo_ms=settings.slo_ms,
             collection_slo_ms=dict(settings.collection_slo_ms),
             mitigation=Mitigation.parse(settings.slo_mitigation),
+            retrieval_aware_k=settings.retrieval_aware_k,
         )
 
     def slo_for(self, collection: str) -> float | None:
@@ -101,6 +104,33 @@ def outcome_counter(outcome: ProfileOutcome, choice: SpaceChoice) -> str:
     if choice.profile_used:
         return "profile_used"
     return "profiler_errors" if outcome.profile is None else "low_confidence"
+
+
+def gap_cut(scores: Sequence[float], lo: int, hi: int) -> int:
+    """Adaptive-k (EMNLP 2025) inside a rule's range: the chunk count k in [lo, hi] after which
+    the retrieval score drops the most (`scores` best first; k = all retrieved counts as a drop
+    to nothing only when fewer than `hi` came back). Ties take the smaller k."""
+    n = len(scores)
+    if n == 0:
+        return 0
+    hi = min(hi, n)
+    lo = max(1, min(lo, hi))
+    if hi == lo:
+        return hi
+
+    def gap(k: int) -> float:
+        return scores[k - 1] - scores[k] if k < n else float("inf")
+
+    return max(range(lo, hi + 1), key=lambda k: (gap(k), -k))
+
+
+def chunk_cap(space: ConfigSpace, scores: Sequence[float], retrieval_aware: bool) -> int:
+    """The most chunks best-fit may use: all retrieved, or with `retrieval_aware` the gap cut
+    inside the space's chunk range."""
+    if not retrieval_aware:
+        return len(scores)
+    lo, hi = space.num_chunks
+    return gap_cut(scores, lo, hi)
 
 
 def best_fit(

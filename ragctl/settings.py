@@ -142,6 +142,12 @@ class Settings(BaseSettings):
     golden_examples: int = Field(
         4, ge=0, description="Feedback examples kept and shown in later profiler prompts."
     )
+    retrieval_aware_k: bool = Field(
+        False,
+        description="Cut the chunk count inside a rule's [n, 3n] range at the largest drop in "
+        "retrieval score (Adaptive-k); off by default until it pays (`ragctl bench adaptive-k`).",
+        json_schema_extra=CLI_FLAG,
+    )
     kv_buffer_blocks: int = Field(
         1, ge=0, description="Safety buffer added to every configuration's KV-block need."
     )

@@ -224,3 +224,50 @@ def pressure(
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
+
+
+@app.command("adaptive-k")
+def adaptive_k(
+    ctx: typer.Context,
+    dataset: str = typer.Option("squad", *DATASET_FLAGS, help="Dataset card name."),
+    questions: int = typer.Option(200, min=2, help="Queries (the first N of the data)."),
+    out_dir: Path = typer.Option(Path("eval/out/bench-adaptive-k"), "--out"),
+) -> None:
+    """Evidence recall against context tokens, fixed chunk counts against the retrieval-score
+    gap cut (`--retrieval-aware-k`), per rule range; retrieval only, no LLM."""
+    from rich.console import Console
+
+    from ragctl.evaluation.adaptive_k import DEFAULT_RANGES, compare, write
+    from ragctl.retrieval.collection import check_dataset, load_queries
+
+    settings: Settings = ctx.obj
+    card = check_dataset(settings.data_dir, dataset)
+    queries = load_queries(settings.data_dir, dataset)[:questions]
+    retriever = open_retriever(settings, dataset, serving_tokenizer(settings))
+    top = max(hi for _, hi in DEFAULT_RANGES) + 1  # the score after the last count tells its gap
+    with status(f"retrieving {len(queries)} queries"):
+        retrieved = retriever.search_batch([q.question for q in queries], top)
+    rows = compare(card, queries, retrieved)
+
+    def ci(v: list[float] | None, fmt: str = ".3f") -> str:
+        return "" if v is None else f" [{v[0]:{fmt}}, {v[1]:{fmt}}]"
+
+    table = Table(title=f"{dataset}: fixed k = hi against the gap cut in [lo, hi]")
+    for col in ("range", "n", "k", "recall", "context tokens", "recall / 1k tokens",
+                "gap - fixed recall"):  # fmt: skip
+        table.add_column(col)
+    for r in rows:
+        for name, side in (("fixed", r.fixed), ("gap", r.gap)):
+            table.add_row(
+                f"[{r.lo}, {r.hi}] {name}", str(r.n), f"{side.chunks:.2f}",
+                f"{side.recall:.3f}{ci(side.recall_ci)}",
+                f"{side.tokens:.0f}{ci(side.tokens_ci, '.0f')}",
+                "-" if side.recall_per_1k_tokens is None
+                else f"{side.recall_per_1k_tokens:.3f}{ci(side.recall_per_1k_tokens_ci)}",
+                ci(r.recall_diff_ci).strip() if name == "gap" else "",
+            )  # fmt: skip
+    wide = out if out.is_terminal else Console(width=160)  # keep the columns when piped
+    wide.print(table)
+    meta = {"questions": len(queries), "embedder": retriever.embedder_name}
+    path = write(out_dir, dataset, rows, meta)
+    out.print(f"results in {path}", highlight=False)

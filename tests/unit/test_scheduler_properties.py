@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ragctl.errors import QueueFull
+from ragctl.policy import chunk_cap, gap_cut
 from ragctl.scheduler import AdmissionQueue, KVLedger, choose
 from ragctl.types import METHODS, Config, ConfigSpace, KVState
 
@@ -361,3 +362,37 @@ def test_need_table_equals_the_need_of_the_estimated_calls(
     for method, n, ilen in configs:
         config = Config(method, n, ilen if method == "map_reduce" else None)
         assert table(config) == config_need(sizer.estimate(config), block_size, buffer), config
+
+
+# -- retrieval-aware chunk counts (Adaptive-k) ---------------------------------------------------
+
+
+def test_gap_cut_ends_at_the_largest_drop_inside_the_range() -> None:
+    scores = [0.9, 0.88, 0.4, 0.38, 0.37, 0.2, 0.19]
+    assert gap_cut(scores, 1, 6) == 2  # 0.88 -> 0.4 is the largest drop after 1..6 chunks
+    assert gap_cut(scores, 3, 6) == 5  # inside 3..6 the drop after the 5th is largest
+    assert gap_cut(scores, 3, 3) == 3
+    assert gap_cut(scores[:4], 3, 9) == 4  # fewer retrieved than the range: all of them
+    assert gap_cut([], 3, 9) == 0  # nothing retrieved stays nothing (best-fit refuses it)
+    assert gap_cut([0.5, 0.5, 0.5, 0.5], 1, 3) == 1  # no drop anywhere: the smaller count
+
+
+@given(
+    scores=st.lists(st.floats(0, 1), min_size=1, max_size=30).map(
+        lambda s: sorted(s, reverse=True)
+    ),
+    lo=st.integers(1, 12),
+    width=st.integers(0, 24),
+)
+def test_gap_cut_stays_inside_the_range_and_what_was_retrieved(scores, lo, width) -> None:
+    hi = lo + width
+    k = gap_cut(scores, lo, hi)
+    assert 1 <= k <= len(scores) and k <= hi
+    assert k >= min(lo, len(scores))
+
+
+def test_chunk_cap_is_everything_retrieved_unless_asked() -> None:
+    space = ConfigSpace(("stuff",), (1, 6), ())
+    scores = [0.9, 0.88, 0.4, 0.38, 0.37, 0.2, 0.19, 0.1]
+    assert chunk_cap(space, scores, False) == 8
+    assert chunk_cap(space, scores, True) == 2
