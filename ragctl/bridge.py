@@ -11,6 +11,7 @@ from plain code starts a private loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -67,6 +68,16 @@ class Bridge:
         """Run `coro` on the home loop and block until it is done. Refused (`InvalidRequest`)
         inside a running loop that is home or may be: it would block that loop forever.
         Interrupting the wait (Ctrl-C) cancels the coroutine, so its engine calls are aborted."""
+        future = self.spawn(coro)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start `coro` on the home loop and return its future at once (cancelling the future
+        cancels it); refused where `run` is, since waiting on it there would block forever."""
         if self.is_home() or (self.loop is None and running_loop() is not None):
             coro.close()
             raise InvalidRequest(
@@ -75,12 +86,7 @@ class Bridge:
             )
         if self.loop is None:
             self._start()
-        future = self._submit(coro)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()
-            raise
+        return self._submit(coro)
 
     async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await `coro` on the home loop (directly when on it or none is chosen); cancelling
