@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-from collections.abc import Coroutine
+import queue
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from anyio.from_thread import start_blocking_portal
@@ -21,6 +22,9 @@ from anyio.from_thread import start_blocking_portal
 from ragctl.errors import InvalidRequest
 
 T = TypeVar("T")
+Sink = Callable[[str], None]
+"""Receives text deltas; called on the engine's loop (maybe another thread's)."""
+_DONE = object()
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:
@@ -88,6 +92,19 @@ class Bridge:
             self._start()
         return self._submit(coro)
 
+    def iterate(self, run: Callable[[Sink], Coroutine[Any, Any, T]]) -> Iterator[str | T]:
+        """Blocking streaming: start `run(sink)` on the home loop and yield what it sends to
+        `sink` as it comes, then its result. Closing the iterator early cancels it."""
+        items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        future = self.spawn(run(items.put))
+        future.add_done_callback(lambda _: items.put(_DONE))
+        try:
+            while (item := items.get()) is not _DONE:
+                yield item
+            yield future.result()
+        finally:
+            future.cancel()  # a no-op once done
+
     async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await `coro` on the home loop (directly when on it or none is chosen); cancelling
         the awaiter cancels it."""
@@ -118,3 +135,32 @@ class Bridge:
         """`close` from async code (off the home loop, in a worker thread)."""
         if self._portal is not None and not self.is_home():
             await asyncio.to_thread(self.close)
+
+
+async def stream_through(run: Callable[[Sink], Awaitable[T]]) -> AsyncIterator[str | T]:
+    """Async streaming: run `run(sink)` and yield what it sends to `sink` as it comes (from
+    any loop or thread), then its result. Closing the iterator early (or cancelling its
+    consumer) cancels it, and so its engine calls."""
+    loop = asyncio.get_running_loop()
+    deltas: asyncio.Queue[str] = asyncio.Queue()
+
+    def sink(delta: str) -> None:
+        # Thread-safe, and in order: the result's wake-up is queued after the deltas.
+        loop.call_soon_threadsafe(deltas.put_nowait, delta)
+
+    task = asyncio.ensure_future(run(sink))
+    try:
+        while not task.done():
+            getter = asyncio.ensure_future(deltas.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+        while not deltas.empty():
+            yield deltas.get_nowait()
+        yield task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -32,7 +31,7 @@ from contextlib import aclosing
 from dataclasses import replace
 from typing import Any, Protocol
 
-from ragctl.bridge import Bridge
+from ragctl.bridge import Bridge, stream_through
 from ragctl.engine.base import Engine, gather_or_cancel
 from ragctl.errors import EngineError, InvalidRequest, PromptTooLong, RagctlError
 from ragctl.policy import (
@@ -71,7 +70,6 @@ NO_HOOKS = StageHooks()
 
 OnToken = Callable[[str], None]
 """Receives the answer's text deltas as they are decoded (on the engine's event loop)."""
-_DONE = object()
 
 
 class AnswerStream:
@@ -242,32 +240,13 @@ class Controller:
         then the `Answer`. stuff and map_reduce stream token by token; map_rerank yields its
         chosen answer in one piece when the ranking is done. Closing the iterator early (or
         cancelling its consumer) cancels the request and aborts its engine calls."""
-        loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue[str] = asyncio.Queue()
-
-        def on_token(delta: str) -> None:
-            # The engine's loop may be another thread's (the bridge).
-            loop.call_soon_threadsafe(deltas.put_nowait, delta)
-
-        task = asyncio.ensure_future(
-            self.aask(question, config, history=history, max_chunks=max_chunks, slo_ms=slo_ms,
-                      options=options, on_token=on_token)
-        )  # fmt: skip
-        try:
-            while not task.done():
-                getter = asyncio.ensure_future(deltas.get())
-                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
-                else:
-                    getter.cancel()
-            while not deltas.empty():
-                yield deltas.get_nowait()
-            yield task.result()
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        async for item in stream_through(
+            lambda sink: self.aask(
+                question, config, history=history, max_chunks=max_chunks, slo_ms=slo_ms,
+                options=options, on_token=sink,
+            )
+        ):  # fmt: skip
+            yield item
 
     def stream(
         self,
@@ -281,17 +260,9 @@ class Controller:
     ) -> Iterator[str | Answer]:
         """`astream`, blocking (from plain code): deltas, then the Answer; closing the
         iterator early cancels the request."""
-        items: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        future = self.bridge.spawn(
-            self._aask(question, config, history, max_chunks, slo_ms, options, items.put)
+        return self.bridge.iterate(
+            lambda sink: self._aask(question, config, history, max_chunks, slo_ms, options, sink)
         )
-        future.add_done_callback(lambda _: items.put(_DONE))
-        try:
-            while (item := items.get()) is not _DONE:
-                yield item
-            yield future.result()
-        finally:
-            future.cancel()  # a no-op once done
 
     def ask(
         self,

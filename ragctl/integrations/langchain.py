@@ -45,10 +45,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ragctl.bridge import Bridge, running_loop
+from ragctl.bridge import Bridge, Sink, running_loop, stream_through
 from ragctl.controller import Controller
 from ragctl.engine.base import Engine, gather_or_cancel
 from ragctl.engine.remote import RemoteEngine
@@ -231,6 +232,17 @@ def _passthrough(input: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in input.items() if k not in OUTPUT_KEYS}
 
 
+def _stream_chunk(item: str | dict[str, Any]) -> AddableDict:
+    """A delta as an `answer` chunk; the finished output as its context and decision (its
+    answer is the deltas' sum, already sent)."""
+    if isinstance(item, str):
+        return AddableDict(answer=item)
+    chunk = AddableDict(context=item["context"], decision=item["decision"])
+    if not item["answer"]:
+        chunk["answer"] = ""  # nothing streamed: the key is still there
+    return chunk
+
+
 # --- the event loop the engine runs on --------------------------------------------------------
 
 BLOCKING_HINT = (
@@ -260,8 +272,11 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
     Input: `{"input": question, "chat_history"?: [messages or (role, content) pairs], ...}`.
     Output: the input's keys, plus `"context"` (the retriever's own Documents that the answer
     used), `"answer"` (str) and `"decision"` (the ragctl `Decision`; `.to_dict()` for JSON).
-    `stream`/`astream` yield `{...input}`, `{"context": ...}`, `{"answer": ...}`,
-    `{"decision": ...}`, like create_retrieval_chain's stream (the answer in one piece).
+    `stream`/`astream` yield `{...input}`, then `{"answer": delta}` chunks as the final stage
+    decodes them (stuff, map_reduce; map_rerank's chosen answer in one chunk when ranked),
+    then `{"context": ...}` and `{"decision": ...}`: the chunks add up to `invoke`'s output,
+    as create_retrieval_chain's do (the context comes last here: it is the context the answer
+    used, known once the answer is done). Closing the stream early cancels the request.
 
     Build it from a ragctl engine (`RagctlRetrievalChain(retriever, engine)`, `from_engine`:
     a `LocalEngine`, or a `RemoteEngine` to a vLLM server) or from any OpenAI-compatible chat
@@ -574,9 +589,8 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
         input = _merge_chunks(inputs)
         request = self._request(input, config)
         yield AddableDict(_passthrough(input))
-        out = self._bridge.run(self._answer(input, request, config))
-        for key in OUTPUT_KEYS:
-            yield AddableDict({key: out[key]})
+        for item in self._bridge.iterate(lambda sink: self._answer(input, request, config, sink)):
+            yield _stream_chunk(item)
 
     async def _atransform(
         self, inputs: AsyncIterator[dict[str, Any]], config: RunnableConfig
@@ -584,9 +598,12 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
         input = _merge_chunks([chunk async for chunk in inputs])
         request = self._request(input, config)
         yield AddableDict(_passthrough(input))
-        out = await self._bridge.arun(self._answer(input, request, config))
-        for key in OUTPUT_KEYS:
-            yield AddableDict({key: out[key]})
+        stream = stream_through(
+            lambda sink: self._bridge.arun(self._answer(input, request, config, sink))
+        )
+        async with aclosing(stream):
+            async for item in stream:
+                yield _stream_chunk(item)
 
     async def _answer_all(
         self,
@@ -618,9 +635,14 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
         return list(results)  # type: ignore[arg-type]
 
     async def _answer(
-        self, input: Mapping[str, Any], request: ChainRequest, config: RunnableConfig | None
+        self,
+        input: Mapping[str, Any],
+        request: ChainRequest,
+        config: RunnableConfig | None,
+        on_token: Sink | None = None,
     ) -> dict[str, Any]:
-        """One answer, on the home loop: the output dict of create_retrieval_chain's shape."""
+        """One answer, on the home loop: the output dict of create_retrieval_chain's shape
+        (`on_token`: the answer's deltas as they are decoded)."""
         call = RetrievalCall(config)
         token = CURRENT_CALL.set(call)
         try:
@@ -630,6 +652,7 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
                 request.config,
                 history=request.history,
                 max_chunks=request.max_chunks,
+                on_token=on_token,
             )
         finally:
             CURRENT_CALL.reset(token)

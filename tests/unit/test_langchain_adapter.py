@@ -240,8 +240,9 @@ def test_a_chain_built_in_plain_code_runs_on_a_private_loop() -> None:
     assert [o["answer"] for o in chain.batch([{"input": "a?"}, {"input": "b?"}], fixed)] == [
         "Denver", "Denver",
     ]  # fmt: skip
-    assert [list(c) for c in chain.stream({"input": "a?"}, fixed)] == [
-        ["input"], ["context"], ["answer"], ["decision"],
+    # The fake engine cannot stream: the answer comes as one delta, then context and decision.
+    assert [sorted(c) for c in chain.stream({"input": "a?"}, fixed)] == [
+        ["input"], ["answer"], ["context", "decision"],
     ]  # fmt: skip
     home = chain.controller.bridge.loop
     assert set(chain.engine.loops) == {home}
