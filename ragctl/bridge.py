@@ -137,18 +137,27 @@ class Bridge:
             await asyncio.to_thread(self.close)
 
 
+def putter(queue: asyncio.Queue[T]) -> Callable[[T], None]:
+    """`queue.put_nowait` for callers on any thread, for a queue of the running loop: at once
+    on this loop (so a producer that finishes sees its items queued before its result), else
+    through `call_soon_threadsafe` (queued ahead of the result, which crosses the same way)."""
+    loop = asyncio.get_running_loop()
+
+    def put(item: T) -> None:
+        if running_loop() is loop:
+            queue.put_nowait(item)
+        else:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    return put
+
+
 async def stream_through(run: Callable[[Sink], Awaitable[T]]) -> AsyncIterator[str | T]:
     """Async streaming: run `run(sink)` and yield what it sends to `sink` as it comes (from
     any loop or thread), then its result. Closing the iterator early (or cancelling its
     consumer) cancels it, and so its engine calls."""
-    loop = asyncio.get_running_loop()
     deltas: asyncio.Queue[str] = asyncio.Queue()
-
-    def sink(delta: str) -> None:
-        # Thread-safe, and in order: the result's wake-up is queued after the deltas.
-        loop.call_soon_threadsafe(deltas.put_nowait, delta)
-
-    task = asyncio.ensure_future(run(sink))
+    task = asyncio.ensure_future(run(putter(deltas)))
     try:
         while not task.done():
             getter = asyncio.ensure_future(deltas.get())

@@ -240,13 +240,16 @@ class Controller:
         then the `Answer`. stuff and map_reduce stream token by token; map_rerank yields its
         chosen answer in one piece when the ranking is done. Closing the iterator early (or
         cancelling its consumer) cancels the request and aborts its engine calls."""
-        async for item in stream_through(
+        stream = stream_through(
             lambda sink: self.aask(
                 question, config, history=history, max_chunks=max_chunks, slo_ms=slo_ms,
                 options=options, on_token=sink,
             )
-        ):  # fmt: skip
-            yield item
+        )  # fmt: skip
+        # Closed with this iterator, not when collected: that cancels the request at once.
+        async with aclosing(stream):
+            async for item in stream:
+                yield item
 
     def stream(
         self,

@@ -34,6 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ragctl.bridge import putter
 from ragctl.engine.base import gather_or_cancel
 from ragctl.errors import (
     DeadlineExceeded,
@@ -269,16 +270,12 @@ def create_app(
         arrival = time.monotonic()
         model = body.model
         one = await admit(request, body, questions, history)
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int, str | Answer]] = asyncio.Queue()
+        put = putter(events)
 
         async def answer(i: int, q: str) -> None:
-            def on_token(delta: str) -> None:
-                loop.call_soon_threadsafe(events.put_nowait, (i, delta))
-
-            a = await one(i, q, on_token)
-            # After the deltas the engine's loop queued (call_soon_threadsafe keeps order).
-            loop.call_soon_threadsafe(events.put_nowait, (i, a))
+            a = await one(i, q, lambda delta: put((i, delta)))
+            put((i, a))  # after its deltas: `putter` keeps the order
 
         work = asyncio.ensure_future(
             gather_or_cancel([answer(i, q) for i, q in enumerate(questions)])
