@@ -26,8 +26,9 @@ want ragctl to consider; ragctl never asks for more than its rules' largest chun
 the default rules), and uses what the retriever returns when that is fewer.
 
 Per call, in `config["configurable"]`: `ragctl_config` fixes the configuration (`"stuff:5"`,
-`"map_reduce:6:100"` or a `ragctl.Config`; the adaptive path is skipped) and `max_chunks` caps
-the chunks the adaptive path may use.
+`"map_reduce:6:100"` or a `ragctl.Config`; the adaptive path is skipped), `max_chunks` caps
+the chunks the adaptive path may use, and `answer_options` (a `ragctl.types.AnswerOptions` or
+a dict of its fields: max_tokens, temperature, top_p, stop, seed) applies to the final stage.
 
 Event loops: an engine belongs to the event loop it runs on, and the chain runs every engine
 call there (its home loop). Built in plain code, or with `loop="private"`, the chain gets a
@@ -55,7 +56,7 @@ from ragctl.engine.base import Engine, gather_or_cancel
 from ragctl.engine.remote import RemoteEngine
 from ragctl.errors import InvalidRequest, MissingDependency
 from ragctl.policy import AdaptivePolicy
-from ragctl.types import Config, Message
+from ragctl.types import AnswerOptions, Config, Message
 
 try:
     from langchain_core.messages import (
@@ -116,6 +117,7 @@ class ChainRequest:
     history: tuple[Message, ...] = ()
     config: Config | None = None
     max_chunks: int | None = None
+    options: AnswerOptions | None = None
 
 
 def to_messages(chat_history: Any) -> tuple[Message, ...]:
@@ -189,6 +191,26 @@ def parse_input(input: Any, config: RunnableConfig | None = None) -> ChainReques
         history=history,
         config=_ragctl_config(configurable.get("ragctl_config")),
         max_chunks=_max_chunks(configurable.get("max_chunks")),
+        options=_answer_options(configurable.get("answer_options")),
+    )
+
+
+def _answer_options(value: Any) -> AnswerOptions | None:
+    if value is None or isinstance(value, AnswerOptions):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            fields = dict(value)
+            if isinstance(fields.get("stop"), str):
+                fields["stop"] = (fields["stop"],)
+            elif fields.get("stop") is not None:
+                fields["stop"] = tuple(fields["stop"])
+            return AnswerOptions(**fields)
+        except (TypeError, ValueError) as e:
+            raise InvalidRequest(f"configurable answer_options: {e}") from e
+    raise InvalidRequest(
+        "configurable answer_options must be a dict (max_tokens, temperature, top_p, stop, "
+        f"seed) or a ragctl AnswerOptions, got {type(value).__name__}"
     )
 
 
@@ -652,6 +674,7 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
                 request.config,
                 history=request.history,
                 max_chunks=request.max_chunks,
+                options=request.options,
                 on_token=on_token,
             )
         finally:
