@@ -11,8 +11,10 @@ from plain code starts a private loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
-from collections.abc import Coroutine
+import queue
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from anyio.from_thread import start_blocking_portal
@@ -20,6 +22,9 @@ from anyio.from_thread import start_blocking_portal
 from ragctl.errors import InvalidRequest
 
 T = TypeVar("T")
+Sink = Callable[[str], None]
+"""Receives text deltas; called on the engine's loop (maybe another thread's)."""
+_DONE = object()
 
 
 def running_loop() -> asyncio.AbstractEventLoop | None:
@@ -67,6 +72,16 @@ class Bridge:
         """Run `coro` on the home loop and block until it is done. Refused (`InvalidRequest`)
         inside a running loop that is home or may be: it would block that loop forever.
         Interrupting the wait (Ctrl-C) cancels the coroutine, so its engine calls are aborted."""
+        future = self.spawn(coro)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start `coro` on the home loop and return its future at once (cancelling the future
+        cancels it); refused where `run` is, since waiting on it there would block forever."""
         if self.is_home() or (self.loop is None and running_loop() is not None):
             coro.close()
             raise InvalidRequest(
@@ -75,12 +90,20 @@ class Bridge:
             )
         if self.loop is None:
             self._start()
-        future = self._submit(coro)
+        return self._submit(coro)
+
+    def iterate(self, run: Callable[[Sink], Coroutine[Any, Any, T]]) -> Iterator[str | T]:
+        """Blocking streaming: start `run(sink)` on the home loop and yield what it sends to
+        `sink` as it comes, then its result. Closing the iterator early cancels it."""
+        items: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        future = self.spawn(run(items.put))
+        future.add_done_callback(lambda _: items.put(_DONE))
         try:
-            return future.result()
-        except BaseException:
-            future.cancel()
-            raise
+            while (item := items.get()) is not _DONE:
+                yield item
+            yield future.result()
+        finally:
+            future.cancel()  # a no-op once done
 
     async def arun(self, coro: Coroutine[Any, Any, T]) -> T:
         """Await `coro` on the home loop (directly when on it or none is chosen); cancelling
@@ -112,3 +135,41 @@ class Bridge:
         """`close` from async code (off the home loop, in a worker thread)."""
         if self._portal is not None and not self.is_home():
             await asyncio.to_thread(self.close)
+
+
+def putter(queue: asyncio.Queue[T]) -> Callable[[T], None]:
+    """`queue.put_nowait` for callers on any thread, for a queue of the running loop: at once
+    on this loop (so a producer that finishes sees its items queued before its result), else
+    through `call_soon_threadsafe` (queued ahead of the result, which crosses the same way)."""
+    loop = asyncio.get_running_loop()
+
+    def put(item: T) -> None:
+        if running_loop() is loop:
+            queue.put_nowait(item)
+        else:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    return put
+
+
+async def stream_through(run: Callable[[Sink], Awaitable[T]]) -> AsyncIterator[str | T]:
+    """Async streaming: run `run(sink)` and yield what it sends to `sink` as it comes (from
+    any loop or thread), then its result. Closing the iterator early (or cancelling its
+    consumer) cancels it, and so its engine calls."""
+    deltas: asyncio.Queue[str] = asyncio.Queue()
+    task = asyncio.ensure_future(run(putter(deltas)))
+    try:
+        while not task.done():
+            getter = asyncio.ensure_future(deltas.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield getter.result()
+            else:
+                getter.cancel()
+        while not deltas.empty():
+            yield deltas.get_nowait()
+        yield task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -11,6 +11,13 @@ and every step is reported to the SLO loop through the request's one `RequestTra
 baseline); it still reserves its blocks, so adaptive queries sharing the engine see it, but never
 waits. Many `aask` calls may run at once on one Controller: they share the engine, which batches
 them. `ask`/`batch`/`close` are the blocking forms: they run on the controller's `Bridge`.
+
+Streaming: a method's final step that makes one call whose text is the answer (`Step.streams`:
+stuff's answer, map_reduce's reducer) runs through `Engine.stream`, on every request, so the
+time to the first answer token (`timings["ttft"]`) is always measured; `aask(on_token=...)`
+receives the deltas and `astream`/`stream` yield them. Final steps that select (map_rerank) give
+the answer as one delta when they finish. It is one code path: `astream` is `aask` with a queue
+behind `on_token`.
 """
 
 from __future__ import annotations
@@ -19,13 +26,14 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from ragctl.bridge import Bridge
+from ragctl.bridge import Bridge, stream_through
 from ragctl.engine.base import Engine, gather_or_cancel
-from ragctl.errors import InvalidRequest, PromptTooLong, RagctlError
+from ragctl.errors import EngineError, InvalidRequest, PromptTooLong, RagctlError
 from ragctl.policy import (
     AdaptivePolicy,
     SpaceChoice,
@@ -43,11 +51,14 @@ from ragctl.scheduler.slo import RequestTrace, SLOTracker, StageHooks
 from ragctl.synthesis.methods import Step, Synthesizer
 from ragctl.types import (
     Answer,
+    AnswerOptions,
     Chunk,
     CollectionInfo,
     Config,
     ConfigSpace,
     Decision,
+    Generation,
+    GenerationRequest,
     KVState,
     Message,
     Plan,
@@ -69,6 +80,48 @@ class Proposal:
 
 NO_HOOKS = StageHooks()
 """The hooks of a run outside any request (golden feedback, `run_synthesis` by itself)."""
+
+OnToken = Callable[[str], None]
+"""Receives the answer's text deltas as they are decoded (on the engine's event loop)."""
+
+
+class AnswerStream:
+    """The answer's deltas on their way to `on_token`: the answer's surrounding whitespace
+    left out (deltas join to exactly `Answer.text`, which is stripped), the first one timed."""
+
+    def __init__(self, on_token: OnToken | None = None) -> None:
+        self.on_token = on_token
+        self.first_at: float | None = None
+        """perf_counter() when the first delta went out."""
+        self.sent: list[str] = []
+        self.finish_reason = "stop"
+        self._started = False
+        self._held = ""  # trailing whitespace: sent only when more text follows
+
+    def feed(self, delta: str) -> None:
+        if not self._started:
+            delta = delta.lstrip()
+            if not delta:
+                return
+            self._started = True
+        body = delta.rstrip()
+        if not body:
+            self._held += delta
+            return
+        text, self._held = self._held + body, delta[len(body) :]
+        self._emit(text)
+
+    def complete(self, answer: str) -> None:
+        """The method's final answer: sent whole when nothing streamed (map_rerank picks)."""
+        if not self.sent and answer:
+            self._emit(answer)
+
+    def _emit(self, text: str) -> None:
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+        self.sent.append(text)
+        if self.on_token is not None:
+            self.on_token(text)
 
 
 class Retriever(Protocol):
@@ -144,12 +197,17 @@ class Controller:
 
     # -- entry points: async forms hand over to the engine's loop, blocking forms wait ---------
 
-    def check_question(self, question: str, history: Sequence[Message] = ()) -> str:
+    def check_question(
+        self,
+        question: str,
+        history: Sequence[Message] = (),
+        options: AnswerOptions | None = None,
+    ) -> str:
         """The question, stripped; a clear error if it is empty or cannot fit the context."""
         q = question.strip() if isinstance(question, str) else ""
         if not q:
             raise InvalidRequest("the question is empty")
-        need = self.synthesizer.question_overhead(with_history(q, history))
+        need = self.synthesizer.for_request(options).question_overhead(with_history(q, history))
         if need > self.engine.max_model_len:
             raise PromptTooLong(
                 f"the question needs {need} tokens with the prompt and answer budget; the model's "
@@ -165,14 +223,62 @@ class Controller:
         history: Sequence[Message] = (),
         max_chunks: int | None = None,
         slo_ms: float | None = None,
+        options: AnswerOptions | None = None,
+        on_token: OnToken | None = None,
     ) -> Answer:
         """Answer `question`: adaptively, or with `config` when given.
 
         `history`: earlier turns of a conversation; the synthesis prompts see them, retrieval
         and the profiler see the question alone. `max_chunks`: a cap on the chunks the adaptive
         path may use. `slo_ms`: the request's latency SLO (default: the collection's, from the
-        settings); the Decision's `slo` says what the SLO loop did."""
-        return await self.bridge.arun(self._aask(question, config, history, max_chunks, slo_ms))
+        settings); the Decision's `slo` says what the SLO loop did. `options`: max_tokens (at
+        most the collection's answer budget, which sizes the KV plan) and sampling fields for
+        the final stage. `on_token`: called with each answer delta as it is decoded (on the
+        engine's loop; keep it quick), see `astream`."""
+        return await self.bridge.arun(
+            self._aask(question, config, history, max_chunks, slo_ms, options, on_token)
+        )
+
+    async def astream(
+        self,
+        question: str,
+        config: Config | None = None,
+        *,
+        history: Sequence[Message] = (),
+        max_chunks: int | None = None,
+        slo_ms: float | None = None,
+        options: AnswerOptions | None = None,
+    ) -> AsyncIterator[str | Answer]:
+        """`aask`, streamed: the answer's text deltas (str) as the final stage decodes them,
+        then the `Answer`. stuff and map_reduce stream token by token; map_rerank yields its
+        chosen answer in one piece when the ranking is done. Closing the iterator early (or
+        cancelling its consumer) cancels the request and aborts its engine calls."""
+        stream = stream_through(
+            lambda sink: self.aask(
+                question, config, history=history, max_chunks=max_chunks, slo_ms=slo_ms,
+                options=options, on_token=sink,
+            )
+        )  # fmt: skip
+        # Closed with this iterator, not when collected: that cancels the request at once.
+        async with aclosing(stream):
+            async for item in stream:
+                yield item
+
+    def stream(
+        self,
+        question: str,
+        config: Config | None = None,
+        *,
+        history: Sequence[Message] = (),
+        max_chunks: int | None = None,
+        slo_ms: float | None = None,
+        options: AnswerOptions | None = None,
+    ) -> Iterator[str | Answer]:
+        """`astream`, blocking (from plain code): deltas, then the Answer; closing the
+        iterator early cancels the request."""
+        return self.bridge.iterate(
+            lambda sink: self._aask(question, config, history, max_chunks, slo_ms, options, sink)
+        )
 
     def ask(
         self,
@@ -182,9 +288,10 @@ class Controller:
         history: Sequence[Message] = (),
         max_chunks: int | None = None,
         slo_ms: float | None = None,
+        options: AnswerOptions | None = None,
     ) -> Answer:
         """`aask`, blocking (not from inside a running event loop: use `await aask` there)."""
-        return self.bridge.run(self._aask(question, config, history, max_chunks, slo_ms))
+        return self.bridge.run(self._aask(question, config, history, max_chunks, slo_ms, options))
 
     async def abatch(self, questions: Sequence[str], config: Config | None = None) -> list[Answer]:
         """Several questions at once on the shared engine (it batches them); answers in
@@ -241,9 +348,13 @@ class Controller:
         history: Sequence[Message],
         max_chunks: int | None,
         slo_ms: float | None,
+        options: AnswerOptions | None = None,
+        on_token: OnToken | None = None,
     ) -> Answer:
         start = time.perf_counter()
-        q = self.check_question(question, history)
+        q = self.check_question(question, history, options)
+        synth = self.synthesizer.for_request(options)
+        sink = AnswerStream(on_token)
         if max_chunks is not None and max_chunks < 1:
             raise InvalidRequest(f"max_chunks must be at least 1, got {max_chunks}")
         if slo_ms is not None and not slo_ms > 0:
@@ -255,9 +366,9 @@ class Controller:
         try:
             await trace.gate()
             if config is not None:
-                answer = await self._ask_fixed(q, config, start, history, trace)
+                answer = await self._ask_fixed(q, config, start, history, trace, synth, sink)
             else:
-                answer = await self._ask_adaptive(q, start, history, max_chunks, trace)
+                answer = await self._ask_adaptive(q, start, history, max_chunks, trace, synth, sink)
             ok = True
         finally:
             record = trace.finish(ok=ok)
@@ -291,7 +402,9 @@ class Controller:
         config: Config,
         start: float,
         history: Sequence[Message],
-        trace: StageHooks = NO_HOOKS,
+        trace: StageHooks,
+        synth: Synthesizer,
+        sink: AnswerStream,
     ) -> Answer:
         timings: dict[str, float] = {}
         chunks = await self._retrieve(q, config.num_chunks, timings)
@@ -299,17 +412,19 @@ class Controller:
         trace.on_plan(config)
         kv = await self.engine.kv_state()
         sq = with_history(q, history)
-        need = self._need(sq, chunks, kv.block_size, config)
+        need = self._need(sq, chunks, kv.block_size, config, synth)
         decision = Decision(
             config=config,
             reason="fixed",
             kv=kv,
-            templates=self.synthesizer.template_versions,
+            templates=synth.template_versions,
             need_blocks=need,
         )
         # Reserved for the accounting of adaptive queries on the same engine; never waits.
         with self.admission.ledger.reserve(need):
-            return await self._synthesize(q, sq, chunks, decision, timings, start, trace)
+            return await self._synthesize(
+                q, sq, chunks, decision, timings, start, trace, synth, sink
+            )
 
     async def _ask_adaptive(
         self,
@@ -317,11 +432,15 @@ class Controller:
         start: float,
         history: Sequence[Message],
         max_chunks: int | None,
-        trace: StageHooks = NO_HOOKS,
+        trace: StageHooks,
+        synth: Synthesizer,
+        sink: AnswerStream,
     ) -> Answer:
         timings: dict[str, float] = {}
         sq = with_history(q, history)
-        outcome, chunks, choice, decide = await self._choose(q, sq, max_chunks, timings, trace)
+        outcome, chunks, choice, decide = await self._choose(
+            q, sq, max_chunks, timings, trace, synth
+        )
         admitted = await self.admission.admit(decide)
         timings["queue"] = admitted.queued_s
         plan = admitted.plan
@@ -329,10 +448,12 @@ class Controller:
         trace.on_plan(plan.config, plan.slo_action)
         self.counters["fallback"] += plan.reason == "fallback"
         self.counters["queued"] += admitted.queued
-        templates = {**self.synthesizer.template_versions, **self._profiler_templates()}
+        templates = {**synth.template_versions, **self._profiler_templates()}
         decision = adaptive_decision(plan, admitted.kv, choice, outcome, templates, admitted.queued)
         with admitted.reservation:
-            answer = await self._synthesize(q, sq, chunks, decision, timings, start, trace)
+            answer = await self._synthesize(
+                q, sq, chunks, decision, timings, start, trace, synth, sink
+            )
         self._maybe_golden(q, chunks)
         return answer
 
@@ -343,6 +464,7 @@ class Controller:
         max_chunks: int | None,
         timings: dict[str, float],
         trace: StageHooks = NO_HOOKS,
+        synth: Synthesizer | None = None,
     ) -> tuple[ProfileOutcome, list[Chunk], SpaceChoice, Callable[[KVState, int], Plan]]:
         """The adaptive path up to the admission queue: retrieval ‖ profile, the pruned space
         (the collection's history learns from it), and best-fit's `decide`."""
@@ -364,7 +486,7 @@ class Controller:
         )
         decide = best_fit(
             choice,
-            self.synthesizer.sizer(synthesis_question, chunks),
+            (synth or self.synthesizer).sizer(synthesis_question, chunks),
             cap,
             self.policy.kv_buffer_blocks,
             **trace.planning(),
@@ -412,8 +534,15 @@ class Controller:
                 history.append(choice.space)
         return choice
 
-    def _need(self, q: str, chunks: list[Chunk], block_size: int, config: Config) -> int:
-        sizer = self.synthesizer.sizer(q, chunks)
+    def _need(
+        self,
+        q: str,
+        chunks: list[Chunk],
+        block_size: int,
+        config: Config,
+        synth: Synthesizer | None = None,
+    ) -> int:
+        sizer = (synth or self.synthesizer).sizer(q, chunks)
         return NeedTable(sizer, block_size, self.policy.kv_buffer_blocks)(config)
 
     def _profiler_templates(self) -> dict[str, str]:
@@ -428,14 +557,18 @@ class Controller:
         timings: dict[str, float],
         start: float,
         trace: StageHooks,
+        synth: Synthesizer,
+        sink: AnswerStream,
     ) -> Answer:
         t = time.perf_counter()
-        step = self.synthesizer.plan(decision.config, synthesis_question, chunks)
-        result, stages = await self.run_synthesis(step, trace)
-        timings["synthesis"] = time.perf_counter() - t
+        step = synth.plan(decision.config, synthesis_question, chunks)
+        result, stages = await self.run_synthesis(step, trace, sink)
+        end = time.perf_counter()
+        timings["synthesis"] = end - t
         for s in stages:
             timings[f"synthesis.{s.name}"] = s.seconds
-        timings["total"] = time.perf_counter() - start
+        timings["total"] = end - start
+        timings["ttft"] = (sink.first_at or end) - start
         by_id = {c.id: c for c in chunks}
         return Answer(
             question=q,
@@ -445,13 +578,20 @@ class Controller:
             stages=stages,
             timings=timings,
             synthesis=result,
+            finish_reason=sink.finish_reason,
+            max_tokens=synth.answer_max_tokens,
         )
 
     async def run_synthesis(
-        self, step: Step | SynthesisResult, trace: StageHooks = NO_HOOKS
+        self,
+        step: Step | SynthesisResult,
+        trace: StageHooks = NO_HOOKS,
+        sink: AnswerStream | None = None,
     ) -> tuple[SynthesisResult, tuple[StageRecord, ...]]:
         """Run a method's steps on the engine, one stage after another, telling `trace` each
-        stage as it starts (the SLO loop times it and decides its calls' priority)."""
+        stage as it starts (the SLO loop times it and decides its calls' priority). With a
+        `sink`, a streaming step's call goes through `Engine.stream` and its deltas to the sink;
+        the final answer completes it (sent whole if nothing streamed)."""
         stages: list[StageRecord] = []
         while isinstance(step, Step):
             t = time.perf_counter()
@@ -460,7 +600,10 @@ class Controller:
             priority = trace.priority_for(len(requests))
             if priority:
                 requests = tuple(replace(r, priority=priority) for r in requests)
-            gens = await self.engine.generate(requests)
+            if sink is not None and step.streams:
+                gens = [await self._stream_call(requests[0], sink)]
+            else:
+                gens = await self.engine.generate(requests)
             stages.append(
                 StageRecord(
                     name=step.name,
@@ -471,7 +614,22 @@ class Controller:
                 )
             )
             step = step.finish(gens)
+        if sink is not None:
+            sink.complete(step.answer)
         return step, tuple(stages)
+
+    async def _stream_call(self, request: GenerationRequest, sink: AnswerStream) -> Generation:
+        final = None
+        async with aclosing(self.engine.stream(request)) as events:
+            async for event in events:
+                if isinstance(event, Generation):
+                    final = event
+                else:
+                    sink.feed(event)
+        if final is None:
+            raise EngineError("the engine's stream ended without its result")
+        sink.finish_reason = final.finish_reason or "stop"
+        return final
 
     # -- golden-configuration feedback ----------------------------------------------------------
 

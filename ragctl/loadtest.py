@@ -1,7 +1,12 @@
 """A bounded, self-terminating load test of a running ragctl server with the official `openai`
 client: N chat requests at concurrency C. Every request ends as answered, rejected (429/503,
-the server's admission control), failed (another status) or timed out; none is retried, so the
-counts add up to N and nothing can be lost silently."""
+the server's admission control), failed (another status, an error event mid-stream) or timed
+out; none is retried, so the counts add up to N and nothing can be lost silently.
+
+Time to first token, client side: with `stream=True`, arrival to the first content delta; without,
+the whole answer (a client that reads a complete response, or a server that replays a finished
+answer as deltas, sees its first token when the answer is done): that is the baseline streaming
+is measured against."""
 
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ class LoadResult:
     wall_s: float
     latencies_s: list[float] = field(default_factory=list)
     """Arrival-to-answer seconds of the answered requests."""
+    ttfts_s: list[float] = field(default_factory=list)
+    """Arrival to the first answer token, the answered requests (see the module notes)."""
+    stream: bool = False
     rejected: Counter[int] = field(default_factory=Counter)
     """Status (429, 503) -> count."""
     failed: Counter[str] = field(default_factory=Counter)
@@ -39,15 +47,21 @@ class LoadResult:
 
     def to_dict(self) -> dict[str, Any]:
         lat = sorted(self.latencies_s)
+        ttft = self.ttfts_s
         return {
             "requests": self.requests,
             "concurrency": self.concurrency,
+            "stream": self.stream,
             "completed": self.completed,
             "rejected": {str(k): v for k, v in sorted(self.rejected.items())},
             "failed": dict(self.failed),
             "p50_s": percentile(lat, 0.5) if lat else None,
             "p95_s": percentile(lat, 0.95) if lat else None,
             "max_s": lat[-1] if lat else None,
+            "mean_s": sum(lat) / len(lat) if lat else None,
+            "ttft_mean_s": sum(ttft) / len(ttft) if ttft else None,
+            "ttft_p50_s": percentile(ttft, 0.5) if ttft else None,
+            "ttft_p95_s": percentile(ttft, 0.95) if ttft else None,
             "wall_s": self.wall_s,
             "throughput_qps": self.completed / self.wall_s if self.wall_s else 0.0,
             "configs": dict(self.configs.most_common()),
@@ -64,8 +78,11 @@ async def chat_load(
     api_key: str | None = None,
     timeout_s: float = 600.0,
     extra_body: dict[str, Any] | None = None,
+    stream: bool = False,
+    max_tokens: int | None = None,
 ) -> LoadResult:
-    """Send `requests` chat requests (questions cycled), at most `concurrency` at once."""
+    """Send `requests` chat requests (questions cycled), at most `concurrency` at once;
+    `stream`: as SSE streams (time to first token = the first content delta)."""
     import openai
 
     client = openai.AsyncOpenAI(
@@ -75,18 +92,34 @@ async def chat_load(
         timeout=timeout_s,
     )
     gate = asyncio.Semaphore(concurrency)
-    result = LoadResult(requests, concurrency, 0.0)
+    result = LoadResult(requests, concurrency, 0.0, stream=stream)
+    sampling = {} if max_tokens is None else {"max_tokens": max_tokens}
+
+    async def ask(q: str, t: float) -> tuple[float, dict[str, Any]]:
+        """(time to first token, the response's `ragctl` field)."""
+        messages = [{"role": "user", "content": q}]
+        if not stream:
+            resp = await client.chat.completions.create(
+                model=model, messages=messages, extra_body=extra_body, **sampling
+            )
+            return time.perf_counter() - t, (resp.model_extra or {}).get("ragctl") or {}
+        first, extra = None, {}
+        events = await client.chat.completions.create(
+            model=model, messages=messages, extra_body=extra_body, stream=True, **sampling
+        )
+        async with events:
+            async for chunk in events:
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter() - t
+                extra = (chunk.model_extra or {}).get("ragctl") or extra
+        return (time.perf_counter() - t) if first is None else first, extra
 
     async def one(i: int) -> None:
         q = questions[i % len(questions)]
         async with gate:
             t = time.perf_counter()
             try:
-                resp = await client.chat.completions.create(
-                    model=model,
-                    messages=[{"role": "user", "content": q}],
-                    extra_body=extra_body,
-                )
+                ttft, extra = await ask(q, t)
             except openai.APIStatusError as e:
                 if e.status_code in (429, 503):
                     result.rejected[e.status_code] += 1
@@ -99,8 +132,11 @@ async def chat_load(
             except openai.APIConnectionError:
                 result.failed["connection"] += 1
                 return
+            except openai.APIError:  # an error event ended the stream
+                result.failed["stream error"] += 1
+                return
             result.latencies_s.append(time.perf_counter() - t)
-            extra = (resp.model_extra or {}).get("ragctl") or {}
+            result.ttfts_s.append(ttft)
             result.configs[str(extra.get("config"))] += 1
 
     start = time.perf_counter()
@@ -118,5 +154,6 @@ async def load_bench(
     """`chat_load` against a running server; writes its figures to `out_file`."""
     result = await chat_load(url, questions, **options)
     d = result.to_dict()
-    _write_json(out_file, {"url": url, "model": options.get("model"), **d}, end="\n")
+    meta = {k: options.get(k) for k in ("model", "extra_body", "max_tokens")}
+    _write_json(out_file, {"url": url, **meta, **d}, end="\n")
     return result, d

@@ -229,12 +229,42 @@ class GenerationRequest:
     """A raw completion prompt, instead of `messages`."""
     ignore_eos: bool = False
     """Generate exactly `max_tokens` (benchmarks and load profiles that need fixed lengths)."""
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    """Stop sequences (not part of the output)."""
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (not self.messages):
             raise ValueError("a generation request needs either messages or a prompt, not both")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
+class AnswerOptions:
+    """What a client asks of the answer (OpenAI's sampling fields), applied to the final
+    stage's calls only (stuff's answer, map_reduce's reducer, map_rerank's per-chunk answers);
+    None: the collection's default. `max_tokens` above the collection's answer budget is
+    clamped to it, because the KV plan is sized from the budget (`Synthesizer.for_request`)."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+    """vLLM's extension: generate exactly max_tokens (benchmarks of streaming and TTFT)."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if len(self.stop) > 4 or any(not s for s in self.stop):
+            raise ValueError("stop takes at most 4 non-empty strings")
 
 
 @dataclass(frozen=True)
@@ -417,8 +447,13 @@ class Answer:
     chunks: tuple[Chunk, ...]
     stages: tuple[StageRecord, ...]
     timings: Mapping[str, float] = field(default_factory=dict)
-    """Seconds per stage of the data path: retrieve, synthesis (and its stages), total."""
+    """Seconds per stage of the data path: retrieve, synthesis (and its stages), total, and
+    `ttft`: arrival to the first answer token (map_rerank: to the chosen answer)."""
     synthesis: SynthesisResult | None = None
+    finish_reason: str = "stop"
+    """The final call's: `stop`, or `length` when the answer budget (max_tokens) cut it."""
+    max_tokens: int | None = None
+    """The answer budget it ran with (the request's max_tokens, at most the collection's)."""
 
     @property
     def chunk_ids(self) -> tuple[str, ...]:
@@ -447,6 +482,8 @@ class Answer:
             "timings": dict(self.timings),
             "confidence": self.synthesis.confidence if self.synthesis else None,
             "source_chunk_id": self.synthesis.source_chunk_id if self.synthesis else None,
+            "finish_reason": self.finish_reason,
+            "max_tokens": self.max_tokens,
         }
 
 

@@ -15,6 +15,7 @@ from ragctl.cli.common import (
     open_controller,
     open_retriever,
     out,
+    parse_config,
     serving_tokenizer,
     status,
     tally,
@@ -148,17 +149,37 @@ def load(
     requests: int = typer.Option(50, min=1, help="Requests in all."),
     concurrency: int = typer.Option(50, min=1, help="Requests in flight at once."),
     model: str = typer.Option("ragctl/auto", help="Model to ask (ragctl/auto, ragctl/stuff, ...)."),
+    config: str | None = typer.Option(
+        None, help="A fixed configuration (stuff:5, map_reduce:5:64): sets the model and fields."
+    ),
+    stream: bool = typer.Option(
+        False,
+        "--stream/--no-stream",
+        help="Stream (time to first token = first delta) or read whole answers (= the delay).",
+    ),
+    questions: int | None = typer.Option(
+        None, min=1, help="Use only the dataset's first N questions (cycled)."
+    ),
+    max_tokens: int | None = typer.Option(None, min=1, help="The requests' max_tokens."),
     api_key: str | None = typer.Option(None, envvar="RAGCTL_API_KEY", help="The server's key."),
     timeout_s: float = typer.Option(600.0, help="Per-request client timeout."),
     out_file: Path = typer.Option(Path("eval/out/bench-load/results.json"), "--out"),
 ) -> None:
     """Load test over HTTP with the openai client: answered, rejected (429/503), failed, and
-    latency percentiles; every request is accounted for."""
+    latency and time-to-first-token percentiles; every request is accounted for. One question
+    at a time: --concurrency 1."""
     from ragctl.loadtest import load_bench
     from ragctl.retrieval.collection import load_queries
 
     settings: Settings = ctx.obj
-    qs = [q.question for q in load_queries(settings.data_dir, dataset)]
+    qs = [q.question for q in load_queries(settings.data_dir, dataset)][:questions]
+    extra_body = None
+    if config is not None:
+        fixed = parse_config(config)
+        model = f"ragctl/{fixed.method}"
+        extra_body = {"num_chunks": fixed.num_chunks}
+        if fixed.intermediate_length is not None:
+            extra_body["intermediate_length"] = fixed.intermediate_length
     with status(f"{requests} requests at concurrency {concurrency} to {url}"):
         result, d = asyncio.run(
             load_bench(
@@ -170,14 +191,20 @@ def load(
                 model=model,
                 api_key=api_key,
                 timeout_s=timeout_s,
+                extra_body=extra_body,
+                stream=stream,
+                max_tokens=max_tokens,
             )  # fmt: skip
         )
-    table = Table("requests", "answered", "rejected", "failed", "p50 s", "p95 s", "wall s", "qps")
+    table = Table("requests", "answered", "rejected", "failed", "p50 s", "p95 s", "TTFT mean s",
+                  "TTFT p50 s", "TTFT p95 s", "wall s", "qps",
+                  title="streamed" if stream else "whole answers (TTFT = delay)")  # fmt: skip
     table.add_row(
         str(d["requests"]), str(d["completed"]),
         ", ".join(f"{k}: {v}" for k, v in d["rejected"].items()) or "0",
         ", ".join(f"{k}: {v}" for k, v in d["failed"].items()) or "0",
-        _fmt(d["p50_s"]), _fmt(d["p95_s"]), f"{d['wall_s']:.1f}", f"{d['throughput_qps']:.2f}",
+        _fmt(d["p50_s"]), _fmt(d["p95_s"]), _fmt(d["ttft_mean_s"]), _fmt(d["ttft_p50_s"]),
+        _fmt(d["ttft_p95_s"]), f"{d['wall_s']:.1f}", f"{d['throughput_qps']:.2f}",
     )  # fmt: skip
     out.print(table)
     out.print(f"configurations: {d['configs']}", highlight=False)

@@ -4,6 +4,7 @@ controller, with the decision shown in a few lines."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import Any
 
 import typer
@@ -23,7 +24,7 @@ from ragctl.cli.common import (
 from ragctl.errors import InvalidRequest, PromptTooLong
 from ragctl.settings import Settings
 from ragctl.synthesis import registry
-from ragctl.types import METHODS, Config
+from ragctl.types import METHODS, AnswerOptions, Config
 
 
 def ask(
@@ -39,20 +40,32 @@ def ask(
     intermediate_length: int | None = typer.Option(
         None, help="With --method map_reduce: mapper output budget in tokens (default: its)."
     ),
+    max_tokens: int | None = typer.Option(
+        None, min=1, help="Cap the answer (at most the collection's answer budget)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Answer one question: adaptively (profile, rules, best-fit), or with --method fixed."""
+    """Answer one question: adaptively (profile, rules, best-fit), or with --method fixed. On
+    a terminal the answer is printed as it is decoded."""
     settings: Settings = ctx.obj
     config = _config(method, chunks, intermediate_length) if method else None
     if method is None and intermediate_length is not None:
         raise InvalidRequest("--intermediate-length applies to a fixed --method only")
     _precheck_question(settings, question)
 
+    live = not json_out and sys.stdout.isatty()
+
+    def show(delta: str) -> None:
+        out.print(delta, end="", style="bold", highlight=False, markup=False)
+
     async def run() -> Any:
         # Checks the dataset and the rules file before the engine starts.
         controller = await open_controller(settings, dataset)
         try:
-            return await controller.aask(question, config)
+            options = AnswerOptions(max_tokens=max_tokens)
+            return await controller.aask(
+                question, config, options=options, on_token=show if live else None
+            )
         finally:
             await controller.aclose()
 
@@ -61,7 +74,10 @@ def ask(
     if json_out:
         print_json(d)
         return
-    out.print(f"[bold]{answer.text or '(empty answer)'}[/bold]")
+    if live:
+        out.print("(empty answer)" if not answer.text else "", style="bold")
+    else:
+        out.print(f"[bold]{answer.text or '(empty answer)'}[/bold]")
     for line in decision_lines(answer.decision):
         out.print(line, highlight=False)
     out.print(f"chunks  {', '.join(d['chunk_ids'])}", highlight=False)

@@ -1,19 +1,22 @@
-"""The one interface everything above the engine uses: submit a batch of generation calls, read
-the KV cache state. Implementations: `LocalEngine` (vLLM in this process) and `RemoteEngine`
-(a vLLM server over its OpenAI-compatible API)."""
+"""The one interface everything above the engine uses: submit a batch of generation calls, stream
+one call's tokens, read the KV cache state. Implementations: `LocalEngine` (vLLM in this
+process) and `RemoteEngine` (a vLLM server over its OpenAI-compatible API)."""
 
 from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Awaitable, Sequence
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import TypeAlias, TypeVar
 
 from ragctl.engine.tokenizer import Tokenizer
 from ragctl.errors import PromptTooLong
 from ragctl.types import Generation, GenerationRequest, KVState
 
 T = TypeVar("T")
+
+StreamEvent: TypeAlias = str | Generation
+"""What `Engine.stream` yields: text deltas (str) as they are decoded, then the `Generation`."""
 
 
 class Engine(abc.ABC):
@@ -27,6 +30,16 @@ class Engine(abc.ABC):
         """Run the calls concurrently (the engine batches them); results in request order.
         Raises an `EngineError` (or `PromptTooLong`) if any call fails; the others are
         cancelled."""
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """One call's text as it is decoded: non-empty `str` deltas that join to the final
+        text, then the `Generation` (token counts, finish reason, log-probs). Closing the
+        iterator early, or cancelling its consumer, aborts the engine call. This default runs
+        `generate` and yields the text once (engines that cannot stream, test fakes)."""
+        [gen] = await self.generate([request])
+        if gen.text:
+            yield gen.text
+        yield gen
 
     @abc.abstractmethod
     async def kv_state(self) -> KVState:

@@ -9,16 +9,18 @@ block counts, so the free-block figure is exact as of the last step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from ragctl.engine.base import Engine, gather_or_cancel
+from ragctl.engine.base import Engine, StreamEvent, gather_or_cancel
 from ragctl.engine.tokenizer import Tokenizer
 from ragctl.errors import (
     EngineError,
@@ -149,11 +151,22 @@ class LocalEngine(Engine):
         return await gather_or_cancel([self._one(r) for r in requests])
 
     async def _one(self, req: GenerationRequest) -> Generation:
+        final = None
+        async with aclosing(self.stream(req)) as events:
+            async for event in events:
+                final = event
+        assert isinstance(final, Generation)  # `stream` ends with it or raises
+        return final
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """AsyncLLM's output stream (cumulative outputs, one per engine step) as text deltas.
+        Closing it or cancelling its consumer aborts the request in the engine."""
         from vllm import SamplingParams
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import StructuredOutputsParams
         from vllm.v1.engine.exceptions import EngineDeadError
 
+        req = request
         ids = self.tokenizer.encode_request(req)
         self.check_fits(req, len(ids))
         structured = None
@@ -164,19 +177,35 @@ class LocalEngine(Engine):
         params = SamplingParams(
             max_tokens=req.max_tokens,
             temperature=req.temperature,
+            top_p=req.top_p,
+            stop=list(req.stop) or None,
+            seed=req.seed,
             logprobs=0 if req.logprobs else None,  # 0: the sampled token's log-prob only
             structured_outputs=structured,
             ignore_eos=req.ignore_eos,
         )
         request_id = f"ragctl-{req.tag or 'call'}-{uuid.uuid4().hex[:12]}"
         start = time.perf_counter()
-        final = None
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        outputs = self._llm.generate(
+            {"prompt_token_ids": ids}, params, request_id, priority=req.priority
+        )
+        final, sent, finished = None, "", False
         try:
-            async with asyncio.timeout(self._timeout_s):
-                async for out in self._llm.generate(
-                    {"prompt_token_ids": ids}, params, request_id, priority=req.priority
-                ):
-                    final = out
+            while True:
+                try:
+                    # The deadline bounds the engine's waits only, not the consumer's time
+                    # between tokens (a timeout across a `yield` would hit the consumer).
+                    async with asyncio.timeout_at(deadline):
+                        final = await anext(outputs)
+                except StopAsyncIteration:
+                    break
+                text = final.outputs[0].text if final.outputs else ""
+                # Cumulative text only grows (vLLM holds back a possible stop string).
+                if len(text) > len(sent) and text.startswith(sent):
+                    delta, sent = text[len(sent) :], text
+                    yield delta
+            finished = True
         except TimeoutError as e:
             raise EngineTimeout(f"engine call timed out after {self._timeout_s:g}s") from e
         except VLLMValidationError as e:
@@ -187,6 +216,13 @@ class LocalEngine(Engine):
             raise EngineUnavailable(f"the vLLM engine died: {e}") from e
         except Exception as e:
             raise EngineError(f"engine call failed: {type(e).__name__}: {e}") from e
+        finally:
+            # AsyncLLM aborts a request whose output stream is closed or cancelled; close it
+            # now (not at garbage collection) and abort explicitly too (a no-op when done).
+            await outputs.aclose()
+            if not finished and self._llm is not None:
+                with contextlib.suppress(Exception):
+                    await self._llm.abort(request_id)
         if final is None or not final.outputs:
             raise EngineError("engine returned no output")
         out = final.outputs[0]
@@ -194,7 +230,7 @@ class LocalEngine(Engine):
         if req.logprobs and out.logprobs is not None:
             pairs = zip(out.token_ids, out.logprobs, strict=False)
             logprobs = tuple(float(pos[tid].logprob) for tid, pos in pairs)
-        return Generation(
+        yield Generation(
             text=out.text,
             prompt_tokens=len(final.prompt_token_ids or ids),
             output_tokens=len(out.token_ids),

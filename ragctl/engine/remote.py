@@ -12,18 +12,20 @@ as unknown (`UNKNOWN_KV`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from ragctl.engine.base import Engine, gather_or_cancel
+from ragctl.engine.base import Engine, StreamEvent, gather_or_cancel
 from ragctl.engine.embedded_model import model_folder, resolve_model
 from ragctl.engine.metrics import EngineStats, kv_state_from_stats, parse_metrics
 from ragctl.engine.tokenizer import Tokenizer
@@ -172,6 +174,12 @@ class RemoteEngine(Engine):
             "max_tokens": req.max_tokens,
             "temperature": req.temperature,
         }
+        if req.top_p != 1.0:
+            body["top_p"] = req.top_p
+        if req.stop:
+            body["stop"] = list(req.stop)
+        if req.seed is not None:
+            body["seed"] = req.seed
         if req.prompt is not None:
             body["prompt"] = req.prompt
             if req.logprobs:
@@ -202,9 +210,7 @@ class RemoteEngine(Engine):
     async def _one(self, req: GenerationRequest) -> Generation:
         prompt_tokens = len(self.tokenizer.encode_request(req))
         self.check_fits(req, prompt_tokens)
-        tag = _UNSAFE_ID_CHARS.sub("-", req.tag)[:40] or "call"
-        # Shows up in the server's logs, so a slow call can be traced to its stage.
-        headers = {"X-Request-Id": f"ragctl-{tag}-{uuid.uuid4().hex[:12]}"}
+        headers = self._request_headers(req)
         start = time.perf_counter()
         try:
             # httpx bounds each read; this bounds the whole call (queueing included).
@@ -254,6 +260,101 @@ class RemoteEngine(Engine):
             raise EngineError(
                 f"unexpected chat completion from {self.url}: {type(e).__name__}: {e}"
             ) from e
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """The server's SSE stream (`"stream": true`) as text deltas, then the Generation
+        (token counts from the final usage chunk). Closing it closes the HTTP connection, and
+        vLLM aborts a request whose client went away."""
+        req = request
+        prompt_tokens = len(self.tokenizer.encode_request(req))
+        self.check_fits(req, prompt_tokens)
+        path = self.endpoint(req)
+        body = {**self.request_body(req), "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        url = f"{self.url}{path}"
+        start = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        parts: list[str] = []
+        logprobs: list[float] = []
+        finish: str | None = None
+        usage: dict[str, Any] = {}
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                async with asyncio.timeout_at(deadline):
+                    resp = await stack.enter_async_context(
+                        self._client.stream(
+                            "POST", path, json=body, headers=self._request_headers(req)
+                        )
+                    )
+                    if not resp.is_success:
+                        await resp.aread()
+                        raise error_from_response(resp)
+                lines = resp.aiter_lines()
+                while True:
+                    try:
+                        # Bounds the server's waits only, not the consumer's between tokens.
+                        async with asyncio.timeout_at(deadline):
+                            line = await anext(lines)
+                    except StopAsyncIteration:
+                        break
+                    event = sse_data(line)
+                    if event is None:
+                        continue
+                    if isinstance(event, str):  # [DONE]
+                        break
+                    delta, done = self._stream_chunk(req, event, logprobs)
+                    finish = done or finish
+                    usage = event.get("usage") or usage
+                    if delta:
+                        parts.append(delta)
+                        yield delta
+        except TimeoutError as e:
+            raise EngineTimeout(f"engine call to {url} timed out after {self._timeout_s:g}s") from e
+        except httpx.HTTPError as e:
+            raise transport_error(e, "POST", url) from e
+        text = "".join(parts)
+        yield Generation(
+            text=text,
+            prompt_tokens=int(usage.get("prompt_tokens", prompt_tokens)),
+            output_tokens=int(usage.get("completion_tokens", self.tokenizer.count(text))),
+            finish_reason=finish,
+            token_logprobs=tuple(logprobs) if req.logprobs and logprobs else None,
+            seconds=time.perf_counter() - start,
+        )
+
+    def _stream_chunk(
+        self, req: GenerationRequest, event: dict[str, Any], logprobs: list[float]
+    ) -> tuple[str, str | None]:
+        """One SSE chunk's text delta and finish reason (its log-probs appended)."""
+        if "error" in event or event.get("object") == "error":
+            err = event.get("error", event)
+            message = err.get("message", err) if isinstance(err, dict) else err
+            raise EngineError(f"the vLLM server at {self.url} failed mid-stream: {message}")
+        try:
+            choices = event.get("choices") or []
+            if not choices:
+                return "", None  # the usage chunk
+            choice = choices[0]
+            lp = choice.get("logprobs") or {}
+            if req.prompt is not None:
+                text = choice.get("text") or ""
+                if req.logprobs:
+                    logprobs.extend(float(v) for v in lp.get("token_logprobs") or ())
+            else:
+                text = (choice.get("delta") or {}).get("content") or ""
+                if req.logprobs:
+                    logprobs.extend(float(t["logprob"]) for t in lp.get("content") or ())
+            return text, choice.get("finish_reason")
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise EngineError(
+                f"unexpected stream chunk from {self.url}: {type(e).__name__}: {e}"
+            ) from e
+
+    @staticmethod
+    def _request_headers(req: GenerationRequest) -> dict[str, str]:
+        tag = _UNSAFE_ID_CHARS.sub("-", req.tag)[:40] or "call"
+        # Shows up in the server's logs, so a slow call can be traced to its stage.
+        return {"X-Request-Id": f"ragctl-{tag}-{uuid.uuid4().hex[:12]}"}
 
     async def stats(self) -> EngineStats:
         """The server's KV cache and queue figures from one `/metrics` scrape."""
@@ -353,25 +454,29 @@ async def _send(
 ) -> httpx.Response:
     """One HTTP call with transport failures mapped to ragctl errors (and, with `check`, error
     statuses too)."""
-    url = f"{client.base_url}".rstrip("/") + path
     try:
         resp = await client.request(method, path, **kwargs)
-    except httpx.ConnectTimeout as e:
-        raise EngineUnavailable(f"cannot reach the vLLM server at {url}: connect timed out") from e
-    except httpx.TimeoutException as e:
-        raise EngineTimeout(f"{method} {url} timed out ({type(e).__name__})") from e
-    except httpx.ConnectError as e:
-        raise EngineUnavailable(f"cannot reach the vLLM server at {url}: {e}") from e
-    except httpx.UnsupportedProtocol as e:
-        raise InvalidRequest(f"engine URL {url}: {e}") from e
-    except httpx.TransportError as e:
-        # Server disconnected mid-call, connection reset, ...: it died or restarted.
-        raise EngineUnavailable(
-            f"lost the connection to the vLLM server at {url}: {type(e).__name__}: {e}"
-        ) from e
+    except httpx.HTTPError as e:
+        raise transport_error(e, method, f"{client.base_url}".rstrip("/") + path) from e
     if check:
         _raise_for_status(resp)
     return resp
+
+
+def transport_error(e: httpx.HTTPError, method: str, url: str) -> RagctlError:
+    """The ragctl error for an httpx failure (no HTTP status: connect, timeout, reset)."""
+    if isinstance(e, httpx.ConnectTimeout):
+        return EngineUnavailable(f"cannot reach the vLLM server at {url}: connect timed out")
+    if isinstance(e, httpx.TimeoutException):
+        return EngineTimeout(f"{method} {url} timed out ({type(e).__name__})")
+    if isinstance(e, httpx.ConnectError):
+        return EngineUnavailable(f"cannot reach the vLLM server at {url}: {e}")
+    if isinstance(e, httpx.UnsupportedProtocol):
+        return InvalidRequest(f"engine URL {url}: {e}")
+    # Server disconnected mid-call, connection reset, ...: it died or restarted.
+    return EngineUnavailable(
+        f"lost the connection to the vLLM server at {url}: {type(e).__name__}: {e}"
+    )
 
 
 def _raise_for_status(resp: httpx.Response) -> None:
@@ -416,6 +521,23 @@ def _server_message(resp: httpx.Response) -> str:
         if err is not None:
             return str(err)[:2000]
     return str(data)[:500]
+
+
+def sse_data(line: str) -> dict[str, Any] | str | None:
+    """The payload of one SSE line: a JSON object, `"[DONE]"`, or None (blank, comment or
+    another field)."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return data
+    try:
+        value = json.loads(data)
+    except ValueError as e:
+        raise EngineError(f"the engine's stream sent non-JSON data: {data[:200]!r}") from e
+    if not isinstance(value, dict):
+        raise EngineError(f"the engine's stream sent unexpected JSON: {data[:200]}")
+    return value
 
 
 def _json(resp: httpx.Response) -> dict[str, Any]:

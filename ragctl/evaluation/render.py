@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from ragctl.evaluation.run import GridReport, ReplayReport
 
 COLUMNS = (
-    "n", "errors", "answered", None, "evid. recall", "mean s", "p50 s", "p95 s", "q/s", "profiler",
+    "n", "errors", "answered", None, "evid. recall", "mean s", "p50 s", "p95 s", "TTFT p50 s",
+    "q/s", "profiler",
 )  # fmt: skip
 """The numeric columns of a phase's table (None: the primary metric's)."""
 
@@ -207,6 +208,7 @@ def phase_table(phase: Phase, primary: str) -> Table:
             cell(_f(s.delay_mean_s), s.delay_mean_s_ci, s.delay_n),
             cell(_f(s.delay_p50_s), s.delay_p50_s_ci, s.delay_n),
             cell(_f(s.delay_p95_s), s.delay_p95_s_ci, s.delay_n),
+            cell(_f(s.ttft_p50_s), s.ttft_p50_s_ci, s.ttft_n),
             _q(s.throughput_qps),
             overhead,
             f"{s.top_config or '-'}{share}",

@@ -122,15 +122,18 @@ class Runner:
             "slo_ms": self.controller.policy.slo_for(self.card.name),
         }
         if answer is None:
-            return {**row, "queue_s": None, "profile_s": profile_s, "config": None,
+            return {**row, "ttft_s": None, "queue_s": None, "profile_s": profile_s, "config": None,
                     "tokens": None, "scores": {}, "answer": None, "decision": None}  # fmt: skip
         used_docs = [c.doc_id for c in answer.chunks]
         scores = {
             **metrics.score(self.card, answer.text, q),
             **metrics.evidence_scores(self.card, q, used_docs),
         }
+        # Arrival to the first answer token: the delay less the time after that token.
+        after_first = answer.timings.get("total", 0.0) - answer.timings.get("ttft", 0.0)
         return {
             **row,
+            "ttft_s": round(max(end - arrival - after_first, 0.0), 4),
             "queue_s": answer.timings.get("queue", 0.0),
             "profile_s": profile_s,
             "config": answer.decision.config.label,

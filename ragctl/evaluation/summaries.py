@@ -52,6 +52,10 @@ def delays_of(rows: Iterable[Row]) -> list[float]:
     return [float(r["delay_s"]) for r in rows if finite(r.get("delay_s")) is not None]
 
 
+def ttfts_of(rows: Iterable[Row]) -> list[float]:
+    return [float(r["ttft_s"]) for r in rows if finite(r.get("ttft_s")) is not None]
+
+
 def scores_of(rows: Iterable[Row]) -> dict[str, list[float]]:
     """Score name -> the rows' finite values of it (as `mean_scores` averages them)."""
     out: dict[str, list[float]] = {}
@@ -100,7 +104,9 @@ class Summary(Record):
 
     Next to each figure its 95% interval (`*_ci`; `quality_ci` per score) and the number of
     queries behind it: `quality_n` per score (the answered rows with that score), `delay_n`
-    (the answered rows with a delay: the delay figures and the profiler overhead), `queue_n`.
+    (the answered rows with a delay: the delay figures and the profiler overhead), `ttft_n`
+    (the answered rows with a time to first token: arrival to the first answer token; results
+    written before it have none), `queue_n`.
     All None in a `results.json` written before intervals."""
 
     n: int | None
@@ -120,6 +126,13 @@ class Summary(Record):
     delay_p95_s: float | None
     delay_p95_s_ci: Interval | None
     delay_n: int | None
+    ttft_mean_s: float | None
+    ttft_mean_s_ci: Interval | None
+    ttft_p50_s: float | None
+    ttft_p50_s_ci: Interval | None
+    ttft_p95_s: float | None
+    ttft_p95_s_ci: Interval | None
+    ttft_n: int | None
     queue_mean_s: float | None
     queue_mean_s_ci: Interval | None
     queue_n: int | None
@@ -237,6 +250,7 @@ def _scored(rows: Sequence[Row], primary: str | None, configs: dict[str, int]) -
     scored = scores_of(rows)
     quality_ci = {name: mean_ci(scored[name]) for name in quality}
     delays = delays_of(rows)
+    ttfts = ttfts_of(rows)
     tokens: dict[str, list[float]] = {}
     for r in rows:
         for name, value in (r.get("tokens") or {}).items():
@@ -257,6 +271,13 @@ def _scored(rows: Sequence[Row], primary: str | None, configs: dict[str, int]) -
         "delay_p95_s": percentile(delays, 0.95) if delays else None,
         "delay_p95_s_ci": percentile_ci(delays, 0.95),
         "delay_n": len(delays),
+        "ttft_mean_s": mean(ttfts),
+        "ttft_mean_s_ci": mean_ci(ttfts),
+        "ttft_p50_s": percentile(ttfts, 0.5) if ttfts else None,
+        "ttft_p50_s_ci": percentile_ci(ttfts, 0.5),
+        "ttft_p95_s": percentile(ttfts, 0.95) if ttfts else None,
+        "ttft_p95_s_ci": percentile_ci(ttfts, 0.95),
+        "ttft_n": len(ttfts) if ttfts else None,  # None: rows from before TTFT was recorded
         "configs": configs,
         "top_config": next(iter(configs), None),
         "tokens": {name: sum(v) / len(v) for name, v in tokens.items() if v},

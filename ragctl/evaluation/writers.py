@@ -140,14 +140,16 @@ def load_evaluation(directory: str | Path) -> Evaluation:
 
 SUMMARY_COLUMNS_HEAD = ("rate", "concurrency", "system", "n", "errors", "primary", "quality")
 SUMMARY_COLUMNS_TAIL = (
-    "delay_mean_s", "delay_p50_s", "delay_p95_s", "queue_mean_s", "throughput_qps",
-    "profiler_overhead", "top_config", "calls_mean", "prompt_tokens_mean", "output_tokens_mean",
+    "delay_mean_s", "delay_p50_s", "delay_p95_s", "ttft_mean_s", "ttft_p50_s", "ttft_p95_s",
+    "queue_mean_s", "throughput_qps", "profiler_overhead", "top_config", "calls_mean",
+    "prompt_tokens_mean", "output_tokens_mean",
 )  # fmt: skip
 _TOKEN_COLUMNS = {"calls_mean": "calls", "prompt_tokens_mean": "prompt",
                   "output_tokens_mean": "output"}  # fmt: skip
-_CI_COLUMNS = ("delay_mean_s", "delay_p50_s", "delay_p95_s", "queue_mean_s", "profiler_overhead")
+_CI_COLUMNS = ("delay_mean_s", "delay_p50_s", "delay_p95_s", "ttft_mean_s", "ttft_p50_s",
+               "ttft_p95_s", "queue_mean_s", "profiler_overhead")  # fmt: skip
 """The tail's figures followed by their interval (`_ci_lo`, `_ci_hi`)."""
-_N_AFTER = {"quality": "quality_n", "delay_p95_s": "delay_n"}
+_N_AFTER = {"quality": "quality_n", "delay_p95_s": "delay_n", "ttft_p95_s": "ttft_n"}
 """The n of the figures up to this column, after its interval."""
 
 
@@ -182,7 +184,8 @@ def write_summary_csv(directory: str | Path, evaluation: Evaluation) -> Path:
     evidence_hit, as present), then `SUMMARY_COLUMNS_TAIL`. Each quality and delay figure (and
     the profiler overhead) is followed by its 95% interval (`quality_ci_lo`, `quality_ci_hi`,
     `f1_ci_lo`, ..., `delay_mean_s_ci_lo`, ...); `quality_n` (rows with a primary score) follows
-    quality's, `delay_n` (rows with a delay) delay_p95_s's. Empty cells for None."""
+    quality's, `delay_n` (rows with a delay) delay_p95_s's, `ttft_n` ttft_p95_s's. Empty cells
+    for None."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     scores = _score_columns(evaluation)
@@ -214,6 +217,7 @@ def write_summary_csv(directory: str | Path, evaluation: Evaluation) -> Path:
                     **{k: getattr(s, k) for k in SUMMARY_COLUMNS_TAIL if k not in _TOKEN_COLUMNS},
                     **{k: v for bounds in tail_ci for k, v in bounds.items()},
                     "delay_n": s.delay_n,
+                    "ttft_n": s.ttft_n,
                     **{k: tokens.get(t) for k, t in _TOKEN_COLUMNS.items()},
                 }
                 writer.writerow({k: "" if v is None else v for k, v in row.items()})

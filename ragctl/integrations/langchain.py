@@ -26,8 +26,9 @@ want ragctl to consider; ragctl never asks for more than its rules' largest chun
 the default rules), and uses what the retriever returns when that is fewer.
 
 Per call, in `config["configurable"]`: `ragctl_config` fixes the configuration (`"stuff:5"`,
-`"map_reduce:6:100"` or a `ragctl.Config`; the adaptive path is skipped) and `max_chunks` caps
-the chunks the adaptive path may use.
+`"map_reduce:6:100"` or a `ragctl.Config`; the adaptive path is skipped), `max_chunks` caps
+the chunks the adaptive path may use, and `answer_options` (a `ragctl.types.AnswerOptions` or
+a dict of its fields: max_tokens, temperature, top_p, stop, seed) applies to the final stage.
 
 Event loops: an engine belongs to the event loop it runs on, and the chain runs every engine
 call there (its home loop). Built in plain code, or with `loop="private"`, the chain gets a
@@ -45,16 +46,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ragctl.bridge import Bridge, running_loop
+from ragctl.bridge import Bridge, Sink, running_loop, stream_through
 from ragctl.controller import Controller
 from ragctl.engine.base import Engine, gather_or_cancel
 from ragctl.engine.remote import RemoteEngine
 from ragctl.errors import InvalidRequest, MissingDependency
 from ragctl.policy import AdaptivePolicy
-from ragctl.types import Config, Message
+from ragctl.types import AnswerOptions, Config, Message
 
 try:
     from langchain_core.messages import (
@@ -115,6 +117,7 @@ class ChainRequest:
     history: tuple[Message, ...] = ()
     config: Config | None = None
     max_chunks: int | None = None
+    options: AnswerOptions | None = None
 
 
 def to_messages(chat_history: Any) -> tuple[Message, ...]:
@@ -188,6 +191,26 @@ def parse_input(input: Any, config: RunnableConfig | None = None) -> ChainReques
         history=history,
         config=_ragctl_config(configurable.get("ragctl_config")),
         max_chunks=_max_chunks(configurable.get("max_chunks")),
+        options=_answer_options(configurable.get("answer_options")),
+    )
+
+
+def _answer_options(value: Any) -> AnswerOptions | None:
+    if value is None or isinstance(value, AnswerOptions):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            fields = dict(value)
+            if isinstance(fields.get("stop"), str):
+                fields["stop"] = (fields["stop"],)
+            elif fields.get("stop") is not None:
+                fields["stop"] = tuple(fields["stop"])
+            return AnswerOptions(**fields)
+        except (TypeError, ValueError) as e:
+            raise InvalidRequest(f"configurable answer_options: {e}") from e
+    raise InvalidRequest(
+        "configurable answer_options must be a dict (max_tokens, temperature, top_p, stop, "
+        f"seed) or a ragctl AnswerOptions, got {type(value).__name__}"
     )
 
 
@@ -231,6 +254,17 @@ def _passthrough(input: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in input.items() if k not in OUTPUT_KEYS}
 
 
+def _stream_chunk(item: str | dict[str, Any]) -> AddableDict:
+    """A delta as an `answer` chunk; the finished output as its context and decision (its
+    answer is the deltas' sum, already sent)."""
+    if isinstance(item, str):
+        return AddableDict(answer=item)
+    chunk = AddableDict(context=item["context"], decision=item["decision"])
+    if not item["answer"]:
+        chunk["answer"] = ""  # nothing streamed: the key is still there
+    return chunk
+
+
 # --- the event loop the engine runs on --------------------------------------------------------
 
 BLOCKING_HINT = (
@@ -260,8 +294,11 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
     Input: `{"input": question, "chat_history"?: [messages or (role, content) pairs], ...}`.
     Output: the input's keys, plus `"context"` (the retriever's own Documents that the answer
     used), `"answer"` (str) and `"decision"` (the ragctl `Decision`; `.to_dict()` for JSON).
-    `stream`/`astream` yield `{...input}`, `{"context": ...}`, `{"answer": ...}`,
-    `{"decision": ...}`, like create_retrieval_chain's stream (the answer in one piece).
+    `stream`/`astream` yield `{...input}`, then `{"answer": delta}` chunks as the final stage
+    decodes them (stuff, map_reduce; map_rerank's chosen answer in one chunk when ranked),
+    then `{"context": ...}` and `{"decision": ...}`: the chunks add up to `invoke`'s output,
+    as create_retrieval_chain's do (the context comes last here: it is the context the answer
+    used, known once the answer is done). Closing the stream early cancels the request.
 
     Build it from a ragctl engine (`RagctlRetrievalChain(retriever, engine)`, `from_engine`:
     a `LocalEngine`, or a `RemoteEngine` to a vLLM server) or from any OpenAI-compatible chat
@@ -574,9 +611,8 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
         input = _merge_chunks(inputs)
         request = self._request(input, config)
         yield AddableDict(_passthrough(input))
-        out = self._bridge.run(self._answer(input, request, config))
-        for key in OUTPUT_KEYS:
-            yield AddableDict({key: out[key]})
+        for item in self._bridge.iterate(lambda sink: self._answer(input, request, config, sink)):
+            yield _stream_chunk(item)
 
     async def _atransform(
         self, inputs: AsyncIterator[dict[str, Any]], config: RunnableConfig
@@ -584,9 +620,12 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
         input = _merge_chunks([chunk async for chunk in inputs])
         request = self._request(input, config)
         yield AddableDict(_passthrough(input))
-        out = await self._bridge.arun(self._answer(input, request, config))
-        for key in OUTPUT_KEYS:
-            yield AddableDict({key: out[key]})
+        stream = stream_through(
+            lambda sink: self._bridge.arun(self._answer(input, request, config, sink))
+        )
+        async with aclosing(stream):
+            async for item in stream:
+                yield _stream_chunk(item)
 
     async def _answer_all(
         self,
@@ -618,9 +657,14 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
         return list(results)  # type: ignore[arg-type]
 
     async def _answer(
-        self, input: Mapping[str, Any], request: ChainRequest, config: RunnableConfig | None
+        self,
+        input: Mapping[str, Any],
+        request: ChainRequest,
+        config: RunnableConfig | None,
+        on_token: Sink | None = None,
     ) -> dict[str, Any]:
-        """One answer, on the home loop: the output dict of create_retrieval_chain's shape."""
+        """One answer, on the home loop: the output dict of create_retrieval_chain's shape
+        (`on_token`: the answer's deltas as they are decoded)."""
         call = RetrievalCall(config)
         token = CURRENT_CALL.set(call)
         try:
@@ -630,6 +674,8 @@ class RagctlRetrievalChain(Runnable[dict[str, Any], dict[str, Any]]):
                 request.config,
                 history=request.history,
                 max_chunks=request.max_chunks,
+                options=request.options,
+                on_token=on_token,
             )
         finally:
             CURRENT_CALL.reset(token)

@@ -8,13 +8,19 @@ per collection). Routes translate; the controller decides.
 - Every error is OpenAI's error JSON with the status of the `RagctlError` behind it; 429 (too
   many requests in flight) and 503 (admission queue full) carry `Retry-After`.
 - A client that disconnects, or a request whose `deadline_ms` passes, cancels its engine calls.
+- `stream: true` streams the final stage's tokens as the engine decodes them (stuff's answer,
+  map_reduce's reducer; map_rerank's chosen answer in one delta once ranked). The response
+  starts with the first answer token, so a failure before it (bad request, queue full,
+  deadline, engine down) is still an HTTP error with its status; one after it ends the stream
+  with `data: {"error": {...}}` and `data: [DONE]`. Completions with several prompts stream
+  them concurrently, each delta tagged with its prompt's `index` (as OpenAI does).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import re
 import secrets
 import time
 import uuid
@@ -28,9 +34,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ragctl.bridge import putter
 from ragctl.engine.base import gather_or_cancel
 from ragctl.errors import (
     DeadlineExceeded,
+    InvalidRequest,
     QueueFull,
     RagctlError,
     RequestTooLarge,
@@ -42,6 +50,7 @@ from ragctl.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     RagctlOptions,
+    Sampling,
     openai_error,
     served_models,
 )
@@ -186,20 +195,25 @@ def create_app(
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    async def answer_all(
+    async def admit(
         request: Request,
-        opts: RagctlOptions,
-        model: str,
+        body: Sampling,
         questions: list[str],
-        history: tuple[Message, ...] = (),
-    ) -> list[Answer]:
-        """Validate, take in-flight slots, answer; cancelled with the client or the deadline."""
+        history: tuple[Message, ...],
+    ) -> Callable[[int, str, Callable[[str], None] | None], Awaitable[Answer]]:
+        """Validate and take in-flight slots (released by `release`); the answering function
+        for question i (with an optional token sink)."""
         nonlocal inflight
+        model = body.model
         request.state.model = model
-        config = opts.config(model)
-        controller = await svc().controller(opts.collection or options.default_collection)
+        config = body.config(model)
+        try:
+            answer_options = body.options()
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        controller = await svc().controller(body.collection or options.default_collection)
         for q in questions:
-            controller.check_question(q, history)
+            controller.check_question(q, history, answer_options)
         if inflight + len(questions) > options.max_inflight:
             raise TooManyRequests(
                 f"the server is answering {inflight} requests, its limit is "
@@ -207,24 +221,133 @@ def create_app(
             )
         inflight += len(questions)
         metrics.inflight.set(inflight)
+
+        async def one(i: int, q: str, on_token: Callable[[str], None] | None) -> Answer:
+            return await controller.aask(
+                q, config, history=history, max_chunks=body.max_chunks, slo_ms=body.slo_ms,
+                options=answer_options, on_token=on_token,
+            )  # fmt: skip
+
+        return one
+
+    def release(n: int) -> None:
+        nonlocal inflight
+        inflight -= n
+        metrics.inflight.set(inflight)
+
+    async def answer_all(
+        request: Request,
+        body: Sampling,
+        questions: list[str],
+        history: tuple[Message, ...] = (),
+    ) -> list[Answer]:
+        """Validate, take in-flight slots, answer; cancelled with the client or the deadline."""
+        one = await admit(request, body, questions, history)
         try:
-
-            async def one(q: str) -> Answer:
-                return await controller.aask(
-                    q, config, history=history, max_chunks=opts.max_chunks, slo_ms=opts.slo_ms
-                )
-
-            work = gather_or_cancel([one(q) for q in questions])
-            answers = await until_done(request, work, opts.deadline_ms)
+            work = gather_or_cancel([one(i, q, None) for i, q in enumerate(questions)])
+            answers = await until_done(request, work, body.deadline_ms)
         except ClientGone:
-            metrics.outcome(model, "cancelled")
+            metrics.outcome(request.state.model, "cancelled")
             raise
         finally:
-            inflight -= len(questions)
-            metrics.inflight.set(inflight)
+            release(len(questions))
         for a in answers:
-            metrics.observe_answer(model, a)
+            metrics.observe_answer(request.state.model, a)
         return answers
+
+    async def stream_all(
+        request: Request,
+        body: Sampling,
+        questions: list[str],
+        history: tuple[Message, ...],
+        render: Callable[[int, str | Answer | None], list[dict[str, Any]]],
+        tail: Callable[[list[Answer]], list[dict[str, Any]]],
+    ) -> StreamingResponse | Response:
+        """Answer the questions concurrently, streaming: `render(i, delta | Answer)` turns each
+        event into SSE chunks (`render(0, None)`: the opening ones), `tail(answers)` the
+        closing ones. Sends the headers with the first answer token: errors before it are
+        HTTP errors; after it, an error event."""
+        arrival = time.monotonic()
+        model = body.model
+        one = await admit(request, body, questions, history)
+        events: asyncio.Queue[tuple[int, str | Answer]] = asyncio.Queue()
+        put = putter(events)
+
+        async def answer(i: int, q: str) -> None:
+            a = await one(i, q, lambda delta: put((i, delta)))
+            put((i, a))  # after its deltas: `putter` keeps the order
+
+        work = asyncio.ensure_future(
+            gather_or_cancel([answer(i, q) for i, q in enumerate(questions)])
+        )
+        answers: dict[int, Answer] = {}
+
+        async def next_event() -> tuple[int, str | Answer] | None:
+            """The next event; None when every answer is in; the work's error if it failed."""
+            while len(answers) < len(questions):
+                if not events.empty():
+                    return events.get_nowait()
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    return getter.result()
+                getter.cancel()
+                if work.done() and events.empty():
+                    work.result()  # raises the failure
+            return None
+
+        async def step() -> tuple[int, str | Answer] | None:
+            event = await until_done(request, next_event(), body.deadline_ms, arrival=arrival)
+            if event is not None and isinstance(event[1], Answer):
+                answers[event[0]] = event[1]
+                metrics.observe_answer(model, event[1])
+            return event
+
+        async def stop(outcome: str | None) -> None:
+            if outcome is not None:
+                metrics.outcome(model, outcome)
+            if not work.done():
+                work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            release(len(questions))
+
+        try:
+            first = await step()
+        except ClientGone:
+            await stop("cancelled")
+            return Response(status_code=499)
+        except BaseException:
+            await stop(None)  # the error handler counts it
+            raise
+
+        async def body_iter() -> AsyncIterator[bytes]:
+            outcome: str | None = "cancelled"  # unless it ends otherwise
+            try:
+                chunks = render(0, None)
+                event = first
+                while event is not None:
+                    chunks += render(*event)
+                    for c in chunks:
+                        yield sse_bytes(c)
+                    chunks = []
+                    event = await step()
+                for c in tail([answers[i] for i in range(len(questions))]):
+                    yield sse_bytes(c)
+                outcome = None
+            except ClientGone:
+                return
+            except Exception as e:  # noqa: BLE001 - every failure ends the stream with an event
+                outcome = outcome_of(e)
+                if not isinstance(e, RagctlError):
+                    log.exception("stream failed")
+                yield sse_bytes(stream_error(e))
+            finally:
+                await stop(outcome)
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(
+            body_iter(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
 
     # -- routes ----------------------------------------------------------------------------------
 
@@ -233,80 +356,89 @@ def create_app(
         request: Request, body: ChatCompletionRequest
     ) -> JSONResponse | StreamingResponse | Response:
         created = int(time.time())
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+
+            def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> dict:
+                return {
+                    "id": rid, "object": "chat.completion.chunk", "created": created,
+                    "model": body.model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                 "logprobs": None}],
+                    **more,
+                }  # fmt: skip
+
+            def render(i: int, event: str | Answer | None) -> list[dict[str, Any]]:
+                if event is None:
+                    return [chunk({"role": "assistant", "content": ""})]
+                if isinstance(event, str):
+                    return [chunk({"content": event})]
+                return [chunk({}, event.finish_reason, ragctl=ragctl_field(event, body))]
+
+            def tail(answers: list[Answer]) -> list[dict[str, Any]]:
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    return [{**chunk({}), "choices": [], "usage": usage_of(answers)}]
+                return []
+
+            return await stream_all(request, body, [body.question()], body.history(), render, tail)
         try:
-            [answer] = await answer_all(
-                request, body, body.model, [body.question()], body.history()
-            )
+            [answer] = await answer_all(request, body, [body.question()], body.history())
         except ClientGone:
             return Response(status_code=499)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        extra = ragctl_field(answer, body)
-        usage = usage_of([answer])
-        if not body.stream:
-            return JSONResponse({
-                "id": rid, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": answer.text},
-                    "finish_reason": "stop", "logprobs": None,
-                }],
-                "usage": usage, "ragctl": extra,
-            })  # fmt: skip
-
-        def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> dict[str, Any]:
-            return {
-                "id": rid, "object": "chat.completion.chunk", "created": created,
-                "model": body.model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                             "logprobs": None}],
-                **more,
-            }  # fmt: skip
-
-        events = [chunk({"role": "assistant", "content": ""})]
-        events += [chunk({"content": piece}) for piece in pieces(answer.text)]
-        events.append(chunk({}, "stop", ragctl=extra))
-        if body.stream_options is not None and body.stream_options.include_usage:
-            events.append({**chunk({}), "choices": [], "usage": usage})
-        return sse(events)
+        return JSONResponse({
+            "id": rid, "object": "chat.completion", "created": created, "model": body.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": answer.text},
+                "finish_reason": answer.finish_reason, "logprobs": None,
+            }],
+            "usage": usage_of([answer]), "ragctl": ragctl_field(answer, body),
+        })  # fmt: skip
 
     @app.post("/v1/completions", response_model=None)
     async def completions(
         request: Request, body: CompletionRequest
     ) -> JSONResponse | StreamingResponse | Response:
         created = int(time.time())
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        if body.stream:
+
+            def chunk(i: int, text: str, finish: str | None = None, **more: Any) -> dict:
+                return {
+                    "id": rid, "object": "text_completion", "created": created,
+                    "model": body.model,
+                    "choices": [{"index": i, "text": text, "finish_reason": finish,
+                                 "logprobs": None, **more}],
+                }  # fmt: skip
+
+            def render(i: int, event: str | Answer | None) -> list[dict[str, Any]]:
+                if event is None:
+                    return []
+                if isinstance(event, str):
+                    return [chunk(i, event)]
+                return [chunk(i, "", event.finish_reason, ragctl=ragctl_field(event, body))]
+
+            def tail(answers: list[Answer]) -> list[dict[str, Any]]:
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    return [{**chunk(0, ""), "choices": [], "usage": usage_of(answers)}]
+                return []
+
+            return await stream_all(request, body, body.prompts(), (), render, tail)
         try:
-            answers = await answer_all(request, body, body.model, body.prompts())
+            answers = await answer_all(request, body, body.prompts())
         except ClientGone:
             return Response(status_code=499)
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        usage = usage_of(answers)
         extras = [ragctl_field(a, body) for a in answers]
-        if not body.stream:
-            return JSONResponse({
-                "id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "choices": [
-                    {"index": i, "text": a.text, "finish_reason": "stop", "logprobs": None,
-                     "ragctl": extras[i]}
-                    for i, a in enumerate(answers)
-                ],
-                "usage": usage,
-                "ragctl": extras[0] if len(extras) == 1 else None,
-            })  # fmt: skip
-
-        def chunk(i: int, text: str, finish: str | None = None, **more: Any) -> dict[str, Any]:
-            return {
-                "id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "choices": [{"index": i, "text": text, "finish_reason": finish,
-                             "logprobs": None, **more}],
-            }  # fmt: skip
-
-        events = []
-        for i, a in enumerate(answers):
-            events += [chunk(i, piece) for piece in pieces(a.text)]
-            events.append(chunk(i, "", "stop", ragctl=extras[i]))
-        if body.stream_options is not None and body.stream_options.include_usage:
-            events.append({**chunk(0, ""), "choices": [], "usage": usage})
-        return sse(events)
+        return JSONResponse({
+            "id": rid, "object": "text_completion", "created": created, "model": body.model,
+            "choices": [
+                {"index": i, "text": a.text, "finish_reason": a.finish_reason,
+                 "logprobs": None, "ragctl": extras[i]}
+                for i, a in enumerate(answers)
+            ],
+            "usage": usage_of(answers),
+            "ragctl": extras[0] if len(extras) == 1 else None,
+        })  # fmt: skip
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -383,12 +515,18 @@ class GuardMiddleware:
 
 
 async def until_done(
-    request: Request, work: Coroutine[Any, Any, T] | asyncio.Future[T], deadline_ms: float | None
+    request: Request,
+    work: Coroutine[Any, Any, T] | asyncio.Future[T],
+    deadline_ms: float | None,
+    *,
+    arrival: float | None = None,
 ) -> T:
     """Await `work`, cancelling it (and so its engine calls) when the client disconnects or
-    the deadline passes."""
+    the deadline (`deadline_ms` after `arrival`, a monotonic time; default: now) passes."""
     task = asyncio.ensure_future(work)
-    deadline = None if deadline_ms is None else time.monotonic() + deadline_ms / 1000
+    if arrival is None:
+        arrival = time.monotonic()
+    deadline = None if deadline_ms is None else arrival + deadline_ms / 1000
     try:
         while True:
             timeout = DISCONNECT_POLL_S
@@ -427,23 +565,20 @@ def usage_of(answers: list[Answer]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
 
 
-def pieces(text: str) -> list[str]:
-    """The answer as word-sized stream deltas (whitespace kept, so they join back exactly)."""
-    return re.findall(r"\s*\S+|\s+$", text) or ([text] if text else [])
-
-
 def model_card(model_id: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "ragctl"}
 
 
-def sse(events: list[dict[str, Any]]) -> StreamingResponse:
-    import json
+def sse_bytes(event: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(event)}\n\n".encode()
 
-    async def gen() -> AsyncIterator[bytes]:
-        for e in events:
-            yield f"data: {json.dumps(e)}\n\n".encode()
-        yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(
-        gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
+def stream_error(e: BaseException) -> dict[str, Any]:
+    """The error event that ends a stream which had started (OpenAI's error body)."""
+    if isinstance(e, RagctlError):
+        status, code = e.http_status, e.code
+        message = str(e)
+    else:
+        status, code = 500, "internal_error"
+        message = f"internal error: {type(e).__name__}: {e}"
+    return openai_error(message, error_type(status), code, ERROR_PARAMS.get(code or ""))

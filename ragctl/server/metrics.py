@@ -74,6 +74,11 @@ class ServerMetrics:
             "ragctl_request_duration_seconds", "Arrival to answer, answered requests.",
             ["model"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.ttft_seconds = Histogram(
+            "ragctl_time_to_first_token_seconds", "Arrival to the first answer token (map_rerank: "
+            "to its chosen answer), answered requests, streamed or not.", ["model"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
         self.stage_seconds = Histogram(
             "ragctl_stage_duration_seconds", "Seconds per stage of the data path.",
             ["stage"], buckets=LATENCY_BUCKETS, registry=r,
@@ -111,6 +116,9 @@ class ServerMetrics:
         total = answer.timings.get("total")
         if total is not None:
             self.request_seconds.labels(model).observe(total)
+        ttft = answer.timings.get("ttft")
+        if ttft is not None:
+            self.ttft_seconds.labels(model).observe(ttft)
         for stage in STAGES:
             if stage in answer.timings:
                 self.stage_seconds.labels(stage).observe(answer.timings[stage])

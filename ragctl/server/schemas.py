@@ -1,8 +1,11 @@
 """The server's request bodies (OpenAI's shapes plus ragctl's options) and the model names it
 serves. Unknown fields are accepted and ignored, as OpenAI-compatible servers do, so any client
-library's extras pass through. Sampling fields (`temperature`, `max_tokens`) are accepted and not
-applied: the collection's answer budget and the server's temperature hold, because the KV plan is
-sized from them. Fields that would change the response's shape (`n` > 1, `echo`) are refused."""
+library's extras pass through. Sampling fields (`max_tokens` / `max_completion_tokens`,
+`temperature`, `top_p`, `stop`, `seed`, and vLLM's `ignore_eos`) apply to the final stage's
+calls (`AnswerOptions`); a `max_tokens` above the collection's answer budget gets that budget,
+because the KV plan is sized from it (the response's `ragctl.max_tokens` says what applied,
+`finish_reason` is `length` when it cut the answer). Fields that would change the response's
+shape (`n` > 1, `echo`) are refused."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from ragctl.errors import InvalidRequest, ModelNotFound
 from ragctl.synthesis import registry
 from ragctl.synthesis.registry import MAX_CHUNKS
-from ragctl.types import METHODS, Config, Message
+from ragctl.types import METHODS, AnswerOptions, Config, Message
 
 MODEL_PREFIX = "ragctl/"
 AUTO_MODEL = "ragctl/auto"
@@ -101,16 +104,48 @@ class RagctlOptions(_Open):
             raise InvalidRequest(str(e)) from None
 
 
-class ChatCompletionRequest(RagctlOptions):
+class Sampling(RagctlOptions):
+    """The fields chat and completions share; OpenAI's sampling fields apply to the final
+    stage (see the module notes)."""
+
     model: str = Field(..., min_length=1)
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None = (
+        None
+    )
+    seed: int | None = None
+    ignore_eos: bool = Field(
+        False, description="vLLM's extension: generate exactly max_tokens (benchmarks)."
+    )
+
+    def answer_budget(self) -> int | None:
+        return self.max_tokens
+
+    def options(self) -> AnswerOptions:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+        return AnswerOptions(
+            max_tokens=self.answer_budget(),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop=tuple(s for s in stop if s),
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+        )
+
+
+class ChatCompletionRequest(Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    n: int = Field(1, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     user: str | None = None
+
+    def answer_budget(self) -> int | None:
+        # OpenAI's newer name wins, as it does there.
+        return self.max_completion_tokens or self.max_tokens
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -133,14 +168,9 @@ class ChatCompletionRequest(RagctlOptions):
         return tuple(out)
 
 
-class CompletionRequest(RagctlOptions):
-    model: str = Field(..., min_length=1)
+class CompletionRequest(Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=64)]
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
     echo: bool = False
     user: str | None = None
 

@@ -50,7 +50,7 @@ def plan(synth: Synthesizer, config: Config, question: str, chunks: tuple[Chunk,
                 used_chunk_ids=tuple(c.id for c in chunks),
             )
 
-        return Step(REDUCE, (reducer,), finish)
+        return Step(REDUCE, (reducer,), finish, streams=True)
 
     return Step(MAP, mappers, after_map)
 

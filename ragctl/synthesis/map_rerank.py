@@ -17,8 +17,9 @@ UNANSWERABLE = "unanswerable"
 
 
 def plan(synth: Synthesizer, config: Config, question: str, chunks: tuple[Chunk, ...]) -> Step:
-    calls = tuple(synth.call("map_rerank", STAGE, synth.answer_max_tokens, True, question=question,
-                             chunk=format_passage(1, c)) for c in chunks)  # fmt: skip
+    # Every call is a candidate answer: the request's answer options apply to each.
+    calls = tuple(synth.answer_call("map_rerank", tag=STAGE, question=question,
+                                    chunk=format_passage(1, c)) for c in chunks)  # fmt: skip
 
     def finish(gens: Sequence[Generation]) -> SynthesisResult:
         # Real answers beat "unanswerable"; then higher confidence; then retrieval rank.

@@ -7,8 +7,9 @@ dispatch to the method's spec (`registry`; the methods themselves are `map_reran
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ from ragctl.errors import InvalidRequest, PromptTooLong
 from ragctl.synthesis import registry
 from ragctl.synthesis.prompts import format_passage, load_template
 from ragctl.synthesis.registry import CallEstimate, StageSize, Step
-from ragctl.types import Chunk, Config, GenerationRequest, Message
+from ragctl.types import AnswerOptions, Chunk, Config, GenerationRequest, Message
 
 if TYPE_CHECKING:
     from ragctl.engine.tokenizer import Tokenizer
@@ -80,10 +81,24 @@ class Synthesizer:
         self.max_model_len = max_model_len
         self.answer_max_tokens = answer_max_tokens
         self.temperature = temperature
+        self.options = AnswerOptions()
+        """The request's answer options (`for_request`); the defaults here."""
         self.templates = {n: load_template(n) for m in registry.specs() for n in m.templates}
         # Chunk id -> tokens of its passage; chunks recur across queries, so sizing mostly hits.
         self._passage_tokens: dict[str, int] = {}
         self._title_tokens: dict[str, int] = {}
+
+    def for_request(self, options: AnswerOptions | None) -> Synthesizer:
+        """This synthesizer with one request's answer options: its max_tokens (at most this
+        answer budget: the KV plan is sized from the budget) and sampling fields on the answer
+        calls. Shares the token caches; `self` when there is nothing to change."""
+        if options is None or options == self.options:
+            return self
+        view = copy.copy(self)  # shallow: the caches are shared dicts
+        view.options = options
+        if options.max_tokens is not None:
+            view.answer_max_tokens = min(options.max_tokens, self.answer_max_tokens)
+        return view
 
     @property
     def template_versions(self) -> dict[str, str]:
@@ -109,8 +124,21 @@ class Synthesizer:
             tag=tag,
         )
 
-    def answer_call(self, template: str, **values: object) -> GenerationRequest:
-        return self.call(template, "answer", self.answer_max_tokens, True, **values)
+    def answer_call(
+        self, template: str, tag: str = "answer", **values: object
+    ) -> GenerationRequest:
+        """A call whose output is (a candidate for) the answer: the answer budget, log-probs,
+        and the request's sampling options (the other calls keep the server's)."""
+        o = self.options
+        call = self.call(template, tag, self.answer_max_tokens, True, **values)
+        return replace(
+            call,
+            temperature=self.temperature if o.temperature is None else o.temperature,
+            top_p=1.0 if o.top_p is None else o.top_p,
+            stop=o.stop,
+            seed=o.seed,
+            ignore_eos=o.ignore_eos,
+        )
 
     def longest_fitting(
         self, n: int, build: Callable[[int], GenerationRequest]

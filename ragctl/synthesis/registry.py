@@ -34,6 +34,14 @@ class Step:
     name: str
     requests: tuple[GenerationRequest, ...]
     finish: Callable[[Sequence[Generation]], Step | SynthesisResult]
+    streams: bool = False
+    """Its one call's text is the answer (stuff's answer, map_reduce's reducer): the controller
+    streams it to the client token by token. Other final steps (map_rerank's selection) give
+    the answer in one piece when they finish."""
+
+    def __post_init__(self) -> None:
+        if self.streams and len(self.requests) != 1:
+            raise ValueError(f"a streaming step makes exactly one call, {self.name} makes more")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ def plan(synth: Synthesizer, config: Config, question: str, chunks: tuple[Chunk,
             used_chunk_ids=tuple(c.id for c in used),
         )
 
-    return Step(STAGE, (call,), finish)
+    return Step(STAGE, (call,), finish, streams=True)
 
 
 def size(sizer: CallSizer, config: Config) -> tuple[StageSize, ...]:

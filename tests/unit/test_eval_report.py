@@ -449,6 +449,10 @@ SUMMARY_INTERVAL_KEYS = [
     "primary_value_ci", "quality_ci", "quality_n", "delay_mean_s_ci", "delay_p50_s_ci",
     "delay_p95_s_ci", "delay_n", "queue_mean_s_ci", "queue_n", "profiler_overhead_ci",
 ]  # fmt: skip
+TTFT_KEYS = [
+    "ttft_mean_s", "ttft_mean_s_ci", "ttft_p50_s", "ttft_p50_s_ci", "ttft_p95_s", "ttft_p95_s_ci",
+    "ttft_n",
+]  # fmt: skip
 SUMMARY_KEYS = [
     "n", "answered", "errors", "error_kinds", "primary", "primary_value", "quality",
     "delay_mean_s", "delay_p50_s", "delay_p95_s", "queue_mean_s", "throughput_qps",
@@ -470,7 +474,7 @@ def test_results_json(tmp_path: Path, summary: Evaluation) -> None:
     # the field names older results.json files have, in their order; the intervals among them
     rag = half["systems"]["ragctl"]
     assert subsequence([*SUMMARY_KEYS, "slo"], list(rag))
-    assert set(rag) - {*SUMMARY_KEYS, "slo"} == set(SUMMARY_INTERVAL_KEYS)
+    assert set(rag) - {*SUMMARY_KEYS, "slo"} == {*SUMMARY_INTERVAL_KEYS, *TTFT_KEYS}
     assert list(rag).index("primary_value_ci") == list(rag).index("primary_value") + 1
     assert rag["slo"] is None
     assert rag["primary_value_ci"] == pytest.approx([0.4, 0.8])

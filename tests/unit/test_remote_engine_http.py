@@ -336,3 +336,71 @@ async def test_connect_finds_out_whether_the_server_has_kv_metrics(
     ) as eng:
         assert eng.has_kv_metrics is has_kv
         assert await eng.kv_state() == remote.UNKNOWN_KV
+
+
+# --- streaming: the server's SSE ----------------------------------------------------------------
+
+
+def sse(*events: object) -> bytes:
+    return b"".join(
+        b"data: " + (e if isinstance(e, bytes) else json.dumps(e).encode()) + b"\n\n"
+        for e in events
+    )
+
+
+def chat_chunk(text: str | None, finish: str | None = None, lp: float | None = None) -> dict:
+    choice: dict = {"index": 0, "delta": {} if text is None else {"content": text},
+                    "finish_reason": finish}  # fmt: skip
+    if lp is not None:
+        choice["logprobs"] = {"content": [{"token": "t", "logprob": lp}]}
+    return {"choices": [choice]}
+
+
+async def test_stream_yields_the_sse_deltas_then_the_generation() -> None:
+    seen: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        body = sse(chat_chunk(""), chat_chunk("Den", lp=-0.1), chat_chunk("ver", lp=-0.2),
+                   chat_chunk(None, "length"),
+                   {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}},
+                   b"[DONE]")  # fmt: skip
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    engine = mock_engine(handler)
+    req = GenerationRequest(user("who won"), max_tokens=2, logprobs=True, top_p=0.5,
+                            stop=("\n",), seed=1)  # fmt: skip
+    events = [e async for e in engine.stream(req)]
+    assert events[:2] == ["Den", "ver"]
+    gen = events[2]
+    assert gen.text == "Denver" and gen.finish_reason == "length"
+    assert (gen.prompt_tokens, gen.output_tokens) == (7, 2) and gen.token_logprobs == (-0.1, -0.2)
+    body = seen[0]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert (body["top_p"], body["stop"], body["seed"]) == (0.5, ["\n"], 1)
+    await engine.aclose()
+
+
+async def test_stream_errors_map_to_ragctl_errors() -> None:
+    def mid_stream(request: httpx.Request) -> httpx.Response:
+        body = sse(chat_chunk("Den"), {"error": {"message": "engine core died", "code": 500}})
+        return httpx.Response(200, content=body)
+
+    engine = mock_engine(mid_stream)
+    got: list[object] = []
+    with pytest.raises(EngineError, match="engine core died"):
+        async for e in engine.stream(GenerationRequest(user("q"), max_tokens=2)):
+            got.append(e)
+    assert got == ["Den"]
+    too_long = mock_engine(lambda r: httpx.Response(
+        400, json={"error": {"message": "maximum context length is 100 tokens"}}))  # fmt: skip
+    with pytest.raises(PromptTooLong):
+        [e async for e in too_long.stream(GenerationRequest(user("q"), max_tokens=2))]
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    with pytest.raises(EngineUnavailable):
+        [e async for e in mock_engine(down).stream(GenerationRequest(user("q"), max_tokens=2))]
+    for e in (engine, too_long):
+        await e.aclose()

@@ -1,17 +1,22 @@
-"""The server's pure parts: model names to configurations, request validation, stream pieces,
-error bodies. (The server itself, over HTTP with real clients: tests/integration/test_server.py.)"""
+"""The server's pure parts: model names to configurations, request validation, the answer
+options clients send, error bodies and stream error events. (The server itself, over HTTP with
+real clients: tests/integration/test_server.py.)"""
 
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from ragctl.errors import InvalidRequest, ModelNotFound, QueueFull, TooManyRequests
-from ragctl.server.app import error_type, outcome_of, pieces
+from ragctl.errors import (
+    EngineUnavailable,
+    InvalidRequest,
+    ModelNotFound,
+    QueueFull,
+    TooManyRequests,
+)
+from ragctl.server.app import error_type, outcome_of, stream_error
 from ragctl.server.schemas import ChatCompletionRequest, CompletionRequest, served_models
-from ragctl.types import Config, Message
+from ragctl.types import AnswerOptions, Config, Message
 
 
 def chat(**kw) -> ChatCompletionRequest:
@@ -80,9 +85,31 @@ def test_history_and_content_parts() -> None:
     ).prompts() == ["x", "y"]
 
 
-@given(st.text())
-def test_stream_pieces_join_back_exactly(text: str) -> None:
-    assert "".join(pieces(text)) == text
+def test_sampling_fields_become_the_answer_options() -> None:
+    assert chat().options() == AnswerOptions()
+    opts = chat(max_tokens=9, temperature=0.7, top_p=0.9, stop="\n", seed=4).options()
+    assert opts == AnswerOptions(9, 0.7, 0.9, ("\n",), 4)
+    # OpenAI's newer name wins over max_tokens.
+    assert chat(max_tokens=9, max_completion_tokens=5).options().max_tokens == 5
+    assert chat(stop=["a", "b"], ignore_eos=True).options() == AnswerOptions(
+        stop=("a", "b"), ignore_eos=True
+    )
+    comp = CompletionRequest.model_validate(
+        {"model": "ragctl/auto", "prompt": "x", "max_tokens": 3, "seed": 1}
+    )
+    assert comp.options() == AnswerOptions(max_tokens=3, seed=1)
+    for bad in ({"max_tokens": 0}, {"top_p": 0}, {"temperature": 3}, {"stop": ["a"] * 5},
+                {"stop": [""]}, {"n": 3}):  # fmt: skip
+        with pytest.raises(ValidationError):
+            chat(**bad)
+
+
+def test_stream_error_event_is_openai_shaped() -> None:
+    e = stream_error(EngineUnavailable("the engine went away"))
+    assert e == {"error": {"message": "the engine went away", "type": "server_error",
+                           "param": None, "code": EngineUnavailable.code}}  # fmt: skip
+    crash = stream_error(RuntimeError("boom"))["error"]
+    assert crash["code"] == "internal_error" and "boom" in crash["message"]
 
 
 def test_error_types_and_outcomes() -> None:
