@@ -10,7 +10,8 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +41,8 @@ if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
     from ragctl.allocation.plan import PlanFile
-    from ragctl.evaluation.grid import FrontierPoint
+    from ragctl.controller import Controller
+    from ragctl.evaluation.grid import FrontierPoint, GridStore
     from ragctl.evaluation.runner import Job, Runner
     from ragctl.retrieval.collection import DatasetCard
 
@@ -352,6 +354,24 @@ def _grid_configs(card: DatasetCard, text: str | None) -> tuple[Config, ...]:
     return parse_configs(text) if text else default_grid(card)
 
 
+@asynccontextmanager
+async def _grid_controller(
+    settings: Settings, card: DatasetCard, bar: Progress
+) -> AsyncIterator[tuple[Controller, GridStore, TaskID]]:
+    """The engine and controller of `eval grid` and `eval replay`, with the grid of their key
+    (closed on exit), and the progress task that reports on them."""
+    from ragctl.console import stage_callback
+    from ragctl.evaluation.grid import GridKey, GridStore
+    from ragctl.service import open_controller
+
+    task = bar.add_task(f"{card.name}: starting the engine", total=None)
+    controller = await open_controller(settings, card.name, progress=stage_callback(bar, card.name))
+    try:
+        yield controller, GridStore.open(settings.cache_dir, GridKey.of(controller)), task
+    finally:
+        await controller.aclose()
+
+
 def build_grid(
     settings: Settings, request: GridRequest, *, progress: Callable[[], Progress]
 ) -> GridReport:
@@ -370,19 +390,12 @@ async def _build_grid(
     configs: tuple[Config, ...],
     progress: Callable[[], Progress],
 ) -> GridReport:
-    from ragctl.console import stage_callback
-    from ragctl.evaluation.grid import GridKey, GridStore, build, grid_summary
-    from ragctl.service import open_controller
+    from ragctl.evaluation.grid import build, grid_summary
 
     start = time.perf_counter()
     queries = [*test, *calib]
     with progress() as bar:
-        task = bar.add_task(f"{card.name}: starting the engine", total=None)
-        controller = await open_controller(
-            settings, card.name, progress=stage_callback(bar, card.name)
-        )
-        try:
-            store = GridStore.open(settings.cache_dir, GridKey.of(controller))
+        async with _grid_controller(settings, card, bar) as (controller, store, task):
             todo = len(store.missing(queries, configs))
             total = len(queries) * len(configs)
             bar.update(task, description=f"{card.name}: grid", total=total,
@@ -391,8 +404,6 @@ async def _build_grid(
                 await controller.aask(queries[0].question, Config("stuff", 1))  # warm-up
             built = await build(controller, card, store, queries, configs,
                                 on_cell=lambda _: bar.advance(task))  # fmt: skip
-        finally:
-            await controller.aclose()
     return GridReport(
         dataset=card.name,
         folder=store.folder,
@@ -451,22 +462,15 @@ async def _replay(
     out_dir: Path,
     progress: Callable[[], Progress],
 ) -> ReplayReport:
-    from ragctl.console import stage_callback
-    from ragctl.evaluation.grid import GridKey, GridStore, grid_summary
+    from ragctl.evaluation.grid import grid_summary
     from ragctl.evaluation.plots import write_frontier_plot
     from ragctl.evaluation.replay import PROFILES_FILE, CachedProfiler, Replayer, ReplayStats
     from ragctl.evaluation.writers import write_frontier_csv
-    from ragctl.service import open_controller
 
     start = time.perf_counter()
     stats = ReplayStats()
     with progress() as bar:
-        task = bar.add_task(f"{card.name}: starting the engine", total=None)
-        controller = await open_controller(
-            settings, card.name, progress=stage_callback(bar, card.name)
-        )
-        try:
-            store = GridStore.open(settings.cache_dir, GridKey.of(controller))
+        async with _grid_controller(settings, card, bar) as (controller, store, task):
             profiler = CachedProfiler(
                 controller.profiler, store.folder / PROFILES_FILE, controller.profiler.engine.name
             )
@@ -483,8 +487,6 @@ async def _replay(
             jobs = len(test) * len(plan.systems)
             bar.update(task, description=f"{card.name}: replay", total=jobs, completed=0)
             rows = await replayer.rows(test, plan, table, on_row=lambda: bar.advance(task))
-        finally:
-            await controller.aclose()
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = out_dir / SAMPLES_FILE
     samples.unlink(missing_ok=True)  # a replay is cheap: it is written whole each time
