@@ -210,6 +210,7 @@ async def answer_cell(
         ],  # fmt: skip
         "chunk_ids": list(answer.chunk_ids),
         "retrieve_s": round(answer.timings.get("retrieve", 0.0), 4),
+        "ttft_s": _rounded(answer.timings.get("ttft")),
         "delay_s": round(answer.timings.get("total", time.perf_counter() - t), 4),
     }
 
@@ -327,6 +328,10 @@ def grid_summary(
     return frontier(
         summarize_cells(store, [q.id for q in queries], configs, metrics.primary_metric(card))
     )
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def _mean(values: Sequence[float]) -> float | None:

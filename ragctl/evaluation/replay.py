@@ -226,12 +226,14 @@ class Replayer:
         }  # fmt: skip
         if cell is None or cell.get("error"):
             error = why or (cell or {}).get("error") or "no answer"
-            return {**base, "error": error, "delay_s": None, "end_s": None, "scores": {},
-                    "tokens": None, "answer": None, "decision": None}  # fmt: skip
-        delay = float(cell["delay_s"])
+            return {**base, "error": error, "delay_s": None, "end_s": None, "ttft_s": None,
+                    "scores": {}, "tokens": None, "answer": None, "decision": None}  # fmt: skip
+        # Live, the profiler runs beside retrieval: only the part beyond it adds delay.
+        extra = 0.0
         if profile_s is not None:
-            # Live, the profiler runs beside retrieval: only the part beyond it adds delay.
-            delay += max(0.0, profile_s - float(cell.get("retrieve_s") or 0.0))
+            extra = max(0.0, profile_s - float(cell.get("retrieve_s") or 0.0))
+        delay = float(cell["delay_s"]) + extra
+        ttft = cell.get("ttft_s")  # None in a cell built before streaming
         decision = None
         if proposal is not None and system != "fixed":
             decision = {
@@ -242,6 +244,7 @@ class Replayer:
             }
         return {
             **base, "error": None, "delay_s": round(delay, 4), "end_s": round(delay, 4),
+            "ttft_s": None if ttft is None else round(float(ttft) + extra, 4),
             "scores": cell.get("scores") or {}, "tokens": cell.get("tokens"),
             "answer": cell.get("answer"), "decision": decision,
         }  # fmt: skip

@@ -110,6 +110,7 @@ async def test_a_build_resumes_and_never_answers_a_cell_twice(tmp_path: Path) ->
     assert cell is not None and cell["error"] is None and cell["answer"] == "Denver"
     assert [s["name"] for s in cell["stages"]] == ["map", "reduce"]
     assert cell["tokens"]["calls"] == 4 and cell["delay_s"] >= 0
+    assert 0 <= cell["ttft_s"] <= cell["delay_s"]
     assert cell["scores"]["evidence_recall"] == 1.0  # d0 is among the chunks used
 
     # Reopened from disk, with a torn last line (an interrupted write): that cell is rebuilt.
@@ -256,3 +257,13 @@ def test_agreement_counts_same_choices_and_answers_and_lists_the_rest() -> None:
         "stuff:6",
         0.5,
     )
+
+
+def test_a_replayed_row_carries_the_cells_time_to_first_token(tmp_path: Path) -> None:
+    r = Replayer(controller(), CARD, GridStore.open(tmp_path, key()), ReplayStats())
+    cell = {"delay_s": 2.0, "retrieve_s": 0.5, "ttft_s": 1.5, "scores": {}, "answer": "x"}
+    q, c = QUERIES[0], Config("stuff", 1)
+    assert r.row("fixed:stuff:1", q, c, cell, None, None, None)["ttft_s"] == 1.5
+    assert r.row("parrot", q, c, cell, 1.5, None, None)["ttft_s"] == 2.5
+    old = {k: v for k, v in cell.items() if k != "ttft_s"}  # built before streaming
+    assert r.row("parrot", q, c, old, 1.5, None, None)["ttft_s"] is None
