@@ -280,7 +280,7 @@ def render_grid(report: GridReport, console: Console) -> None:
         f"configurations; {report.built} cells built in {report.seconds:.0f} s, "
         f"{report.reused} reused; in {report.folder}"
     )
-    console.print(frontier_table(report.points, [], "quality"))
+    console.print(frontier_table(report.points, [], report.primary))
 
 
 def render_replay(report: ReplayReport, console: Console) -> None:

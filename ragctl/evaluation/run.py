@@ -325,6 +325,7 @@ class GridRequest:
 @dataclass(frozen=True)
 class GridReport:
     dataset: str
+    primary: str
     folder: Path
     queries: int
     configs: tuple[Config, ...]
@@ -391,6 +392,7 @@ async def _build_grid(
     progress: Callable[[], Progress],
 ) -> GridReport:
     from ragctl.evaluation.grid import build, grid_summary
+    from ragctl.evaluation.metrics import primary_metric
 
     start = time.perf_counter()
     queries = [*test, *calib]
@@ -406,6 +408,7 @@ async def _build_grid(
                                 on_cell=lambda _: bar.advance(task))  # fmt: skip
     return GridReport(
         dataset=card.name,
+        primary=primary_metric(card),
         folder=store.folder,
         queries=len(queries),
         configs=configs,
