@@ -177,7 +177,7 @@ def write_frontier_plot(
         ax.set_xlabel(label)
         ax.set_ylabel(f"{primary} (mean, 0-1)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")  # cheap, good configurations crowd the top left
     fig.suptitle(f"{dataset}: the grid's quality-cost frontier and the systems on it (replay)")
     path.parent.mkdir(parents=True, exist_ok=True)
     return _save(fig, path)
