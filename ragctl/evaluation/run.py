@@ -338,21 +338,21 @@ class GridReport:
     """Per configuration, its means over the test queries, frontier flagged."""
 
 
-def _grid_queries(settings: Settings, request: GridRequest) -> tuple[DatasetCard, list, list]:
+def _grid_queries(
+    settings: Settings, request: GridRequest
+) -> tuple[DatasetCard, tuple[Config, ...], list, list]:
+    """The card, the grid's configurations (checked first: a typo costs nothing) and the test
+    and calibration queries."""
+    from ragctl.evaluation.grid import default_grid, parse_configs
     from ragctl.evaluation.systems import split
     from ragctl.retrieval.collection import check_dataset, load_card, load_queries
 
+    configs = parse_configs(request.configs) if request.configs else None
     check_dataset(settings.data_dir, request.dataset)
     card = load_card(request.dataset)
     queries = load_queries(settings.data_dir, card.name)
     test, calib = split(queries, request.limit, request.calibration, request.seed)
-    return card, test, calib
-
-
-def _grid_configs(card: DatasetCard, text: str | None) -> tuple[Config, ...]:
-    from ragctl.evaluation.grid import default_grid, parse_configs
-
-    return parse_configs(text) if text else default_grid(card)
+    return card, configs or default_grid(card), test, calib
 
 
 @asynccontextmanager
@@ -378,8 +378,7 @@ def build_grid(
 ) -> GridReport:
     """Answer every (query, configuration) of the grid the cache lacks, one at a time on an
     idle engine: the test queries and the calibration ones (`split`, as `eval run` draws them)."""
-    card, test, calib = _grid_queries(settings, request)
-    configs = _grid_configs(card, request.configs)
+    card, configs, test, calib = _grid_queries(settings, request)
     return asyncio.run(_build_grid(settings, card, test, calib, configs, progress))
 
 
@@ -444,8 +443,7 @@ def replay_run(
 ) -> ReplayReport:
     """Replay each system's decisions over the grid; write samples.jsonl, results.json,
     summary.csv, the run's plots, frontier.csv and frontier.png to `out_dir`."""
-    card, test, calib = _grid_queries(settings, request)
-    configs = _grid_configs(card, request.configs)
+    card, configs, test, calib = _grid_queries(settings, request)
     plan = parse_systems(systems, grid=configs)
     if not plan.needs_calibration:
         calib = []

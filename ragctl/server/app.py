@@ -29,6 +29,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -306,10 +307,15 @@ def create_app(
         async def stop(outcome: str | None) -> None:
             if outcome is not None:
                 metrics.outcome(model, outcome)
-            if not work.done():
-                work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
-            release(len(questions))
+            try:
+                if not work.done():
+                    work.cancel()
+                # Starlette cancels the body on a disconnect, and its (anyio) cancellation hits
+                # every later await too: shielded, the engine calls' aborts still finish.
+                with anyio.CancelScope(shield=True):
+                    await asyncio.gather(work, return_exceptions=True)
+            finally:
+                release(len(questions))
 
         try:
             first = await step()
