@@ -137,7 +137,8 @@ GRID = "stuff:1,stuff:2,map_rerank:2"
 def test_eval_grid_builds_once_and_replay_reads_it(
     small_squad: tuple[Settings, list[Query]], model_path: str, vllm_server, tmp_path: Path
 ) -> None:
-    settings, _ = small_squad
+    # A grid of its own: eval run's calibration in this session answers into the shared cache.
+    settings = small_squad[0].model_copy(update={"cache_dir": tmp_path / "cache"})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
