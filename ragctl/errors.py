@@ -69,6 +69,15 @@ class RulesError(UserError):
     code = "invalid_rules"
 
 
+class ProfilerStateError(UserError):
+    """A profiler state file (calibration.json, learned.json, labels.jsonl) is not JSON, is of
+    another format or version, or lacks a field; the message is one line naming the file and
+    what is wrong. Delete or refit the file (it is derived from outcome labels)."""
+
+    code = "invalid_profiler_state"
+    http_status = 500
+
+
 class MissingDependency(UserError):
     code = "missing_dependency"
     http_status = 500
