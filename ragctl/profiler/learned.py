@@ -209,10 +209,10 @@ def fit_field_model(
         "logistic",
         size,
         classes=tuple(int(c) for c in lr.classes_),
-        mean=np.asarray(scaler.mean_, dtype=float),
-        scale=np.asarray(scaler.scale_, dtype=float),
-        coef=np.asarray(lr.coef_, dtype=float),
-        intercept=np.asarray(lr.intercept_, dtype=float),
+        mean=np.ascontiguousarray(scaler.mean_, dtype=float),
+        scale=np.ascontiguousarray(scaler.scale_, dtype=float),
+        coef=np.ascontiguousarray(lr.coef_, dtype=float),
+        intercept=np.ascontiguousarray(lr.intercept_, dtype=float),
         prior=np.zeros(0),
     )
     return model, pipe

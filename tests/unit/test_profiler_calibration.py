@@ -58,7 +58,7 @@ def test_ece_of_calibrated_samples_is_small():
     assert expected_calibration_error(p, y) < 0.02
 
 
-# -- binary fields ----------------------------------------------------------------------------------
+# -- binary fields ---------------------------------------------------------------------------------
 
 
 def miscalibrated(n: int, seed: int = 0):
@@ -137,7 +137,7 @@ def test_decision_confidence_is_the_less_certain_binary_decision():
     assert decision_confidence(beliefs(joint=0.5, complexity=1.0)) == pytest.approx(0.5)
 
 
-# -- categorical fields -----------------------------------------------------------------------------
+# -- categorical fields ----------------------------------------------------------------------------
 
 
 def test_rescale_gives_the_argmax_its_confidence_and_shares_the_rest():
@@ -171,7 +171,7 @@ def test_pieces_confidence_calibrated():
     assert cal.fields["summary"].n == 0 and not cal.fields["summary"].calibrated
 
 
-# -- the file ---------------------------------------------------------------------------------------
+# -- the file --------------------------------------------------------------------------------------
 
 
 def test_round_trip(tmp_path):
