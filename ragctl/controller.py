@@ -45,6 +45,7 @@ from ragctl.policy import (
     with_history,
 )
 from ragctl.profiler import ProfileOutcome, Profiler
+from ragctl.profiler.auto import RetrievalSignals
 from ragctl.rules import RuleSet, load_rules
 from ragctl.scheduler import AdmissionQueue, KVLedger, NeedTable
 from ragctl.scheduler.slo import RequestTrace, SLOTracker, StageHooks
@@ -380,7 +381,12 @@ class Controller:
         return await gather_or_cancel([self._aask(q, config, (), None, None) for q in questions])
 
     async def _profile_only(self, question: str) -> tuple[ProfileOutcome, SpaceChoice]:
-        outcome = await self._profile(self.check_question(question))
+        q = self.check_question(question)
+        signals = None
+        if getattr(self.profiler, "needs_retrieval", False):
+            chunks, vector = await self._retrieve_with_vector(q, self.rules.max_num_chunks, {})
+            signals = RetrievalSignals(vector, tuple(c.score or 0.0 for c in chunks))
+        outcome = await self._profile(q, None, signals)
         return outcome, self._space_for(outcome, record=False)
 
     async def _aclose(self) -> None:
@@ -471,13 +477,20 @@ class Controller:
         k = self.rules.max_num_chunks
         if max_chunks is not None:
             k = min(k, max_chunks)
-        retrieval = asyncio.ensure_future(self._retrieve(q, k, timings))
-        try:
-            outcome = await self._profile(q, timings)
-            chunks = await retrieval
-        finally:
-            if not retrieval.done():
-                retrieval.cancel()
+        if getattr(self.profiler, "needs_retrieval", False):
+            # The learned profiler reads the query embedding and the retrieval scores, so it
+            # waits for retrieval (milliseconds) instead of running beside it.
+            chunks, vector = await self._retrieve_with_vector(q, k, timings)
+            signals = RetrievalSignals(vector, tuple(c.score or 0.0 for c in chunks))
+            outcome = await self._profile(q, timings, signals)
+        else:
+            retrieval = asyncio.ensure_future(self._retrieve(q, k, timings))
+            try:
+                outcome = await self._profile(q, timings)
+                chunks = await retrieval
+            finally:
+                if not retrieval.done():
+                    retrieval.cancel()
         t = time.perf_counter()
         choice = self._space_for(outcome, record=True)
         trace.on_stage("queue")
@@ -504,7 +517,20 @@ class Controller:
     # -- steps ----------------------------------------------------------------------------------
 
     async def _retrieve(self, q: str, k: int, timings: dict[str, float]) -> list[Chunk]:
+        chunks, _ = await self._retrieve_with_vector(q, k, timings, vector=False)
+        return chunks
+
+    async def _retrieve_with_vector(
+        self, q: str, k: int, timings: dict[str, float], *, vector: bool = True
+    ) -> tuple[list[Chunk], Any]:
+        """The chunks, and (with `vector`, when the retriever exposes it) the query embedding
+        retrieval searched with."""
         t = time.perf_counter()
+        with_vector = getattr(self.retriever, "asearch_with_vector", None)
+        if vector and with_vector is not None:
+            found = await with_vector(q, k)
+            timings["retrieve"] = time.perf_counter() - t
+            return found
         asearch = getattr(self.retriever, "asearch", None)
         if asearch is not None:
             # Batched with concurrent requests' embedding and search (`BatchingRetriever`).
@@ -513,13 +539,22 @@ class Controller:
             # Embedding and search are CPU work: keep the event loop free for other requests.
             chunks = await asyncio.to_thread(self.retriever.search, q, k)
         timings["retrieve"] = time.perf_counter() - t
-        return chunks
+        return chunks, None
 
-    async def _profile(self, q: str, timings: dict[str, float] | None = None) -> ProfileOutcome:
+    async def _profile(
+        self,
+        q: str,
+        timings: dict[str, float] | None = None,
+        signals: RetrievalSignals | None = None,
+    ) -> ProfileOutcome:
         c = self.collection
-        outcome = await self.profiler.profile(q, c.metadata, c.chunk_tokens, collection=c.name)
+        extra = {"retrieval": signals} if signals is not None else {}
+        outcome = await self.profiler.profile(
+            q, c.metadata, c.chunk_tokens, collection=c.name, **extra
+        )
         if timings is not None:
             timings["profile"] = outcome.seconds
+        self.counters[f"profiler_{outcome.profiler}"] += 1
         return outcome
 
     def _space_for(self, outcome: ProfileOutcome, *, record: bool) -> SpaceChoice:

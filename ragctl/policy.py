@@ -180,6 +180,8 @@ def adaptive_decision(
         need_blocks=plan.need_blocks,
         reserved_blocks=plan.reserved_blocks,
         queued=queued,
+        profiler=outcome.profiler,
+        beliefs=None if outcome.beliefs is None else outcome.beliefs.to_dict(),
     )
 
 

@@ -391,6 +391,11 @@ class Decision:
     """Whether the request waited in the admission queue for KV memory."""
     slo: SLORecord | None = None
     """What the SLO loop did (None: the request had no SLO)."""
+    profiler: str = ""
+    """Which profiler gave the profile: `json`, `llm` or `learned` (empty: none ran)."""
+    beliefs: Mapping[str, Any] | None = None
+    """The profiler's per-field distributions (`FieldBeliefs.to_dict()`), calibrated when a
+    calibration applied; None for the JSON profiler or a fixed configuration."""
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -420,6 +425,8 @@ class Decision:
             "profile": None if self.profile is None else self.profile.to_dict(),
             "profile_used": self.profile_used,
             "profile_note": self.profile_note,
+            "profiler": self.profiler,
+            "beliefs": None if self.beliefs is None else dict(self.beliefs),
             "space": None if self.space is None else self.space.to_dict(),
             "kv": None
             if kv is None

@@ -196,7 +196,14 @@ def decision_lines(d: Any) -> list[str]:
     if d.reason == "fixed":
         return [f"config  {d.config.label} (fixed)"]
     used = "used" if d.profile_used else f"not used: {d.profile_note}"
-    lines = [f"profile {_profile_text(d.profile)} ({used})"]
+    by = f" by {d.profiler}" if d.profiler else ""
+    lines = [f"profile {_profile_text(d.profile)}{by} ({used})"]
+    if d.beliefs:
+        b = d.beliefs
+        lines.append(
+            f"beliefs P(joint)={b['joint']:.2f} P(high)={b['complexity_high']:.2f} "
+            f"E[pieces]={_expected(b['pieces']):.1f}"
+        )
     if d.space is not None:
         lines.append(f"space   {_space_text(d.space)}")
     why = d.reason + (", queued for KV memory" if d.queued else "")
@@ -207,6 +214,10 @@ def decision_lines(d: Any) -> list[str]:
         f"{d.reserved_blocks} reserved in flight)"
     )
     return lines
+
+
+def _expected(pieces: list[float]) -> float:
+    return sum((i + 1) * p for i, p in enumerate(pieces))
 
 
 def _precheck_question(settings: Settings, question: str) -> None:

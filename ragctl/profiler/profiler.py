@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from ragctl.engine.base import Engine
 from ragctl.errors import EngineTimeout, ProfilerError, RagctlError
+from ragctl.profiler.beliefs import FieldBeliefs
 from ragctl.profiler.prompts import (
     FEEDBACK,
     PROFILE,
@@ -74,6 +75,14 @@ class ProfileOutcome:
     examples: int = 0
     """Few-shot feedback examples the prompt carried."""
     finish_reason: str | None = None
+    beliefs: FieldBeliefs | None = None
+    """Per-field probabilities (a per-field profiler; calibrated when a calibration applied)."""
+    raw_beliefs: FieldBeliefs | None = None
+    """The beliefs before calibration (None when none applied)."""
+    profiler: str = "json"
+    """Which profiler made it: `json` (this module), `llm` (per-field) or `learned`."""
+    learned_note: str = ""
+    """Why the learned profiler's answer was not used, when one was asked first."""
 
     @property
     def ok(self) -> bool:
@@ -91,6 +100,10 @@ class ProfileOutcome:
             "output_tokens": self.output_tokens,
             "examples": self.examples,
             "finish_reason": self.finish_reason,
+            "beliefs": None if self.beliefs is None else self.beliefs.to_dict(),
+            "raw_beliefs": None if self.raw_beliefs is None else self.raw_beliefs.to_dict(),
+            "profiler": self.profiler,
+            "learned_note": self.learned_note,
         }
 
 

@@ -274,22 +274,28 @@ class BatchingRetriever:
     async def asearch(self, question: str, k: int) -> list[Chunk]:
         """`search(question, k)`, with the embedding and the search batched with concurrent
         calls. Bad requests fail here, alone, before they could fail a batch."""
+        chunks, _ = await self.asearch_with_vector(question, k)
+        return chunks
+
+    async def asearch_with_vector(self, question: str, k: int) -> tuple[list[Chunk], Any]:
+        """`asearch`, and the query embedding it searched with (None when the wrapped retriever
+        searches whole): the learned profiler reads it, so it costs no second embedding."""
         if k < 1:
             raise InvalidRequest(f"the number of chunks to retrieve must be >= 1, got {k}")
         text = question.strip()
         if not text:
             raise InvalidRequest("the question is empty")
         if not self._split:
-            return await asyncio.to_thread(self.search, text, k)
+            return await asyncio.to_thread(self.search, text, k), None
         if self.embed_batcher.passthrough and self.search_batcher.passthrough:
             # Nothing to batch: both stages in one trip to a worker thread.
             return await asyncio.to_thread(self._search_now, text, k)
         vector = await self.embed_batcher.submit(text)
-        return await self.search_batcher.submit((vector, k))
+        return await self.search_batcher.submit((vector, k)), vector
 
-    def _search_now(self, text: str, k: int) -> list[Chunk]:
+    def _search_now(self, text: str, k: int) -> tuple[list[Chunk], np.ndarray]:
         vector = self.embed_batcher.run([text])[0]
-        return self.search_batcher.run([(vector, k)])[0]
+        return self.search_batcher.run([(vector, k)])[0], vector
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         _thread_setup()

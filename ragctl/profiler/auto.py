@@ -1,0 +1,216 @@
+"""The profiler the controller calls (`--profiler llm|learned|auto`): per collection, the learned
+profiler when it is as good as the LLM on the outcome labels and sure of this query, else the LLM
+field profiler, its probabilities calibrated against the same labels.
+
+What it reads per (model, collection) is the `ProfilerState` folder `ragctl profiler train`
+writes: `calibration.json` (the LLM's per-field calibration) and `learned.json` (the learned
+profiler). Without them the documented conservative default applies: the LLM's raw probabilities,
+the controller's trust threshold unchanged, no learned profiler. A corrupt file is a
+`CalibrationError` when the collection is first loaded (`load`, which the service calls at
+start-up for its collections), never a failed request.
+
+The learned profiler needs what retrieval computes anyway (the query embedding, the retrieval
+scores): the controller passes them as `RetrievalSignals`, which is why this profiler says
+`needs_retrieval` and the controller then retrieves before it profiles.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ragctl.profiler.calibration import Calibration
+from ragctl.profiler.learned import FEATURES_VERSION, LearnedProfiler, query_features
+from ragctl.profiler.profiler import ProfileOutcome
+from ragctl.profiler.store import ProfilerState
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["llm", "learned", "auto"]
+
+DEFAULT_LEARNED_MIN_CONFIDENCE = 0.8
+"""`auto` asks the LLM when the learned profiler's confidence (its probability that the less
+certain of the two binary decisions is right) is below this."""
+
+
+@dataclass(frozen=True)
+class RetrievalSignals:
+    """What retrieval already computed for the query: the learned profiler's input."""
+
+    embedding: np.ndarray | None
+    scores: tuple[float, ...]
+
+
+@dataclass
+class CollectionProfilers:
+    """One collection's calibrations and learned profiler, and which profiler `auto` uses."""
+
+    calibration: Calibration
+    """The LLM profiler's (identity: none fitted yet)."""
+    learned: LearnedProfiler | None = None
+    learned_calibration: Calibration | None = None
+    use: str = "llm"
+    """`llm` or `learned`: `choose_profiler` on the labels' held-out accuracies."""
+
+
+class AutoProfiler:
+    """Wraps an LLM profiler (`FieldProfiler`, or the JSON `Profiler`) with per-collection
+    calibration and a learned profiler. Same surface as the profiler it wraps."""
+
+    needs_retrieval = True
+
+    def __init__(
+        self,
+        llm: Any,
+        *,
+        mode: Mode = "auto",
+        state_root: Path | None = None,
+        model: str = "",
+        learned_min_confidence: float = DEFAULT_LEARNED_MIN_CONFIDENCE,
+    ) -> None:
+        if not 0.0 <= learned_min_confidence <= 1.0:
+            raise ValueError(
+                f"learned_min_confidence must be in [0, 1], got {learned_min_confidence}"
+            )
+        self.llm = llm
+        self.mode = mode
+        self.state_root = state_root
+        self.model = model
+        self.learned_min_confidence = learned_min_confidence
+        self._collections: dict[str, CollectionProfilers] = {}
+
+    # The wrapped profiler's surface, for the controller and the service.
+    @property
+    def engine(self) -> Any:
+        return self.llm.engine
+
+    @property
+    def templates(self) -> dict[str, str]:
+        return {**self.llm.templates, "learned": f"v{FEATURES_VERSION}"}
+
+    @property
+    def examples(self) -> Any:
+        return self.llm.examples
+
+    @property
+    def last_feedback(self) -> Any:
+        return self.llm.last_feedback
+
+    async def feedback(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.llm.feedback(*args, **kwargs)
+
+    async def aclose(self) -> None:
+        await self.llm.aclose()
+
+    async def __aenter__(self) -> AutoProfiler:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def load(self, collection: str) -> CollectionProfilers:
+        """The collection's state (read once; `ProfilerStateError` on a corrupt file)."""
+        if collection in self._collections:
+            return self._collections[collection]
+        loaded = CollectionProfilers(Calibration.identity("llm", self.model, collection))
+        if self.state_root is not None:
+            state = ProfilerState.at(self.state_root, self.model, collection)
+            status = state.status(setting=self.mode)
+            learned = state.load_learned()
+            loaded = CollectionProfilers(
+                calibration=state.load_calibration("llm"),
+                learned=learned,
+                learned_calibration=(
+                    state.load_calibration("learned") if learned is not None else None
+                ),
+                use=status.in_use,
+            )
+        self._collections[collection] = loaded
+        return loaded
+
+    def set_state(self, collection: str, state: CollectionProfilers) -> None:
+        """Replace a collection's state (after training, without a restart)."""
+        self._collections[collection] = state
+
+    # -- the call ---------------------------------------------------------------------------------
+
+    async def profile(
+        self,
+        question: str,
+        metadata: str,
+        chunk_tokens: int,
+        *,
+        collection: str | None = None,
+        retrieval: RetrievalSignals | None = None,
+    ) -> ProfileOutcome:
+        """The learned profile when `mode` and the state allow and it is sure; else the LLM's,
+        calibrated. Never raises for a failing learned profiler: it falls back to the LLM and
+        says why in the outcome's `learned_error`."""
+        state = self.load(collection or metadata)
+        learned_note = ""
+        if self.mode != "llm" and state.learned is not None and retrieval is not None:
+            start = time.perf_counter()
+            try:
+                outcome = self._learned(state, question, retrieval, start)
+            except Exception as e:  # noqa: BLE001 - a profiler must never fail the request
+                log.warning("learned profiler failed; asking the LLM", exc_info=True)
+                learned_note = f"learned error: {type(e).__name__}: {e}"
+            else:
+                conf = outcome.profile.confidence if outcome.profile else None
+                sure = conf is not None and conf >= self.learned_min_confidence
+                if self.mode == "learned" or (state.use == "learned" and sure):
+                    return outcome
+                learned_note = f"learned unsure {conf:.2f}" if state.use == "learned" else ""
+        elif self.mode == "learned":
+            learned_note = "learned: no trained model" if state.learned is None else (
+                "learned: no retrieval signals"
+            )
+        llm = await self.llm.profile(question, metadata, chunk_tokens, collection=collection)
+        return replace(_calibrated(llm, state.calibration), learned_note=learned_note)
+
+    def _learned(
+        self,
+        state: CollectionProfilers,
+        question: str,
+        retrieval: RetrievalSignals,
+        start: float,
+    ) -> ProfileOutcome:
+        """The learned profile; its confidence is calibrated on the learned profiler's held-out
+        predictions when that calibration exists."""
+        model = state.learned
+        assert model is not None
+        if retrieval.embedding is None:
+            raise ValueError("retrieval gave no query embedding")
+        raw = model.predict(query_features(retrieval.embedding, retrieval.scores, question))
+        cal = state.learned_calibration
+        beliefs = cal.apply(raw) if cal is not None else raw
+        confidence = cal.confidence(raw) if cal is not None else model.confidence(raw)
+        return ProfileOutcome(
+            profile=beliefs.to_profile(confidence),
+            error=None,
+            error_kind=None,
+            seconds=time.perf_counter() - start,
+            template=f"learned-v{FEATURES_VERSION}",
+            beliefs=beliefs,
+            raw_beliefs=raw,
+            profiler="learned",
+        )
+
+
+def _calibrated(outcome: ProfileOutcome, calibration: Calibration) -> ProfileOutcome:
+    """The LLM outcome with calibrated beliefs, its profile's confidence the calibrated
+    probability that the decisive fields are right (unchanged without beliefs or calibration:
+    the raw probabilities, under the controller's threshold)."""
+    if outcome.beliefs is None or outcome.profile is None or not calibration.calibrated_fields:
+        return outcome
+    raw = outcome.beliefs
+    beliefs = calibration.apply(raw)
+    profile = beliefs.to_profile(calibration.confidence(raw))
+    return replace(outcome, profile=profile, beliefs=beliefs, raw_beliefs=raw)

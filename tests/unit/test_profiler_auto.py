@@ -1,0 +1,113 @@
+"""AutoProfiler: the learned profiler answers when it was trained and is sure, the LLM's
+beliefs are calibrated, and a corrupt state file is a clear error at load."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from ragctl.errors import ProfilerStateError
+from ragctl.profiler.auto import AutoProfiler, RetrievalSignals
+from ragctl.profiler.beliefs import FieldBeliefs
+from ragctl.profiler.labels import OutcomeLabel
+from ragctl.profiler.learned import query_features
+from ragctl.profiler.profiler import ProfileOutcome
+from ragctl.profiler.store import LabelRecord, ProfilerState
+from ragctl.types import Config
+
+DIM = 8
+
+
+class FakeLLM:
+    engine = None
+    templates = {"fields": "v1"}
+    examples = None
+    last_feedback = None
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def profile(self, question, metadata, chunk_tokens, *, collection=None):
+        self.calls += 1
+        b = FieldBeliefs(0.7, 0.3, (1.0,) + (0.0,) * 8, (1.0, 0.0, 0.0))
+        return ProfileOutcome(b.to_profile(0.7), None, None, 0.1, "v1", beliefs=b, profiler="llm")
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _vector(joint: bool, rng: np.random.Generator) -> np.ndarray:
+    v = rng.normal(0, 0.05, DIM)
+    v[0] += 1.0 if joint else -1.0
+    return v
+
+
+def _train(root, n: int = 60) -> None:
+    rng = np.random.default_rng(0)
+    state = ProfilerState.at(root, "m", "c")
+    records = []
+    for i in range(n):
+        joint = i % 2 == 0
+        config = Config("stuff", 3) if joint else Config("map_rerank", 1)
+        label = OutcomeLabel.of(f"q{i}", config, 1.0, "gold")
+        features = query_features(_vector(joint, rng), [0.5, 0.4, 0.3], "who is it")
+        # The LLM says joint=0.7 on every query: uninformative, so the learned one wins.
+        beliefs = FieldBeliefs(0.7, 0.3, (1.0,) + (0.0,) * 8, (1.0, 0.0, 0.0))
+        records.append(LabelRecord(label, "who is it", tuple(features), beliefs))
+    state.append(records)
+    state.refit()
+
+
+def test_without_state_the_llm_answers_uncalibrated(tmp_path):
+    llm = FakeLLM()
+    auto = AutoProfiler(llm, state_root=tmp_path, model="m")
+    signals = RetrievalSignals(np.ones(DIM), (0.5,))
+    out = asyncio.run(auto.profile("q", "meta", 100, collection="c", retrieval=signals))
+    assert llm.calls == 1 and out.profiler == "llm"
+    assert out.profile.confidence == pytest.approx(0.7)
+    assert out.raw_beliefs is None
+
+
+def test_trained_learned_profiler_answers_without_an_llm_call(tmp_path):
+    _train(tmp_path)
+    llm = FakeLLM()
+    auto = AutoProfiler(llm, state_root=tmp_path, model="m", learned_min_confidence=0.6)
+    assert auto.load("c").use == "learned"
+    rng = np.random.default_rng(1)
+    for joint in (True, False):
+        signals = RetrievalSignals(_vector(joint, rng), (0.5, 0.4, 0.3))
+        out = asyncio.run(auto.profile("who is it", "m", 100, collection="c", retrieval=signals))
+        assert out.profiler == "learned"
+        assert out.profile.joint_reasoning is joint
+    assert llm.calls == 0
+
+
+def test_llm_mode_calibrates_the_llm_beliefs(tmp_path):
+    _train(tmp_path)
+    llm = FakeLLM()
+    auto = AutoProfiler(llm, mode="llm", state_root=tmp_path, model="m")
+    signals = RetrievalSignals(np.ones(DIM), (0.5,))
+    out = asyncio.run(auto.profile("q", "meta", 100, collection="c", retrieval=signals))
+    assert llm.calls == 1 and out.profiler == "llm"
+    assert out.raw_beliefs is not None and out.raw_beliefs.joint == pytest.approx(0.7)
+    # Half the labels are joint whatever the LLM said: calibrated, 0.7 means about 0.5.
+    assert out.beliefs.joint == pytest.approx(0.5, abs=0.1)
+
+
+def test_learned_without_signals_falls_back_to_the_llm(tmp_path):
+    _train(tmp_path)
+    llm = FakeLLM()
+    auto = AutoProfiler(llm, mode="learned", state_root=tmp_path, model="m")
+    out = asyncio.run(auto.profile("q", "meta", 100, collection="c"))
+    assert llm.calls == 1 and out.learned_note == "learned: no retrieval signals"
+
+
+def test_corrupt_calibration_is_a_clear_error_at_load(tmp_path):
+    _train(tmp_path)
+    state = ProfilerState.at(tmp_path, "m", "c")
+    state.calibration_path.write_text("{not json")
+    auto = AutoProfiler(FakeLLM(), state_root=tmp_path, model="m")
+    with pytest.raises(ProfilerStateError, match="calibration.json"):
+        auto.load("c")
