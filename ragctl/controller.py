@@ -307,6 +307,11 @@ class Controller:
         """The profile of `question` and the space it would get (history is not updated)."""
         return await self.bridge.arun(self._profile_only(question))
 
+    async def retrieval_signals(self, question: str) -> RetrievalSignals:
+        """What retrieval computes for `question` anyway (the query embedding it searched with,
+        the scores of the chunks found): the learned profiler's input."""
+        return await self.bridge.arun(self._signals(self.check_question(question)))
+
     async def propose(self, question: str) -> Proposal:
         """What the adaptive path would decide for `question` now, without answering it: the
         real profiler, rules and best-fit against the engine's KV state (policy replay). Like
@@ -382,12 +387,13 @@ class Controller:
 
     async def _profile_only(self, question: str) -> tuple[ProfileOutcome, SpaceChoice]:
         q = self.check_question(question)
-        signals = None
-        if getattr(self.profiler, "needs_retrieval", False):
-            chunks, vector = await self._retrieve_with_vector(q, self.rules.max_num_chunks, {})
-            signals = RetrievalSignals(vector, tuple(c.score or 0.0 for c in chunks))
+        signals = await self._signals(q) if self._needs_signals() else None
         outcome = await self._profile(q, None, signals)
         return outcome, self._space_for(outcome, record=False)
+
+    async def _signals(self, q: str) -> RetrievalSignals:
+        chunks, vector = await self._retrieve_with_vector(q, self.rules.max_num_chunks, {})
+        return RetrievalSignals(vector, tuple(c.score or 0.0 for c in chunks))
 
     async def _aclose(self) -> None:
         if self._closed:
@@ -477,7 +483,7 @@ class Controller:
         k = self.rules.max_num_chunks
         if max_chunks is not None:
             k = min(k, max_chunks)
-        if getattr(self.profiler, "needs_retrieval", False):
+        if self._needs_signals():
             # The learned profiler reads the query embedding and the retrieval scores, so it
             # waits for retrieval (milliseconds) instead of running beside it.
             chunks, vector = await self._retrieve_with_vector(q, k, timings)
@@ -579,6 +585,12 @@ class Controller:
     ) -> int:
         sizer = (synth or self.synthesizer).sizer(q, chunks)
         return NeedTable(sizer, block_size, self.policy.kv_buffer_blocks)(config)
+
+    def _needs_signals(self) -> bool:
+        """Whether the profiler reads retrieval signals for this collection (then retrieval
+        runs first, instead of beside the profiler)."""
+        wants = getattr(self.profiler, "needs_retrieval", None)
+        return bool(wants(self.collection.name)) if callable(wants) else False
 
     def _profiler_templates(self) -> dict[str, str]:
         return {f"profiler.{k}": v for k, v in self.profiler.templates.items()}

@@ -182,6 +182,7 @@ def adaptive_decision(
         queued=queued,
         profiler=outcome.profiler,
         beliefs=None if outcome.beliefs is None else outcome.beliefs.to_dict(),
+        profiler_note=outcome.learned_note,
     )
 
 

@@ -20,7 +20,7 @@ from ragctl.profiler import Profiler
 from ragctl.retrieval.collection import check_dataset, dataset_names
 from ragctl.rules import RuleSet, load_rules
 from ragctl.scheduler import AdmissionQueue, KVLedger, SLOTracker
-from ragctl.settings import Settings
+from ragctl.settings import Settings, model_key
 from ragctl.types import CollectionInfo
 
 Progress = Callable[[str, int, int], None]
@@ -46,6 +46,7 @@ def controller_for(
     from ragctl.retrieval.index import open_retriever
 
     card = check_dataset(settings.data_dir, collection)
+    load_profiler_state(profiler, card.name)
     # Once per collection opened: setting the same value again changes nothing.
     apply_retrieval_threads(settings.retrieval_threads)
     retriever = BatchingRetriever.from_settings(
@@ -206,19 +207,42 @@ class Service:
         await self.aclose()
 
 
-async def open_profiler(settings: Settings, serving_engine: Engine) -> Profiler:
-    """A Profiler on `settings.profiler_url` (an OpenAI-compatible endpoint, opened here and
-    closed by `Profiler.aclose`) when set, else on the serving engine (left open)."""
-    common = {"timeout_s": settings.profiler_timeout_s, "max_examples": settings.golden_examples}
-    if not settings.profiler_url:
-        return Profiler(serving_engine, **common)
-    from ragctl.engine.remote import RemoteEngine
+async def open_profiler(settings: Settings, serving_engine: Engine) -> Any:
+    """The query profiler `settings.profiler` names, on `settings.profiler_url` (an
+    OpenAI-compatible endpoint, opened here and closed by the profiler's `aclose`) when set,
+    else on the serving engine (left open). `json`: the structured-output `Profiler` alone;
+    `llm`, `learned`, `auto`: the per-field `FieldProfiler` inside an `AutoProfiler`, which
+    adds each collection's calibration and learned profiler from `<cache_dir>/profiler/`."""
+    from ragctl.profiler.auto import AutoProfiler
+    from ragctl.profiler.fields import FieldProfiler
 
-    engine = await RemoteEngine.connect(
-        settings.profiler_url,
-        model=settings.profiler_model,
-        api_key=settings.profiler_api_key,
-        timeout_s=settings.profiler_timeout_s,
-        cache_dir=settings.cache_dir,
+    common = {"timeout_s": settings.profiler_timeout_s, "max_examples": settings.golden_examples}
+    engine, owns = serving_engine, False
+    if settings.profiler_url:
+        from ragctl.engine.remote import RemoteEngine
+
+        engine = await RemoteEngine.connect(
+            settings.profiler_url,
+            model=settings.profiler_model,
+            api_key=settings.profiler_api_key,
+            timeout_s=settings.profiler_timeout_s,
+            cache_dir=settings.cache_dir,
+        )
+        owns = True
+    if settings.profiler == "json":
+        return Profiler(engine, owns_engine=owns, **common)
+    return AutoProfiler(
+        FieldProfiler(engine, owns_engine=owns, **common),
+        mode=settings.profiler,
+        state_root=settings.cache_dir,
+        model=settings.profiler_model_key() or model_key(engine.name),
+        learned_min_confidence=settings.learned_min_confidence,
     )
-    return Profiler(engine, owns_engine=True, **common)
+
+
+def load_profiler_state(profiler: Any, collection: str) -> None:
+    """Read `collection`'s profiler state now (a corrupt calibration or learned-profiler file
+    is a `ProfilerStateError` here, at start-up, never a failed request)."""
+    load = getattr(profiler, "load", None)
+    if callable(load):
+        load(collection)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,6 +16,15 @@ from ragctl.errors import InvalidSetting
 
 CLI_FLAG = {"cli": True}
 """`json_schema_extra` of a field that is also a global CLI option (`--field-name`)."""
+
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+"""The embedded default model's folder name (`ragctl.engine.embedded_model`)."""
+
+
+def model_key(name: str) -> str:
+    """A model's stable name: the last component of a path or model id."""
+    return name.rstrip("/").rsplit("/", 1)[-1] or name
 
 
 def default_cache_dir() -> Path:
@@ -122,6 +132,22 @@ class Settings(BaseSettings):
     profiler_timeout_s: float = Field(
         30.0, description="Seconds before a profiler call is given up (the query falls back)."
     )
+    profiler: Literal["json", "llm", "learned", "auto"] = Field(
+        "auto",
+        description="Query profiler: json (one structured-output call, confidence from the mean "
+        "token log-prob), llm (one constrained token per field, read from the top log-probs, "
+        "calibrated per model and collection), learned (no LLM call: a small model over the query "
+        "embedding and retrieval scores; the LLM when none is trained or it is unsure), auto (the "
+        "learned profiler where it is trained and as accurate as the LLM, else llm).",
+        json_schema_extra=CLI_FLAG,
+    )
+    learned_min_confidence: float = Field(
+        0.8,
+        ge=0.0,
+        le=1.0,
+        description="The learned profiler answers alone when its calibrated confidence reaches "
+        "this; below it the LLM is asked.",
+    )
     confidence_threshold: float = Field(
         0.9,
         ge=0.0,
@@ -197,6 +223,19 @@ class Settings(BaseSettings):
         ge=1,
         description="In-process engine: most sequences vLLM runs at once. Unset: vLLM's default.",
     )
+
+    def profiler_model_key(self) -> str | None:
+        """The profiler model's name as its per-collection state is filed under
+        (`ragctl profiler train/status`): the last path component of the profiler's model (a
+        local folder and a model id of the same model file alike). None when only the engine
+        knows it (a remote profiler or engine with no model named)."""
+        if self.profiler_url:
+            model = self.profiler_model
+        elif self.engine_url:
+            model = self.model
+        else:
+            model = self.model or EMBEDDED_MODEL_NAME
+        return model_key(model) if model else None
 
     def with_overrides(self, **overrides: object) -> Settings:
         """A validated copy with the given non-None fields replaced (CLI flags over env over

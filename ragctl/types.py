@@ -396,6 +396,10 @@ class Decision:
     beliefs: Mapping[str, Any] | None = None
     """The profiler's per-field distributions (`FieldBeliefs.to_dict()`), calibrated when a
     calibration applied; None for the JSON profiler or a fixed configuration."""
+    profiler_note: str = ""
+    """Why the learned profiler did not answer when it was asked first (`learned unsure 0.62`,
+    `learned error: ...`, `learned: no trained model`); empty when it answered or was not
+    asked."""
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -426,6 +430,7 @@ class Decision:
             "profile_used": self.profile_used,
             "profile_note": self.profile_note,
             "profiler": self.profiler,
+            "profiler_note": self.profiler_note,
             "beliefs": None if self.beliefs is None else dict(self.beliefs),
             "space": None if self.space is None else self.space.to_dict(),
             "kv": None

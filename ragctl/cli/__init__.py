@@ -1,5 +1,5 @@
 """The `ragctl` command (typer + rich): one module per command group (`index`, `model`, `query`:
-ask/profile/demo, `serve`, `bench`, `rules`, `allocate`, `eval`). Global options are the
+ask/profile/demo, `serve`, `bench`, `rules`, `allocate`, `eval`, `profiler`). Global options are the
 Settings fields marked as CLI flags (each also readable from `RAGCTL_<NAME>`); errors print one
 line on stderr and exit non-zero (2: you asked wrongly, 1: it failed while running)."""
 
@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from ragctl.cli import allocate, bench, index, model, query, rules, serve
+from ragctl.cli import allocate, bench, index, model, profiler, query, rules, serve
 from ragctl.cli.common import run_app, with_settings_options
 from ragctl.cli.eval import eval_app
 from ragctl.settings import Settings
@@ -49,6 +49,7 @@ app.command("allocate")(allocate.allocate)
 for command in (index.index, query.ask, query.profile, serve.serve, query.demo):
     app.command()(command)
 app.add_typer(bench.app, name="bench")
+app.add_typer(profiler.app, name="profiler")
 
 
 def main(argv: list[str] | None = None) -> None:

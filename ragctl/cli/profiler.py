@@ -49,36 +49,63 @@ def train(
         f"({report.built} cells answered) in {report.seconds:.0f}s; saved in {report.folder}",
         highlight=False,
     )
-    _print_status(report.status)
+    setting = "llm" if settings.profiler == "json" else settings.profiler
+    _print_status(report.status, str(report.folder.parent.name), report.dataset, setting)
 
 
 @app.command("status")
 def status_cmd(
     ctx: typer.Context,
     dataset: str = typer.Option(..., *DATASET_FLAGS, help="Dataset card name."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
 ) -> None:
-    """Per field: samples seen, calibration error before and after, held-out accuracy of the LLM
-    and learned profilers against the outcome labels, and which profiler is in use."""
+    """Per field: labelled samples, calibration error (ECE) before and after calibration,
+    held-out accuracy of the LLM and learned profilers against the outcome labels, and which
+    profiler `auto` uses."""
+    import json
+    from dataclasses import asdict
+
+    from ragctl.errors import InvalidSetting
     from ragctl.profiler.store import ProfilerState
     from ragctl.retrieval.collection import load_card
 
     settings: Settings = ctx.obj
     card = load_card(dataset)
-    state = ProfilerState(settings.cache_dir, settings.model_name, card.name)
-    _print_status(state.status(setting=settings.profiler))
+    model = settings.profiler_model_key()
+    if model is None:
+        raise InvalidSetting(
+            "the profiler's model is known only to its server: name it with --profiler-model "
+            "(with --profiler-url) or --model (with --engine-url)"
+        )
+    state = ProfilerState.at(settings.cache_dir, model, card.name)
+    setting = "llm" if settings.profiler == "json" else settings.profiler
+    st = state.status(setting=setting)
+    if as_json:
+        print(json.dumps({"model": model, "collection": card.name, **asdict(st)}, default=str))
+        return
+    _print_status(st, model, card.name, setting)
 
 
-def _print_status(st: object) -> None:
-    table = Table(title=f"profiler state: {st.collection} on {st.model}", title_justify="left")
-    for col in ("field", "samples", "ECE before", "ECE after", "LLM acc", "learned acc"):
+def _print_status(st: object, model: str, collection: str, setting: str) -> None:
+    table = Table(title=f"profiler state: {collection} on {model}", title_justify="left")
+    cols = ("field", "labels", "LLM ECE before", "LLM ECE after", "LLM acc", "learned ECE before",
+            "learned ECE after", "learned acc")  # fmt: skip
+    for col in cols:
         table.add_column(col, justify="left" if col == "field" else "right")
     for f in st.fields:
         table.add_row(
-            f.name, str(f.n), _fmt(f.ece_before), _fmt(f.ece_after), _fmt(f.llm_accuracy),
+            f.name, str(f.n), _fmt(f.llm_ece_before), _fmt(f.llm_ece_after),
+            _fmt(f.llm_accuracy), _fmt(f.learned_ece_before), _fmt(f.learned_ece_after),
             _fmt(f.learned_accuracy),
         )  # fmt: skip
     out.print(table)
-    out.print(f"{st.samples} labelled queries; in use: {st.in_use} ({st.why})", highlight=False)
+    out.print(
+        f"{st.samples} labelled queries ({st.with_beliefs} with LLM beliefs, {st.with_features} "
+        f"with features; learned profiler fitted on {st.learned_samples}); calibrated LLM "
+        f"fields: {', '.join(st.llm_calibrated) or 'none'}; with --profiler {setting} it uses: "
+        f"{st.in_use}\nstate folder: {st.folder}",
+        highlight=False,
+    )
 
 
 def _fmt(x: float | None) -> str:

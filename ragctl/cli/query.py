@@ -128,13 +128,29 @@ def profile(
                 "space": choice.space.to_dict(),
                 "seconds": outcome.seconds,
                 "template": outcome.template,
+                "profiler": outcome.profiler,
+                "beliefs": None if outcome.beliefs is None else outcome.beliefs.to_dict(),
+                "raw_beliefs": (
+                    None if outcome.raw_beliefs is None else outcome.raw_beliefs.to_dict()
+                ),
             }
         )
         return
     used = "trusted" if choice.profile_used else f"not trusted: {choice.note}"
     out.print(f"profile {_profile_text(outcome.profile)} ({used})", highlight=False)
     out.print(f"space   {_space_text(choice.space)}", highlight=False)
-    out.print(f"took    {outcome.seconds:.2f}s (prompt {outcome.template})", highlight=False)
+    if outcome.beliefs is not None:
+        b = outcome.beliefs
+        out.print(
+            f"beliefs P(joint) {b.joint:.2f}, P(complexity high) {b.complexity_high:.2f}, "
+            f"E[pieces] {b.expected_pieces():.1f}"
+            + (" (calibrated)" if outcome.raw_beliefs is not None else " (uncalibrated)"),
+            highlight=False,
+        )
+    out.print(
+        f"took    {outcome.seconds:.2f}s ({outcome.profiler} profiler, prompt {outcome.template})",
+        highlight=False,
+    )
 
 
 def demo(

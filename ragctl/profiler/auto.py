@@ -10,8 +10,8 @@ the controller's trust threshold unchanged, no learned profiler. A corrupt file 
 start-up for its collections), never a failed request.
 
 The learned profiler needs what retrieval computes anyway (the query embedding, the retrieval
-scores): the controller passes them as `RetrievalSignals`, which is why this profiler says
-`needs_retrieval` and the controller then retrieves before it profiles.
+scores): the controller passes them as `RetrievalSignals` where `needs_retrieval(collection)`
+says so (a learned profiler is trained there), and then retrieves before it profiles.
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ class AutoProfiler:
     """Wraps an LLM profiler (`FieldProfiler`, or the JSON `Profiler`) with per-collection
     calibration and a learned profiler. Same surface as the profiler it wraps."""
 
-    needs_retrieval = True
 
     def __init__(
         self,
@@ -113,6 +112,12 @@ class AutoProfiler:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    def needs_retrieval(self, collection: str) -> bool:
+        """Whether `profile` would read retrieval signals for `collection` (a learned profiler
+        is trained there and may be used): the controller then retrieves before it profiles;
+        otherwise the two run side by side."""
+        return self.mode != "llm" and self.load(collection).learned is not None
+
     # -- state ------------------------------------------------------------------------------------
 
     def load(self, collection: str) -> CollectionProfilers:
@@ -158,7 +163,7 @@ class AutoProfiler:
         if self.mode != "llm" and state.learned is not None and retrieval is not None:
             start = time.perf_counter()
             try:
-                outcome = self._learned(state, question, retrieval, start)
+                outcome = self.learned_outcome(state, question, retrieval, start)
             except Exception as e:  # noqa: BLE001 - a profiler must never fail the request
                 log.warning("learned profiler failed; asking the LLM", exc_info=True)
                 learned_note = f"learned error: {type(e).__name__}: {e}"
@@ -175,17 +180,19 @@ class AutoProfiler:
         llm = await self.llm.profile(question, metadata, chunk_tokens, collection=collection)
         return replace(_calibrated(llm, state.calibration), learned_note=learned_note)
 
-    def _learned(
+    def learned_outcome(
         self,
         state: CollectionProfilers,
         question: str,
         retrieval: RetrievalSignals,
-        start: float,
+        start: float | None = None,
     ) -> ProfileOutcome:
         """The learned profile; its confidence is calibrated on the learned profiler's held-out
         predictions when that calibration exists."""
+        start = time.perf_counter() if start is None else start
         model = state.learned
-        assert model is not None
+        if model is None:
+            raise ValueError("no learned profiler is trained for this collection")
         if retrieval.embedding is None:
             raise ValueError("retrieval gave no query embedding")
         raw = model.predict(query_features(retrieval.embedding, retrieval.scores, question))

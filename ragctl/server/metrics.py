@@ -97,6 +97,10 @@ class ServerMetrics:
             "ragctl_profiler_fallbacks", "Adaptive requests that did not use their own profile.",
             ["reason"], registry=r,
         )  # fmt: skip
+        self.profiler_answers = Counter(
+            "ragctl_profiler_answers", "Adaptive requests by the profiler that profiled them "
+            "(json, llm or learned).", ["profiler"], registry=r,
+        )  # fmt: skip
         self.queued = Counter(
             "ragctl_admission_queued", "Requests that waited for KV cache memory.", registry=r
         )
@@ -130,6 +134,10 @@ class ServerMetrics:
         for flag in d.flags:
             if flag in ("low-confidence", "profiler-error"):
                 self.profiler_fallbacks.labels(flag).inc()
+        if d.profiler:
+            self.profiler_answers.labels(d.profiler).inc()
+        if d.profiler_note:
+            self.profiler_fallbacks.labels(learned_fallback(d.profiler_note)).inc()
         if d.queued:
             self.queued.inc()
 
@@ -150,3 +158,14 @@ class ServerMetrics:
         self.kv_reserved.set(reserved)
         self.queue_length.set(waiting)
         return generate_latest(self.registry)
+
+
+def learned_fallback(note: str) -> str:
+    """The `ragctl_profiler_fallbacks` reason of a learned profiler that did not answer:
+    learned-error (it raised), learned-unsure (below `learned_min_confidence`) or
+    learned-unavailable (no trained model, no retrieval signals)."""
+    if note.startswith("learned error"):
+        return "learned-error"
+    if note.startswith("learned unsure"):
+        return "learned-unsure"
+    return "learned-unavailable"

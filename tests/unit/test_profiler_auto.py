@@ -111,3 +111,18 @@ def test_corrupt_calibration_is_a_clear_error_at_load(tmp_path):
     auto = AutoProfiler(FakeLLM(), state_root=tmp_path, model="m")
     with pytest.raises(ProfilerStateError, match="calibration.json"):
         auto.load("c")
+
+
+def test_needs_retrieval_only_where_a_learned_profiler_may_answer(tmp_path):
+    _train(tmp_path)
+    assert AutoProfiler(FakeLLM(), state_root=tmp_path, model="m").needs_retrieval("c")
+    assert not AutoProfiler(FakeLLM(), state_root=tmp_path, model="m").needs_retrieval("other")
+    assert not AutoProfiler(FakeLLM(), mode="llm", state_root=tmp_path, model="m").needs_retrieval(
+        "c"
+    )
+
+
+def test_learned_outcome_without_a_model_is_an_error_the_profile_call_absorbs(tmp_path):
+    auto = AutoProfiler(FakeLLM(), mode="learned", state_root=tmp_path, model="m")
+    with pytest.raises(ValueError, match="no learned profiler"):
+        auto.learned_outcome(auto.load("c"), "q", RetrievalSignals(np.ones(DIM), (0.5,)))
