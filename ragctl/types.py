@@ -217,6 +217,9 @@ class GenerationRequest:
     temperature: float = 0.0
     logprobs: bool = False
     """Return the log-prob of every generated token."""
+    top_logprobs: int = 0
+    """Also return the `top_logprobs` most likely alternatives at every generated position
+    (0: none; vLLM serves at most 20 unless started with a larger `max_logprobs`)."""
     json_schema: Mapping[str, Any] | None = None
     """Constrain the output to JSON matching this schema (structured output)."""
     choices: tuple[str, ...] | None = None
@@ -239,6 +242,8 @@ class GenerationRequest:
             raise ValueError("a generation request needs either messages or a prompt, not both")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
 
 
 @dataclass(frozen=True)
@@ -277,6 +282,10 @@ class Generation:
     finish_reason: str | None = None
     token_logprobs: tuple[float, ...] | None = None
     seconds: float = 0.0
+    top_logprobs: tuple[Mapping[str, float], ...] | None = None
+    """Per generated position, when the request asked for `top_logprobs`: decoded token text
+    -> log-prob of at least the top-k alternatives (tokens that decode to the same text merged:
+    their probabilities added)."""
 
     @property
     def confidence(self) -> float | None:

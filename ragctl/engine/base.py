@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Sequence
+import math
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import TypeAlias, TypeVar
 
 from ragctl.engine.tokenizer import Tokenizer
@@ -74,3 +75,20 @@ async def gather_or_cancel(coros: Sequence[Awaitable[T]]) -> list[T]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+def merge_by_text(alternatives: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """One generated position's alternatives as decoded text -> log-prob, tokens that decode to
+    the same text merged (log-sum-exp: their probabilities add up), most likely first."""
+    merged: dict[str, float] = {}
+    for text, logprob in alternatives:
+        lp = float(logprob)
+        merged[text] = lp if text not in merged else _logaddexp(merged[text], lp)
+    return dict(sorted(merged.items(), key=lambda kv: -kv[1]))
+
+
+def _logaddexp(a: float, b: float) -> float:
+    hi, lo = max(a, b), min(a, b)
+    if hi == -math.inf:
+        return hi
+    return hi + math.log1p(math.exp(lo - hi))

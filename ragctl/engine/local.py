@@ -20,7 +20,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from ragctl.engine.base import Engine, StreamEvent, gather_or_cancel
+from ragctl.engine.base import Engine, StreamEvent, gather_or_cancel, merge_by_text
 from ragctl.engine.tokenizer import Tokenizer
 from ragctl.errors import (
     EngineError,
@@ -42,6 +42,14 @@ class _KVGauge:
     """Written by the stat logger on the engine's output loop, read by `kv_state()`."""
 
     usage: float = 0.0
+
+
+def _logprobs_param(req: GenerationRequest) -> int | None:
+    """SamplingParams.logprobs: k alternatives per position (vLLM adds the sampled token); 0:
+    the sampled token's log-prob only; None: no log-probs."""
+    if req.top_logprobs > 0:
+        return req.top_logprobs
+    return 0 if req.logprobs else None
 
 
 class LocalEngine(Engine):
@@ -180,7 +188,7 @@ class LocalEngine(Engine):
             top_p=req.top_p,
             stop=list(req.stop) or None,
             seed=req.seed,
-            logprobs=0 if req.logprobs else None,  # 0: the sampled token's log-prob only
+            logprobs=_logprobs_param(req),
             structured_outputs=structured,
             ignore_eos=req.ignore_eos,
         )
@@ -230,6 +238,9 @@ class LocalEngine(Engine):
         if req.logprobs and out.logprobs is not None:
             pairs = zip(out.token_ids, out.logprobs, strict=False)
             logprobs = tuple(float(pos[tid].logprob) for tid, pos in pairs)
+        top = None
+        if req.top_logprobs and out.logprobs is not None:
+            top = tuple(self._alternatives(pos) for pos in out.logprobs)
         yield Generation(
             text=out.text,
             prompt_tokens=len(final.prompt_token_ids or ids),
@@ -237,6 +248,19 @@ class LocalEngine(Engine):
             finish_reason=out.finish_reason,
             token_logprobs=logprobs,
             seconds=time.perf_counter() - start,
+            top_logprobs=top,
+        )
+
+    def _alternatives(self, position: Any) -> dict[str, float]:
+        """One position's {token_id: Logprob} (the top-k plus the sampled token) by text."""
+        return merge_by_text(
+            (
+                lp.decoded_token
+                if lp.decoded_token is not None
+                else self.tokenizer.hf.decode([tid]),
+                lp.logprob,
+            )
+            for tid, lp in position.items()
         )
 
     async def kv_state(self) -> KVState:

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from ragctl.engine.base import Engine, StreamEvent, gather_or_cancel
+from ragctl.engine.base import Engine, StreamEvent, gather_or_cancel, merge_by_text
 from ragctl.engine.embedded_model import model_folder, resolve_model
 from ragctl.engine.metrics import EngineStats, kv_state_from_stats, parse_metrics
 from ragctl.engine.tokenizer import Tokenizer
@@ -182,13 +182,14 @@ class RemoteEngine(Engine):
             body["seed"] = req.seed
         if req.prompt is not None:
             body["prompt"] = req.prompt
-            if req.logprobs:
-                body["logprobs"] = 0  # completions API: the sampled token's log-prob only
+            if req.logprobs or req.top_logprobs:
+                # Completions API: k alternatives per position; 0: the sampled token's only.
+                body["logprobs"] = req.top_logprobs
         else:
             body["messages"] = [{"role": m.role, "content": m.content} for m in req.messages]
-            if req.logprobs:
+            if req.logprobs or req.top_logprobs:
                 body["logprobs"] = True
-                body["top_logprobs"] = 0  # the sampled token's log-prob only
+                body["top_logprobs"] = req.top_logprobs  # 0: the sampled token's log-prob only
         if req.ignore_eos:
             body["ignore_eos"] = True  # vLLM extension
         if req.priority:
@@ -232,18 +233,21 @@ class RemoteEngine(Engine):
             choice = data["choices"][0]
             usage = data.get("usage") or {}
             logprobs = None
+            top: list[dict[str, float]] = []
+            lp = choice.get("logprobs") or {}
             if req.prompt is not None:
                 text = choice.get("text") or ""
                 if req.logprobs:
-                    values = (choice.get("logprobs") or {}).get("token_logprobs")
+                    values = lp.get("token_logprobs")
                     if values is not None:
                         logprobs = tuple(float(v) for v in values)
             else:
                 text = choice["message"].get("content") or ""
                 if req.logprobs:
-                    content = (choice.get("logprobs") or {}).get("content")
+                    content = lp.get("content")
                     if content is not None:
                         logprobs = tuple(float(t["logprob"]) for t in content)
+            _read_top_logprobs(req, lp, top)
             return Generation(
                 text=text,
                 prompt_tokens=int(usage.get("prompt_tokens", prompt_tokens)),
@@ -255,6 +259,7 @@ class RemoteEngine(Engine):
                 finish_reason=choice.get("finish_reason"),
                 token_logprobs=logprobs,
                 seconds=seconds,
+                top_logprobs=tuple(top) if req.top_logprobs and lp else None,
             )
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise EngineError(
@@ -276,6 +281,7 @@ class RemoteEngine(Engine):
         deadline = asyncio.get_running_loop().time() + self._timeout_s
         parts: list[str] = []
         logprobs: list[float] = []
+        top: list[dict[str, float]] = []
         finish: str | None = None
         usage: dict[str, Any] = {}
         try:
@@ -302,7 +308,7 @@ class RemoteEngine(Engine):
                         continue
                     if isinstance(event, str):  # [DONE]
                         break
-                    delta, done = self._stream_chunk(req, event, logprobs)
+                    delta, done = self._stream_chunk(req, event, logprobs, top)
                     finish = done or finish
                     usage = event.get("usage") or usage
                     if delta:
@@ -320,12 +326,18 @@ class RemoteEngine(Engine):
             finish_reason=finish,
             token_logprobs=tuple(logprobs) if req.logprobs and logprobs else None,
             seconds=time.perf_counter() - start,
+            top_logprobs=tuple(top) if req.top_logprobs and top else None,
         )
 
     def _stream_chunk(
-        self, req: GenerationRequest, event: dict[str, Any], logprobs: list[float]
+        self,
+        req: GenerationRequest,
+        event: dict[str, Any],
+        logprobs: list[float],
+        top: list[dict[str, float]],
     ) -> tuple[str, str | None]:
-        """One SSE chunk's text delta and finish reason (its log-probs appended)."""
+        """One SSE chunk's text delta and finish reason (its log-probs and top alternatives
+        appended)."""
         if "error" in event or event.get("object") == "error":
             err = event.get("error", event)
             message = err.get("message", err) if isinstance(err, dict) else err
@@ -344,6 +356,7 @@ class RemoteEngine(Engine):
                 text = (choice.get("delta") or {}).get("content") or ""
                 if req.logprobs:
                     logprobs.extend(float(t["logprob"]) for t in lp.get("content") or ())
+            _read_top_logprobs(req, lp, top)
             return text, choice.get("finish_reason")
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise EngineError(
@@ -372,6 +385,24 @@ class RemoteEngine(Engine):
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _read_top_logprobs(
+    req: GenerationRequest, logprobs: dict[str, Any], out: list[dict[str, float]]
+) -> None:
+    """Append each position's alternatives (text -> log-prob) from a choice's `logprobs`:
+    chat `content[i].top_logprobs = [{"token", "logprob"}, ...]`, completions `top_logprobs =
+    [{token: logprob} | null, ...]` (vLLM's completions API keys them by text already, so two
+    tokens with one text arrive as one entry)."""
+    if not req.top_logprobs or not logprobs:
+        return
+    if req.prompt is not None:
+        for pos in logprobs.get("top_logprobs") or ():
+            out.append(merge_by_text((pos or {}).items()))
+    else:
+        for pos in logprobs.get("content") or ():
+            alternatives = pos.get("top_logprobs") or ()
+            out.append(merge_by_text((t["token"], t["logprob"]) for t in alternatives))
 
 
 def make_client(

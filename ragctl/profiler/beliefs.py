@@ -1,8 +1,7 @@
-"""A profiler's per-field probabilities (`FieldBeliefs`): what the LLM field profiler reads from
-the log-probs of its constrained tokens, and what the learned profiler predicts.
-
-A minimal version: the LLM field profiler's branch owns this module (same interface).
-"""
+"""A profiler's per-field probabilities (`FieldBeliefs`): what the LLM field profiler
+(`ragctl.profiler.fields`) reads from the top log-probs of its one-token answers, and what the
+learned profiler predicts. `FIELD_VALUES` names each field's values, in the order of its
+probabilities (the order `calibration.field_probs` uses)."""
 
 from __future__ import annotations
 
@@ -17,6 +16,16 @@ SUMMARY_BUCKETS = ((30, 60), (60, 120), (120, 200))
 """The summary_length ranges a profiler chooses among: short, medium, long."""
 PIECES_VALUES = tuple(range(1, 10))
 """The pieces values a profiler chooses among; 9 means nine or more."""
+SUMMARY_NAMES = ("short", "medium", "long")
+"""Names of the SUMMARY_BUCKETS, in order."""
+FIELD_VALUES: dict[str, tuple[str, ...]] = {
+    "joint": ("false", "true"),
+    "complexity": ("low", "high"),
+    "pieces": tuple(str(v) for v in PIECES_VALUES),
+    "summary": SUMMARY_NAMES,
+}
+"""Each field's values by name, in the order of its probabilities: binary fields [false, true]
+(complexity [low, high]), pieces 1..9, summary short/medium/long."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,24 @@ class FieldBeliefs:
             "pieces": list(self.pieces),
             "summary": list(self.summary),
         }
+
+    @classmethod
+    def from_fields(cls, dists: Mapping[str, Sequence[float]]) -> FieldBeliefs:
+        """From one distribution per field of FIELD_VALUES, in its order of values."""
+        missing = sorted(set(FIELD_VALUES) - set(dists))
+        if missing:
+            raise ValueError(f"no distribution for field(s) {', '.join(missing)}")
+        for name, values in FIELD_VALUES.items():
+            if len(dists[name]) != len(values):
+                raise ValueError(
+                    f"{name} needs {len(values)} probabilities, got {len(dists[name])}"
+                )
+        return cls(
+            joint=float(dists["joint"][1]),
+            complexity_high=float(dists["complexity"][1]),
+            pieces=tuple(float(p) for p in dists["pieces"]),
+            summary=tuple(float(p) for p in dists["summary"]),  # type: ignore[arg-type]
+        )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FieldBeliefs:

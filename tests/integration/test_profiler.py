@@ -15,6 +15,10 @@ import yaml
 from ragctl.engine.base import Engine
 from ragctl.engine.remote import RemoteEngine
 from ragctl.profiler import Profiler, profile_confidence
+from ragctl.profiler.beliefs import FIELD_VALUES
+from ragctl.profiler.calibration import decision_confidence
+from ragctl.profiler.fields import DEFAULT_TOP_LOGPROBS, FieldProfiler
+from ragctl.profiler.prompts import load_field_template
 from ragctl.resources import data_folder
 from ragctl.service import open_profiler
 from ragctl.settings import Settings
@@ -148,3 +152,59 @@ async def test_open_profiler_on_a_separate_endpoint(vllm_server) -> None:
     finally:
         await prof.aclose()
     assert prof.engine._client.is_closed  # opened by open_profiler, so closed by it
+
+
+class Recording(Engine):
+    """The real engine, with every `generate` batch and its generations recorded."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.inner = engine
+        self.name, self.tokenizer = engine.name, engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.batches: list[tuple[list[GenerationRequest], list[Generation]]] = []
+
+    async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        gens = await self.inner.generate(requests)
+        self.batches.append((list(requests), gens))
+        return gens
+
+    async def kv_state(self) -> KVState:
+        return await self.inner.kv_state()
+
+
+async def test_field_profiler_reads_distributions_from_one_token_answers(local_engine) -> None:
+    """Four one-token calls per question in one batch, top-20 log-probs read into proper
+    distributions; the four prompts share their token prefix up to the field's question."""
+    engine = Recording(local_engine)
+    prof = FieldProfiler(engine)
+    tok = local_engine.tokenizer
+    for ds, q in (QUESTIONS[0], QUESTIONS[2], QUESTIONS[3]):
+        out = await prof.profile(q, *card(ds), collection=ds)
+        assert out.error is None, (q, out.error, out.raw)
+        reqs, gens = engine.batches[-1]
+        assert len(reqs) == 4 and [g.output_tokens for g in gens] == [1, 1, 1, 1]
+        for req, gen in zip(reqs, gens, strict=True):
+            assert gen.top_logprobs is not None and len(gen.top_logprobs) == 1
+            # the top 20 plus the sampled token, fewer where two tokens decode to one text
+            assert 2 <= len(gen.top_logprobs[0]) <= DEFAULT_TOP_LOGPROBS + 1
+            assert gen.prompt_tokens == len(tok.encode_request(req))
+        ids = [tok.encode_request(r) for r in reqs]
+        common = 0
+        while len({x[common] for x in ids}) == 1:
+            common += 1
+        assert common > 100  # the instructions, the collection, the question
+        for x, req, field in zip(ids, reqs, FIELD_VALUES, strict=True):
+            assert req.tag == f"profile-{field}"
+            # after the shared prefix: the field's question and the chat's end of turn
+            asked = load_field_template().questions[field].text
+            assert len(x) - common <= tok.count(asked) + 8, (field, len(x), common)
+        b = out.beliefs
+        for dist in (b.pieces, b.summary):
+            assert sum(dist) == pytest.approx(1.0) and all(0.0 < p < 1.0 for p in dist)
+        assert 0.0 < b.joint < 1.0 and 0.0 < b.complexity_high < 1.0
+        assert out.profile.confidence == pytest.approx(decision_confidence(b))
+        assert out.profile == b.to_profile(out.profile.confidence)
+        assert out.prompt_tokens == sum(g.prompt_tokens for g in gens) and out.output_tokens == 4
+        assert out.profiler == "llm" and out.template == "v1" and json.loads(out.raw)
+        print(f"\n{q[:50]!r}: {out.seconds:.2f}s, {out.prompt_tokens} prompt tokens "
+              f"(shared {common}), beliefs {b.to_dict()}")  # fmt: skip

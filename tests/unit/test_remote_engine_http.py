@@ -4,6 +4,7 @@ the real-server tests are in tests/integration/test_remote_engine.py)."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -282,6 +283,105 @@ async def test_raw_prompts_use_the_completions_endpoint() -> None:
     assert "response_format" not in body2
     assert gen.text == " done" and gen.token_logprobs == (-0.5, -1.5)
     assert (gen.prompt_tokens, gen.output_tokens) == (3, 2)
+
+
+async def test_top_logprobs_chat_body_and_parsing() -> None:
+    """vLLM's chat protocol: `logprobs: true, top_logprobs: k`; each position's
+    `content[i].top_logprobs` is a list of {token, logprob}; tokens with one text are merged."""
+    seen: list[dict] = []
+    alternatives = [
+        {"token": "Yes", "logprob": math.log(0.5)},
+        {"token": "No", "logprob": math.log(0.2)},
+        {"token": "Yes", "logprob": math.log(0.1)},  # another token id, same text
+        {"token": " no", "logprob": math.log(0.05)},
+    ]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        choice = {
+            "message": {"role": "assistant", "content": "Yes"},
+            "finish_reason": "length",
+            "logprobs": {"content": [
+                {"token": "Yes", "logprob": math.log(0.5), "top_logprobs": alternatives},
+            ]},
+        }  # fmt: skip
+        return httpx.Response(
+            200, json={"choices": [choice], "usage": {"prompt_tokens": 7, "completion_tokens": 1}}
+        )
+
+    engine = mock_engine(handler)
+    [gen] = await engine.generate([GenerationRequest(user("q"), max_tokens=1, top_logprobs=20)])
+    assert (seen[0]["logprobs"], seen[0]["top_logprobs"]) == (True, 20)
+    assert gen.token_logprobs is None  # not asked for: unchanged behaviour
+    [pos] = gen.top_logprobs
+    assert list(pos) == ["Yes", "No", " no"]  # most likely first
+    assert pos["Yes"] == pytest.approx(math.log(0.6))
+    assert pos["No"] == pytest.approx(math.log(0.2))
+    assert pos[" no"] == pytest.approx(math.log(0.05))
+    # Both kinds together: the sampled token's log-prob and the alternatives.
+    [both] = await engine.generate(
+        [GenerationRequest(user("q"), max_tokens=1, logprobs=True, top_logprobs=3)]
+    )
+    assert seen[1]["top_logprobs"] == 3
+    assert both.token_logprobs == pytest.approx((math.log(0.5),)) and len(both.top_logprobs) == 1
+    await engine.aclose()
+
+
+async def test_top_logprobs_completions_body_and_parsing() -> None:
+    """The completions protocol: `logprobs: k`; `logprobs.top_logprobs` is one {token: logprob}
+    per position (null where the server has none)."""
+    seen: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        choice = {
+            "text": "3 4",
+            "finish_reason": "length",
+            "logprobs": {
+                "tokens": ["3", " 4"],
+                "token_logprobs": [-0.1, -0.7],
+                "top_logprobs": [{"3": -0.1, "2": -2.5}, None],
+            },
+        }
+        return httpx.Response(
+            200, json={"choices": [choice], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+        )
+
+    engine = mock_engine(handler)
+    [gen] = await engine.generate([GenerationRequest(prompt="n?", max_tokens=2, top_logprobs=5)])
+    assert seen[0]["logprobs"] == 5 and "top_logprobs" not in seen[0]
+    assert gen.top_logprobs == ({"3": -0.1, "2": -2.5}, {})
+    assert gen.token_logprobs is None
+    [plain] = await engine.generate([GenerationRequest(prompt="n?", max_tokens=2)])
+    assert "logprobs" not in seen[1] and plain.top_logprobs is None
+    await engine.aclose()
+
+
+async def test_stream_reads_top_logprobs() -> None:
+    def chunk(text: str, alts: dict[str, float]) -> dict:
+        top = [{"token": t, "logprob": lp} for t, lp in alts.items()]
+        content = [{"token": text, "logprob": -0.1, "top_logprobs": top}]
+        return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None,
+                             "logprobs": {"content": content}}]}  # fmt: skip
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = sse(chunk("A", {"A": -0.1, "B": -2.0}), chunk("B", {"B": -0.3}),
+                   {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}},
+                   b"[DONE]")  # fmt: skip
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    engine = mock_engine(handler)
+    events = [
+        e async for e in engine.stream(GenerationRequest(user("q"), max_tokens=2, top_logprobs=2))
+    ]
+    gen = events[-1]
+    assert gen.text == "AB" and gen.top_logprobs == ({"A": -0.1, "B": -2.0}, {"B": -0.3})
+    await engine.aclose()
+
+
+def test_top_logprobs_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="top_logprobs"):
+        GenerationRequest(user("q"), top_logprobs=-1)
 
 
 def test_a_request_has_messages_or_a_prompt() -> None:
