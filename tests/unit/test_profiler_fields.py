@@ -13,6 +13,7 @@ import pytest
 
 from ragctl.engine.base import Engine
 from ragctl.errors import EngineError, EngineTimeout
+from ragctl.profiler import prompts as profiler_prompts
 from ragctl.profiler.auto import AutoProfiler
 from ragctl.profiler.beliefs import FIELD_VALUES, SUMMARY_BUCKETS, FieldBeliefs
 from ragctl.profiler.calibration import decision_confidence
@@ -357,3 +358,16 @@ def test_beliefs_from_fields() -> None:
     with pytest.raises(ValueError, match="pieces needs 9"):
         FieldBeliefs.from_fields({"joint": (0.3, 0.7), "complexity": (0.9, 0.1),
                                   "pieces": (1,), "summary": (1, 0, 0)})  # fmt: skip
+
+
+def test_a_fields_file_whose_header_disagrees_with_its_name_is_refused(
+    tmp_path, monkeypatch
+) -> None:
+    (tmp_path / "fields.v7.txt").write_text(HEAD.replace("v9", "v6") + "".join(BODIES.values()))
+    monkeypatch.setattr(profiler_prompts, "data_folder", lambda name: tmp_path)
+    load_field_template.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="header says v6, the file name v7"):
+            load_field_template("v7")
+    finally:
+        load_field_template.cache_clear()
