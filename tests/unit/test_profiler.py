@@ -425,9 +425,28 @@ async def test_aclose_closes_only_an_engine_it_owns(tokenizer) -> None:
 
 async def test_open_profiler_without_a_url_uses_the_serving_engine(tokenizer) -> None:
     serving = FakeEngine(tokenizer)
-    settings = Settings(profiler_timeout_s=7.5, golden_examples=2)
+    settings = Settings(profiler_timeout_s=7.5, golden_examples=2, profiler="json")
     prof = await open_profiler(settings, serving)
+    assert isinstance(prof, Profiler)
     assert prof.engine is serving
     assert (prof.timeout_s, prof.examples.max_examples) == (7.5, 2)
+    await prof.aclose()
+    assert not serving.closed
+
+
+@pytest.mark.parametrize("mode", ["llm", "learned", "auto"])
+async def test_open_profiler_wraps_the_field_profiler(tokenizer, tmp_path, mode) -> None:
+    from ragctl.profiler.auto import AutoProfiler
+    from ragctl.profiler.fields import FieldProfiler
+
+    serving = FakeEngine(tokenizer)
+    settings = Settings(profiler_timeout_s=7.5, golden_examples=2, profiler=mode,
+                        cache_dir=tmp_path, learned_min_confidence=0.7)  # fmt: skip
+    prof = await open_profiler(settings, serving)
+    assert isinstance(prof, AutoProfiler) and isinstance(prof.llm, FieldProfiler)
+    assert (prof.mode, prof.state_root, prof.learned_min_confidence) == (mode, tmp_path, 0.7)
+    assert prof.model == "SmolLM2-135M-Instruct"  # where `ragctl profiler train` files it
+    assert prof.engine is serving and prof.llm.timeout_s == 7.5
+    assert prof.examples.max_examples == 2
     await prof.aclose()
     assert not serving.closed
