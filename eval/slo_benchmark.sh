@@ -53,10 +53,22 @@ for key in runs["off"]["rates"]:
               f"{slo['violation_rate']:>6.0%} {cut:>+7.0%} {s['throughput_qps']:>6.3f} "
               f"{s['delay_mean_s']:>7.2f} {s['delay_p95_s']:>6.2f} {slo['flagged']:>7} "
               f"{slo['paused_mean_ms'] or 0:>9.0f} {actions}")
+def pct(x):
+    return "-" if x is None else f"{x:.0%}"
 for mode, res in runs.items():
-    pred = res["meta"]["slo"]["prediction"]
+    meta = res["meta"]["slo"]
+    pred = meta["prediction"]
     if pred["n"]:
-        print(f"{mode}: stage-time predictor MAE {pred['predictor_mae_s']:.2f} s "
-              f"(MAPE {pred['predictor_mape']:.0%}) vs baseline {pred['baseline_mae_s']:.2f} s "
-              f"({pred['baseline_mape']:.0%}) over {pred['n']} requests")
+        print(f"{mode}: the tracker's predictor ({meta.get('predictor', 'averages')}) MAE "
+              f"{pred['predictor_mae_s']:.2f} s (MAPE {pred['predictor_mape']:.0%}) vs baseline "
+              f"{pred['baseline_mae_s']:.2f} s ({pred['baseline_mape']:.0%}) over {pred['n']} requests")
+    if pred.get("paired_n"):
+        # Like for like: the requests where the delay model, the running averages and the
+        # configuration-blind baseline all predicted.
+        print(f"{mode}: MAPE over {pred['paired_n']} requests: delay model "
+              f"{pct(pred['paired_model_mape'])}, running averages "
+              f"{pct(pred['paired_averages_mape'])}, configuration-blind "
+              f"{pct(pred['paired_baseline_mape'])} (model alone {pct(pred['model_mape'])} over "
+              f"{pred['model_n']}, averages alone {pct(pred['averages_mape'])} over "
+              f"{pred['averages_n']})")
 EOF

@@ -36,11 +36,13 @@ from ragctl.engine.base import Engine, gather_or_cancel
 from ragctl.errors import EngineError, InvalidRequest, PromptTooLong, RagctlError
 from ragctl.policy import (
     AdaptivePolicy,
+    CostModels,
     SpaceChoice,
     adaptive_decision,
     best_fit,
     chunk_cap,
     outcome_counter,
+    planned_work,
     resolve_space,
     with_history,
 )
@@ -48,6 +50,7 @@ from ragctl.profiler import ProfileOutcome, Profiler
 from ragctl.profiler.auto import RetrievalSignals
 from ragctl.rules import RuleSet, load_rules
 from ragctl.scheduler import AdmissionQueue, KVLedger, NeedTable
+from ragctl.scheduler.cost import QualityModel, StageWork
 from ragctl.scheduler.slo import RequestTrace, SLOTracker, StageHooks
 from ragctl.synthesis.methods import Step, Synthesizer
 from ragctl.types import (
@@ -185,7 +188,13 @@ class Controller:
             admission = AdmissionQueue(KVLedger(), engine.kv_state, maxsize=self.policy.queue_size)
         self.admission = admission
         # One tracker per engine, like the admission queue: flags and pauses span collections.
-        self.slo = slo if slo is not None else SLOTracker(self.policy.mitigation)
+        # It holds the engine's delay model and load meter, shared the same way.
+        if slo is None:
+            slo = SLOTracker(self.policy.mitigation, predictor=self.policy.slo_predictor)
+        self.slo = slo
+        self.quality = QualityModel()
+        """Predicted quality of configurations in this collection (best-fit's objective); fed
+        with outcome labels by `quality.add_label`."""
         self.owns_engine = owns_engine
         self.bridge = bridge or Bridge()
         self.history: dict[str, deque[ConfigSpace]] = {}
@@ -421,9 +430,9 @@ class Controller:
         timings: dict[str, float] = {}
         chunks = await self._retrieve(q, config.num_chunks, timings)
         trace.on_stage("queue")
-        trace.on_plan(config)
-        kv = await self.engine.kv_state()
         sq = with_history(q, history)
+        trace.on_plan(config, work=planned_work(synth.sizer(sq, chunks), config))
+        kv = await self.engine.kv_state()
         need = self._need(sq, chunks, kv.block_size, config, synth)
         decision = Decision(
             config=config,
@@ -457,7 +466,9 @@ class Controller:
         timings["queue"] = admitted.queued_s
         plan = admitted.plan
         assert plan.config is not None  # admitted plans are runnable
-        trace.on_plan(plan.config, plan.slo_action)
+        trace.on_plan(
+            plan.config, plan.slo_action, planned_work(synth.sizer(sq, chunks), plan.config)
+        )
         self.counters["fallback"] += plan.reason == "fallback"
         self.counters["queued"] += admitted.queued
         templates = {**synth.template_versions, **self._profiler_templates()}
@@ -508,6 +519,7 @@ class Controller:
             (synth or self.synthesizer).sizer(synthesis_question, chunks),
             cap,
             self.policy.kv_buffer_blocks,
+            cost=self._cost_models(),
             **trace.planning(),
         )
         timings["decide"] = time.perf_counter() - t
@@ -575,6 +587,15 @@ class Controller:
                 history.append(choice.space)
         return choice
 
+    def _cost_models(self) -> CostModels:
+        return CostModels(
+            delay=self.slo.delay,
+            load=self.slo.load.now,
+            quality=self.quality,
+            objective=self.policy.objective,
+            delay_weight=self.policy.delay_weight,
+        )
+
     def _need(
         self,
         q: str,
@@ -609,7 +630,8 @@ class Controller:
     ) -> Answer:
         t = time.perf_counter()
         step = synth.plan(decision.config, synthesis_question, chunks)
-        result, stages = await self.run_synthesis(step, trace, sink)
+        planned = planned_work(synth.sizer(synthesis_question, chunks), decision.config)
+        result, stages = await self.run_synthesis(step, trace, sink, planned)
         end = time.perf_counter()
         timings["synthesis"] = end - t
         for s in stages:
@@ -634,12 +656,17 @@ class Controller:
         step: Step | SynthesisResult,
         trace: StageHooks = NO_HOOKS,
         sink: AnswerStream | None = None,
+        planned: Sequence[StageWork] = (),
     ) -> tuple[SynthesisResult, tuple[StageRecord, ...]]:
         """Run a method's steps on the engine, one stage after another, telling `trace` each
         stage as it starts (the SLO loop times it and decides its calls' priority). With a
         `sink`, a streaming step's call goes through `Engine.stream` and its deltas to the sink;
-        the final answer completes it (sent whole if nothing streamed)."""
+        the final answer completes it (sent whole if nothing streamed).
+        Every stage counts in the engine's load meter while it runs, and the engine's delay
+        model learns from it (its tokens, the load when it started, its seconds); `planned`
+        (the configuration's planned work per stage) sizes its tokens in the meter."""
         stages: list[StageRecord] = []
+        by_stage = {w.stage: w for w in planned}
         while isinstance(step, Step):
             t = time.perf_counter()
             trace.on_stage(step.name)
@@ -647,19 +674,37 @@ class Controller:
             priority = trace.priority_for(len(requests))
             if priority:
                 requests = tuple(replace(r, priority=priority) for r in requests)
-            if sink is not None and step.streams:
-                gens = [await self._stream_call(requests[0], sink)]
-            else:
-                gens = await self.engine.generate(requests)
+            budget = StageWork(
+                step.name,
+                len(requests),
+                by_stage[step.name].prompt_tokens if step.name in by_stage else 0,
+                max(r.max_tokens for r in requests),
+                sum(r.max_tokens for r in requests),
+            )
+            load = self.slo.load.now()
+            with self.slo.load.running(len(requests), budget.prompt_tokens + budget.output_tokens):
+                if sink is not None and step.streams:
+                    gens = [await self._stream_call(requests[0], sink)]
+                else:
+                    gens = await self.engine.generate(requests)
+            seconds = time.perf_counter() - t
             stages.append(
                 StageRecord(
                     name=step.name,
                     calls=len(gens),
                     prompt_tokens=sum(g.prompt_tokens for g in gens),
                     output_tokens=sum(g.output_tokens for g in gens),
-                    seconds=time.perf_counter() - t,
+                    seconds=seconds,
                 )
             )
+            observed = StageWork(
+                step.name,
+                len(gens),
+                stages[-1].prompt_tokens,
+                max((g.output_tokens for g in gens), default=0),
+                stages[-1].output_tokens,
+            )
+            self.slo.observe_stage(observed, load, seconds, budget)
             step = step.finish(gens)
         if sink is not None:
             sink.complete(step.answer)
@@ -697,7 +742,10 @@ class Controller:
         try:
             kv = await self.engine.kv_state()
             with self.admission.ledger.reserve(self._need(q, chunks, kv.block_size, config)):
-                result, _ = await self.run_synthesis(self.synthesizer.plan(config, q, chunks))
+                planned = planned_work(self.synthesizer.sizer(q, chunks), config)
+                result, _ = await self.run_synthesis(
+                    self.synthesizer.plan(config, q, chunks), planned=planned
+                )
             c = self.collection
             corrected = await self.profiler.feedback(
                 q, c.metadata, c.chunk_tokens, result.answer, result.intermediate,

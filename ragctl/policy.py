@@ -5,6 +5,7 @@ see. No engine and no awaiting here: `ragctl.controller` awaits, this decides.""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,11 +13,13 @@ from typing import Any
 from ragctl.profiler import ProfileOutcome
 from ragctl.rules import RuleSet, default_space, evaluate, merge_spaces
 from ragctl.scheduler import NeedTable, choose
-from ragctl.scheduler.slo import Mitigation, choose_within_slo
+from ragctl.scheduler.cost import DelayModel, Load, QualityModel, StageWork, WorkTable
+from ragctl.scheduler.objective import DEFAULT_DELAY_WEIGHT, choose_objective
+from ragctl.scheduler.slo import Mitigation, Predictor, choose_within_slo
 from ragctl.synthesis import registry
 from ragctl.synthesis.methods import CallSizer
 from ragctl.synthesis.registry import GOLDEN_CONFIG
-from ragctl.types import Config, ConfigSpace, Decision, KVState, Message, Plan
+from ragctl.types import Config, ConfigSpace, Decision, KVState, Message, Objective, Plan
 
 HISTORY_TURNS = 6
 """Earlier messages of a conversation carried into the synthesis prompts (the latest ones)."""
@@ -39,6 +42,12 @@ class AdaptivePolicy:
     mitigation: Mitigation = field(default_factory=Mitigation)
     retrieval_aware_k: bool = False
     """Cut the chunk count inside a space's range at the largest retrieval-score gap."""
+    objective: Objective = "quality"
+    """How best-fit chooses among the fitting configurations (`scheduler.objective`)."""
+    delay_weight: float = DEFAULT_DELAY_WEIGHT
+    """`balanced`: quality worth the fastest fitting configuration's time."""
+    slo_predictor: Predictor = "model"
+    """The SLO loop's time predictor (`SLOTracker`)."""
 
     @classmethod
     def from_settings(cls, settings: Any) -> AdaptivePolicy:
@@ -52,6 +61,9 @@ class AdaptivePolicy:
             collection_slo_ms=dict(settings.collection_slo_ms),
             mitigation=Mitigation.parse(settings.slo_mitigation),
             retrieval_aware_k=settings.retrieval_aware_k,
+            objective=settings.objective,
+            delay_weight=settings.delay_weight,
+            slo_predictor=settings.slo_predictor,
         )
 
     def slo_for(self, collection: str) -> float | None:
@@ -133,29 +145,63 @@ def chunk_cap(space: ConfigSpace, scores: Sequence[float], retrieval_aware: bool
     return gap_cut(scores, lo, hi)
 
 
+@dataclass(frozen=True)
+class CostModels:
+    """What cost-aware best-fit predicts with: the engine's delay model and the load on it
+    now, the collection's quality model, and the objective (see `scheduler.objective`)."""
+
+    delay: DelayModel
+    load: Callable[[], Load]
+    quality: QualityModel
+    objective: Objective = "quality"
+    delay_weight: float = DEFAULT_DELAY_WEIGHT
+
+
 def best_fit(
     choice: SpaceChoice,
     sizer: CallSizer,
     chunks: int,
     buffer_blocks: int,
     *,
-    predict: Callable[[Config], float | None] | None = None,
-    budget_s: Callable[[], float] | None = None,
+    predict: Callable[[Config, tuple[StageWork, ...]], float | None] | None = None,
+    budget_s: Callable[[], float | None] | None = None,
+    cost: CostModels | None = None,
 ) -> Callable[[KVState, int], Plan]:
     """The admission queue's `decide`: best-fit over the query's space, sized by `sizer`.
-    With `predict` and `budget_s` (the SLO loop's configuration mechanism), best-fit keeps
-    to the configurations predicted to finish within the time left when it decides."""
+    With `cost`, best-fit chooses among the fitting configurations by its objective and the
+    plan records the candidates (`quality`: the same configuration as without). With
+    `predict(config, work)` and `budget_s` (the SLO loop's configuration mechanism), best-fit
+    keeps to the configurations predicted to finish within the time left when it decides."""
+    works = WorkTable(sizer)
 
     def decide(kv: KVState, reserved: int) -> Plan:
         need = NeedTable(sizer, kv.block_size, buffer_blocks)
         kwargs = {"joint_reasoning": choice.joint_reasoning, "max_chunks": chunks}
-        if predict is None or budget_s is None:
-            return choose(choice.space, kv, reserved, need, **kwargs)
+        chooser: Callable[..., Plan] = choose
+        if cost is not None:
+            load = cost.load()  # once per decision: every candidate sees the same load
+            chooser = functools.partial(
+                choose_objective,
+                objective=cost.objective,
+                delay=lambda c: cost.delay.predict(works(c), load),
+                quality=lambda c: cost.quality.predict(c, choice.space),
+                delay_weight=cost.delay_weight,
+                delay_source=cost.delay.source,
+            )
+        left = budget_s() if budget_s is not None else None
+        if predict is None or left is None:
+            return chooser(choice.space, kv, reserved, need, **kwargs)
         return choose_within_slo(
-            choice.space, kv, reserved, need, predict=predict, budget_s=budget_s(), **kwargs
-        )
+            choice.space, kv, reserved, need,
+            predict=lambda c: predict(c, works(c)), budget_s=left, chooser=chooser, **kwargs,
+        )  # fmt: skip
 
     return decide
+
+
+def planned_work(sizer: CallSizer, config: Config) -> tuple[StageWork, ...]:
+    """`config`'s planned work per stage (output budgets), for the SLO loop's predictions."""
+    return WorkTable(sizer)(config)
 
 
 def adaptive_decision(
@@ -183,6 +229,7 @@ def adaptive_decision(
         profiler=outcome.profiler,
         beliefs=None if outcome.beliefs is None else outcome.beliefs.to_dict(),
         profiler_note=outcome.learned_note,
+        choice=plan.choice,
     )
 
 

@@ -127,7 +127,8 @@ class Service:
         self.rules = rules
         self.policy = AdaptivePolicy.from_settings(settings)
         self.admission = AdmissionQueue(KVLedger(), engine.kv_state, maxsize=self.policy.queue_size)
-        self.slo = SLOTracker(self.policy.mitigation)
+        # One per engine: its flags, pauses, load meter and delay model span collections.
+        self.slo = SLOTracker(self.policy.mitigation, predictor=self.policy.slo_predictor)
         self.controllers: dict[str, Controller] = {}
         self._opening: dict[str, asyncio.Task[Controller]] = {}
 

@@ -174,6 +174,20 @@ class Settings(BaseSettings):
         "retrieval score (Adaptive-k); off by default until it pays (`ragctl bench adaptive-k`).",
         json_schema_extra=CLI_FLAG,
     )
+    objective: Literal["quality", "balanced", "latency"] = Field(
+        "quality",
+        description="How best-fit chooses among the configurations that fit: quality (the "
+        "largest, METIS's rule), latency (the fastest predicted) or balanced (the largest "
+        "unless a faster one saves more time than its predicted quality loss is worth, see "
+        "`delay_weight`).",
+        json_schema_extra=CLI_FLAG,
+    )
+    delay_weight: float = Field(
+        0.1,
+        ge=0.0,
+        description="Objective balanced: the predicted quality (share of queries answered, "
+        "0-1) worth the time of the fastest fitting configuration.",
+    )
     kv_buffer_blocks: int = Field(
         1, ge=0, description="Safety buffer added to every configuration's KV-block need."
     )
@@ -199,6 +213,12 @@ class Settings(BaseSettings):
         description="What the SLO loop may do for requests predicted to miss: off, patchwork "
         "(engine priority + paused admissions), adaptive (patchwork + a cheaper configuration "
         "at planning time), or a comma list of priority,pause,config.",
+    )
+    slo_predictor: Literal["model", "averages"] = Field(
+        "model",
+        description="SLO loop's time predictor: model (the load-aware delay model, fitted "
+        "online; running averages until it has data) or averages (running averages per "
+        "configuration only).",
     )
     embed_batch_size: int = Field(
         1, ge=1, description="Query embedding: most queries embedded in one batch."

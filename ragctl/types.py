@@ -176,6 +176,57 @@ class ConfigSpace:
 
 
 PlanReason = Literal["fit", "fallback", "wait"]
+Objective = Literal["quality", "balanced", "latency"]
+OBJECTIVES: tuple[Objective, ...] = ("quality", "balanced", "latency")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration best-fit considered: its KV need, predicted delay and quality, and
+    its score under the objective (larger wins; see `scheduler.objective`)."""
+
+    config: Config
+    need_blocks: int
+    delay_s: float | None = None
+    quality: float | None = None
+    score: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, 4)
+
+        return {
+            "config": self.config.label,
+            "need_blocks": self.need_blocks,
+            "delay_s": r(self.delay_s),
+            "quality": r(self.quality),
+            "score": r(self.score),
+        }
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How the objective chose among the fitting candidates (on a Plan and its Decision)."""
+
+    objective: Objective
+    why: str
+    """Why the chosen candidate won, in words."""
+    fitting: int
+    """Candidates that fitted (the recorded ones are the top by score)."""
+    candidates: tuple[Candidate, ...] = ()
+    """The fitting candidates with the best scores, best first (the chosen one always)."""
+    delay_source: str = ""
+    """Where the delays come from: `fitted`, `measured` or `prior` (see `DelayModel.source`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "objective": self.objective,
+            "why": self.why,
+            "fitting": self.fitting,
+            "recorded": f"top {len(self.candidates)} of {self.fitting} fitting, by score",
+            "delay_source": self.delay_source,
+            "candidates": [c.to_dict() for c in self.candidates],
+        }
 
 
 @dataclass(frozen=True)
@@ -195,6 +246,8 @@ class Plan:
     """Blocks in-flight plans have reserved that the engine does not show yet."""
     slo_action: str = ""
     """Set when the SLO loop changed the choice (see `scheduler.slo.choose_within_slo`)."""
+    choice: Choice | None = None
+    """The candidates and the objective's reasoning (None: plain best-fit, no cost model)."""
 
     @property
     def available_blocks(self) -> int:
@@ -409,6 +462,9 @@ class Decision:
     """Why the learned profiler did not answer when it was asked first (`learned unsure 0.62`,
     `learned error: ...`, `learned: no trained model`); empty when it answered or was not
     asked."""
+    choice: Choice | None = None
+    """Best-fit's objective, the candidates it considered (blocks, predicted delay and
+    quality) and why the chosen one won; None for a fixed configuration."""
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -454,6 +510,7 @@ class Decision:
             "reserved_blocks": self.reserved_blocks,
             "queued": self.queued,
             "slo": None if self.slo is None else self.slo.to_dict(),
+            "choice": None if self.choice is None else self.choice.to_dict(),
             "templates": dict(self.templates),
         }
 

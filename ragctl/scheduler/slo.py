@@ -1,9 +1,12 @@
 """SLO tracking and mitigation: Patchwork's online loop, plus changing a request's configuration.
 
-- `StageStats` keeps running averages of stage seconds per (stage, configuration); from them
-  `predict_synthesis` estimates a configuration's synthesis time and `remaining_s` what an
-  in-flight request still needs. `BaselineEstimator` (one running average of synthesis time,
-  whatever the configuration) is what the predictor's error is measured against.
+- The predictor: the engine's load-aware `DelayModel` (`scheduler.cost`: seconds from each
+  stage's tokens and the calls in flight, fitted online) once it is `ready` and the request's
+  planned work is known; else `StageStats`, running averages of stage seconds per (stage,
+  configuration), from which `predict_synthesis` estimates a configuration's synthesis time and
+  `remaining_s` what an in-flight request still needs (`SLOTracker(predictor="averages")`
+  keeps to them). `BaselineEstimator` (one running average of synthesis time, whatever the
+  configuration) is what both are measured against: the tracker records the error of all three.
 - `choose_within_slo` (pure) is best-fit restricted to the configurations predicted to meet the
   time left: the space's largest fitting one that meets it; else a cheaper one outside the space
   (`below-profile`); else the fastest that fits (`unmeetable`). The Plan says which.
@@ -23,14 +26,18 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from ragctl.errors import InvalidRequest
 from ragctl.scheduler.bestfit import choose, clip_space, fallback_configs, unshown_reserved
+from ragctl.scheduler.cost import DelayModel, Load, LoadMeter, StageWork
 from ragctl.synthesis import registry
 from ragctl.types import Config, ConfigSpace, KVState, Plan, SLORecord
+
+Predictor = Literal["model", "averages"]
+PREDICTORS: tuple[Predictor, ...] = ("model", "averages")
 
 MECHANISMS = ("priority", "pause", "config")
 MITIGATION_MODES: dict[str, frozenset[str]] = {
@@ -165,31 +172,91 @@ class BaselineEstimator:
 
 
 @dataclass
+class _Errors:
+    n: int = 0
+    abs_s: float = 0.0
+    rel: float = 0.0
+
+    def add(self, actual: float, predicted: float) -> None:
+        self.n += 1
+        self.abs_s += abs(predicted - actual)
+        self.rel += abs(predicted - actual) / max(actual, 1e-6)
+
+
+@dataclass
 class PredictionErrors:
-    """Absolute errors of synthesis-time predictions made at planning time."""
+    """Errors of synthesis-time predictions made at planning time: `predictor` (what the
+    tracker used), `baseline` (configuration-blind) over the `n` requests where both existed;
+    `averages` (running averages per configuration) and `model` (the delay model) over the
+    requests where each could predict (`averages_n`, `model_n`), and over the `paired_n`
+    requests where all three could (`paired_*`: the like-for-like comparison)."""
 
     n: int = 0
     predictor_abs_s: float = 0.0
     baseline_abs_s: float = 0.0
     predictor_rel: float = 0.0
     baseline_rel: float = 0.0
+    averages: _Errors = field(default_factory=_Errors)
+    model: _Errors = field(default_factory=_Errors)
+    paired: dict[str, _Errors] = field(
+        default_factory=lambda: {k: _Errors() for k in ("model", "averages", "baseline")}
+    )
 
-    def add(self, actual: float, predicted: float, baseline: float) -> None:
+    def add(
+        self,
+        actual: float,
+        predicted: float,
+        baseline: float,
+        *,
+        averages: float | None = None,
+        model: float | None = None,
+    ) -> None:
         self.n += 1
         self.predictor_abs_s += abs(predicted - actual)
         self.baseline_abs_s += abs(baseline - actual)
         scale = max(actual, 1e-6)
         self.predictor_rel += abs(predicted - actual) / scale
         self.baseline_rel += abs(baseline - actual) / scale
+        self.add_each(actual, baseline, averages=averages, model=model)
+
+    def add_each(
+        self,
+        actual: float,
+        baseline: float | None,
+        *,
+        averages: float | None = None,
+        model: float | None = None,
+    ) -> None:
+        """The per-predictor errors alone (also where the tracker's own had no prediction)."""
+        if averages is not None:
+            self.averages.add(actual, averages)
+        if model is not None:
+            self.model.add(actual, model)
+        if None not in (averages, model, baseline):
+            for k, v in (("model", model), ("averages", averages), ("baseline", baseline)):
+                self.paired[k].add(actual, v)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, float | int | None]:
         n = self.n
+
+        def mean(x: float, k: int) -> float | None:
+            return x / k if k else None
+
+        pn = self.paired["model"].n
         return {
             "n": n,
             "predictor_mae_s": self.predictor_abs_s / n if n else None,
             "baseline_mae_s": self.baseline_abs_s / n if n else None,
             "predictor_mape": self.predictor_rel / n if n else None,
             "baseline_mape": self.baseline_rel / n if n else None,
+            "averages_n": self.averages.n,
+            "averages_mae_s": mean(self.averages.abs_s, self.averages.n),
+            "averages_mape": mean(self.averages.rel, self.averages.n),
+            "model_n": self.model.n,
+            "model_mae_s": mean(self.model.abs_s, self.model.n),
+            "model_mape": mean(self.model.rel, self.model.n),
+            "paired_n": pn,
+            **{f"paired_{k}_mape": mean(e.rel, pn) for k, e in self.paired.items()},
         }
 
 
@@ -234,6 +301,7 @@ def choose_within_slo(
     max_chunks: int,
     predict: Callable[[Config], float | None],
     budget_s: float,
+    chooser: Callable[..., Plan] = choose,
 ) -> Plan:
     """Best-fit that keeps the request's time budget.
 
@@ -243,9 +311,11 @@ def choose_within_slo(
        that fits (`cheaper-config`), else of the cheaper ones outside it (`below-profile`).
     3. else, of everything that fits now, the one predicted fastest (`unmeetable`).
     A `wait` plan stays a wait: when nothing fits, nothing faster fits either.
+    `chooser` is best-fit (`choose`, or `objective.choose_objective` with its predictors bound);
+    "largest" above is its pick.
     """
     kwargs = {"joint_reasoning": joint_reasoning, "max_chunks": max_chunks}
-    base = choose(space, kv, reserved_total, need, **kwargs)
+    base = chooser(space, kv, reserved_total, need, **kwargs)
     if base.config is None:
         return base
     predicted = predict(base.config)
@@ -258,7 +328,7 @@ def choose_within_slo(
         p = predict(c)
         return p is not None and p <= budget_s
 
-    plan = choose(space, kv, reserved_total, need, admissible=meets, **kwargs)
+    plan = chooser(space, kv, reserved_total, need, admissible=meets, **kwargs)
     if plan.config is not None:
         action = "cheaper-config" if plan.reason == "fit" else "below-profile"
         return dataclasses.replace(plan, slo_action=action)
@@ -301,6 +371,10 @@ class Tracked:
     baseline_s: float | None = None
     plan_action: str = "none"
     synthesis_start: float | None = None
+    work: tuple[StageWork, ...] | None = None
+    """The planned configuration's work per stage (output budgets), when the planner gave it."""
+    averages_s: float | None = None
+    model_s: float | None = None
 
     @property
     def deadline(self) -> float | None:
@@ -317,9 +391,20 @@ class SLOTracker:
         stats: StageStats | None = None,
         clock: Callable[[], float] = time.monotonic,
         poll_s: float = 0.02,
+        delay: DelayModel | None = None,
+        predictor: Predictor = "model",
     ) -> None:
+        """`delay`: the engine's delay model (default: a new one with the neutral prior);
+        `predictor`: `model` (the delay model once ready, the running averages until then) or
+        `averages` (the running averages only: the comparison's old predictor)."""
+        if predictor not in PREDICTORS:
+            raise InvalidRequest(f"unknown SLO predictor {predictor!r}: use model or averages")
         self.mitigation = mitigation or Mitigation()
         self.stats = stats or StageStats()
+        self.delay = delay if delay is not None else DelayModel()
+        self.load = LoadMeter()
+        """The synthesis calls in flight on the engine (the controller counts them)."""
+        self.predictor = predictor
         self.baseline = BaselineEstimator(self.stats.alpha)
         self.errors = PredictionErrors()
         self.clock = clock
@@ -359,15 +444,47 @@ class SLOTracker:
         ):
             t.synthesis_start = now
 
-    def planned(self, t: Tracked, config: Config, plan_action: str = "none") -> None:
-        """`t` was planned with `config`: its synthesis time is predicted now (and kept, to
-        measure the predictor's error when it finishes)."""
+    def planned(
+        self,
+        t: Tracked,
+        config: Config,
+        plan_action: str = "none",
+        work: tuple[StageWork, ...] | None = None,
+    ) -> None:
+        """`t` was planned with `config` (`work`: its stages' planned work): its synthesis time
+        is predicted now by each predictor (and kept, to measure their errors when it
+        finishes)."""
         t.config = config
-        t.predicted_s = self.stats.predict_synthesis(config)
+        t.work = work
+        t.averages_s = self.stats.predict_synthesis(config)
+        t.model_s = (
+            self.delay.predict(work, self.load.now())
+            if work is not None and self.delay.ready
+            else None
+        )
+        t.predicted_s = self._active(t.averages_s, t.model_s)
         t.baseline_s = self.baseline.predict()
         t.plan_action = plan_action
         if plan_action in self.counters:
             self.counters[plan_action] += 1
+
+    def _active(self, averages: float | None, model: float | None) -> float | None:
+        return model if self.predictor == "model" and model is not None else averages
+
+    def predict(self, config: Config, work: tuple[StageWork, ...] | None) -> float | None:
+        """Seconds of `config`'s synthesis if it started now: the delay model under the load
+        now (with `work`, once ready, unless the predictor is `averages`), else the running
+        averages (None: nothing comparable ran yet)."""
+        if self.predictor == "model" and work is not None and self.delay.ready:
+            return self.delay.predict(work, self.load.now())
+        return self.stats.predict_synthesis(config)
+
+    def observe_stage(
+        self, work: StageWork, load: Load, seconds: float, budget: StageWork | None = None
+    ) -> str | None:
+        """A synthesis stage ran (its observed work, the load when it started, its seconds):
+        the delay model learns from it. None, or why it was ignored."""
+        return self.delay.observe(work, load, seconds, budget=budget)
 
     def budget_s(self, t: Tracked) -> float | None:
         """Seconds left until `t`'s deadline (None without an SLO)."""
@@ -384,7 +501,14 @@ class SLOTracker:
                 actual = now - t.synthesis_start
                 self.baseline.observe(actual)
                 if t.predicted_s is not None and t.baseline_s is not None:
-                    self.errors.add(actual, t.predicted_s, t.baseline_s)
+                    self.errors.add(
+                        actual, t.predicted_s, t.baseline_s,
+                        averages=t.averages_s, model=t.model_s,
+                    )  # fmt: skip
+                else:
+                    self.errors.add_each(
+                        actual, t.baseline_s, averages=t.averages_s, model=t.model_s
+                    )
         self._released.set()
         if t.slo_s is None:
             return None
@@ -418,8 +542,29 @@ class SLOTracker:
             return False
         if now > t.deadline:
             return True
-        left = remaining_s(self.stats, self.baseline, t.stage, t.config, now - t.stage_start)
+        left = self.remaining(t, now)
         return left is not None and now + left > t.deadline
+
+    def remaining(self, t: Tracked, now: float) -> float | None:
+        """Seconds `t` still needs: by the delay model under the load now, when it predicts
+        (its current stage's own calls taken out of the load), else `remaining_s`."""
+        in_stage = now - t.stage_start
+        if (
+            self.predictor == "model"
+            and self.delay.ready
+            and t.work is not None
+            and t.config is not None
+        ):
+            names = [w.stage for w in t.work]
+            if t.stage not in names:  # planned, not synthesising yet (admission queue)
+                return self.delay.predict(t.work, self.load.now())
+            i = names.index(t.stage)
+            load = self.load.now()
+            own = t.work[i]
+            others = Load(max(load.seqs - own.calls, 0.0), max(load.tokens - _tokens(own), 0.0))
+            left = max(self.delay.predict_stage(own, others) - in_stage, 0.0)
+            return left + self.delay.predict(t.work[i + 1 :], others)
+        return remaining_s(self.stats, self.baseline, t.stage, t.config, in_stage)
 
     def check(self) -> int:
         """Flag every in-flight request now predicted to miss; returns how many are flagged."""
@@ -474,9 +619,11 @@ class SLOTracker:
             t.stage_start = self.clock()
 
     def reset(self) -> None:
-        """Forget the averages, errors and counters (after a warm-up that must not count);
+        """Forget the averages, the delay model's observations, errors and counters (after a
+        warm-up that must not count);
         requests in flight stay tracked."""
         self.stats = StageStats(self.stats.alpha)
+        self.delay = self.delay.fresh()
         self.baseline = BaselineEstimator(self.stats.alpha)
         self.errors = PredictionErrors()
         self.counters = dict.fromkeys(self.counters, 0)
@@ -490,7 +637,9 @@ class SLOTracker:
             "attainment": c["met"] / c["requests"] if c["requests"] else None,
             "flagged_inflight": sum(t.flagged for t in self.inflight.values()),
             "paused_s": self.paused_s,
+            "predictor": self.predictor,
             "prediction": self.errors.to_dict(),
+            "delay_model": self.delay.to_dict(),
         }
 
 
@@ -507,15 +656,22 @@ class StageHooks:
     def on_stage(self, stage: str) -> None:
         """The run enters `stage` (`queue`, then each synthesis stage)."""
 
-    def on_plan(self, config: Config, action: str | None = None) -> None:
-        """The run was planned with `config` (`action`: the plan's `slo_action`)."""
+    def on_plan(
+        self,
+        config: Config,
+        action: str | None = None,
+        work: tuple[StageWork, ...] | None = None,
+    ) -> None:
+        """The run was planned with `config` (`action`: the plan's `slo_action`; `work`: its
+        stages' planned work)."""
 
     def priority_for(self, calls: int) -> int:
         """The engine priority of the next stage's `calls` calls."""
         return 0
 
     def planning(self) -> dict[str, Any]:
-        """Best-fit's SLO arguments (`predict`, `budget_s`) when it must keep a deadline."""
+        """Best-fit's SLO arguments (`predict(config, work)`, `budget_s`) when it must keep a
+        deadline."""
         return {}
 
     def finish(self, *, ok: bool) -> SLORecord | None:
@@ -536,8 +692,13 @@ class RequestTrace(StageHooks):
     def on_stage(self, stage: str) -> None:
         self.tracker.enter(self.tracked, stage)
 
-    def on_plan(self, config: Config, action: str | None = None) -> None:
-        self.tracker.planned(self.tracked, config, action or "none")
+    def on_plan(
+        self,
+        config: Config,
+        action: str | None = None,
+        work: tuple[StageWork, ...] | None = None,
+    ) -> None:
+        self.tracker.planned(self.tracked, config, action or "none", work)
 
     def priority_for(self, calls: int) -> int:
         return self.tracker.priority(self.tracked, calls)
@@ -546,9 +707,14 @@ class RequestTrace(StageHooks):
         if self.tracked.slo_s is None or not self.tracker.mitigation.config:
             return {}
         return {
-            "predict": self.tracker.stats.predict_synthesis,
+            "predict": self.tracker.predict,
             "budget_s": lambda: self.tracker.budget_s(self.tracked),
         }
 
     def finish(self, *, ok: bool) -> SLORecord | None:
         return self.tracker.finish(self.tracked, ok=ok)
+
+
+def _tokens(work: StageWork) -> float:
+    """A stage's tokens as the load meter counts them (prompt + output budget)."""
+    return float(work.prompt_tokens + work.output_tokens)

@@ -1,0 +1,409 @@
+"""The cost side of best-fit and the SLO loop: how long a configuration will take (`DelayModel`,
+fitted online from the engine's own stage timings, load-aware) and how good it is expected to be
+(`QualityModel`, from outcome labels, with a concave prior). Pure: numpy and scipy only.
+
+- `StageWork`: one stage's calls, prompt tokens and output tokens (decode steps = the longest
+  output; the calls of a stage are one batch). `WorkTable` gives any configuration's per-stage
+  work from the same `CallSizer.stages` the KV memory model (`NeedTable`) sums, by prefix sums.
+- `Load`: what ragctl has on the engine when a stage starts: sequences and tokens in flight
+  (`LoadMeter` counts them around the synthesis calls).
+- `DelayModel`: seconds of one stage as a non-negative linear function of its work and the load
+  (see `FEATURES`), fitted by windowed, relative-error non-negative least squares with a weak
+  prior (ridge towards prior coefficients, worth `prior_weight` observations). Nothing in it is
+  tuned to a model: the prior comes from the engine's measured rates when known (`from_rates`),
+  else from order-of-magnitude placeholders that only rank configurations by work.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy.optimize import nnls
+
+from ragctl.types import METHODS, TAKES_INTERMEDIATE, Config, ConfigSpace
+
+if TYPE_CHECKING:  # only its attributes are read (as in `memory.NeedTable`)
+    from ragctl.synthesis.methods import CallSizer, StageSize
+
+
+@dataclass(frozen=True)
+class StageWork:
+    """One synthesis stage's work: its calls (submitted together, one batch), their prompt
+    tokens, and their output tokens: `decode_steps` is the longest call's (the batch decodes
+    until its longest sequence ends), `output_tokens` the sum over calls. Planned work carries
+    the output budgets (max_tokens); observed work what was generated."""
+
+    stage: str
+    calls: int
+    prompt_tokens: int
+    decode_steps: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class Load:
+    """What else runs on the engine: sequences in flight and their tokens (prompt + output
+    budget)."""
+
+    seqs: float = 0.0
+    tokens: float = 0.0
+
+
+NO_LOAD = Load()
+
+
+class LoadMeter:
+    """ragctl's own view of the engine's load: synthesis calls in flight and their tokens.
+    Assumes, like `bestfit.unshown_reserved`, that ragctl owns the engine (other clients' work
+    and profiler calls are not counted: the fit absorbs a steady share of them)."""
+
+    def __init__(self) -> None:
+        self.seqs = 0
+        self.tokens = 0
+
+    def now(self) -> Load:
+        return Load(float(self.seqs), float(self.tokens))
+
+    @contextmanager
+    def running(self, calls: int, tokens: int) -> Iterator[None]:
+        """Count `calls` sequences of `tokens` tokens in flight while the block runs."""
+        self.seqs += calls
+        self.tokens += tokens
+        try:
+            yield
+        finally:
+            self.seqs -= calls
+            self.tokens -= tokens
+
+
+# -- per-configuration work ---------------------------------------------------------------------
+
+
+class WorkTable:
+    """`StageWork` (with output budgets) of any configuration of one query, in O(stages) after
+    one pass per (method, intermediate_length): per-chunk stages by prefix sums (and a prefix
+    max for the decode steps), a one-call stage from its call at n."""
+
+    def __init__(self, sizer: CallSizer) -> None:
+        self.sizer = sizer
+        self._stages: dict[tuple[str, int | None], list[Callable[[int], StageWork]]] = {}
+
+    def _stage(self, stage: StageSize) -> Callable[[int], StageWork]:
+        if not stage.per_chunk:
+
+            def one(n: int) -> StageWork:
+                prompt, out = stage.call(n)
+                return StageWork(stage.name, 1, prompt, out, out)
+
+            return one
+        prompt_sum, out_sum, out_max = [0], [0], [0]
+        for i in range(len(self.sizer.passages)):
+            prompt, out = stage.call(i)
+            prompt_sum.append(prompt_sum[-1] + prompt)
+            out_sum.append(out_sum[-1] + out)
+            out_max.append(max(out_max[-1], out))
+        return lambda n: StageWork(stage.name, n, prompt_sum[n], out_max[n], out_sum[n])
+
+    def __call__(self, config: Config) -> tuple[StageWork, ...]:
+        n = self.sizer.chunks_used(config)
+        key = (config.method, config.intermediate_length)
+        if key not in self._stages:
+            self._stages[key] = [self._stage(s) for s in self.sizer.stages(config)]
+        return tuple(f(n) for f in self._stages[key])
+
+
+# -- the delay model ----------------------------------------------------------------------------
+
+FEATURES = (
+    "stage",  # fixed cost per stage: scheduling, the first step, HTTP
+    "prefill_token",  # prompt tokens of the stage's calls
+    "decode_step",  # iterations until the longest output ends
+    "decode_token",  # sequence-steps of the stage's own batch (0 where batching is free)
+    "load_seq_step",  # decode steps x sequences of others in flight: steps slow with batch size
+    "load_token",  # tokens of others in flight: their prefill and attention share the engine
+)
+"""What one stage's seconds are linear in, with non-negative coefficients (seconds per unit).
+On a memory-bound GPU the batch terms are near 0 and time barely grows with size; on a
+compute-bound engine they dominate."""
+
+NEUTRAL_PREFILL_TPS = 1000.0
+NEUTRAL_DECODE_TPS = 20.0
+"""Order-of-magnitude placeholders for an engine nothing is known about (no measured rates):
+they only rank configurations by work (a decode step costs about 50 prompt tokens) until the
+engine's own observations take over; not measured on any model."""
+NEUTRAL_BATCH_GROWTH = 0.5
+"""Share of a decode step's cost that grows with the batch size (0: memory-bound, 1: fully
+compute-bound), when unknown: the middle."""
+
+
+def features(work: StageWork, load: Load = NO_LOAD) -> np.ndarray:
+    return np.array(
+        [
+            1.0,
+            work.prompt_tokens,
+            work.decode_steps,
+            work.output_tokens,
+            work.decode_steps * load.seqs,
+            load.tokens,
+        ],
+        dtype=float,
+    )
+
+
+def prior_from_rates(
+    prefill_tps: float, decode_tps: float, batch_growth: float = NEUTRAL_BATCH_GROWTH
+) -> np.ndarray:
+    """Coefficients from an engine's prefill rate (prompt tokens/s) and single-sequence decode
+    rate (tokens/s): a step of one sequence costs 1/decode_tps, of which `batch_growth` grows
+    with every sequence in the batch, its own or another request's."""
+    if not (prefill_tps > 0 and decode_tps > 0 and 0 <= batch_growth <= 1):
+        raise ValueError("rates must be > 0 and batch_growth in [0, 1]")
+    step = 1.0 / decode_tps
+    return np.array(
+        [0.0, 1.0 / prefill_tps, step * (1 - batch_growth), step * batch_growth,
+         step * batch_growth, 0.0]
+    )  # fmt: skip
+
+
+NEUTRAL_PRIOR = prior_from_rates(NEUTRAL_PREFILL_TPS, NEUTRAL_DECODE_TPS)
+
+
+def _reject_reason(work: StageWork, load: Load, seconds: float) -> str | None:
+    if not math.isfinite(seconds) or seconds <= 0:
+        return "seconds not a positive finite number"
+    nums = (work.calls, work.prompt_tokens, work.decode_steps, work.output_tokens)
+    if any(not math.isfinite(x) or x < 0 for x in (*nums, load.seqs, load.tokens)):
+        return "negative or non-finite tokens, calls or load"
+    if work.calls < 1:
+        return "a stage without calls"
+    return None
+
+
+class DelayModel:
+    """Seconds of synthesis stages from their work and the engine's load (see the module
+    docstring). One per engine: every controller on the engine feeds it and asks it.
+
+    `observe` adds one stage as it ran (observed tokens, the load when it started, its wall
+    seconds) and refits every `refit_every` accepted observations over the last `window`.
+    The fit minimises relative squared error (timings are heteroscedastic: a 0.2 s stage
+    matters as much as a 5 s one, and the SLO loop judges relative misses) plus the prior's
+    ridge, with coefficients >= 0 (scipy's NNLS): more work never predicts less time.
+    Planned work carries output budgets, but calls stop early; per stage name, the observed
+    share of the budget used (`output_share`, 1 until seen) scales planned outputs.
+    `ready` says whether predictions rest on this engine's data (or measured rates), not only
+    the neutral placeholders."""
+
+    def __init__(
+        self,
+        prior: Sequence[float] | None = None,
+        *,
+        prior_measured: bool = False,
+        prior_weight: float = 2.0,
+        window: int = 512,
+        refit_every: int = 8,
+        min_observations: int = len(FEATURES) + 2,
+        share_alpha: float = 0.1,
+        warm: Iterable[tuple[StageWork, Load, float]] = (),
+    ) -> None:
+        """`prior`: coefficients in `FEATURES` order (default: `NEUTRAL_PRIOR`);
+        `prior_measured`: it comes from this engine's measured rates, so it may be used for SLO
+        predictions before any observation. `warm`: observations to start from (e.g. the
+        calls `ragctl allocate` timed), fitted at once."""
+        p = NEUTRAL_PRIOR if prior is None else np.asarray(prior, dtype=float)
+        if p.shape != (len(FEATURES),) or not np.all(np.isfinite(p)) or np.any(p < 0):
+            raise ValueError(f"prior must be {len(FEATURES)} finite non-negative coefficients")
+        if prior_weight < 0 or window < 1 or refit_every < 1 or not 0 < share_alpha <= 1:
+            raise ValueError("prior_weight >= 0, window >= 1, refit_every >= 1, 0 < alpha <= 1")
+        self.prior = p
+        self.prior_measured = prior_measured
+        self.prior_weight = prior_weight
+        self.window = window
+        self.refit_every = refit_every
+        self.min_observations = min_observations
+        self.share_alpha = share_alpha
+        self.coef = p.copy()
+        self.observations = 0
+        """Accepted observations, ever (the window keeps the last `window`)."""
+        self.fits = 0
+        self.rejected: Counter[str] = Counter()
+        """Why observations were ignored (reason -> count)."""
+        self._rows: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
+        self._share: dict[str, float] = {}
+        self._since_fit = 0
+        self.warm_start(warm)
+
+    def fresh(self) -> DelayModel:
+        """A model with this one's prior and settings and no observations."""
+        return DelayModel(
+            self.prior, prior_measured=self.prior_measured, prior_weight=self.prior_weight,
+            window=self.window, refit_every=self.refit_every,
+            min_observations=self.min_observations, share_alpha=self.share_alpha,
+        )  # fmt: skip
+
+    @property
+    def ready(self) -> bool:
+        return self.prior_measured or self.observations >= self.min_observations
+
+    @property
+    def source(self) -> str:
+        """`fitted` (this engine's observations), `measured` (its rates) or `prior`."""
+        if self.fits and self.observations >= self.min_observations:
+            return "fitted"
+        return "measured" if self.prior_measured else "prior"
+
+    def warm_start(self, observations: Iterable[tuple[StageWork, Load, float]]) -> None:
+        """Add observations measured elsewhere (a profiling run) and fit at once."""
+        added = sum(self._add(w, load, s) is None for w, load, s in observations)
+        if added:
+            self.refit()
+
+    def observe(
+        self,
+        work: StageWork,
+        load: Load,
+        seconds: float,
+        *,
+        budget: StageWork | None = None,
+    ) -> str | None:
+        """Add one stage as it ran; None when accepted, else why it was ignored (also counted
+        in `rejected`). `budget`: the same stage's planned work (its output budgets), to learn
+        how much of the budget this stage's calls use."""
+        reason = self._add(work, load, seconds)
+        if reason is not None:
+            return reason
+        if budget is not None and budget.output_tokens > 0:
+            share = min(work.output_tokens / budget.output_tokens, 1.0)
+            old = self._share.get(work.stage)
+            self._share[work.stage] = (
+                share if old is None else old + self.share_alpha * (share - old)
+            )
+        self._since_fit += 1
+        if self._since_fit >= self.refit_every or self.observations == self.min_observations:
+            self.refit()
+        return None
+
+    def _add(self, work: StageWork, load: Load, seconds: float) -> str | None:
+        reason = _reject_reason(work, load, seconds)
+        if reason is not None:
+            self.rejected[reason] += 1
+            return reason
+        self._rows.append((features(work, load), float(seconds)))
+        self.observations += 1
+        return None
+
+    def refit(self) -> None:
+        """Fit the coefficients over the window (see the class docstring)."""
+        self._since_fit = 0
+        if not self._rows:
+            return
+        X = np.array([r for r, _ in self._rows])
+        y = np.array([s for _, s in self._rows])
+        # Relative error: each row divided by its own seconds.
+        Xw = X / y[:, None]
+        yw = np.ones_like(y)
+        # The prior as ridge rows, each worth `prior_weight` typical observations of its
+        # feature (its RMS in the window); a feature never seen keeps its prior exactly.
+        scale = np.sqrt(np.mean(Xw**2, axis=0))
+        seen = scale > 0
+        scale[~seen] = scale[seen].mean() if seen.any() else 1.0
+        ridge = math.sqrt(self.prior_weight) * np.diag(scale)
+        if self.prior_weight == 0:
+            unseen = np.flatnonzero(~seen)
+            ridge[unseen, unseen] = scale[unseen]  # still pin unseen features to the prior
+        A = np.vstack([Xw, ridge])
+        b = np.concatenate([yw, ridge @ self.prior])
+        # Column scaling for conditioning (tokens are ~1e3, the constant 1): solve for c*s.
+        col = np.linalg.norm(A, axis=0)
+        col[col == 0] = 1.0
+        sol, _ = nnls(A / col, b, maxiter=50 * A.shape[1])
+        self.coef = sol / col
+        self.fits += 1
+
+    def output_share(self, stage: str) -> float:
+        """Observed share of a stage's output budget its calls use (1 until seen)."""
+        return self._share.get(stage, 1.0)
+
+    def expected(self, work: StageWork) -> StageWork:
+        """Planned work (output budgets) as it is expected to run."""
+        share = self.output_share(work.stage)
+        if share >= 1.0:
+            return work
+        return replace(
+            work,
+            decode_steps=round(work.decode_steps * share),
+            output_tokens=round(work.output_tokens * share),
+        )
+
+    def predict_stage(self, work: StageWork, load: Load = NO_LOAD) -> float:
+        """Seconds of one stage of planned work under `load`."""
+        return max(float(features(self.expected(work), load) @ self.coef), 0.0)
+
+    def predict(self, works: Sequence[StageWork], load: Load = NO_LOAD) -> float:
+        """Seconds of all stages (they run one after another)."""
+        return sum(self.predict_stage(w, load) for w in works)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "source": self.source,
+            "observations": self.observations,
+            "fits": self.fits,
+            "coefficients": dict(zip(FEATURES, map(float, self.coef), strict=True)),
+            "output_share": dict(self._share),
+            "rejected": dict(self.rejected),
+        }
+
+
+# -- the quality model --------------------------------------------------------------------------
+
+
+def prior_quality(num_chunks: int, scale: float) -> float:
+    """The share of queries a configuration over `num_chunks` chunks answers, before any
+    outcome is known: 1 - exp(-k / scale), non-decreasing and concave in k (each extra chunk
+    is less likely to hold what was missing). `scale` is the chunk count that reaches 63%:
+    best-fit passes the space's lowest chunk count (the rules set it to the profile's pieces
+    of information), so the space's [n, 3n] range runs from 63% to 95%."""
+    return 1.0 - math.exp(-num_chunks / max(scale, 1e-9))
+
+
+def covers(config: Config, label: Config) -> bool:
+    """Whether `config` is at least as good as the query's label (the cheapest configuration
+    that agreed with the golden answer): a method at least as rich (METHODS order: reading
+    chunks together >= one by one), at least as many chunks, and for two map_reduce-like
+    configurations at least the label's summary budget. An assumption, not a measurement:
+    more of the same context does not hurt."""
+    if METHODS.index(config.method) < METHODS.index(label.method):
+        return False
+    if config.num_chunks < label.num_chunks:
+        return False
+    if config.method in TAKES_INTERMEDIATE and label.method in TAKES_INTERMEDIATE:
+        return (config.intermediate_length or 0) >= (label.intermediate_length or 0)
+    return True
+
+
+class QualityModel:
+    """Predicted quality of a configuration in one collection: the share of labelled queries
+    it covers (`covers`), shrunk towards `prior_quality` with the weight of `prior_strength`
+    labels. The controller feeds it labels (`add_label`) as outcome feedback produces them."""
+
+    def __init__(self, prior_strength: float = 5.0, max_labels: int = 1000) -> None:
+        if prior_strength <= 0:
+            raise ValueError("prior_strength must be > 0")
+        self.prior_strength = prior_strength
+        self.labels: deque[Config] = deque(maxlen=max_labels)
+
+    def add_label(self, cheapest_agreeing: Config) -> None:
+        self.labels.append(cheapest_agreeing)
+
+    def predict(self, config: Config, space: ConfigSpace) -> float:
+        q0 = prior_quality(config.num_chunks, space.num_chunks[0])
+        n = len(self.labels)
+        if not n:
+            return q0
+        hit = sum(covers(config, lab) for lab in self.labels)
+        return (hit + self.prior_strength * q0) / (n + self.prior_strength)

@@ -1,0 +1,132 @@
+"""Cost-aware best-fit and the delay model in the controller (fake engine): every synthesis stage
+reaches the engine's delay model with its tokens and the load when it started, the Decision
+carries the candidates, the objective changes the choice, and the SLO tracker predicts with the
+model and reports the error of model, averages and baseline."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from ragctl.scheduler.cost import DelayModel, Load, StageWork, prior_from_rates
+from ragctl.scheduler.slo import Mitigation, SLOTracker
+from ragctl.types import Config
+from tests.unit.test_controller import NO_GOLDEN, FakeEngine, controller
+
+Q = "Where was Super Bowl 50 played?"
+
+
+class SpyModel(DelayModel):
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.seen: list[tuple[StageWork, Load, float, StageWork | None]] = []
+
+    def observe(self, work, load, seconds, *, budget=None):
+        self.seen.append((work, load, seconds, budget))
+        return super().observe(work, load, seconds, budget=budget)
+
+
+async def test_every_stage_reaches_the_delay_model_and_the_decision_has_candidates() -> None:
+    spy = SpyModel()
+    ctl = controller(slo=SLOTracker(delay=spy))
+    answer = await ctl.aask(Q)
+    assert [w.stage for w, *_ in spy.seen] == [s.name for s in answer.stages]
+    for (work, load, seconds, budget), stage in zip(spy.seen, answer.stages, strict=True):
+        assert (work.calls, work.prompt_tokens, work.output_tokens) == (
+            stage.calls, stage.prompt_tokens, stage.output_tokens,
+        )  # fmt: skip
+        assert seconds == stage.seconds and load == Load()  # alone on the engine
+        assert budget is not None and budget.output_tokens >= work.output_tokens
+    assert spy.observations == len(answer.stages)
+    assert ctl.slo.load.now() == Load()  # nothing left in flight
+
+    d = answer.decision
+    assert d.choice is not None and d.choice.objective == "quality"
+    first = d.choice.candidates[0]
+    assert first.config == d.config and first.need_blocks == d.need_blocks
+    assert first.delay_s is not None and first.delay_s > 0 and 0 < first.quality < 1
+    assert d.choice.fitting >= len(d.choice.candidates) > 1
+    out = d.to_dict()["choice"]
+    assert out["objective"] == "quality" and out["candidates"][0]["config"] == d.config.label
+    assert out["delay_source"] == "prior"
+
+
+async def test_concurrent_requests_see_each_other_as_load() -> None:
+    spy = SpyModel()
+    engine = FakeEngine()
+    engine.hold = asyncio.Event()
+    ctl = controller(engine, slo=SLOTracker(delay=spy))
+    first = asyncio.ensure_future(ctl.aask(Q, Config("map_rerank", 3)))
+    async with asyncio.timeout(5):
+        while ctl.slo.load.seqs < 3:
+            await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(ctl.aask(Q, Config("stuff", 2)))
+        while ctl.slo.load.seqs < 4:
+            await asyncio.sleep(0.01)
+        engine.hold.set()
+        await asyncio.gather(first, second)
+    loads = {w.stage: load for w, load, *_ in spy.seen}
+    assert loads["rerank"] == Load()
+    assert loads["answer"].seqs == 3 and loads["answer"].tokens > 0
+    assert ctl.slo.load.now() == Load()
+
+
+async def test_the_objective_changes_the_choice_and_quality_keeps_todays() -> None:
+    # A measured, compute-bound prior: time grows with every token.
+    model = DelayModel(prior_from_rates(200.0, 10.0, batch_growth=1.0), prior_measured=True)
+    base = controller(slo=SLOTracker(delay=model))
+    quality = (await base.aask(Q)).decision
+    fast = controller(
+        slo=SLOTracker(delay=model.fresh()),
+        policy=dataclasses.replace(NO_GOLDEN, objective="latency"),
+    )
+    latency = (await fast.aask(Q)).decision
+    assert latency.choice.objective == "latency" and latency.choice.delay_source == "measured"
+    delays = {c.config: c.delay_s for c in latency.choice.candidates}
+    assert delays[latency.config] == min(delays.values())
+    q_delays = {c.config: c.delay_s for c in quality.choice.candidates}
+    assert latency.config != quality.config
+    assert delays[latency.config] < q_delays[quality.config]
+    assert quality.need_blocks == max(c.need_blocks for c in quality.choice.candidates)
+
+
+async def test_the_slo_tracker_predicts_with_the_model_and_reports_all_three_errors() -> None:
+    model = DelayModel(prior_from_rates(1000.0, 50.0), prior_measured=True)
+    ctl = controller(slo=SLOTracker(Mitigation.parse("off"), delay=model))
+    for _ in range(3):
+        await ctl.aask(Q, Config("stuff", 2), slo_ms=60_000)
+    pred = ctl.slo.snapshot()["prediction"]
+    assert pred["model_n"] == 3 and pred["model_mape"] is not None
+    assert pred["averages_n"] == 2  # the first run had no average yet
+    assert pred["paired_n"] == 2 and pred["paired_model_mape"] is not None
+    assert ctl.slo.snapshot()["predictor"] == "model"
+
+
+def test_tracker_predictor_choice_and_the_remaining_time_without_its_own_calls() -> None:
+    now = [100.0]
+    work = (StageWork("map", 3, 900, 50, 150), StageWork("reduce", 1, 300, 20, 20))
+    config = Config("map_reduce", 3, 50)
+    model = DelayModel(prior_from_rates(300.0, 10.0, batch_growth=1.0), prior_measured=True)
+    tracker = SLOTracker(clock=lambda: now[0], delay=model)
+    tracker.stats.observe("map", config.label, 1.0)
+    tracker.stats.observe("reduce", config.label, 1.0)
+    t = tracker.start(60_000)
+    tracker.planned(t, config, work=work)
+    assert t.predicted_s == pytest.approx(model.predict(work)) and t.averages_s == 2.0
+    # In its map stage, 2 s in, with its own 3 calls in flight: only the others are load.
+    tracker.enter(t, "map")
+    now[0] += 2.0
+    with tracker.load.running(3, 1050):
+        left = tracker.remaining(t, now[0])
+    assert left == pytest.approx(
+        max(model.predict_stage(work[0]) - 2.0, 0) + model.predict_stage(work[1])
+    )
+    old = SLOTracker(clock=lambda: now[0], delay=model, predictor="averages")
+    old.stats = tracker.stats
+    u = old.start(60_000)
+    old.planned(u, config, work=work)
+    assert u.predicted_s == 2.0 and u.model_s == pytest.approx(model.predict(work))
+    with pytest.raises(Exception, match="unknown SLO predictor"):
+        SLOTracker(predictor="oracle")  # type: ignore[arg-type]

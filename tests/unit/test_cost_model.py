@@ -1,0 +1,252 @@
+"""The delay model (fitting known coefficients, load, prior, refit window and bounds, garbage
+input, output share), the per-configuration work table against the sizer, and the quality
+model's prior and labels."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from ragctl.scheduler.cost import (
+    FEATURES,
+    NEUTRAL_PRIOR,
+    DelayModel,
+    Load,
+    LoadMeter,
+    QualityModel,
+    StageWork,
+    WorkTable,
+    covers,
+    features,
+    prior_from_rates,
+    prior_quality,
+)
+from ragctl.synthesis.methods import CallSizer
+from ragctl.types import Config, ConfigSpace
+
+TRUE = np.array([0.05, 0.002, 0.03, 0.01, 0.004, 0.0005])
+"""Known coefficients in FEATURES order (all > 0, of the sizes real engines show)."""
+
+
+def random_stage(rng: np.random.Generator) -> tuple[StageWork, Load]:
+    calls = int(rng.integers(1, 12))
+    steps = int(rng.integers(1, 300))
+    work = StageWork(
+        "s",
+        calls,
+        int(rng.integers(50, 1500)) * calls,
+        steps,
+        steps * calls - int(rng.integers(0, calls)),  # not every call reaches the longest
+    )
+    return work, Load(float(rng.integers(0, 20)), float(rng.integers(0, 20_000)))
+
+
+def synthetic(n: int, seed: int, noise: float = 0.0, coef=TRUE):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        work, load = random_stage(rng)
+        y = float(features(work, load) @ coef)
+        if noise:
+            y *= math.exp(rng.normal(0, noise))
+        out.append((work, load, y))
+    return out
+
+
+def test_noise_free_observations_recover_the_coefficients_exactly() -> None:
+    model = DelayModel(prior_weight=0.0, refit_every=1000)
+    for w, load, y in synthetic(300, 1):
+        assert model.observe(w, load, y) is None
+    model.refit()
+    np.testing.assert_allclose(model.coef, TRUE, rtol=1e-6)
+    assert model.ready and model.source == "fitted"
+
+
+def test_noisy_observations_recover_the_coefficients_and_predict_held_out_stages() -> None:
+    model = DelayModel(window=2000, refit_every=50)
+    for w, load, y in synthetic(1500, 2, noise=0.1):
+        model.observe(w, load, y)
+    # The per-stage constant (0.05 s) is small beside stages of seconds: within 0.1 s.
+    np.testing.assert_allclose(model.coef[1:], TRUE[1:], rtol=0.2)
+    assert abs(model.coef[0] - TRUE[0]) < 0.1
+    held = synthetic(200, 3)
+    errors = [abs(model.predict_stage(w, load) - y) / y for w, load, y in held]
+    assert float(np.mean(errors)) < 0.05
+
+
+def test_load_increases_the_prediction() -> None:
+    model = DelayModel(window=1000)
+    for w, load, y in synthetic(400, 4):
+        model.observe(w, load, y)
+    work = StageWork("s", 4, 2000, 100, 400)
+    idle = model.predict_stage(work, Load())
+    busy = model.predict_stage(work, Load(seqs=8, tokens=8000))
+    assert busy > idle * 1.5
+    # The prior alone sees load too: a decode step slows with every sequence in flight.
+    fresh = DelayModel()
+    assert fresh.predict_stage(work, Load(seqs=8)) > fresh.predict_stage(work)
+
+
+def test_before_any_data_the_prior_predicts_and_is_not_ready() -> None:
+    model = DelayModel()
+    work = StageWork("answer", 1, 1000, 32, 32)
+    assert not model.ready and model.source == "prior"
+    np.testing.assert_allclose(model.coef, NEUTRAL_PRIOR)
+    expected = 1000 / 1000.0 + 32 * (0.5 / 20.0) + 32 * (0.5 / 20.0)
+    assert model.predict_stage(work) == pytest.approx(expected)
+    # More work never predicts less time, already under the prior.
+    assert model.predict_stage(StageWork("answer", 1, 2000, 32, 32)) > model.predict_stage(work)
+    measured = DelayModel(prior_from_rates(400.0, 25.0, batch_growth=1.0), prior_measured=True)
+    assert measured.ready and measured.source == "measured"
+    assert measured.predict_stage(work) == pytest.approx(1000 / 400 + 32 / 25)
+    for bad in ([1.0] * (len(FEATURES) - 1), [-1.0] + [0.0] * (len(FEATURES) - 1)):
+        with pytest.raises(ValueError):
+            DelayModel(bad)
+    with pytest.raises(ValueError):
+        prior_from_rates(0.0, 10.0)
+
+
+def test_ready_after_min_observations_and_refits_every_n() -> None:
+    model = DelayModel(refit_every=5, min_observations=8)
+    data = synthetic(20, 5)
+    for i, (w, load, y) in enumerate(data, 1):
+        model.observe(w, load, y)
+        assert model.ready == (i >= 8)
+    # Fits at 5, 8 (ready), 13 (5 after 8) and 18.
+    assert model.fits == 4
+
+
+def test_the_window_forgets_an_old_regime() -> None:
+    model = DelayModel(window=200, refit_every=200, prior_weight=0.0)
+    for w, load, y in synthetic(200, 6, coef=TRUE * 3):
+        model.observe(w, load, y)
+    for w, load, y in synthetic(200, 7):
+        model.observe(w, load, y)
+    model.refit()
+    assert model.observations == 400
+    np.testing.assert_allclose(model.coef, TRUE, rtol=1e-6)
+
+
+def test_coefficients_stay_non_negative_when_the_data_slope_down() -> None:
+    """Seconds that fall as prompts grow (noise, a cache warming up) must not teach the
+    model that more tokens take less time."""
+    model = DelayModel(refit_every=1, prior_weight=0.0)
+    for p in range(100, 2100, 100):
+        model.observe(StageWork("s", 1, p, 10, 10), Load(), 3.0 - p / 1000)
+    assert np.all(model.coef >= 0)
+    assert model.predict_stage(StageWork("s", 1, 5000, 10, 10)) >= 0
+
+
+@pytest.mark.parametrize(
+    ("work", "load", "seconds", "reason"),
+    [
+        (StageWork("s", 1, 10, 5, 5), Load(), -1.0, "seconds"),
+        (StageWork("s", 1, 10, 5, 5), Load(), float("nan"), "seconds"),
+        (StageWork("s", 1, 10, 5, 5), Load(), float("inf"), "seconds"),
+        (StageWork("s", 1, 10, 5, 5), Load(), 0.0, "seconds"),
+        (StageWork("s", 1, -10, 5, 5), Load(), 1.0, "negative"),
+        (StageWork("s", 1, 10, 5, 5), Load(seqs=float("nan")), 1.0, "non-finite"),
+        (StageWork("s", 0, 10, 5, 5), Load(), 1.0, "without calls"),
+    ],
+)
+def test_garbage_observations_are_ignored_with_a_reason(work, load, seconds, reason) -> None:
+    model = DelayModel(refit_every=1)
+    got = model.observe(work, load, seconds)
+    assert got is not None and reason in got
+    assert model.observations == 0 and model.fits == 0 and sum(model.rejected.values()) == 1
+    np.testing.assert_allclose(model.coef, NEUTRAL_PRIOR)
+
+
+def test_planned_outputs_are_scaled_by_the_share_of_the_budget_used() -> None:
+    model = DelayModel(share_alpha=1.0)
+    budget = StageWork("answer", 2, 400, 64, 128)
+    assert model.expected(budget) == budget
+    model.observe(StageWork("answer", 2, 400, 16, 32), Load(), 1.0, budget=budget)
+    assert model.output_share("answer") == pytest.approx(0.25)
+    assert model.expected(budget) == StageWork("answer", 2, 400, 16, 32)
+    assert model.output_share("map") == 1.0  # per stage name
+
+
+def test_warm_start_fits_at_once_and_fresh_forgets() -> None:
+    model = DelayModel(warm=synthetic(50, 8), prior_weight=0.0)
+    assert model.ready and model.fits == 1
+    np.testing.assert_allclose(model.coef, TRUE, rtol=1e-6)
+    again = model.fresh()
+    assert again.observations == 0 and not again.ready
+    np.testing.assert_allclose(again.coef, NEUTRAL_PRIOR)
+
+
+def test_load_meter_counts_calls_in_flight() -> None:
+    meter = LoadMeter()
+    with meter.running(3, 300):
+        with meter.running(1, 50):
+            assert meter.now() == Load(4, 350)
+        assert meter.now() == Load(3, 300)
+    with pytest.raises(RuntimeError), meter.running(2, 10):
+        raise RuntimeError("engine died")
+    assert meter.now() == Load()
+
+
+# -- work per configuration ---------------------------------------------------------------------
+
+
+SIZER = CallSizer(
+    passages=(120, 80, 200, 150, 90, 60),
+    overhead={"map_rerank": 40, "stuff": 50, "map": 45, "reduce": 55},
+    answer_max_tokens=32,
+    max_model_len=4096,
+)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [Config("map_rerank", 4), Config("stuff", 6), Config("map_reduce", 3, 64), Config("stuff", 9)],
+)
+def test_work_table_sums_the_sizers_calls_per_stage(config) -> None:
+    """The same call sizes as the memory model's (`CallSizer.estimate`), summed per stage."""
+    table = WorkTable(SIZER)
+    calls = SIZER.estimate(config)
+    for work in table(config):
+        mine = [c for c in calls if c.stage == work.stage]
+        assert work.calls == len(mine)
+        assert work.prompt_tokens == sum(c.prompt_tokens for c in mine)
+        assert work.decode_steps == max(c.max_tokens for c in mine)
+        assert work.output_tokens == sum(c.max_tokens for c in mine)
+    assert [w.stage for w in table(config)] == list(dict.fromkeys(c.stage for c in calls))
+
+
+# -- quality ------------------------------------------------------------------------------------
+
+SPACE = ConfigSpace(("stuff", "map_reduce"), (3, 9), (100,))
+
+
+def test_quality_prior_is_monotone_and_concave_in_chunks() -> None:
+    q = [prior_quality(k, 3) for k in range(1, 31)]
+    gains = np.diff(q)
+    assert np.all(gains > 0) and np.all(np.diff(gains) < 0)
+    assert 0 < q[0] and q[-1] < 1
+    assert prior_quality(3, 3) == pytest.approx(1 - math.exp(-1))
+
+
+def test_quality_from_labels_shrinks_towards_the_prior() -> None:
+    model = QualityModel(prior_strength=5)
+    stuff3 = Config("stuff", 3)
+    assert model.predict(stuff3, SPACE) == pytest.approx(prior_quality(3, 3))
+    for _ in range(95):
+        model.add_label(Config("map_rerank", 2))  # answered by two chunks read one by one
+    for _ in range(5):
+        model.add_label(Config("map_reduce", 8, 100))
+    q = model.predict(stuff3, SPACE)
+    assert q == pytest.approx((95 + 5 * prior_quality(3, 3)) / 105)
+    assert model.predict(Config("map_reduce", 9, 100), SPACE) > q
+    assert model.predict(Config("map_rerank", 1), SPACE) < q
+
+
+def test_covers_needs_a_method_as_rich_more_chunks_and_the_summary_budget() -> None:
+    assert covers(Config("stuff", 5), Config("map_rerank", 3))
+    assert not covers(Config("map_rerank", 9), Config("stuff", 3))
+    assert not covers(Config("stuff", 2), Config("stuff", 3))
+    assert covers(Config("map_reduce", 4, 100), Config("map_reduce", 4, 50))
+    assert not covers(Config("map_reduce", 4, 50), Config("map_reduce", 4, 100))
