@@ -23,6 +23,7 @@ behind `on_token`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections import Counter, deque
@@ -48,6 +49,9 @@ from ragctl.policy import (
 )
 from ragctl.profiler import ProfileOutcome, Profiler
 from ragctl.profiler.auto import RetrievalSignals
+from ragctl.profiler.labels import GridCell, label_query
+from ragctl.profiler.learned import query_features
+from ragctl.profiler.store import LabelRecord
 from ragctl.rules import RuleSet, load_rules
 from ragctl.scheduler import AdmissionQueue, KVLedger, NeedTable
 from ragctl.scheduler.cost import QualityModel, StageWork
@@ -477,7 +481,7 @@ class Controller:
             answer = await self._synthesize(
                 q, sq, chunks, decision, timings, start, trace, synth, sink
             )
-        self._maybe_golden(q, chunks)
+        self._maybe_golden(q, chunks, outcome)
         return answer
 
     async def _choose(
@@ -725,27 +729,22 @@ class Controller:
 
     # -- golden-configuration feedback ----------------------------------------------------------
 
-    def _maybe_golden(self, q: str, chunks: list[Chunk]) -> None:
+    def _maybe_golden(self, q: str, chunks: list[Chunk], outcome: ProfileOutcome) -> None:
         """Every `golden_every` adaptive queries, rerun one with the golden configuration and
-        ask the profiler what profile would have been right; in the background, so the user's
-        answer is not delayed."""
+        the feedback budget's candidates, label it, and ask the profiler what profile would have
+        been right; in the background, so the user's answer is not delayed."""
         self._queries += 1
         every = self.policy.golden_every
         if not every or self._queries % every:
             return
-        task = asyncio.ensure_future(self._golden(q, chunks))
+        task = asyncio.ensure_future(self._golden(q, chunks, outcome))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _golden(self, q: str, chunks: list[Chunk]) -> None:
+    async def _golden(self, q: str, chunks: list[Chunk], outcome: ProfileOutcome) -> None:
         config = self.policy.golden_for(len(chunks))
         try:
-            kv = await self.engine.kv_state()
-            with self.admission.ledger.reserve(self._need(q, chunks, kv.block_size, config)):
-                planned = planned_work(self.synthesizer.sizer(q, chunks), config)
-                result, _ = await self.run_synthesis(
-                    self.synthesizer.plan(config, q, chunks), planned=planned
-                )
+            result, golden = await self._feedback_cell(q, chunks, config)
             c = self.collection
             corrected = await self.profiler.feedback(
                 q, c.metadata, c.chunk_tokens, result.answer, result.intermediate,
@@ -757,3 +756,72 @@ class Controller:
             # Feedback is best effort: a failure here must not touch any user's request.
             self.counters["golden_errors"] += 1
             log.warning("golden feedback run failed: %s", e)
+            return
+        try:
+            await self._label(q, chunks, outcome, config, golden)
+        except Exception:  # noqa: BLE001 - labelling is best effort, off every request's path
+            self.counters["feedback_errors"] += 1
+            log.warning("outcome labelling failed", exc_info=True)
+
+    async def _feedback_cell(
+        self, q: str, chunks: list[Chunk], config: Config
+    ) -> tuple[SynthesisResult, GridCell]:
+        """Answer `q` with `config` on the engine (reserved like any plan), as a labelling
+        cell: its answer, solo-ish delay and prompt tokens."""
+        t = time.perf_counter()
+        kv = await self.engine.kv_state()
+        with self.admission.ledger.reserve(self._need(q, chunks, kv.block_size, config)):
+            planned = planned_work(self.synthesizer.sizer(q, chunks), config)
+            result, stages = await self.run_synthesis(
+                self.synthesizer.plan(config, q, chunks), planned=planned
+            )
+        cell = GridCell(
+            answer=result.answer,
+            quality=None,
+            delay_s=time.perf_counter() - t,
+            prompt_tokens=sum(s.prompt_tokens for s in stages),
+        )
+        return result, cell
+
+    async def _label(
+        self,
+        q: str,
+        chunks: list[Chunk],
+        outcome: ProfileOutcome,
+        golden_config: Config,
+        golden: GridCell,
+    ) -> None:
+        """Outcome feedback with no reference answer: the feedback budget's candidates are
+        answered too, and the cheapest whose answer agrees with the golden one labels the query.
+        The label feeds best-fit's quality model and, with the query's features and the LLM's
+        raw beliefs, the profiler's state (calibration and learned profiler)."""
+        candidates = [c for c in self.policy.feedback_for(len(chunks)) if c != golden_config]
+        if not candidates:
+            return
+        cells: dict[Config, GridCell] = {golden_config: golden}
+        for config in candidates:
+            try:
+                _, cells[config] = await self._feedback_cell(q, chunks, config)
+            except RagctlError as e:
+                log.info("feedback candidate %s failed: %s", config.label, e)
+                cells[config] = GridCell(None, None, 0.0, failed=True)
+        query_id = hashlib.sha1(q.encode()).hexdigest()[:16]
+        label = label_query(query_id, cells, mode="golden", golden=golden_config)
+        if label is None:
+            return
+        self.quality.add_label(label.config)
+        self.counters["feedback_labels"] += 1
+        add = getattr(self.profiler, "add_label", None)
+        if add is None:
+            return
+        signals = await self._signals(q)
+        features = None
+        if signals.embedding is not None:
+            features = tuple(float(x) for x in query_features(signals.embedding, signals.scores, q))
+        beliefs = (outcome.raw_beliefs or outcome.beliefs) if outcome.profiler == "llm" else None
+        llm = getattr(self.profiler, "llm", None)
+        if beliefs is None and llm is not None:
+            c = self.collection
+            asked = await llm.profile(q, c.metadata, c.chunk_tokens, collection=c.name)
+            beliefs = asked.beliefs
+        await add(self.collection.name, LabelRecord(label, q, features, beliefs))

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ragctl.errors import InvalidSetting
 from ragctl.profiler import ProfileOutcome
 from ragctl.rules import RuleSet, default_space, evaluate, merge_spaces
 from ragctl.scheduler import NeedTable, choose
@@ -42,6 +43,8 @@ class AdaptivePolicy:
     mitigation: Mitigation = field(default_factory=Mitigation)
     retrieval_aware_k: bool = False
     """Cut the chunk count inside a space's range at the largest retrieval-score gap."""
+    feedback_configs: tuple[Config, ...] = ()
+    """The golden run's candidate configurations (its feedback budget)."""
     objective: Objective = "quality"
     """How best-fit chooses among the fitting configurations (`scheduler.objective`)."""
     delay_weight: float = DEFAULT_DELAY_WEIGHT
@@ -61,6 +64,7 @@ class AdaptivePolicy:
             collection_slo_ms=dict(settings.collection_slo_ms),
             mitigation=Mitigation.parse(settings.slo_mitigation),
             retrieval_aware_k=settings.retrieval_aware_k,
+            feedback_configs=parse_config_list(settings.feedback_configs),
             objective=settings.objective,
             delay_weight=settings.delay_weight,
             slo_predictor=settings.slo_predictor,
@@ -68,6 +72,12 @@ class AdaptivePolicy:
 
     def slo_for(self, collection: str) -> float | None:
         return self.collection_slo_ms.get(collection, self.slo_ms)
+
+    def feedback_for(self, chunks: int) -> tuple[Config, ...]:
+        """The golden run's candidates, on at most the `chunks` retrieved (deduplicated)."""
+        out = [Config(c.method, min(c.num_chunks, chunks), c.intermediate_length)
+               for c in self.feedback_configs]  # fmt: skip
+        return tuple(dict.fromkeys(out))
 
     def golden_for(self, chunks: int) -> Config:
         """The golden configuration, on at most the `chunks` retrieved."""
@@ -241,3 +251,18 @@ def with_history(question: str, history: Sequence[Message]) -> str:
         return question
     lines = [f"{m.role.capitalize()}: {' '.join(m.content.split())}" for m in turns]
     return "(conversation so far)\n" + "\n".join(lines) + f"\n(current question) {question}"
+
+
+def parse_config_list(text: str) -> tuple[Config, ...]:
+    """`stuff:3,map_rerank:1,...` as configurations (empty text: none); a malformed one is an
+    `InvalidSetting` naming it."""
+    out = []
+    for raw in text.split(","):
+        label = raw.strip()
+        if not label:
+            continue
+        try:
+            out.append(Config.parse(label))
+        except ValueError as e:
+            raise InvalidSetting(f"invalid setting feedback_configs: {label!r}: {e}") from None
+    return tuple(dict.fromkeys(out))

@@ -46,13 +46,13 @@ def controller_for(
     from ragctl.retrieval.index import open_retriever
 
     card = check_dataset(settings.data_dir, collection)
-    load_profiler_state(profiler, card.name)
+    profiler_state = load_profiler_state(profiler, card.name)
     # Once per collection opened: setting the same value again changes nothing.
     apply_retrieval_threads(settings.retrieval_threads)
     retriever = BatchingRetriever.from_settings(
         open_retriever(settings, collection, engine.tokenizer, progress=progress), settings
     )
-    return Controller(
+    controller = Controller(
         engine,
         retriever,
         answer_max_tokens=settings.answer_max_tokens or card.answer_max_tokens,
@@ -66,6 +66,10 @@ def controller_for(
         owns_engine=owns_engine,
         bridge=bridge,
     )
+    # Best-fit's quality model starts from the labels the profiler's state holds.
+    for config in getattr(profiler_state, "labels", ()):
+        controller.quality.add_label(config)
+    return controller
 
 
 def open(collection: str, settings: Settings | None = None, **overrides: Any) -> Controller:
@@ -238,12 +242,13 @@ async def open_profiler(settings: Settings, serving_engine: Engine) -> Any:
         state_root=settings.cache_dir,
         model=settings.profiler_model_key() or model_key(engine.name),
         learned_min_confidence=settings.learned_min_confidence,
+        refit_every=settings.feedback_refit_every,
     )
 
 
-def load_profiler_state(profiler: Any, collection: str) -> None:
+def load_profiler_state(profiler: Any, collection: str) -> Any:
     """Read `collection`'s profiler state now (a corrupt calibration or learned-profiler file
-    is a `ProfilerStateError` here, at start-up, never a failed request)."""
+    is a `ProfilerStateError` here, at start-up, never a failed request); None for a profiler
+    that keeps none."""
     load = getattr(profiler, "load", None)
-    if callable(load):
-        load(collection)
+    return load(collection) if callable(load) else None

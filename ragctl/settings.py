@@ -165,6 +165,19 @@ class Settings(BaseSettings):
         "the profiler feedback (0: never).",
         json_schema_extra=CLI_FLAG,
     )
+    feedback_configs: str = Field(
+        "map_rerank:1,map_rerank:3,stuff:1,stuff:3,stuff:6",
+        description="The golden run's feedback budget: candidate configurations it also answers; "
+        "the cheapest whose answer agrees with the golden answer labels the query (outcome "
+        "feedback for the profiler's calibration, the learned profiler and best-fit's quality "
+        "model). Empty: no labels, only the profiler's feedback example.",
+    )
+    feedback_refit_every: int = Field(
+        10,
+        ge=1,
+        description="Refit a collection's profiler calibration and learned profiler after this "
+        "many new online labels.",
+    )
     golden_examples: int = Field(
         4, ge=0, description="Feedback examples kept and shown in later profiler prompts."
     )

@@ -16,6 +16,7 @@ says so (a learned profiler is trained there), and then retrieves before it prof
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -27,7 +28,8 @@ import numpy as np
 from ragctl.profiler.calibration import Calibration
 from ragctl.profiler.learned import FEATURES_VERSION, LearnedProfiler, query_features
 from ragctl.profiler.profiler import ProfileOutcome
-from ragctl.profiler.store import ProfilerState
+from ragctl.profiler.store import LabelRecord, ProfilerState
+from ragctl.types import Config
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,10 @@ Mode = Literal["llm", "learned", "auto"]
 DEFAULT_LEARNED_MIN_CONFIDENCE = 0.8
 """`auto` asks the LLM when the learned profiler's confidence (its probability that the less
 certain of the two binary decisions is right) is below this."""
+
+
+DEFAULT_REFIT_EVERY = 10
+"""New online labels of a collection between two refits."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,8 @@ class CollectionProfilers:
     learned_calibration: Calibration | None = None
     use: str = "llm"
     """`llm` or `learned`: `choose_profiler` on the labels' held-out accuracies."""
+    labels: tuple[Config, ...] = ()
+    """Each labelled query's cheapest agreeing configuration (best-fit's quality model)."""
 
 
 class AutoProfiler:
@@ -71,6 +79,7 @@ class AutoProfiler:
         state_root: Path | None = None,
         model: str = "",
         learned_min_confidence: float = DEFAULT_LEARNED_MIN_CONFIDENCE,
+        refit_every: int = DEFAULT_REFIT_EVERY,
     ) -> None:
         if not 0.0 <= learned_min_confidence <= 1.0:
             raise ValueError(
@@ -81,7 +90,11 @@ class AutoProfiler:
         self.state_root = state_root
         self.model = model
         self.learned_min_confidence = learned_min_confidence
+        if refit_every < 1:
+            raise ValueError(f"refit_every must be >= 1, got {refit_every}")
+        self.refit_every = refit_every
         self._collections: dict[str, CollectionProfilers] = {}
+        self._new_labels: dict[str, int] = {}
 
     # The wrapped profiler's surface, for the controller and the service.
     @property
@@ -136,9 +149,26 @@ class AutoProfiler:
                     state.load_calibration("learned") if learned is not None else None
                 ),
                 use=status.in_use,
+                labels=tuple(r.label.config for r in state.records()),
             )
         self._collections[collection] = loaded
         return loaded
+
+    async def add_label(self, collection: str, record: LabelRecord) -> None:
+        """Keep one online label (the golden run's): appended to the collection's state on disk,
+        and every `refit_every` new labels the calibration and learned profiler are refitted
+        from all of them and reloaded. File work runs in a thread, off the event loop."""
+        if self.state_root is None:
+            return
+        state = ProfilerState.at(self.state_root, self.model, collection)
+        await asyncio.to_thread(state.append, [record])
+        self._new_labels[collection] = self._new_labels.get(collection, 0) + 1
+        if self._new_labels[collection] < self.refit_every:
+            return
+        self._new_labels[collection] = 0
+        await asyncio.to_thread(state.refit)
+        self._collections.pop(collection, None)
+        self.load(collection)
 
     def set_state(self, collection: str, state: CollectionProfilers) -> None:
         """Replace a collection's state (after training, without a restart)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
@@ -340,3 +341,37 @@ def test_cancelling_the_caller_cancels_the_engine_call() -> None:
     assert engine.cancelled.wait(5)
     ctl.close()
     assert ctl.admission.ledger.reserved == 0
+
+
+async def test_the_golden_run_labels_the_query_from_its_feedback_budget(tmp_path) -> None:
+    """No reference answer: the candidates that agree with the golden answer (all do, the fake
+    engine always says Denver) label the query with the cheapest; the label reaches best-fit's
+    quality model and, through the profiler, its state on disk."""
+    from ragctl.profiler.auto import AutoProfiler
+    from ragctl.profiler.store import ProfilerState
+
+    class Engine(FakeEngine):
+        async def generate(self, requests):
+            # Prompt size grows with the chunks, so cheaper configurations cost less.
+            gens = await super().generate(requests)
+            return [replace(g, prompt_tokens=self.tokenizer.count_chat(r.messages))
+                    for g, r in zip(gens, requests, strict=True)]  # fmt: skip
+
+    engine = Engine()
+    budget = (Config("stuff", 3), Config("map_rerank", 1), Config("stuff", 1))
+    gold = Config("stuff", 6)
+    policy = AdaptivePolicy(golden_every=1, golden_config=gold, feedback_configs=budget)
+    auto = AutoProfiler(FakeProfiler(), mode="llm", state_root=tmp_path, model="m", refit_every=1)
+    ctl = controller(engine=engine, profiler=auto, policy=policy)
+    await ctl.aask("Where was Super Bowl 50 played?")
+    await asyncio.gather(*ctl._background)
+    assert ctl.counters["feedback_labels"] == 1 and ctl.counters["feedback_errors"] == 0
+    assert ctl.admission.ledger.reserved == 0
+    [label] = list(ctl.quality.labels)
+    assert label in (Config("stuff", 1), Config("map_rerank", 1))  # the cheapest prompts
+    [record] = ProfilerState.at(tmp_path, "m", ctl.collection.name).records()
+    assert record.label.config == label and record.label.source == "golden"
+    assert record.question == "Where was Super Bowl 50 played?"
+    assert record.features is None  # this retriever gives no query embedding
+    # refit_every=1: the calibration was refitted and the state reloaded with the label.
+    assert auto.load(ctl.collection.name).labels == (label,)
