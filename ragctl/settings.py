@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ragctl.errors import InvalidSetting
@@ -256,6 +256,15 @@ class Settings(BaseSettings):
         ge=1,
         description="In-process engine: most sequences vLLM runs at once. Unset: vLLM's default.",
     )
+
+    @field_validator("feedback_configs")
+    @classmethod
+    def _configurations(cls, text: str) -> str:
+        from ragctl.types import Config
+
+        for label in filter(None, (x.strip() for x in text.split(","))):
+            Config.parse(label)  # ValueError -> a one-line InvalidSetting
+        return text
 
     def profiler_model_key(self) -> str | None:
         """The profiler model's name as its per-collection state is filed under

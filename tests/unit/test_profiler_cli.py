@@ -74,3 +74,20 @@ def test_status_with_a_remote_profiler_needs_its_model_named(tmp_path: Path) -> 
     )  # fmt: skip
     assert isinstance(result.exception, InvalidSetting)
     assert "--profiler-model" in str(result.exception)
+
+
+def test_feedback_budget_setting_is_checked_and_parsed() -> None:
+    from ragctl.policy import AdaptivePolicy
+    from ragctl.types import Config
+
+    with pytest.raises(InvalidSetting, match="feedback_configs.*bogus"):
+        Settings().with_overrides(feedback_configs="stuff:3,bogus:2")
+    policy = AdaptivePolicy.from_settings(
+        Settings().with_overrides(feedback_configs="stuff:3, map_rerank:9,stuff:3,")
+    )
+    assert policy.feedback_configs == (Config("stuff", 3), Config("map_rerank", 9))
+    # Clipped to the chunks retrieved, duplicates merged.
+    assert policy.feedback_for(3) == (Config("stuff", 3), Config("map_rerank", 3))
+    assert AdaptivePolicy.from_settings(
+        Settings().with_overrides(feedback_configs="")
+    ).feedback_configs == ()
