@@ -69,6 +69,7 @@ from ragctl.types import (
     GenerationRequest,
     KVState,
     Message,
+    Objective,
     Plan,
     StageRecord,
     SynthesisResult,
@@ -325,11 +326,11 @@ class Controller:
         the scores of the chunks found): the learned profiler's input."""
         return await self.bridge.arun(self._signals(self.check_question(question)))
 
-    async def propose(self, question: str) -> Proposal:
+    async def propose(self, question: str, objective: Objective | None = None) -> Proposal:
         """What the adaptive path would decide for `question` now, without answering it: the
         real profiler, rules and best-fit against the engine's KV state (policy replay). Like
         `aask`, it updates the collection's history of confident spaces."""
-        return await self.bridge.arun(self._propose(question))
+        return await self.bridge.arun(self._propose(question, objective))
 
     async def aclose(self) -> None:
         """Stop background feedback runs, then (when it owns them) the profiler and engine;
@@ -387,7 +388,10 @@ class Controller:
             if config is not None:
                 answer = await self._ask_fixed(q, config, start, history, trace, synth, sink)
             else:
-                answer = await self._ask_adaptive(q, start, history, max_chunks, trace, synth, sink)
+                objective = options.objective if options is not None else None
+                answer = await self._ask_adaptive(
+                    q, start, history, max_chunks, trace, synth, sink, objective
+                )
             ok = True
         finally:
             record = trace.finish(ok=ok)
@@ -460,11 +464,12 @@ class Controller:
         trace: StageHooks,
         synth: Synthesizer,
         sink: AnswerStream,
+        objective: Objective | None = None,
     ) -> Answer:
         timings: dict[str, float] = {}
         sq = with_history(q, history)
         outcome, chunks, choice, decide = await self._choose(
-            q, sq, max_chunks, timings, trace, synth
+            q, sq, max_chunks, timings, trace, synth, objective
         )
         admitted = await self.admission.admit(decide)
         timings["queue"] = admitted.queued_s
@@ -492,6 +497,7 @@ class Controller:
         timings: dict[str, float],
         trace: StageHooks = NO_HOOKS,
         synth: Synthesizer | None = None,
+        objective: Objective | None = None,
     ) -> tuple[ProfileOutcome, list[Chunk], SpaceChoice, Callable[[KVState, int], Plan]]:
         """The adaptive path up to the admission queue: retrieval ‖ profile, the pruned space
         (the collection's history learns from it), and best-fit's `decide`."""
@@ -523,16 +529,18 @@ class Controller:
             (synth or self.synthesizer).sizer(synthesis_question, chunks),
             cap,
             self.policy.kv_buffer_blocks,
-            cost=self._cost_models(),
+            cost=self._cost_models(objective),
             **trace.planning(),
         )
         timings["decide"] = time.perf_counter() - t
         return outcome, chunks, choice, decide
 
-    async def _propose(self, question: str) -> Proposal:
+    async def _propose(self, question: str, objective: Objective | None = None) -> Proposal:
         q = self.check_question(question)
         timings: dict[str, float] = {}
-        outcome, _, choice, decide = await self._choose(q, q, None, timings)
+        outcome, _, choice, decide = await self._choose(
+            q, q, None, timings, objective=objective
+        )
         plan = decide(await self.engine.kv_state(), self.admission.ledger.reserved)
         return Proposal(outcome, choice, plan)
 
@@ -591,12 +599,14 @@ class Controller:
                 history.append(choice.space)
         return choice
 
-    def _cost_models(self) -> CostModels:
+    def _cost_models(self, objective: Objective | None = None) -> CostModels:
+        """Best-fit's predictors and objective (`objective`: this request's, else the
+        policy's)."""
         return CostModels(
             delay=self.slo.delay,
             load=self.slo.load.now,
             quality=self.quality,
-            objective=self.policy.objective,
+            objective=objective or self.policy.objective,
             delay_weight=self.policy.delay_weight,
         )
 

@@ -313,6 +313,8 @@ class AnswerOptions:
     seed: int | None = None
     ignore_eos: bool = False
     """vLLM's extension: generate exactly max_tokens (benchmarks of streaming and TTFT)."""
+    objective: Objective | None = None
+    """Best-fit's objective for this request (adaptive path only); None: the policy's."""
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -323,6 +325,8 @@ class AnswerOptions:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if len(self.stop) > 4 or any(not s for s in self.stop):
             raise ValueError("stop takes at most 4 non-empty strings")
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
 
 
 @dataclass(frozen=True)

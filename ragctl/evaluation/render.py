@@ -239,7 +239,10 @@ def render_report(evaluation: Evaluation, console: Console) -> None:
         with_intervals = any(s.delay_n is not None for s in phase.systems.values())
         if with_intervals:
             console.print(TABLE_NOTE, style="dim", highlight=False)
-        for line in [*ratio_lines(phase.ratios), *slo_lines(phase)]:
+        variant_lines = [
+            f"{name}: {ratio_lines(r)[0]}" for name, r in (phase.variants or {}).items()
+        ]
+        for line in [*ratio_lines(phase.ratios), *variant_lines, *slo_lines(phase)]:
             console.print(f"  {line}", highlight=False, markup=False)
         if with_intervals:
             console.print(f"  {FOOTNOTE}", style="dim", highlight=False, markup=False)

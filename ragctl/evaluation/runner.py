@@ -26,7 +26,7 @@ from ragctl.evaluation import metrics
 from ragctl.evaluation.systems import System, adaptiverag_config, median_config
 from ragctl.evaluation.writers import SampleWriter, read_rows
 from ragctl.retrieval.collection import DatasetCard
-from ragctl.types import Answer, Query
+from ragctl.types import Answer, AnswerOptions, Query
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,8 @@ class Runner:
         s, q = job.system, job.query.question
         ctl = self.controller
         if s.kind == "ragctl":
-            answer = await ctl.aask(q)
+            options = AnswerOptions(objective=s.objective) if s.objective else None
+            answer = await ctl.aask(q, options=options)
             return answer, answer.timings.get("profile")
         if s.kind == "fixed":
             assert s.config is not None

@@ -22,7 +22,7 @@ from ragctl.evaluation.intervals import Interval, mean_ci, percentile_ci, ratio_
 from ragctl.evaluation.metrics import mean_scores, primary_metric
 from ragctl.evaluation.ratios import PerQuery, Ratios, ratios
 from ragctl.evaluation.records import Record
-from ragctl.evaluation.systems import FIXED_PREFIX, ORACLE, system_order
+from ragctl.evaluation.systems import FIXED_PREFIX, ORACLE, RAGCTL, system_order
 
 Row = Mapping[str, Any]
 
@@ -189,6 +189,9 @@ class Phase(Record):
     systems: dict[str, SystemSummary]
     oracle: OracleSummary | None
     ratios: Ratios
+    variants: dict[str, Ratios] | None = None
+    """The same ratios for each `ragctl:<objective>` system (None: there is none)."""
+    OMIT_NONE: ClassVar[tuple[str, ...]] = ("variants",)
 
     @property
     def title(self) -> str:
@@ -217,6 +220,11 @@ class Phase(Record):
             systems=systems,
             oracle=orc,
             ratios=Ratios.from_dict(stored) if stored else ratios(systems, orc),
+            variants=(
+                {k: Ratios.from_dict(v) for k, v in data["variants"].items()}
+                if data.get("variants")
+                else None
+            ),
         )
 
 
@@ -469,6 +477,11 @@ def summarize(rows: Sequence[Row]) -> Evaluation:
             systems=systems,
             oracle=orc,
             ratios=ratios(systems, orc, samples),
+            variants={
+                name: ratios({**systems, RAGCTL: systems[name]}, orc,
+                             {**samples, RAGCTL: samples[name]})
+                for name in systems if name.startswith(RAGCTL + ":")
+            } or None,  # fmt: skip
         )
     ordered = sorted(phases.items(), key=lambda kv: (*_phase_order(kv[1]), kv[0]))
     return Evaluation(dataset=dataset, primary=primary, phases=dict(ordered))

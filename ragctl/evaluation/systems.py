@@ -1,6 +1,8 @@
 """The systems `ragctl eval` compares, as pure policy over plain data.
 
-- `ragctl`: the adaptive controller (profile -> rules -> best-fit on free KV memory).
+- `ragctl`: the adaptive controller (profile -> rules -> best-fit on free KV memory), with the
+  settings' objective; `ragctl:<objective>` (`ragctl:quality`, `ragctl:balanced`,
+  `ragctl:latency`) with that best-fit objective, so several can run side by side.
 - `fixed:<method>:<chunks>[:<ilen>]`: one static configuration for every query (`fixed` alone:
   the default grid, covering all three methods).
 - `adaptiverag` (AdaptiveRAG*): the query's complexity class, from the same LLM profiler, picks
@@ -20,7 +22,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ragctl.errors import InvalidRequest
-from ragctl.types import METHODS, TAKES_INTERMEDIATE, Config, ConfigSpace, Profile
+from ragctl.types import (
+    METHODS,
+    OBJECTIVES,
+    TAKES_INTERMEDIATE,
+    Config,
+    ConfigSpace,
+    Objective,
+    Profile,
+)
 
 Kind = Literal["ragctl", "fixed", "adaptiverag", "parrot"]
 
@@ -57,6 +67,8 @@ class System:
     kind: Kind
     config: Config | None = None
     """The configuration of a `fixed` system."""
+    objective: Objective | None = None
+    """Best-fit's objective of a `ragctl:<objective>` system (None: the settings')."""
 
 
 def fixed_system(config: Config) -> System:
@@ -84,6 +96,8 @@ def system_order(name: str) -> tuple[Any, ...]:
     and summary budget."""
     if name == RAGCTL:
         return (0, 0, "", 0, 0)
+    if name.startswith(RAGCTL + ":"):
+        return (0, 0, name, 0, 0)
     if name in BASELINES:
         return (0, 1 + BASELINES.index(name), "", 0, 0)
     if name.startswith(FIXED_PREFIX):
@@ -115,11 +129,20 @@ def parse_systems(text: str, grid: Sequence[Config] = DEFAULT_GRID) -> Plan:
             except ValueError as e:
                 raise InvalidRequest(f"system {name!r}: {e}") from None
             systems[FIXED_PREFIX + config.label] = fixed_system(config)
+        elif name.startswith(RAGCTL + ":"):
+            objective = name[len(RAGCTL) + 1 :]
+            if objective not in OBJECTIVES:
+                raise InvalidRequest(
+                    f"system {name!r}: the objective must be one of {', '.join(OBJECTIVES)}"
+                )
+            systems[name] = System(name, "ragctl", objective=objective)  # type: ignore[arg-type]
         elif name in (RAGCTL, *BASELINES):
             systems[name] = System(name, name)  # type: ignore[arg-type]
         else:
             known = ", ".join(DESCRIPTIONS)
-            raise InvalidRequest(f"unknown system {name!r}; known: {known}, fixed:<config>")
+            raise InvalidRequest(
+                f"unknown system {name!r}; known: {known}, fixed:<config>, ragctl:<objective>"
+            )
     if not systems:
         raise InvalidRequest("no systems to run")
     plan = Plan(tuple(systems.values()), oracle)

@@ -12,7 +12,7 @@ import pytest
 
 from ragctl.scheduler.cost import DelayModel, Load, StageWork, prior_from_rates
 from ragctl.scheduler.slo import Mitigation, SLOTracker
-from ragctl.types import Config
+from ragctl.types import AnswerOptions, Config
 from tests.unit.test_controller import NO_GOLDEN, FakeEngine, controller
 
 Q = "Where was Super Bowl 50 played?"
@@ -90,6 +90,9 @@ async def test_the_objective_changes_the_choice_and_quality_keeps_todays() -> No
     assert latency.config != quality.config
     assert delays[latency.config] < q_delays[quality.config]
     assert quality.need_blocks == max(c.need_blocks for c in quality.choice.candidates)
+    # The same choice per request, on the quality controller: the request's objective wins.
+    asked = (await base.aask(Q, options=AnswerOptions(objective="latency"))).decision
+    assert asked.choice.objective == "latency" and asked.config == latency.config
 
 
 async def test_the_slo_tracker_predicts_with_the_model_and_reports_all_three_errors() -> None:

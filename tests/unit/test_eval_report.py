@@ -20,7 +20,7 @@ from ragctl.evaluation.plots import write_plots
 from ragctl.evaluation.ratios import Ratios, ratios
 from ragctl.evaluation.render import render_report, slo_lines
 from ragctl.evaluation.run import report_run
-from ragctl.evaluation.summaries import Evaluation, oracle, phase_key, summarize
+from ragctl.evaluation.summaries import Evaluation, Phase, oracle, phase_key, summarize
 from ragctl.evaluation.systems import system_order
 from ragctl.evaluation.writers import (
     SampleWriter,
@@ -621,3 +621,24 @@ def test_report_rewrite_recomputes_the_files(
     assert {p.name for p in tmp_path.iterdir()} >= {
         "results.json", "summary.csv", "quality_vs_delay.png", "delay_cdf.png", "load.png",
     }  # fmt: skip
+
+
+def test_objective_variants_get_their_own_ratios(rows: list[dict[str, Any]]) -> None:
+    """A `ragctl:<objective>` system is measured against the same fixed grid as ragctl: its
+    ratios are ragctl's formulas with it in ragctl's place, and they survive results.json."""
+    half = [r for r in rows if r["rate"] == 0.5]
+    variant = [
+        {**r, "system": "ragctl:latency", "delay_s": r["delay_s"] / 2,
+         "end_s": r["arrival_s"] + r["delay_s"] / 2}
+        for r in half if r["system"] == "ragctl"
+    ]  # fmt: skip
+    ev = summarize(half + variant)
+    phase = ev.phases["0.5"]
+    assert set(phase.variants or {}) == {"ragctl:latency"}
+    a = phase.ratios.delay_ratio_vs_fixed_equal_quality
+    v = phase.variants["ragctl:latency"].delay_ratio_vs_fixed_equal_quality
+    assert v.config == a.config and v.ragctl_quality == a.ragctl_quality
+    assert v.value == pytest.approx(2 * a.value)  # same quality in half the time
+    back = Phase.from_dict(json.loads(json.dumps(phase.to_dict())))
+    assert back.variants["ragctl:latency"].to_dict() == phase.variants["ragctl:latency"].to_dict()
+    assert "variants" not in summarize(half).phases["0.5"].to_dict()  # none: no new key

@@ -163,3 +163,19 @@ def test_check_out_dir_resume_rules(tmp_path) -> None:
     (other / "samples.jsonl").write_text("")
     with pytest.raises(InvalidRequest, match="already holds a run"):
         check_out_dir(other, meta, resume=False)
+
+
+def test_ragctl_objective_systems() -> None:
+    from ragctl.evaluation.systems import parse_systems, system_order
+    from ragctl.types import AnswerOptions
+
+    plan = parse_systems("ragctl,ragctl:balanced,ragctl:latency,fixed:stuff:3")
+    by_name = {s.name: s for s in plan.systems}
+    assert by_name["ragctl:balanced"].kind == "ragctl"
+    assert by_name["ragctl:balanced"].objective == "balanced"
+    assert by_name["ragctl"].objective is None
+    assert sorted(by_name, key=system_order)[:3] == ["ragctl", "ragctl:balanced", "ragctl:latency"]
+    with pytest.raises(InvalidRequest, match="objective must be one of"):
+        parse_systems("ragctl:fastest")
+    with pytest.raises(ValueError, match="objective"):
+        AnswerOptions(objective="fastest")  # type: ignore[arg-type]
