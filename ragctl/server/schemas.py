@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from ragctl.errors import InvalidRequest, ModelNotFound
 from ragctl.synthesis import registry
 from ragctl.synthesis.registry import MAX_CHUNKS
-from ragctl.types import METHODS, AnswerOptions, Config, Message
+from ragctl.types import METHODS, AnswerOptions, Config, Message, Objective
 
 MODEL_PREFIX = "ragctl/"
 AUTO_MODEL = "ragctl/auto"
@@ -82,6 +82,11 @@ class RagctlOptions(_Open):
     deadline_ms: float | None = Field(
         None, gt=0, description="Give up after this many ms: 504, and the engine calls stop."
     )
+    objective: Objective | None = Field(
+        None,
+        description="Adaptive: how best-fit chooses among the configurations that fit (quality: "
+        "the largest; balanced; latency: the fastest predicted); default: the server's.",
+    )
 
     def config(self, model: str) -> Config | None:
         """The fixed configuration this request asks for; None: adaptive."""
@@ -134,6 +139,7 @@ class Sampling(RagctlOptions):
             stop=tuple(s for s in stop if s),
             seed=self.seed,
             ignore_eos=self.ignore_eos,
+            objective=self.objective,
         )
 
 

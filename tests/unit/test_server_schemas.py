@@ -98,8 +98,9 @@ def test_sampling_fields_become_the_answer_options() -> None:
         {"model": "ragctl/auto", "prompt": "x", "max_tokens": 3, "seed": 1}
     )
     assert comp.options() == AnswerOptions(max_tokens=3, seed=1)
+    assert chat(objective="latency").options() == AnswerOptions(objective="latency")
     for bad in ({"max_tokens": 0}, {"top_p": 0}, {"temperature": 3}, {"stop": ["a"] * 5},
-                {"stop": [""]}, {"n": 3}):  # fmt: skip
+                {"stop": [""]}, {"n": 3}, {"objective": "fastest"}):  # fmt: skip
         with pytest.raises(ValidationError):
             chat(**bad)
 
