@@ -19,7 +19,6 @@ prompt (they change rarely, so it stays cacheable).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -28,7 +27,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ragctl.engine.base import Engine
-from ragctl.errors import EngineTimeout, RagctlError
 from ragctl.profiler.beliefs import FieldBeliefs
 from ragctl.profiler.calibration import decision_confidence
 from ragctl.profiler.profiler import (
@@ -40,6 +38,7 @@ from ragctl.profiler.profiler import (
     Profiler,
     _key,
     _positive,
+    guarded_generate,
 )
 from ragctl.profiler.prompts import (
     FEEDBACK,
@@ -180,18 +179,10 @@ class FieldProfiler:
                 profiler="llm",
             )
 
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                gens = await self.engine.generate(reqs)
-        except TimeoutError:
-            return failed("timeout", f"timeout: no profile within {self.timeout_s:g}s")
-        except EngineTimeout as e:
-            return failed("timeout", f"timeout: {e}")
-        except RagctlError as e:
-            return failed("engine", f"engine error: {e}")
-        except Exception as e:  # noqa: BLE001 - a profiler must never fail the request
-            log.warning("field profiler engine call raised", exc_info=True)
-            return failed("engine", f"engine error: {type(e).__name__}: {e}")
+        called, kind, error = await guarded_generate(self.engine, reqs, self.timeout_s)
+        if called is None:
+            return failed(kind, error)  # type: ignore[arg-type]
+        gens = called
 
         questions = list(self._template.questions.values())
         raw = _raw(questions, gens)

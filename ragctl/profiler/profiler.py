@@ -286,18 +286,10 @@ class Profiler:
                 finish_reason=gen.finish_reason if gen else None,
             )
 
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                [gen] = await self.engine.generate([req])
-        except TimeoutError:
-            return failed("timeout", f"timeout: no profile within {self.timeout_s:g}s")
-        except EngineTimeout as e:
-            return failed("timeout", f"timeout: {e}")
-        except RagctlError as e:
-            return failed("engine", f"engine error: {e}")
-        except Exception as e:  # noqa: BLE001 - a profiler must never fail the request
-            log.warning("profiler engine call raised", exc_info=True)
-            return failed("engine", f"engine error: {type(e).__name__}: {e}")
+        gens, kind, error = await guarded_generate(self.engine, [req], self.timeout_s)
+        if gens is None:
+            return failed(kind, error)  # type: ignore[arg-type]
+        [gen] = gens
         try:
             profile = parse_profile(gen.text, profile_confidence(gen.token_logprobs))
         except ProfilerError as e:
@@ -329,6 +321,26 @@ class Profiler:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+async def guarded_generate(
+    engine: Engine, requests: Sequence[GenerationRequest], timeout_s: float
+) -> tuple[list[Generation] | None, ErrorKind | None, str]:
+    """A profiler's engine call that never raises: (generations, None, "") or (None, kind,
+    error) for a timeout (the whole call, queueing included, past `timeout_s`) or an engine
+    error of any kind."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await engine.generate(requests), None, ""
+    except TimeoutError:
+        return None, "timeout", f"timeout: no profile within {timeout_s:g}s"
+    except EngineTimeout as e:
+        return None, "timeout", f"timeout: {e}"
+    except RagctlError as e:
+        return None, "engine", f"engine error: {e}"
+    except Exception as e:  # noqa: BLE001 - a profiler must never fail the request
+        log.warning("profiler engine call raised", exc_info=True)
+        return None, "engine", f"engine error: {type(e).__name__}: {e}"
 
 
 def _key(collection: str | None, metadata: str) -> str:
