@@ -36,6 +36,9 @@ class LoadResult:
     failed: Counter[str] = field(default_factory=Counter)
     """Anything else: `status 502`, `timeout`, `connection`."""
     configs: Counter[str] = field(default_factory=Counter)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    """One per answered request: question index, whether it streamed, TTFT and latency."""
+    alternate: bool = False
 
     @property
     def completed(self) -> int:
@@ -65,7 +68,32 @@ class LoadResult:
             "wall_s": self.wall_s,
             "throughput_qps": self.completed / self.wall_s if self.wall_s else 0.0,
             "configs": dict(self.configs.most_common()),
+            **({"by_mode": self.by_mode(), "samples": self.samples} if self.alternate else {}),
         }
+
+    def by_mode(self) -> dict[str, dict[str, Any]]:
+        """Alternating runs: TTFT and latency of the streamed and of the whole answers."""
+        out = {}
+        for name, streamed in (("streamed", True), ("whole", False)):
+            rows = [r for r in self.samples if r["stream"] is streamed]
+            ttft = sorted(r["ttft_s"] for r in rows)
+            lat = sorted(r["latency_s"] for r in rows)
+            out[name] = {
+                "n": len(rows),
+                "ttft_mean_s": sum(ttft) / len(ttft) if ttft else None,
+                "ttft_p50_s": percentile(ttft, 0.5) if ttft else None,
+                "mean_s": sum(lat) / len(lat) if lat else None,
+                "p50_s": percentile(lat, 0.5) if lat else None,
+            }
+        return out
+
+    def pairs(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Alternating runs: (streamed, whole) samples of the same question, where both were
+        answered."""
+        by_q: dict[int, dict[bool, dict[str, Any]]] = {}
+        for r in self.samples:
+            by_q.setdefault(r["question"], {})[r["stream"]] = r
+        return [(m[True], m[False]) for _, m in sorted(by_q.items()) if len(m) == 2]
 
 
 async def chat_load(
@@ -80,9 +108,13 @@ async def chat_load(
     extra_body: dict[str, Any] | None = None,
     stream: bool = False,
     max_tokens: int | None = None,
+    alternate: bool = False,
 ) -> LoadResult:
     """Send `requests` chat requests (questions cycled), at most `concurrency` at once;
-    `stream`: as SSE streams (time to first token = the first content delta)."""
+    `stream`: as SSE streams (time to first token = the first content delta). `alternate`:
+    each question twice in a row, once streamed and once whole, the one that goes first
+    alternating from question to question (so neither mode gets the other's prefix cache or
+    warm-up more often); `requests` counts both."""
     import openai
 
     client = openai.AsyncOpenAI(
@@ -92,10 +124,10 @@ async def chat_load(
         timeout=timeout_s,
     )
     gate = asyncio.Semaphore(concurrency)
-    result = LoadResult(requests, concurrency, 0.0, stream=stream)
+    result = LoadResult(requests, concurrency, 0.0, stream=stream, alternate=alternate)
     sampling = {} if max_tokens is None else {"max_tokens": max_tokens}
 
-    async def ask(q: str, t: float) -> tuple[float, dict[str, Any]]:
+    async def ask(q: str, t: float, stream: bool) -> tuple[float, dict[str, Any]]:
         """(time to first token, the response's `ragctl` field)."""
         messages = [{"role": "user", "content": q}]
         if not stream:
@@ -115,11 +147,12 @@ async def chat_load(
         return (time.perf_counter() - t) if first is None else first, extra
 
     async def one(i: int) -> None:
-        q = questions[i % len(questions)]
+        index, streamed = alternating(i) if alternate else (i, stream)
+        q = questions[index % len(questions)]
         async with gate:
             t = time.perf_counter()
             try:
-                ttft, extra = await ask(q, t)
+                ttft, extra = await ask(q, t, streamed)
             except openai.APIStatusError as e:
                 if e.status_code in (429, 503):
                     result.rejected[e.status_code] += 1
@@ -135,8 +168,12 @@ async def chat_load(
             except openai.APIError:  # an error event ended the stream
                 result.failed["stream error"] += 1
                 return
-            result.latencies_s.append(time.perf_counter() - t)
+            latency = time.perf_counter() - t
+            result.latencies_s.append(latency)
             result.ttfts_s.append(ttft)
+            result.samples.append(
+                {"question": index, "stream": streamed, "ttft_s": ttft, "latency_s": latency}
+            )
             result.configs[str(extra.get("config"))] += 1
 
     start = time.perf_counter()
@@ -146,6 +183,13 @@ async def chat_load(
         result.wall_s = time.perf_counter() - start
         await client.close()
     return result
+
+
+def alternating(i: int) -> tuple[int, bool]:
+    """Request `i` of an alternating run: (question index, streamed). Each question twice in a
+    row; streamed first on even questions, whole first on odd ones."""
+    index = i // 2
+    return index, (i % 2 == 0) == (index % 2 == 0)
 
 
 async def load_bench(

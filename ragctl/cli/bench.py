@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -161,6 +162,12 @@ def load(
         None, min=1, help="Use only the dataset's first N questions (cycled)."
     ),
     max_tokens: int | None = typer.Option(None, min=1, help="The requests' max_tokens."),
+    compare: bool = typer.Option(
+        False,
+        "--compare",
+        help="Ask each question twice, streamed and whole, the first alternating; report the "
+        "paired TTFT and delay ratios with 95% intervals (--requests counts both).",
+    ),
     api_key: str | None = typer.Option(None, envvar="RAGCTL_API_KEY", help="The server's key."),
     timeout_s: float = typer.Option(600.0, help="Per-request client timeout."),
     out_file: Path = typer.Option(Path("eval/out/bench-load/results.json"), "--out"),
@@ -194,6 +201,7 @@ def load(
                 extra_body=extra_body,
                 stream=stream,
                 max_tokens=max_tokens,
+                alternate=compare,
             )  # fmt: skip
         )
     table = Table("requests", "answered", "rejected", "failed", "p50 s", "p95 s", "TTFT mean s",
@@ -207,10 +215,54 @@ def load(
         _fmt(d["ttft_p95_s"]), f"{d['wall_s']:.1f}", f"{d['throughput_qps']:.2f}",
     )  # fmt: skip
     out.print(table)
+    if compare:
+        _print_comparison(result, out_file)
     out.print(f"configurations: {d['configs']}", highlight=False)
     out.print(f"results in {out_file}")
     if result.accounted != requests:
         raise RuntimeFailure(f"{requests - result.accounted} requests unaccounted for")
+
+
+def _print_comparison(result: Any, out_file: Path) -> None:
+    """Streamed against whole answers of the same questions: means, and the paired ratios
+    (whole / streamed) with 95% bootstrap intervals; added to the results file."""
+    import json
+
+    from ragctl.evaluation.intervals import ratio_ci
+
+    pairs = result.pairs()
+    s_ttft = [p[0]["ttft_s"] for p in pairs]
+    w_ttft = [p[1]["ttft_s"] for p in pairs]
+    s_lat = [p[0]["latency_s"] for p in pairs]
+    w_lat = [p[1]["latency_s"] for p in pairs]
+    paired = {
+        "pairs": len(pairs),
+        "ttft_ratio_whole_over_streamed": sum(w_ttft) / sum(s_ttft) if pairs else None,
+        "ttft_ratio_ci": ratio_ci(w_ttft, s_ttft),
+        "delay_ratio_whole_over_streamed": sum(w_lat) / sum(s_lat) if pairs else None,
+        "delay_ratio_ci": ratio_ci(w_lat, s_lat),
+    }
+    data = json.loads(out_file.read_text())
+    data["paired"] = paired
+    out_file.write_text(json.dumps(data, indent=2) + "\n")
+    table = Table("mode", "answered", "TTFT mean s", "TTFT p50 s", "delay mean s", "delay p50 s",
+                  title="the same questions, streamed and whole")  # fmt: skip
+    for name, m in result.by_mode().items():
+        table.add_row(name, str(m["n"]), _fmt(m["ttft_mean_s"]), _fmt(m["ttft_p50_s"]),
+                      _fmt(m["mean_s"]), _fmt(m["p50_s"]))  # fmt: skip
+    out.print(table)
+
+    def ratio(v: float | None, ci: list[float] | None) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+    out.print(
+        f"{len(pairs)} paired questions: TTFT whole/streamed "
+        f"{ratio(paired['ttft_ratio_whole_over_streamed'], paired['ttft_ratio_ci'])}, delay "
+        f"{ratio(paired['delay_ratio_whole_over_streamed'], paired['delay_ratio_ci'])} (95%)",
+        highlight=False,
+    )
 
 
 @app.command("pressure")

@@ -185,7 +185,11 @@ async def _dataset(
     from ragctl.service import open_controller
     from ragctl.types import Config
 
-    controller = await open_controller(settings.with_overrides(profiler="llm"), dataset)
+    # No golden runs: they would load the engine beside the measured answers and add labels
+    # to the state being measured.
+    controller = await open_controller(
+        settings.with_overrides(profiler="llm", golden_every=0), dataset
+    )
     try:
         calibrated = controller.profiler
         field = calibrated.llm

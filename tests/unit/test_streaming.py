@@ -382,3 +382,22 @@ def test_eval_summaries_give_ttft_mean_and_percentiles() -> None:
     assert s.ttft_mean_s_ci is not None
     old = system_summary([{k: v for k, v in r.items() if k != "ttft_s"} for r in rows], None)
     assert old.ttft_n is None and old.ttft_p50_s is None
+
+
+def test_alternating_runs_pair_each_question_and_balance_who_goes_first() -> None:
+    from ragctl.loadtest import LoadResult, alternating
+
+    plan = [alternating(i) for i in range(8)]
+    assert [q for q, _ in plan] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [s for _, s in plan] == [True, False, False, True, True, False, False, True]
+    r = LoadResult(6, 1, 6.0, alternate=True)
+    for q, streamed, ttft, lat in [(0, True, 0.5, 2.0), (0, False, 2.0, 2.0),
+                                   (1, False, 3.0, 3.0), (1, True, 1.0, 3.2),
+                                   (2, True, 0.4, 1.0)]:  # fmt: skip
+        r.samples.append({"question": q, "stream": streamed, "ttft_s": ttft, "latency_s": lat})
+    pairs = r.pairs()
+    assert [(a["question"], a["stream"], b["stream"]) for a, b in pairs] == [
+        (0, True, False), (1, True, False)]  # question 2 has no whole answer: unpaired
+    modes = r.to_dict()["by_mode"]
+    assert modes["streamed"]["n"] == 3 and modes["whole"]["n"] == 2
+    assert modes["whole"]["ttft_mean_s"] == 2.5
