@@ -53,6 +53,7 @@ DEFAULT_SYSTEMS = "ragctl,fixed,adaptiverag,parrot,oracle"
 
 DESCRIPTIONS = {
     "ragctl": "adaptive: profile -> rules -> best-fit on the engine's free KV cache",
+    "ragctl:<objective>": "ragctl with best-fit's objective quality, balanced or latency",
     "fixed": "one static configuration for every query; `fixed` = the default grid",
     "adaptiverag": "AdaptiveRAG*: complexity class -> best configuration on a calibration split",
     "parrot": "Parrot*: median configuration of the profiler's pruned space, no memory awareness",
@@ -141,7 +142,7 @@ def parse_systems(text: str, grid: Sequence[Config] = DEFAULT_GRID) -> Plan:
         else:
             known = ", ".join(DESCRIPTIONS)
             raise InvalidRequest(
-                f"unknown system {name!r}; known: {known}, fixed:<config>, ragctl:<objective>"
+                f"unknown system {name!r}; known: {known}, fixed:<config>"
             )
     if not systems:
         raise InvalidRequest("no systems to run")
