@@ -38,7 +38,7 @@ class FakeController:
         )
         self.collection = SimpleNamespace(name="squad")
 
-    async def aask(self, question: str, config: Config | None = None) -> Answer:
+    async def aask(self, question: str, config: Config | None = None, *, options=None) -> Answer:
         self.asked.append((question, config))
         self.counters["asks"] += 1
         used = config or Config("stuff", 3)
