@@ -38,6 +38,7 @@ from ragctl.evaluation.systems import (
 )
 from ragctl.evaluation.writers import SampleWriter, read_rows
 from ragctl.profiler import ProfileOutcome
+from ragctl.profiler.beliefs import FieldBeliefs
 from ragctl.types import Config, Profile
 
 if TYPE_CHECKING:
@@ -76,13 +77,20 @@ def outcome_from_dict(d: Mapping[str, Any]) -> ProfileOutcome:
         output_tokens=int(d.get("output_tokens", 0)),
         examples=int(d.get("examples", 0)),
         finish_reason=d.get("finish_reason"),
+        beliefs=None if d.get("beliefs") is None else FieldBeliefs.from_dict(d["beliefs"]),
+        raw_beliefs=(
+            None if d.get("raw_beliefs") is None else FieldBeliefs.from_dict(d["raw_beliefs"])
+        ),
+        profiler=str(d.get("profiler") or "json"),
+        learned_note=str(d.get("learned_note") or ""),
     )
 
 
 class CachedProfiler:
     """The controller's profiler, remembering its outcomes on disk. Only outcomes of prompts
-    without feedback examples are cached (replay makes no golden runs), and failures are not:
-    a timeout is the machine's state, not the query's."""
+    without feedback examples are cached (replay makes no golden runs), and of failures only
+    unusable output (greedy decoding gives it again): a timeout or an engine error is the
+    machine's state, not the query's."""
 
     def __init__(self, inner: Any, path: Path, model: str) -> None:
         self.inner = inner
@@ -108,15 +116,25 @@ class CachedProfiler:
         return self.key(question, metadata, chunk_tokens) in self._cache
 
     async def profile(
-        self, question: str, metadata: str, chunk_tokens: int, *, collection: str | None = None
+        self,
+        question: str,
+        metadata: str,
+        chunk_tokens: int,
+        *,
+        collection: str | None = None,
+        **signals: Any,
     ) -> ProfileOutcome:
+        """The inner profiler's outcome (`signals`: the retrieval signals a profiler that
+        `needs_retrieval` takes), from the cache when it has it."""
         key = self.key(question, metadata, chunk_tokens)
         if key in self._cache:
             self.hits += 1
             return outcome_from_dict(self._cache[key])
         self.misses += 1
-        outcome = await self.inner.profile(question, metadata, chunk_tokens, collection=collection)
-        if outcome.ok and outcome.examples == 0:
+        outcome = await self.inner.profile(
+            question, metadata, chunk_tokens, collection=collection, **signals
+        )
+        if (outcome.ok or outcome.error_kind == "garbage") and outcome.examples == 0:
             self._cache[key] = outcome.to_dict()
             writer = SampleWriter(self.path)
             try:

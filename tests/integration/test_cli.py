@@ -109,7 +109,12 @@ def test_ask_is_adaptive_by_default(env, small_squad) -> None:
     assert d["profile_used"] == (d["profile_note"] == "")
     assert d["space"]["methods"] and d["need_blocks"] >= 1
     assert d["need_blocks"] <= d["kv"]["free_blocks"] - d["reserved_blocks"]
-    assert d["templates"]["profiler.profile"] == "v1"
+    # The default profiler: the field profiler (its prompt version), wrapped by `auto`.
+    assert d["templates"]["profiler.fields"] == "v1" and d["templates"]["profiler.learned"]
+    assert d["profiler"] == "llm" and d["profiler_note"] == ""
+    if d["profile"] is not None:
+        assert set(d["beliefs"]) == {"joint", "complexity_high", "pieces", "summary"}
+    assert d["choice"]["objective"] == "quality" and d["choice"]["candidates"]
     human = run(*flags, "ask", query.question, settings=settings)
     assert human.returncode == 0, human.stderr
     for line in ("profile ", "space   ", "config  "):

@@ -140,18 +140,22 @@ async def test_open_profiler_on_a_separate_endpoint(vllm_server) -> None:
         profiler_url=vllm_server.url, profiler_model=vllm_server.model, profiler_timeout_s=120
     )
     serving = UnusedEngine()
-    prof = await open_profiler(settings, serving)
-    try:
-        assert isinstance(prof.engine, RemoteEngine) and prof.engine.name == vllm_server.model
-        assert prof.timeout_s == 120
-        for ds, q in QUESTIONS[:3]:
-            out = await prof.profile(q, *card(ds))
-            assert out.error is None, (q, out.error, out.raw)
-            assert out.profile.confidence is not None and 0.0 < out.profile.confidence <= 1.0
-            assert json.loads(out.raw) and out.prompt_tokens > 100
-    finally:
-        await prof.aclose()
-    assert prof.engine._client.is_closed  # opened by open_profiler, so closed by it
+    for mode in ("json", "auto"):
+        prof = await open_profiler(settings.with_overrides(profiler=mode), serving)
+        try:
+            assert isinstance(prof.engine, RemoteEngine) and prof.engine.name == vllm_server.model
+            assert getattr(prof, "llm", prof).timeout_s == 120
+            if mode == "auto":  # filed under the profiler's model, not the serving one's
+                assert prof.model == vllm_server.model
+            for ds, q in QUESTIONS[:3]:
+                out = await prof.profile(q, *card(ds))
+                assert out.error is None, (q, out.error, out.raw)
+                assert out.profile.confidence is not None and 0.0 < out.profile.confidence <= 1.0
+                assert json.loads(out.raw) and out.prompt_tokens > 100
+                assert out.profiler == ("json" if mode == "json" else "llm")
+        finally:
+            await prof.aclose()
+        assert prof.engine._client.is_closed  # opened by open_profiler, so closed by it
 
 
 class Recording(Engine):

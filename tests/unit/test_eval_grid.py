@@ -6,6 +6,7 @@ replays a grid on the real engine."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from ragctl.evaluation.replay import CachedProfiler, Replayer, ReplayStats, outc
 from ragctl.evaluation.summaries import summarize
 from ragctl.evaluation.systems import parse_systems
 from ragctl.profiler import ProfileOutcome
+from ragctl.profiler.beliefs import FieldBeliefs
 from ragctl.retrieval.collection import load_card
 from ragctl.types import METHODS, Config, Query
 from tests.unit.test_controller import FakeEngine, FakeProfiler, a_profile, controller
@@ -224,6 +226,11 @@ async def test_the_profile_cache_makes_a_second_replay_ask_nothing(tmp_path: Pat
     await failing.profile("x?", "meta", 100)
     await failing.profile("x?", "meta", 100)
     assert failing.misses == 2  # a failure is not cached
+    garbage = CachedProfiler(FakeProfiler(ProfileOutcome(None, "garbage: pieces", "garbage",
+                                                         0.3, "v1")), path, "m")  # fmt: skip
+    await garbage.profile("y?", "meta", 100)
+    await garbage.profile("y?", "meta", 100)
+    assert garbage.misses == 1  # unusable output comes again: it is cached
 
 
 def test_an_outcome_reads_back_from_its_dict() -> None:
@@ -232,6 +239,9 @@ def test_an_outcome_reads_back_from_its_dict() -> None:
     assert outcome_from_dict(json.loads(json.dumps(o.to_dict()))) == o
     e = ProfileOutcome(None, "garbage: x", "garbage", 0.5, "v1")
     assert outcome_from_dict(e.to_dict()) == e
+    b = FieldBeliefs(0.3, 0.6, (0.5, 0.5) + (0.0,) * 7, (0.2, 0.3, 0.5))
+    f = replace(o, beliefs=b, raw_beliefs=b, profiler="llm", learned_note="learned unsure 0.5")
+    assert outcome_from_dict(json.loads(json.dumps(f.to_dict()))) == f
 
 
 def test_agreement_counts_same_choices_and_answers_and_lists_the_rest() -> None:
