@@ -188,3 +188,60 @@ def test_eval_grid_builds_once_and_replay_reads_it(
     assert "0 cells answered live" in second.stdout and " 0 asked" in second.stdout
     # Cached profiles carry their first timings, so even the delays are the same.
     assert rows(out / "samples.jsonl") == replayed
+
+
+def test_profiler_train_status_and_bench(
+    small_squad: tuple[Settings, list[Query]], model_path: str, vllm_server, tmp_path: Path
+) -> None:
+    """`ragctl profiler train` labels calibration queries from grid cells it answers, records
+    the field profiler's beliefs and the learned profiler's features and fits; `status` shows
+    the state; `bench` runs the three profilers side by side on other queries."""
+    settings = small_squad[0].model_copy(update={"cache_dir": tmp_path / "cache"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = ragctl(["--objective", "latency", *args], settings, model_path, vllm_server.url)
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+    # golden agreement: the reference is the costlier configuration's answer, so every query
+    # gets a label whatever the small model scores against the references.
+    train = cli("profiler", "train", "--dataset", "squad", "--calibration", "3",
+                "--configs", "stuff:1,map_rerank:2", "--agreement", "golden")  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "3 of 3 calibration queries labelled (6 cells answered)" in train.stdout
+    status = cli("profiler", "status", "--dataset", "squad", "--json")
+    assert status.returncode == 0, status.stderr[-3000:]
+    st = json.loads(status.stdout)
+    assert st["model"] == "SmolLM2-135M-Instruct" and st["collection"] == "squad"
+    assert st["samples"] == 3 and st["with_features"] == 3 and st["with_beliefs"] >= 2
+    assert st["learned_samples"] == 3 and st["in_use"] == "llm"  # too few labels to switch
+    folder = Path(st["folder"])
+    for name in ("labels.jsonl", "calibration.json", "learned.json"):
+        assert (folder / name).stat().st_size > 0
+    again = cli("profiler", "train", "--dataset", "squad", "--calibration", "3",
+                "--configs", "stuff:1,map_rerank:2", "--agreement", "golden")  # fmt: skip
+    assert "(0 cells answered)" in again.stdout  # the grid answers them
+    assert len(rows(folder / "labels.jsonl")) == 6 and json.loads(
+        cli("profiler", "status", "--dataset", "squad", "--json").stdout
+    )["samples"] == 3  # a query labelled again replaces its label
+
+    out = tmp_path / "bench"
+    bench = cli("profiler", "bench", "--datasets", "squad", "--limit", "2", "--calibration", "3",
+                "--out", str(out))  # fmt: skip
+    assert bench.returncode == 0, bench.stderr[-3000:]
+    samples = rows(out / "samples.jsonl")
+    assert len(samples) == 2 * 3 and not [s for s in samples if s["error"]]
+    by = {(s["query_id"], s["profiler"]): s for s in samples}
+    for (_, name), s in by.items():
+        assert s["profile_s"] >= 0 and s["total_s"] > s["profile_s"]
+        if name == "learned":  # the learned model answers, or says why the LLM did
+            assert s["answered_by"] == "learned" or (s["answered_by"] == "llm" and s["note"])
+        else:
+            assert s["answered_by"] == name
+        assert s["annotation"] is False  # SQuAD: single-fact
+    res = json.loads((out / "results.json").read_text())
+    profilers = res["per_dataset"]["squad"]["profilers"]
+    assert set(profilers) == {"json", "llm", "learned"}
+    assert all(p["seconds"]["n"] == 2 for p in profilers.values())
+    assert res["learned_predict_s"]["n"] == 1000
+    assert "AUC of P(joint)" in bench.stdout
