@@ -4,8 +4,9 @@ Per dataset, one engine and one controller; every test query is answered adaptiv
 each profiler (`json`: the structured-output call; `llm`: the per-field constrained tokens,
 calibrated; `learned`: no LLM call where a learned profiler is trained and sure), in an order
 that rotates from query to query so that neither warm-up nor machine noise favours one. Per
-profiler: the profiler's seconds and its share of the answer's end-to-end delay (95% bootstrap
-intervals), the configurations chosen, and agreement of its joint-reasoning call with what the
+profiler (each with its own history of confident spaces, as if it ran alone): the profiler's
+seconds and its share of the answer's end-to-end delay (95% bootstrap intervals), the
+configurations chosen, and agreement of its joint-reasoning call with what the
 dataset annotates (`joint_annotation`). The AUC of P(joint) against the annotations is computed
 over all annotated test queries of the run (raw LLM beliefs, calibrated LLM beliefs, learned
 beliefs; the JSON profiler's yes/no as a score). The learned profiler's per-query time (features,
@@ -202,6 +203,9 @@ async def _dataset(
             ),  # fmt: skip
         }
         learned_state = profilers["learned"].load(dataset)
+        # Each profiler keeps its own history of confident spaces (the fallback of the queries
+        # it is not trusted on), as if it ran alone.
+        histories: dict[str, dict] = {name: {} for name in PROFILERS}
         await controller.aask(test[0].question, Config("stuff", 1))  # warm-up
         rows = []
         for i, query in enumerate(test):
@@ -210,6 +214,7 @@ async def _dataset(
             order = PROFILERS[i % 3 :] + PROFILERS[: i % 3]
             for name in order:
                 controller.profiler = profilers[name]
+                controller.history = histories[name]
                 rows.append(await _answer(controller, dataset, query, name, annotation, scores))
         if learned_state.learned is not None:
             learned_times += await _time_learned(profilers["learned"], controller, test)
