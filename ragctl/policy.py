@@ -45,7 +45,7 @@ class AdaptivePolicy:
     """Cut the chunk count inside a space's range at the largest retrieval-score gap."""
     feedback_configs: tuple[Config, ...] = ()
     """The golden run's candidate configurations (its feedback budget)."""
-    objective: Objective = "quality"
+    objective: Objective = "balanced"
     """How best-fit chooses among the fitting configurations (`scheduler.objective`)."""
     delay_weight: float = DEFAULT_DELAY_WEIGHT
     """`balanced`: quality worth the fastest fitting configuration's time."""
@@ -163,7 +163,7 @@ class CostModels:
     delay: DelayModel
     load: Callable[[], Load]
     quality: QualityModel
-    objective: Objective = "quality"
+    objective: Objective = "balanced"
     delay_weight: float = DEFAULT_DELAY_WEIGHT
 
 

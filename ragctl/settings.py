@@ -188,7 +188,7 @@ class Settings(BaseSettings):
         json_schema_extra=CLI_FLAG,
     )
     objective: Literal["quality", "balanced", "latency"] = Field(
-        "quality",
+        "balanced",
         description="How best-fit chooses among the configurations that fit: quality (the "
         "largest, METIS's rule), latency (the fastest predicted) or balanced (the largest "
         "unless a faster one saves more time than its predicted quality loss is worth, see "

@@ -114,7 +114,7 @@ def test_ask_is_adaptive_by_default(env, small_squad) -> None:
     assert d["profiler"] == "llm" and d["profiler_note"] == ""
     if d["profile"] is not None:
         assert set(d["beliefs"]) == {"joint", "complexity_high", "pieces", "summary"}
-    assert d["choice"]["objective"] == "quality" and d["choice"]["candidates"]
+    assert d["choice"]["objective"] == "balanced" and d["choice"]["candidates"]
     human = run(*flags, "ask", query.question, settings=settings)
     assert human.returncode == 0, human.stderr
     for line in ("profile ", "space   ", "config  "):

@@ -43,13 +43,13 @@ async def test_every_stage_reaches_the_delay_model_and_the_decision_has_candidat
     assert ctl.slo.load.now() == Load()  # nothing left in flight
 
     d = answer.decision
-    assert d.choice is not None and d.choice.objective == "quality"
+    assert d.choice is not None and d.choice.objective == "balanced"  # the default
     first = d.choice.candidates[0]
     assert first.config == d.config and first.need_blocks == d.need_blocks
     assert first.delay_s is not None and first.delay_s > 0 and 0 < first.quality < 1
     assert d.choice.fitting >= len(d.choice.candidates) > 1
     out = d.to_dict()["choice"]
-    assert out["objective"] == "quality" and out["candidates"][0]["config"] == d.config.label
+    assert out["objective"] == "balanced" and out["candidates"][0]["config"] == d.config.label
     assert out["delay_source"] == "prior"
 
 
@@ -76,7 +76,9 @@ async def test_concurrent_requests_see_each_other_as_load() -> None:
 async def test_the_objective_changes_the_choice_and_quality_keeps_todays() -> None:
     # A measured, compute-bound prior: time grows with every token.
     model = DelayModel(prior_from_rates(200.0, 10.0, batch_growth=1.0), prior_measured=True)
-    base = controller(slo=SLOTracker(delay=model))
+    base = controller(
+        slo=SLOTracker(delay=model), policy=dataclasses.replace(NO_GOLDEN, objective="quality")
+    )
     quality = (await base.aask(Q)).decision
     fast = controller(
         slo=SLOTracker(delay=model.fresh()),
