@@ -163,25 +163,34 @@ class FieldProfiler:
         version = self._template.version
         start = time.perf_counter()
 
-        def failed(
-            kind: ErrorKind, error: str, gens: Sequence[Generation] = (), raw: str = ""
+        def outcome(
+            gens: Sequence[Generation] = (),
+            raw: str = "",
+            *,
+            failure: tuple[ErrorKind, str] | None = None,
+            beliefs: FieldBeliefs | None = None,
         ) -> ProfileOutcome:
+            profile = None
+            if beliefs is not None:
+                profile = beliefs.to_profile(decision_confidence(beliefs))
             return ProfileOutcome(
-                profile=None,
-                error=error,
-                error_kind=kind,
+                profile=profile,
+                error=failure[1] if failure else None,
+                error_kind=failure[0] if failure else None,
                 seconds=time.perf_counter() - start,
                 template=version,
                 raw=raw,
                 prompt_tokens=sum(g.prompt_tokens for g in gens),
                 output_tokens=sum(g.output_tokens for g in gens),
                 examples=n_examples,
+                finish_reason=gens[0].finish_reason if gens and beliefs else None,
+                beliefs=beliefs,
                 profiler="llm",
             )
 
         called, kind, error = await guarded_generate(self.engine, reqs, self.timeout_s)
         if called is None:
-            return failed(kind, error)  # type: ignore[arg-type]
+            return outcome(failure=(kind, error))  # type: ignore[arg-type]
         gens = called
 
         questions = list(self._template.questions.values())
@@ -197,33 +206,17 @@ class FieldProfiler:
             else:
                 dists[q.field] = dist
         if unusable:
-            outcome = failed(
+            failure = (
                 "garbage",
                 f"garbage: no allowed answer among the top {self.top_logprobs} tokens for "
                 + ", ".join(unusable),
-                gens,
-                raw,
             )
-            log.info("no profile (%s) for %r", outcome.error, question[:80])
-            return outcome
-        beliefs = FieldBeliefs.from_fields(dists)
-        profile = beliefs.to_profile(decision_confidence(beliefs))
-        outcome = ProfileOutcome(
-            profile=profile,
-            error=None,
-            error_kind=None,
-            seconds=time.perf_counter() - start,
-            template=version,
-            raw=raw,
-            prompt_tokens=sum(g.prompt_tokens for g in gens),
-            output_tokens=sum(g.output_tokens for g in gens),
-            examples=n_examples,
-            finish_reason=gens[0].finish_reason if gens else None,
-            beliefs=beliefs,
-            profiler="llm",
-        )
-        log.debug("field profile in %.2fs: %s", outcome.seconds, profile)
-        return outcome
+            done = outcome(gens, raw, failure=failure)  # type: ignore[arg-type]
+            log.info("no profile (%s) for %r", done.error, question[:80])
+            return done
+        done = outcome(gens, raw, beliefs=FieldBeliefs.from_fields(dists))
+        log.debug("field profile in %.2fs: %s", done.seconds, done.profile)
+        return done
 
     async def feedback(
         self,
