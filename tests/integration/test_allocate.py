@@ -42,9 +42,11 @@ def test_allocate_then_eval_with_the_plan_and_an_slo(
     assert doc["settings"]["max_num_seqs"] in (1, 2, 4)
     assert doc["settings"]["embed_batch_size"] in (1, 4, 8)
     components = {c["component"] for c in doc["curves"]}
-    assert {"embed", "search", "profile", "map"} <= components or {
-        "embed", "search", "profile", "answer"
-    } <= components  # fmt: skip
+    # Retrieval and profiling, and the synthesis stages the adaptive path chose for the sample
+    # (which method depends on best-fit's objective: map_reduce's map, map_rerank's answer or
+    # stuff's).
+    assert {"embed", "search", "profile"} <= components
+    assert components & {"map", "answer", "stuff"}
     assert (tmp_path / "plan.curves.json").exists() and (tmp_path / "plan.png").exists()
     allocation = load_plan(plan)
     assert allocation.settings_overrides() == doc["settings"]
