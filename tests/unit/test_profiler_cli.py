@@ -16,7 +16,7 @@ from tests.unit.test_profiler_auto import _train
 
 
 def test_model_key_is_the_last_path_component() -> None:
-    assert model_key("/root/.cache/ragctl/models/SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
+    assert model_key("/srv/models/SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
     assert model_key("HuggingFaceTB/SmolLM2-135M-Instruct/") == "SmolLM2-135M-Instruct"
     assert model_key("qwen2.5") == "qwen2.5"
 
