@@ -51,7 +51,7 @@ from ragctl.profiler import ProfileOutcome, Profiler
 from ragctl.profiler.auto import RetrievalSignals
 from ragctl.profiler.labels import GridCell, label_query
 from ragctl.profiler.learned import query_features
-from ragctl.profiler.store import LabelRecord
+from ragctl.profiler.store import LabelRecord, llm_beliefs
 from ragctl.rules import RuleSet, load_rules
 from ragctl.scheduler import AdmissionQueue, KVLedger, NeedTable
 from ragctl.scheduler.cost import QualityModel, StageWork
@@ -828,10 +828,9 @@ class Controller:
         features = None
         if signals.embedding is not None:
             features = tuple(float(x) for x in query_features(signals.embedding, signals.scores, q))
-        beliefs = (outcome.raw_beliefs or outcome.beliefs) if outcome.profiler == "llm" else None
         llm = getattr(self.profiler, "llm", None)
-        if beliefs is None and llm is not None:
+        if llm_beliefs(outcome) is None and llm is not None:
             c = self.collection
-            asked = await llm.profile(q, c.metadata, c.chunk_tokens, collection=c.name)
-            beliefs = asked.beliefs
-        await add(self.collection.name, LabelRecord(label, q, features, beliefs))
+            outcome = await llm.profile(q, c.metadata, c.chunk_tokens, collection=c.name)
+        record = LabelRecord(label, q, features, llm_beliefs(outcome), template=outcome.template)
+        await add(self.collection.name, record)

@@ -2,7 +2,9 @@
 
 Per dataset, one engine and one controller; every test query is answered adaptively once with
 each profiler (`json`: the structured-output call; `llm`: the per-field constrained tokens,
-calibrated; `learned`: no LLM call where a learned profiler is trained and sure), in an order
+calibrated; `learned`: no LLM call where a learned profiler is trained and sure; `auto`, the
+default: the learned one, with the LLM asked only for the fields it answers better, and for the
+decisive ones where the learned one is unsure), in an order
 that rotates from query to query so that neither warm-up nor machine noise favours one. Per
 profiler (each with its own history of confident spaces, as if it ran alone): the profiler's
 seconds and its share of the answer's end-to-end delay (95% bootstrap intervals), the
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
     from ragctl.settings import Settings
     from ragctl.types import Query
 
-PROFILERS = ("json", "llm", "learned")
+PROFILERS = ("json", "llm", "learned", "auto")
 
 
 def joint_annotation(dataset: str, query: Query) -> bool | None:
@@ -197,10 +199,13 @@ async def _dataset(
         profilers = {
             "json": Profiler(controller.engine, timeout_s=settings.profiler_timeout_s),
             "llm": calibrated,
-            "learned": AutoProfiler(
-                field, mode="learned", state_root=settings.cache_dir, model=calibrated.model,
-                learned_min_confidence=settings.learned_min_confidence,
-            ),  # fmt: skip
+            **{
+                mode: AutoProfiler(
+                    field, mode=mode, state_root=settings.cache_dir, model=calibrated.model,
+                    learned_min_confidence=settings.learned_min_confidence,
+                )  # fmt: skip
+                for mode in ("learned", "auto")
+            },
         }
         learned_state = profilers["learned"].load(dataset)
         # Each profiler keeps its own history of confident spaces (the fallback of the queries
@@ -211,7 +216,8 @@ async def _dataset(
         for i, query in enumerate(test):
             annotation = joint_annotation(dataset, query)
             scores = await _scores(controller, field, calibrated, learned_state, query)
-            order = PROFILERS[i % 3 :] + PROFILERS[: i % 3]
+            k = i % len(PROFILERS)
+            order = PROFILERS[k:] + PROFILERS[:k]
             for name in order:
                 controller.profiler = profilers[name]
                 controller.history = histories[name]
