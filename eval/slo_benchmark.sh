@@ -6,18 +6,22 @@
 #
 #   eval/slo_benchmark.sh [DATASET] [OUT]
 #   env: LIMIT (queries per rate, default 16); RATES (q/s, default: 0.5, 1 and 2 times 1/p50 of
-#   the unloaded run; the engine batches, so its real capacity is higher: measure and set them)
+#   the unloaded run; the engine batches, so its real capacity is higher: measure and set them);
+#   SEED (the loaded runs' query sample and arrival times, default 1; run two seeds into two OUTs
+#   that share one unloaded run: UNLOADED=OUT-of-the-first/unloaded)
 set -euo pipefail
 dataset=${1:-squad}
 out=${2:-eval/out/slo-$dataset}
 limit=${LIMIT:-16}
+seed=${SEED:-1}
 ragctl=${RAGCTL:-ragctl}
+unloaded=${UNLOADED:-$out/unloaded}
 
-if [ ! -f "$out/unloaded/results.json" ]; then
+if [ ! -f "$unloaded/results.json" ]; then
   $ragctl eval run --dataset "$dataset" --systems ragctl --limit "$limit" --concurrency 1 \
-    --out "$out/unloaded"
+    --out "$unloaded"
 fi
-read -r slo rates < <(python3 - "$out/unloaded/results.json" <<'EOF'
+read -r slo rates < <(python3 - "$unloaded/results.json" <<'EOF'
 import json, sys
 phase = next(iter(json.load(open(sys.argv[1]))["rates"].values()))
 p50 = phase["systems"]["ragctl"]["delay_p50_s"]
@@ -31,7 +35,7 @@ echo "SLO ${slo} ms (2x the unloaded median); rates ${rates} q/s"
 for mode in off patchwork adaptive; do
   if [ ! -f "$out/$mode/results.json" ]; then
     $ragctl eval run --dataset "$dataset" --systems ragctl --limit "$limit" --rate "$rates" \
-      --slo-ms "$slo" --slo-mitigation "$mode" --seed 1 --out "$out/$mode"
+      --slo-ms "$slo" --slo-mitigation "$mode" --seed "$seed" --out "$out/$mode"
   fi
 done
 python3 - "$out" <<'EOF'
