@@ -16,6 +16,7 @@ from ragctl.rules import RuleSet, default_space, evaluate, merge_spaces
 from ragctl.scheduler import NeedTable, choose
 from ragctl.scheduler.cost import DelayModel, Load, QualityModel, StageWork, WorkTable
 from ragctl.scheduler.objective import DEFAULT_DELAY_WEIGHT, choose_objective
+from ragctl.scheduler.placement import Strategy
 from ragctl.scheduler.slo import Mitigation, Predictor, choose_within_slo
 from ragctl.synthesis import registry
 from ragctl.synthesis.methods import CallSizer
@@ -51,6 +52,8 @@ class AdaptivePolicy:
     """`balanced`: quality worth the fastest fitting configuration's time."""
     slo_predictor: Predictor = "model"
     """The SLO loop's time predictor (`SLOTracker`)."""
+    placement: Strategy = "best-fit"
+    """Which engine of a pool runs a plan (`scheduler.placement`)."""
 
     @classmethod
     def from_settings(cls, settings: Any) -> AdaptivePolicy:
@@ -68,6 +71,7 @@ class AdaptivePolicy:
             objective=settings.objective,
             delay_weight=settings.delay_weight,
             slo_predictor=settings.slo_predictor,
+            placement=settings.placement,
         )
 
     def slo_for(self, collection: str) -> float | None:

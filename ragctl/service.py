@@ -13,13 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 from ragctl.bridge import Bridge
-from ragctl.controller import Controller
+from ragctl.controller import Controller, admission_for
 from ragctl.engine import Engine, open_engine
 from ragctl.policy import AdaptivePolicy
 from ragctl.profiler import Profiler
 from ragctl.retrieval.collection import check_dataset, dataset_names
 from ragctl.rules import RuleSet, load_rules
-from ragctl.scheduler import AdmissionQueue, KVLedger, SLOTracker
+from ragctl.scheduler import AdmissionQueue, SLOTracker
 from ragctl.settings import Settings, model_key
 from ragctl.types import CollectionInfo
 
@@ -130,7 +130,10 @@ class Service:
         self.profiler = profiler
         self.rules = rules
         self.policy = AdaptivePolicy.from_settings(settings)
-        self.admission = AdmissionQueue(KVLedger(), engine.kv_state, maxsize=self.policy.queue_size)
+        # One ledger per engine of the pool (one slot per member), shared by all collections.
+        self.admission: AdmissionQueue = admission_for(
+            engine, self.policy.queue_size, self.policy.placement
+        )
         # One per engine: its flags, pauses, load meter and delay model span collections.
         self.slo = SLOTracker(self.policy.mitigation, predictor=self.policy.slo_predictor)
         self.controllers: dict[str, Controller] = {}

@@ -49,8 +49,29 @@ class Settings(BaseSettings):
     engine_url: str | None = Field(
         None,
         description="Base URL of a running vLLM (OpenAI-compatible) server, e.g. "
-        "http://127.0.0.1:8000. Unset: run the engine in-process.",
+        "http://127.0.0.1:8000. Unset: run the engine in-process. Several engines (a pool): "
+        "repeat --engine-url, or separate URLs with commas; `local` names an in-process engine.",
+        json_schema_extra={"cli": True, "repeatable": True},
+    )
+    engine_pool_file: Path | None = Field(
+        None,
+        description="A pool file: one engine per line (a vLLM server URL, or `local` for an "
+        "in-process engine), optionally followed by `max_num_seqs=N`; `#` starts a comment. "
+        "Joins the engines of --engine-url.",
         json_schema_extra=CLI_FLAG,
+    )
+    placement: Literal["best-fit", "least-loaded", "round-robin"] = Field(
+        "best-fit",
+        description="Engine pool: which engine runs a plan. best-fit: the best configuration "
+        "that fits on some engine, ties to the least loaded; least-loaded: fewest plans in "
+        "flight; round-robin: each engine in turn.",
+        json_schema_extra=CLI_FLAG,
+    )
+    engine_health_interval_s: float = Field(
+        2.0,
+        ge=0.0,
+        description="Engine pool: seconds between health checks of every engine (an engine "
+        "that fails one leaves the pool, and rejoins when one passes); 0: none.",
     )
     engine_api_key: str | None = Field(
         None, description="Bearer token for `engine_url`.", json_schema_extra=CLI_FLAG
@@ -256,6 +277,20 @@ class Settings(BaseSettings):
         ge=1,
         description="In-process engine: most sequences vLLM runs at once. Unset: vLLM's default.",
     )
+
+    @field_validator("engine_url", mode="before")
+    @classmethod
+    def _engine_urls(cls, value: object) -> object:
+        """A repeated --engine-url (a list) as one comma-separated value; empty: unset."""
+        if isinstance(value, list | tuple):
+            value = ",".join(str(v) for v in value)
+        if isinstance(value, str):
+            value = ",".join(u.strip() for u in value.split(",") if u.strip()) or None
+        return value
+
+    def engine_urls(self) -> list[str]:
+        """The engines `engine_url` names, in order (`local`: an in-process engine)."""
+        return [u for u in (self.engine_url or "").split(",") if u]
 
     @field_validator("feedback_configs")
     @classmethod
