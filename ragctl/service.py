@@ -192,6 +192,16 @@ class Service:
             admission=self.admission, slo=self.slo, owns_engine=False,
         )  # fmt: skip
 
+    def engines(self) -> list[tuple[str, bool, int]]:
+        """Each engine of the pool: its name (URL, or `in-process`), whether it is healthy and
+        the KV blocks admitted plans reserve on it."""
+        from ragctl.engine.pool import label_of
+
+        slots = self.admission.slots
+        if len(slots) == 1:
+            return [(label_of(self.engine), slots[0].healthy(), slots[0].ledger.reserved)]
+        return [(s.name, s.healthy(), s.ledger.reserved) for s in slots]
+
     def counters(self) -> dict[str, int]:
         """The controllers' running totals, summed."""
         total: dict[str, int] = {}

@@ -261,3 +261,33 @@ def test_placement_strategies_reach_the_admission_queue() -> None:
     pool = pool_of(PoolFake(), PoolFake())
     assert admission_for(pool, 8, "round-robin").strategy == "round-robin"
     assert label_of(pool.members[1]) == "http://e1"
+
+
+async def test_the_server_reports_each_engine_and_where_plans_ran() -> None:
+    import httpx
+
+    from ragctl.server import ServerOptions
+    from ragctl.server.app import create_app
+    from ragctl.service import Service
+    from tests.unit.test_controller import RULES, FakeProfiler
+
+    a, b = PoolFake(total_blocks=6), PoolFake()
+    pool = pool_of(a, b)
+    service = Service(Settings(), pool, FakeProfiler(), RULES)  # type: ignore[arg-type]
+    ctl = controller(engine=pool, admission=service.admission)
+    service.controllers["squad"] = ctl
+    app = create_app(service, ServerOptions("squad"))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+    body = {"model": "ragctl/auto", "messages": [{"role": "user", "content": "Who won?"}]}
+    async with client:
+        resp = await client.post("/v1/chat/completions", json=body)
+        pool.members[0].mark_down("test")
+        health = (await client.get("/health")).json()
+        metrics = (await client.get("/metrics")).text
+    assert resp.status_code == 200
+    assert resp.json()["ragctl"]["decision"]["engine"] == "http://e1"
+    assert health["engines"][0] == {"engine": "http://e0", "healthy": False,
+                                    "kv_reserved_blocks": 0}  # fmt: skip
+    assert 'ragctl_engine_healthy{engine="http://e0"} 0.0' in metrics
+    assert 'ragctl_engine_healthy{engine="http://e1"} 1.0' in metrics
+    assert 'ragctl_engine_placements_total{engine="http://e1"} 1.0' in metrics
