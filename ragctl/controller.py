@@ -39,6 +39,7 @@ from ragctl.errors import (
     EngineError,
     EngineUnreachable,
     InvalidRequest,
+    InvalidSetting,
     PromptTooLong,
     RagctlError,
 )
@@ -97,15 +98,26 @@ class Proposal:
 
 
 def admission_for(
-    engine: Engine, maxsize: int, strategy: Strategy = "best-fit"
+    engine: Engine,
+    maxsize: int,
+    strategy: Strategy = "best-fit",
+    synthesis_engines: Sequence[int] = (),
 ) -> AdmissionQueue:
     """The admission queue of `engine`: one ledger over it, or, for an `EnginePool`, one slot
-    (ledger, KV state, health) per member, placed by `strategy`."""
+    (ledger, KV state, health) per member that runs synthesis (`synthesis_engines`: their
+    indexes; empty: all), placed by `strategy`."""
     if not isinstance(engine, EnginePool):
         return AdmissionQueue(KVLedger(), engine.kv_state, maxsize=maxsize)
+    members = engine.members
+    if synthesis_engines:
+        bad = [i for i in synthesis_engines if not 0 <= i < len(members)]
+        if bad:
+            raise InvalidSetting(
+                f"synthesis_engines names engine {bad[0]}; the pool has {len(members)} (0-based)"
+            )
+        members = tuple(members[i] for i in sorted(set(synthesis_engines)))
     slots = [
-        EngineSlot(m.label, m.kv_state, KVLedger(), (lambda m=m: m.healthy), m)
-        for m in engine.members
+        EngineSlot(m.label, m.kv_state, KVLedger(), (lambda m=m: m.healthy), m) for m in members
     ]
     return AdmissionQueue.over(slots, maxsize, strategy=strategy)
 
@@ -213,7 +225,10 @@ class Controller:
         # pass the same AdmissionQueue.
         # `is None`, not `or`: an empty AdmissionQueue has len 0 and is falsy.
         if admission is None:
-            admission = admission_for(engine, self.policy.queue_size, self.policy.placement)
+            admission = admission_for(
+                engine, self.policy.queue_size, self.policy.placement,
+                self.policy.synthesis_engines,
+            )  # fmt: skip
         self.admission = admission
         # One tracker per engine, like the admission queue: flags and pauses span collections.
         # It holds the engine's delay model and load meter, shared the same way.

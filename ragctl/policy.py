@@ -54,6 +54,8 @@ class AdaptivePolicy:
     """The SLO loop's time predictor (`SLOTracker`)."""
     placement: Strategy = "best-fit"
     """Which engine of a pool runs a plan (`scheduler.placement`)."""
+    synthesis_engines: tuple[int, ...] = ()
+    """The engines of a pool (indexes) that run synthesis plans (empty: all)."""
 
     @classmethod
     def from_settings(cls, settings: Any) -> AdaptivePolicy:
@@ -72,6 +74,7 @@ class AdaptivePolicy:
             delay_weight=settings.delay_weight,
             slo_predictor=settings.slo_predictor,
             placement=settings.placement,
+            synthesis_engines=tuple(settings.int_list(settings.synthesis_engines)),
         )
 
     def slo_for(self, collection: str) -> float | None:

@@ -15,6 +15,7 @@ from typing import Any
 from ragctl.bridge import Bridge
 from ragctl.controller import Controller, admission_for
 from ragctl.engine import Engine, open_engine
+from ragctl.errors import InvalidSetting
 from ragctl.policy import AdaptivePolicy
 from ragctl.profiler import Profiler
 from ragctl.retrieval.collection import check_dataset, dataset_names
@@ -132,7 +133,7 @@ class Service:
         self.policy = AdaptivePolicy.from_settings(settings)
         # One ledger per engine of the pool (one slot per member), shared by all collections.
         self.admission: AdmissionQueue = admission_for(
-            engine, self.policy.queue_size, self.policy.placement
+            engine, self.policy.queue_size, self.policy.placement, self.policy.synthesis_engines
         )
         # One per engine: its flags, pauses, load meter and delay model span collections.
         self.slo = SLOTracker(self.policy.mitigation, predictor=self.policy.slo_predictor)
@@ -236,6 +237,16 @@ async def open_profiler(settings: Settings, serving_engine: Engine) -> Any:
 
     common = {"timeout_s": settings.profiler_timeout_s, "max_examples": settings.golden_examples}
     engine, owns = serving_engine, False
+    if settings.profiler_engine is not None:
+        from ragctl.engine.pool import members_of
+
+        members = members_of(serving_engine)
+        if settings.profiler_engine >= len(members):
+            raise InvalidSetting(
+                f"profiler_engine is {settings.profiler_engine}; the pool has {len(members)} "
+                "engines (0-based)"
+            )
+        engine = members[settings.profiler_engine]
     if settings.profiler_url:
         from ragctl.engine.remote import RemoteEngine
 

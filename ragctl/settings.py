@@ -67,6 +67,23 @@ class Settings(BaseSettings):
         "flight; round-robin: each engine in turn.",
         json_schema_extra=CLI_FLAG,
     )
+    engine_max_num_seqs: str | None = Field(
+        None,
+        description="Engine pool: most sequences each engine runs at once, comma-separated in "
+        "pool order (an allocation plan for several engines writes it); applied to in-process "
+        "engines (a vLLM server takes it as its own --max-num-seqs). Over max_num_seqs.",
+    )
+    profiler_engine: int | None = Field(
+        None,
+        ge=0,
+        description="Engine pool: the engine (0-based, in pool order) the profiler runs on. "
+        "Unset: the first healthy engine.",
+    )
+    synthesis_engines: str | None = Field(
+        None,
+        description="Engine pool: the engines (0-based, comma-separated) that run synthesis "
+        "plans; the others serve the profiler only. Unset: all.",
+    )
     engine_health_interval_s: float = Field(
         2.0,
         ge=0.0,
@@ -287,6 +304,21 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = ",".join(u.strip() for u in value.split(",") if u.strip()) or None
         return value
+
+    @field_validator("engine_max_num_seqs", "synthesis_engines")
+    @classmethod
+    def _int_list(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        items = [x.strip() for x in str(value).split(",") if x.strip()]
+        if not all(x.isdigit() for x in items):
+            raise ValueError(f"expected comma-separated whole numbers, got {value!r}")
+        return ",".join(items) or None
+
+    @staticmethod
+    def int_list(value: str | None) -> list[int]:
+        """A comma-separated list of whole numbers (`engine_max_num_seqs`, ...)."""
+        return [int(x) for x in (value or "").split(",") if x]
 
     def engine_urls(self) -> list[str]:
         """The engines `engine_url` names, in order (`local`: an in-process engine)."""

@@ -5,9 +5,12 @@ pool file)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ragctl.engine.base import Engine
 from ragctl.engine.embedded_model import resolve_model
 from ragctl.engine.pool import EnginePool, EngineSpec, PoolHealth, pool_specs
+from ragctl.errors import InvalidSetting
 from ragctl.settings import Settings
 
 __all__ = ["Engine", "EnginePool", "open_engine"]
@@ -15,6 +18,13 @@ __all__ = ["Engine", "EnginePool", "open_engine"]
 
 async def open_engine(settings: Settings) -> Engine:
     specs = pool_specs(settings)
+    seqs = settings.int_list(settings.engine_max_num_seqs)
+    if seqs:
+        if len(seqs) != len(specs):
+            raise InvalidSetting(
+                f"engine_max_num_seqs names {len(seqs)} engines; the pool has {len(specs)}"
+            )
+        specs = [replace(spec, max_num_seqs=n or None) for spec, n in zip(specs, seqs, strict=True)]
     if len(specs) == 1:
         return await _open_one(settings, specs[0])
     opened: list[tuple[Engine, str]] = []
