@@ -542,6 +542,8 @@ class Controller:
             )
             decision = replace(decision, engine=label_of(engine))
             tried += 1
+            self.counters["fallback"] += plan.reason == "fallback"
+            self.counters["queued"] += admitted.queued
             try:
                 with admitted.reservation:
                     answer = await self._synthesize(
@@ -554,11 +556,11 @@ class Controller:
                 if sink.sent or not self._replannable(tried):
                     raise
                 self.counters["replanned"] += 1
+                self.counters["fallback"] -= plan.reason == "fallback"
+                self.counters["queued"] -= admitted.queued
                 log.warning("re-planning a query away from %s: %s", decision.engine, e)
                 continue
             break
-        self.counters["fallback"] += plan.reason == "fallback"
-        self.counters["queued"] += admitted.queued
         self._maybe_golden(q, chunks, outcome)
         return answer
 

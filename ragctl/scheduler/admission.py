@@ -216,10 +216,12 @@ class AdmissionQueue:
         decision; when none can be read, the first error is raised."""
         slots = [s for s in self.slots if s.healthy()] or list(self.slots)
         read = await asyncio.gather(*(s.kv_state() for s in slots), return_exceptions=True)
+        for r in read:  # an engine failing is expected; anything else is a bug: raise it
+            if isinstance(r, BaseException) and not isinstance(r, EngineError):
+                raise r
         live = [(s, kv) for s, kv in zip(slots, read, strict=True) if isinstance(kv, KVState)]
         if not live:
-            errors = [e for e in read if isinstance(e, BaseException)]
-            raise next((e for e in errors if isinstance(e, EngineError)), errors[0])
+            raise next(e for e in read if isinstance(e, EngineError))
         # No await from here to the caller's reserve() (see above), for every engine.
         plans = [decide(kv, s.ledger.reserved) for s, kv in live]
         options = [

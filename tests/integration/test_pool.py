@@ -1,7 +1,8 @@
-"""An engine pool of two real vLLM servers on 127.0.0.1 (one pair for the module; the kill test
-runs last and restarts its victim on the same port): filling one engine sends plans to the
-other; a server killed mid-run loses no request (each is answered on the other or fails with
-its clear error), leaves the pool, and rejoins it when it is back.
+"""An engine pool of two real vLLM servers on 127.0.0.1 (the session's shared server and one of
+this module's own; the kill test runs last, kills its own and restarts it on the same port):
+filling one engine sends plans to the other; a server killed mid-run loses no request (each is
+answered on the other or fails with its clear error), leaves the pool, and rejoins it when it
+is back.
 
 The retriever and profiler are the unit tests' fakes (fixed chunks, a confident profile): the
 engines, their KV state, the HTTP paths and the failures are real."""
@@ -43,13 +44,15 @@ class Pair:
 
 
 @pytest.fixture(scope="module")
-def pair(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    pytest.importorskip("vllm", reason="the pool tests start two vLLM servers")
+def pair(
+    model_path: str, vllm_server: VLLMServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pair]:
+    """Engine a: a server of this module's own (the kill test kills it); engine b: the
+    session's shared server (one server start less, and one engine less alive at once)."""
+    pytest.importorskip("vllm", reason="the pool tests start a vLLM server")
     logs = tmp_path_factory.mktemp("pool")
-    with contextlib.ExitStack() as stack:
-        a, a_proc = stack.enter_context(running_vllm_server(model_path, logs / "a.log"))
-        b, _ = stack.enter_context(running_vllm_server(model_path, logs / "b.log"))
-        yield Pair(a, b, a_proc, int(a.url.rsplit(":", 1)[1]), logs)
+    with running_vllm_server(model_path, logs / "a.log") as (a, a_proc):
+        yield Pair(a, vllm_server, a_proc, int(a.url.rsplit(":", 1)[1]), logs)
 
 
 async def open_pool(pair: Pair, health_s: float = 0.5) -> tuple[EnginePool, Controller]:
