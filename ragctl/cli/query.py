@@ -229,6 +229,8 @@ def decision_lines(d: Any) -> list[str]:
         f"config  {d.config.label} ({why}: needs {d.need_blocks} blocks; {free}, "
         f"{d.reserved_blocks} reserved in flight)"
     )
+    if d.engine not in ("", "in-process"):
+        lines.append(f"engine  {d.engine}")
     choice = getattr(d, "choice", None)
     if choice is not None:
         lines.append(f"choice  {choice.objective} among {choice.fitting} that fit: {choice.why}")
