@@ -7,14 +7,15 @@
 #
 #   eval/pool_benchmark.sh [DATASET] [OUT]
 #   env: LIMIT (queries per run, default 24); RATE (q/s offered, default 0.5); SMALL_BLOCKS (the
-#   skewed engine's KV blocks, default 64); MODEL (an HF folder; default: the embedded model);
+#   skewed engine's KV blocks, default 24: about one large stuff configuration, so that memory
+#   binds there); MODEL (an HF folder; default: the embedded model);
 #   PYTHON (default python3); RAGCTL (default ragctl)
 set -euo pipefail
 dataset=${1:-squad}
 out=${2:-eval/out/pool-$dataset}
 limit=${LIMIT:-24}
 rate=${RATE:-0.5}
-small=${SMALL_BLOCKS:-64}
+small=${SMALL_BLOCKS:-24}
 python=${PYTHON:-python3}
 ragctl=${RAGCTL:-ragctl}
 model=${MODEL:-$($python -c 'from ragctl.engine.embedded_model import resolve_model
@@ -68,11 +69,18 @@ import json, sys
 from pathlib import Path
 
 root = Path(sys.argv[1])
-print(f"{'run':<22} {'answered':>8} {'q/s':>7} {'mean s':>7} {'p50 s':>6} {'p95 s':>6}")
+print(f"{'run':<22} {'answered':>8} {'errors':>6} {'q/s':>7} {'mean s':>7} {'p50 s':>6} "
+      f"{'p95 s [95% CI]':>18} {'quality':>8} {'evidence':>8}  configurations")
 for d in sorted(p for p in root.iterdir() if (p / "results.json").is_file()):
     res = json.loads((d / "results.json").read_text())
     s = next(iter(res["rates"].values()))["systems"]["ragctl"]
-    print(f"{d.name:<22} {s.get('answered', s.get('completed', '-')):>8} "
+    lo, hi = s.get("delay_p95_s_ci") or (float("nan"), float("nan"))
+    q = s.get("quality", {})
+    configs = ", ".join(f"{k} x{v}" for k, v in sorted(s.get("configs", {}).items(),
+                                                       key=lambda kv: -kv[1]))
+    print(f"{d.name:<22} {s.get('answered', '-'):>8} {s.get('errors', 0):>6} "
           f"{s['throughput_qps']:>7.3f} {s['delay_mean_s']:>7.2f} "
-          f"{s.get('delay_p50_s', float('nan')):>6.2f} {s['delay_p95_s']:>6.2f}")
+          f"{s.get('delay_p50_s', float('nan')):>6.2f} "
+          f"{s['delay_p95_s']:>6.2f} [{lo:.2f}, {hi:.2f}] "
+          f"{s.get('primary_value') or 0:>8.3f} {q.get('evidence_recall', 0):>8.3f}  {configs}")
 EOF

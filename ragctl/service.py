@@ -267,6 +267,7 @@ async def open_profiler(settings: Settings, serving_engine: Engine) -> Any:
         model=settings.profiler_model_key() or model_key(engine.name),
         learned_min_confidence=settings.learned_min_confidence,
         refit_every=settings.feedback_refit_every,
+        trust_threshold=settings.confidence_threshold,
     )
 
 

@@ -203,6 +203,7 @@ async def _dataset(
                 mode: AutoProfiler(
                     field, mode=mode, state_root=settings.cache_dir, model=calibrated.model,
                     learned_min_confidence=settings.learned_min_confidence,
+                    trust_threshold=settings.confidence_threshold,
                 )  # fmt: skip
                 for mode in ("learned", "auto")
             },

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ragctl.profiler.beliefs import FieldBeliefs
 from ragctl.profiler.calibration import FIELDS as FIELDS_ORDER
 from ragctl.profiler.calibration import (
     Calibration,
@@ -47,6 +48,10 @@ DEFAULT_LEARNED_MIN_CONFIDENCE = 0.8
 """`auto` asks the LLM when the learned profiler's confidence (its probability that the less
 certain of the two binary decisions is right) is below this."""
 
+
+DEFAULT_TRUST_THRESHOLD = 0.9
+"""The confidence at which the controller trusts a profile (`RAGCTL_CONFIDENCE_THRESHOLD`):
+`auto` does not ask the LLM for an answer that could not reach it."""
 
 DECISIVE_FIELDS = ("joint", "complexity")
 """The fields the rules branch on, and a profile's confidence is read from."""
@@ -93,6 +98,7 @@ class AutoProfiler:
         model: str = "",
         learned_min_confidence: float = DEFAULT_LEARNED_MIN_CONFIDENCE,
         refit_every: int = DEFAULT_REFIT_EVERY,
+        trust_threshold: float = DEFAULT_TRUST_THRESHOLD,
     ) -> None:
         if not 0.0 <= learned_min_confidence <= 1.0:
             raise ValueError(
@@ -103,6 +109,7 @@ class AutoProfiler:
         self.state_root = state_root
         self.model = model
         self.learned_min_confidence = learned_min_confidence
+        self.trust_threshold = trust_threshold
         if refit_every < 1:
             raise ValueError(f"refit_every must be >= 1, got {refit_every}")
         self.refit_every = refit_every
@@ -226,6 +233,15 @@ class AutoProfiler:
                     return outcome
                 if state.use == "learned" and not sure:
                     learned_note = f"learned unsure {conf:.2f}"
+                reach = reachable_confidence(state.calibration, outcome.beliefs, ask)
+                if ask and reach < self.trust_threshold:
+                    # No LLM answer could make this profile trusted: the decision would be the
+                    # fallback's either way, so the call would buy nothing.
+                    return replace(
+                        outcome,
+                        llm_note=f"llm not asked: at most {reach:.2f} confidence reachable "
+                        f"(< {self.trust_threshold:g})",
+                    )
                 if ask and set(ask) != set(FIELDS_ORDER) and _asks_fields(self.llm):
                     return await self._mixed(
                         state, outcome, question, metadata, chunk_tokens, collection, ask,
@@ -300,6 +316,27 @@ class AutoProfiler:
             raw_beliefs=raw,
             profiler="learned",
         )
+
+
+def reachable_confidence(
+    calibration: Calibration, learned: FieldBeliefs | None, ask: set[str]
+) -> float:
+    """The highest decision confidence (`decision_confidence`) a profile could have if the LLM
+    answered the `ask` fields and the learned profile the rest: per decisive field, the most
+    confident value the LLM's calibration can output when it is asked, the learned belief's
+    confidence when it is not."""
+    reach = 1.0
+    for name in DECISIVE_FIELDS:
+        if name in ask:
+            fc = calibration.fields.get(name)
+            best = fc.max_confidence() if fc is not None else 1.0
+        elif learned is None:
+            best = 1.0
+        else:
+            p = learned.joint if name == "joint" else learned.complexity_high
+            best = max(p, 1.0 - p)
+        reach = min(reach, best)
+    return reach
 
 
 def _asks_fields(profiler: Any) -> bool:

@@ -174,6 +174,13 @@ class FieldCalibration:
     def calibrated(self) -> bool:
         return bool(self.x)
 
+    def max_confidence(self) -> float:
+        """The most confident binary decision, max(p, 1 - p), that this map can output for
+        any raw probability (1 for the identity: a raw answer may say anything)."""
+        if not self.calibrated:
+            return 1.0
+        return max(max(v, 1.0 - v) for v in (min(self.y), max(self.y)))
+
     def transform(self, p: float) -> float:
         """The calibrated value of a raw probability (binary) or confidence (categorical)."""
         if not self.calibrated:

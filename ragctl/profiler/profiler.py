@@ -88,6 +88,9 @@ class ProfileOutcome:
     learned_fields: tuple[str, ...] = ()
     """Fields of an LLM profile that the learned profiler answered instead (`auto` asks the
     LLM only for the fields it answers better)."""
+    llm_note: str = ""
+    """Why `auto` did not ask the LLM though the learned profiler was unsure (no LLM answer
+    could have made the profile trusted)."""
 
     @property
     def ok(self) -> bool:
@@ -109,6 +112,7 @@ class ProfileOutcome:
             "raw_beliefs": None if self.raw_beliefs is None else self.raw_beliefs.to_dict(),
             "uniform_fields": list(self.uniform_fields),
             "learned_fields": list(self.learned_fields),
+            "llm_note": self.llm_note,
             "profiler": self.profiler,
             "learned_note": self.learned_note,
         }

@@ -218,3 +218,34 @@ def test_a_calibration_of_another_template_is_not_applied(tmp_path):
     other.refit()
     assert other.load_calibration("llm").calibrated_fields == ()
     assert len(other.records()) == 60 and other.records()[0].template == "v1"
+
+
+def test_auto_does_not_ask_the_llm_when_no_answer_could_make_the_profile_trusted(tmp_path):
+    """The LLM said 0.7 on every query: calibrated, any answer of it means about 0.5, so it
+    could never lift the profile to the trust threshold; the learned profile stands, at no
+    engine call."""
+    _train(tmp_path)
+    llm = FakeLLM()
+    auto = AutoProfiler(llm, state_root=tmp_path, model="m", learned_min_confidence=0.999)
+    signals = RetrievalSignals(_vector(True, np.random.default_rng(1)), (0.5, 0.4, 0.3))
+    out = asyncio.run(auto.profile("who is it", "m", 100, collection="c", retrieval=signals))
+    assert llm.calls == 0 and out.profiler == "learned"
+    assert out.llm_note.startswith("llm not asked: at most 0.")
+    # with a threshold the LLM could reach, it is asked
+    low = AutoProfiler(llm, state_root=tmp_path, model="m", learned_min_confidence=0.999,
+                       trust_threshold=0.5)  # fmt: skip
+    asyncio.run(low.profile("who is it", "m", 100, collection="c", retrieval=signals))
+    assert llm.calls == 1
+
+
+def test_reachable_confidence_reads_the_calibration_and_the_learned_beliefs():
+    from ragctl.profiler.auto import reachable_confidence
+    from ragctl.profiler.calibration import Calibration, FieldCalibration
+
+    learned = FieldBeliefs(0.95, 0.2, (1.0,) + (0.0,) * 8, (1.0, 0.0, 0.0))
+    narrow = FieldCalibration("joint", "binary", x=(0.1, 0.9), y=(0.71, 0.77), n=20)
+    cal = Calibration({"joint": narrow})
+    assert reachable_confidence(cal, learned, {"joint"}) == pytest.approx(0.77)
+    # complexity from the learned profile (0.8 sure): the cap when joint is uncalibrated
+    assert reachable_confidence(Calibration.identity(), learned, {"joint"}) == pytest.approx(0.8)
+    assert reachable_confidence(Calibration.identity(), learned, set()) == pytest.approx(0.8)
