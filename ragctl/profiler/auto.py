@@ -226,9 +226,11 @@ class AutoProfiler:
                 sure = conf is not None and conf >= self.learned_min_confidence
                 if self.mode == "learned":
                     return outcome
-                # Ask the LLM only for the fields it answers better; the decisive two too when
-                # the learned profiler is unsure of them.
-                ask = set(state.llm_fields) | (set() if sure else set(DECISIVE_FIELDS))
+                # Ask the LLM only for the fields it answers better, and for each decisive
+                # field the learned profiler is unsure of.
+                ask = set(state.llm_fields) | unsure_fields(
+                    outcome.beliefs, self.learned_min_confidence
+                )
                 if state.use == "learned" and sure and not ask:
                     return outcome
                 if state.use == "learned" and not sure:
@@ -316,6 +318,15 @@ class AutoProfiler:
             raw_beliefs=raw,
             profiler="learned",
         )
+
+
+def unsure_fields(beliefs: FieldBeliefs | None, min_confidence: float) -> set[str]:
+    """The decisive fields whose belief, max(p, 1 - p), is below `min_confidence` (both when
+    there are no beliefs): the ones worth another opinion."""
+    if beliefs is None:
+        return set(DECISIVE_FIELDS)
+    probs = {"joint": beliefs.joint, "complexity": beliefs.complexity_high}
+    return {f for f in DECISIVE_FIELDS if max(probs[f], 1.0 - probs[f]) < min_confidence}
 
 
 def reachable_confidence(

@@ -224,16 +224,23 @@ def test_auto_does_not_ask_the_llm_when_no_answer_could_make_the_profile_trusted
     """The LLM said 0.7 on every query: calibrated, any answer of it means about 0.5, so it
     could never lift the profile to the trust threshold; the learned profile stands, at no
     engine call."""
+    from ragctl.profiler.calibration import Calibration, FieldCalibration
+
     _train(tmp_path)
     llm = FakeLLM()
     auto = AutoProfiler(llm, state_root=tmp_path, model="m", learned_min_confidence=0.999)
+    state = auto.load("c")
+    # complexity, too, calibrated to about 0.5 whatever the LLM says
+    flat = FieldCalibration("complexity", "binary", x=(0.1, 0.9), y=(0.45, 0.55), n=60)
+    state.calibration = Calibration({**state.calibration.fields, "complexity": flat})
     signals = RetrievalSignals(_vector(True, np.random.default_rng(1)), (0.5, 0.4, 0.3))
     out = asyncio.run(auto.profile("who is it", "m", 100, collection="c", retrieval=signals))
     assert llm.calls == 0 and out.profiler == "learned"
     assert out.llm_note.startswith("llm not asked: at most 0.")
     # with a threshold the LLM could reach, it is asked
     low = AutoProfiler(llm, state_root=tmp_path, model="m", learned_min_confidence=0.999,
-                       trust_threshold=0.5)  # fmt: skip
+                       trust_threshold=0.4)  # fmt: skip
+    low.load("c").calibration = state.calibration
     asyncio.run(low.profile("who is it", "m", 100, collection="c", retrieval=signals))
     assert llm.calls == 1
 
@@ -249,3 +256,13 @@ def test_reachable_confidence_reads_the_calibration_and_the_learned_beliefs():
     # complexity from the learned profile (0.8 sure): the cap when joint is uncalibrated
     assert reachable_confidence(Calibration.identity(), learned, {"joint"}) == pytest.approx(0.8)
     assert reachable_confidence(Calibration.identity(), learned, set()) == pytest.approx(0.8)
+
+
+def test_unsure_fields_are_the_decisive_ones_below_the_bar():
+    from ragctl.profiler.auto import unsure_fields
+
+    b = FieldBeliefs(0.6, 0.02, (1.0,) + (0.0,) * 8, (1.0, 0.0, 0.0))
+    assert unsure_fields(b, 0.8) == {"joint"}  # complexity is 0.98 sure
+    assert unsure_fields(b, 0.99) == {"joint", "complexity"}
+    assert unsure_fields(b, 0.5) == set()
+    assert unsure_fields(None, 0.5) == {"joint", "complexity"}
