@@ -7,7 +7,7 @@
 #
 #   eval/pool_benchmark.sh [DATASET] [OUT]
 #   env: LIMIT (queries per run, default 24); RATE (q/s offered, default 0.5); SMALL_BLOCKS (the
-#   skewed engine's KV blocks, default 24: about one large stuff configuration, so that memory
+#   skewed engine's KV blocks, default 40: the 4,096-token context plus little more, so that memory
 #   binds there); MODEL (an HF folder; default: the embedded model);
 #   PYTHON (default python3); RAGCTL (default ragctl)
 set -euo pipefail
@@ -15,7 +15,7 @@ dataset=${1:-squad}
 out=${2:-eval/out/pool-$dataset}
 limit=${LIMIT:-24}
 rate=${RATE:-0.5}
-small=${SMALL_BLOCKS:-24}
+small=${SMALL_BLOCKS:-40}
 python=${PYTHON:-python3}
 ragctl=${RAGCTL:-ragctl}
 model=${MODEL:-$($python -c 'from ragctl.engine.embedded_model import resolve_model
