@@ -2,7 +2,9 @@
 nowhere yet.
 
 - `KVLedger` counts the blocks that admitted plans hold; `Reservation` gives them back exactly
-  once (explicitly or as a context manager).
+  once (explicitly or as a context manager). Its async side (`total`, `try_reserve`: an atomic
+  compare-and-reserve) is the protocol the admission queue uses, so that a ledger shared by
+  several processes (`ragctl.distributed.ledger`, a Ray actor) can stand in for it.
 - `AdmissionQueue.admit(decide)` reads the engine's KV state, asks the caller's pure `decide`
   (a closure over `bestfit.choose`) for a plan and reserves its blocks; when the plan is `wait`
   (or others are already waiting) the query waits its turn, FIFO, and re-decides as memory frees.
@@ -10,7 +12,10 @@ nowhere yet.
   query that could not fit even in an idle engine (`ExceedsKVCache`).
 
 No I/O of its own: the KV state comes from the `kv_state` callable. Single event loop: reserve
-and release from the loop's thread (the controller does).
+and release from the loop's thread (the controller does). The local ledger's async methods never
+suspend, so a decision and its reservation still happen in one event-loop step; a shared ledger
+re-checks the fit atomically where the reservations live, and a plan that lost the race to
+another process is decided again.
 """
 
 from __future__ import annotations
@@ -23,15 +28,18 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from ragctl.errors import ExceedsKVCache, QueueFull
+from ragctl.scheduler.bestfit import unshown_reserved
 from ragctl.types import KVState, Plan
 
 
 class Reservation:
     """Blocks held for one admitted plan until its calls are done."""
 
-    def __init__(self, ledger: KVLedger, blocks: int) -> None:
+    def __init__(self, ledger: KVLedger, blocks: int, id: str = "") -> None:
         self._ledger = ledger
         self.blocks = blocks
+        self.id = id
+        """The shared ledger's name for it ("" in a local ledger)."""
         self._released = False
 
     @property
@@ -44,7 +52,7 @@ class Reservation:
         if self._released:
             return False
         self._released = True
-        self._ledger._release(self.blocks)
+        self._ledger._release(self)
         return True
 
     def __enter__(self) -> Reservation:
@@ -75,19 +83,41 @@ class KVLedger:
         return self._reserved
 
     def reserve(self, blocks: int) -> Reservation:
+        """Reserve `blocks` unconditionally (plans that never wait: fixed configurations)."""
         if blocks < 0:
             raise ValueError(f"cannot reserve a negative number of blocks ({blocks})")
         self._reserved += blocks
         return Reservation(self, blocks)
 
+    async def total(self) -> int:
+        """Blocks reserved now, for a decision (never suspends here)."""
+        return self._reserved
+
+    async def try_reserve(self, blocks: int, kv: KVState) -> Reservation | None:
+        """Compare-and-reserve: reserve `blocks` only if they fit beside the reservations held
+        now, as best-fit counts them (`blocks <= kv.free_blocks - unshown_reserved`); None
+        otherwise. Never suspends here, so it sees the total the decision saw and a plan that
+        fits its decision always gets its blocks."""
+        if blocks < 0:
+            raise ValueError(f"cannot reserve a negative number of blocks ({blocks})")
+        if not fits(self._reserved, blocks, kv):
+            return None
+        return self.reserve(blocks)
+
     def on_release(self, callback: Callable[[], None]) -> None:
         """Call `callback()` after every release (the admission queue wakes its head)."""
         self._listeners.append(callback)
 
-    def _release(self, blocks: int) -> None:
-        self._reserved -= blocks
+    def _release(self, reservation: Reservation) -> None:
+        self._reserved -= reservation.blocks
         for callback in self._listeners:
             callback()
+
+
+def fits(reserved_total: int, blocks: int, kv: KVState) -> bool:
+    """Whether `blocks` more fit `kv` beside `reserved_total` reserved blocks: best-fit's test
+    (`need <= free - unshown reserved`), the one a shared ledger applies atomically."""
+    return blocks <= kv.free_blocks - unshown_reserved(reserved_total, kv)
 
 
 @dataclass(frozen=True)
@@ -146,9 +176,14 @@ class AdmissionQueue:
 
     async def _decide(self, decide: Callable[[KVState, int], Plan]) -> tuple[KVState, Plan]:
         kv = await self._kv_state()
-        # No await between here and the caller's reserve(): the ledger total `decide` sees is
-        # still the total when the plan's blocks are added to it.
-        return kv, decide(kv, self.ledger.reserved)
+        # The local ledger's total() and try_reserve() never suspend: the total `decide` sees
+        # is still the total when the plan's blocks are added to it. A shared ledger's may;
+        # its try_reserve re-checks the fit atomically.
+        return kv, decide(kv, await self.ledger.total())
+
+    async def _reserve(self, kv: KVState, plan: Plan) -> Reservation | None:
+        """The plan's blocks, or None when another process reserved them first."""
+        return await self.ledger.try_reserve(plan.need_blocks, kv)
 
     @staticmethod
     def _check_ever_fits(kv: KVState, plan: Plan) -> None:
@@ -172,7 +207,9 @@ class AdmissionQueue:
         # Admit at once only when nobody waits: a newcomer never overtakes a queued query,
         # even when it is smaller (checked after the await: someone may have queued meanwhile).
         if plan.reason != "wait" and not self._waiters:
-            return Admission(plan, kv, self.ledger.reserve(plan.need_blocks), 0.0, False)
+            reservation = await self._reserve(kv, plan)
+            if reservation is not None:
+                return Admission(plan, kv, reservation, 0.0, False)
         self._check_ever_fits(kv, plan)
         if len(self._waiters) >= self.maxsize:
             raise QueueFull(
@@ -181,7 +218,8 @@ class AdmissionQueue:
         me = _Waiter()
         self._waiters.append(me)
         # Alone in the queue, the decision just taken (`wait`) is current: wait before the next.
-        fresh = self._waiters[0] is me
+        # A plan that lost its blocks to another process is decided again at once.
+        fresh = self._waiters[0] is me and plan.reason == "wait"
         try:
             while True:
                 if self._waiters[0] is not me:
@@ -192,9 +230,13 @@ class AdmissionQueue:
                     kv, plan = await self._decide(decide)
                 fresh = False
                 if plan.reason != "wait":
-                    reservation = self.ledger.reserve(plan.need_blocks)
-                    return Admission(plan, kv, reservation, time.monotonic() - start, True)
-                self._check_ever_fits(kv, plan)
+                    reservation = await self._reserve(kv, plan)
+                    if reservation is not None:
+                        return Admission(plan, kv, reservation, time.monotonic() - start, True)
+                    # Lost the race to another process: decide again after a release or poll_s
+                    # (never a busy loop, even for a decision that disagrees with the ledger).
+                else:
+                    self._check_ever_fits(kv, plan)
                 # Re-decide on a release, or after poll_s anyway: the engine may free blocks
                 # without a release of ours (another client's requests finishing, a lagging
                 # metrics gauge catching up).
