@@ -24,6 +24,17 @@ from ragctl.settings import Settings, model_key
 from ragctl.types import CollectionInfo
 
 Progress = Callable[[str, int, int], None]
+LedgerFactory = Callable[[str], KVLedger]
+"""The KV ledger of the engine with this key (`engine_key`)."""
+
+
+def engine_key(engine: Engine) -> str:
+    """An engine's name in a ledger shared by several processes: its URL when remote."""
+    return getattr(engine, "url", None) or engine.name
+
+
+def _local_ledger(engine_key: str) -> KVLedger:
+    return KVLedger()
 
 
 def controller_for(
@@ -123,23 +134,39 @@ class Service:
     first use (built if missing, which can take minutes), in a worker thread, once."""
 
     def __init__(
-        self, settings: Settings, engine: Engine, profiler: Profiler, rules: RuleSet
+        self,
+        settings: Settings,
+        engine: Engine,
+        profiler: Profiler,
+        rules: RuleSet,
+        *,
+        ledger_for: LedgerFactory | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.profiler = profiler
         self.rules = rules
         self.policy = AdaptivePolicy.from_settings(settings)
-        self.admission = AdmissionQueue(KVLedger(), engine.kv_state, maxsize=self.policy.queue_size)
+        # The engine's reservations: a local ledger, or one shared with other replicas
+        # (`ledger_for(engine_key)`, e.g. ragctl.distributed's Ray actor).
+        ledger = (ledger_for or _local_ledger)(engine_key(engine))
+        self.admission = AdmissionQueue(ledger, engine.kv_state, maxsize=self.policy.queue_size)
         # One per engine: its flags, pauses, load meter and delay model span collections.
         self.slo = SLOTracker(self.policy.mitigation, predictor=self.policy.slo_predictor)
         self.controllers: dict[str, Controller] = {}
         self._opening: dict[str, asyncio.Task[Controller]] = {}
 
     @classmethod
-    async def open(cls, settings: Settings, collections: tuple[str, ...] = ()) -> Service:
+    async def open(
+        cls,
+        settings: Settings,
+        collections: tuple[str, ...] = (),
+        *,
+        ledger_for: LedgerFactory | None = None,
+    ) -> Service:
         """Check `collections` and the rules, start the engine and profiler, then open the
-        named collections' indexes (others open on first request)."""
+        named collections' indexes (others open on first request). `ledger_for`: the KV
+        ledger of an engine, by its key (default: a local `KVLedger`)."""
         for name in collections:
             check_dataset(settings.data_dir, name)
         rules = load_rules(settings.rules_file)
@@ -149,7 +176,12 @@ class Service:
         except BaseException:
             await engine.aclose()
             raise
-        service = cls(settings, engine, profiler, rules)
+        try:
+            service = cls(settings, engine, profiler, rules, ledger_for=ledger_for)
+        except BaseException:
+            await profiler.aclose()
+            await engine.aclose()
+            raise
         try:
             for name in collections:
                 await service.controller(name)
@@ -204,6 +236,9 @@ class Service:
             await c.aclose()
         await self.profiler.aclose()
         await self.engine.aclose()
+        close_ledger = getattr(self.admission.ledger, "aclose", None)  # a shared ledger's lease
+        if close_ledger is not None:
+            await close_ledger()
 
     async def __aenter__(self) -> Service:
         return self
