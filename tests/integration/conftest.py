@@ -84,9 +84,10 @@ def vllm_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> It
 
 @contextlib.contextmanager
 def running_vllm_server(
-    model_path: str, log: Path
+    model_path: str, log: Path, extra_args: tuple[str, ...] = ()
 ) -> Iterator[tuple[VLLMServer, subprocess.Popen[bytes]]]:
-    """Start a vLLM server on a free loopback port, wait until it is healthy, stop it after."""
+    """Start a vLLM server on a free loopback port, wait until it is healthy, stop it after.
+    `extra_args` go last on its command line (so they override the defaults above)."""
     port = free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -98,6 +99,7 @@ def running_vllm_server(
         "--max-model-len", "4096",
         "--enforce-eager",
         "--scheduling-policy", "priority",
+        *extra_args,
     ]  # fmt: skip
     env = {
         **os.environ,
