@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from ragctl.cli.common import DATASET_FLAGS, err, field_help, load_plan_option, plan_option
 from ragctl.settings import Settings
+
+if TYPE_CHECKING:
+    from ragctl.server import ServerOptions
 
 
 def serve(
@@ -75,7 +79,7 @@ def serve(
 
 def _serve_on_ray(
     settings: Settings,
-    options: object,
+    options: ServerOptions,
     *,
     dataset: str,
     host: str,
@@ -92,7 +96,7 @@ def _serve_on_ray(
         f"{settings.engine_url}[/dim]"
     )
     on_ray.run(
-        settings, options, host=host, port=port, replicas=replicas,  # type: ignore[arg-type]
+        settings, options, host=host, port=port, replicas=replicas,
         ray_address=ray_address, num_cpus=ray_cpus,
         on_ready=lambda: err.print(
             f"ragctl serving {dataset} on http://{host}:{port}/v1 with {replicas} Ray Serve "
