@@ -1,9 +1,10 @@
-"""ragctl on Ray Serve: a local Ray instance (2 CPUs) runs two ragctl replicas behind Ray's HTTP
-proxy, both over ONE small real vLLM server (160 KV blocks) and one shared KV ledger (the named
-actor). Concurrent requests through the official `openai` client: every one is answered or
-refused with a clear error (none lost), both replicas take part, and no reservation the ledger
-granted ever over-committed the engine (each fitted beside every replica's reservations, on
-the KV state its replica read); afterwards every block is given back."""
+"""ragctl on Ray Serve: `ragctl serve --ray` joins a local Ray instance (2 CPUs) the test started
+and runs two ragctl replicas behind Ray's HTTP proxy, both over ONE small real vLLM server (64 KV
+blocks) and one shared KV ledger (the named actor). Concurrent requests through the official
+`openai` client: every one is answered or refused with a clear error (none lost), both replicas
+take part, and no reservation the ledger granted ever over-committed the engine (each fitted
+beside every replica's reservations, on the KV state its replica read); afterwards every block
+is given back, and on SIGTERM `ragctl serve --ray` removes its application and the ledger."""
 
 from __future__ import annotations
 
@@ -19,14 +20,14 @@ from ragctl.scheduler.admission import fits
 from ragctl.settings import Settings
 from ragctl.types import KVState, Query
 
-from .conftest import VLLMServer, free_port, running_vllm_server
+from .conftest import VLLMServer, running_ragctl_server, running_vllm_server
 
 pytestmark = pytest.mark.integration
 ray = pytest.importorskip("ray", reason="the Ray Serve tests need the [ray] extra")
 
 REPLICAS = 2
-ENGINE_BLOCKS = 160
-"""A small cache (2,560 tokens): a few concurrent plans fill it."""
+ENGINE_BLOCKS = 64
+"""A small cache (1,024 tokens): two concurrent plans can fill it."""
 REQUESTS = 10
 
 
@@ -41,37 +42,47 @@ def small_engine(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> I
 
 @pytest.fixture(scope="module")
 def ray_app(
-    small_squad: tuple[Settings, list[Query]], small_engine: VLLMServer, model_path: str, tokenizer
+    small_squad: tuple[Settings, list[Query]],
+    small_engine: VLLMServer,
+    model_path: str,
+    tokenizer,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[str, object]]:
+    """The test starts a local Ray instance (2 CPUs); `ragctl serve --ray --ray-address` joins
+    it as a user runs it, deploys two replicas and creates the ledger, which the test reads."""
     from ray import serve
 
-    from ragctl.distributed.ledger import NAMESPACE, get_or_create_ledger
-    from ragctl.distributed.serve import APP_NAME, application
+    from ragctl.distributed.ledger import NAMESPACE, find_ledger
+    from ragctl.distributed.serve import APP_NAME
     from ragctl.retrieval.index import open_retriever
-    from ragctl.server import ServerOptions
 
-    base, _ = small_squad
-    settings = base.with_overrides(
-        model=model_path, engine_url=small_engine.url, golden_every=0, answer_max_tokens=32
-    )
+    settings, _ = small_squad
     open_retriever(settings, "squad", tokenizer)  # build the index once, not in both replicas
     ray.init(
         num_cpus=REPLICAS, include_dashboard=False, namespace=NAMESPACE, log_to_driver=False
     )
     try:
-        ledger = get_or_create_ledger(detached=False)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        options = ServerOptions("squad", max_inflight=16)
-        serve.run(
-            application(settings, options, replicas=REPLICAS), name=APP_NAME, route_prefix="/"
-        )
-        yield f"http://127.0.0.1:{port}", ledger
+        global_args = [
+            "--model", model_path, "--engine-url", small_engine.url,
+            "--data-dir", str(settings.data_dir), "--cache-dir", str(settings.cache_dir),
+            "--golden-every", "0", "--answer-max-tokens", "32",
+        ]  # fmt: skip
+        serve_args = [
+            "--dataset", "squad", "--ray", "--replicas", str(REPLICAS), "--max-inflight", "16",
+            "--ray-address", ray.get_runtime_context().gcs_address,
+        ]  # fmt: skip
+        log = tmp_path_factory.mktemp("ragctl-ray") / "serve.log"
+        with running_ragctl_server(global_args, serve_args, log) as server:
+            # /health answers once one replica is up; wait for both (the app is RUNNING).
+            deadline = time.monotonic() + 240
+            while serve.status().applications[APP_NAME].status != "RUNNING":
+                assert time.monotonic() < deadline, "the replicas did not all start"
+                time.sleep(1)
+            yield server.url, find_ledger()
+        with pytest.raises(ValueError):  # stopped: the ledger actor is gone with the app
+            find_ledger()
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
+        ray.shutdown()
 
 
 async def test_replicas_share_one_ledger_and_never_over_commit(
@@ -116,6 +127,8 @@ async def test_replicas_share_one_ledger_and_never_over_commit(
         assert g["reserved_before"] + g["blocks"] <= g["total_blocks"], g
     peak = max(g["reserved_before"] + g["blocks"] for g in granted)
     queued = sum(bool(r.model_extra["ragctl"]["decision"].get("queued")) for r in answered)
+    # The cache really bound: some plan waited for blocks, or lost a race for them.
+    assert queued + (len(grants) - len(granted)) >= 1, grants
     print(
         f"\n{len(answered)}/{REQUESTS} answered in {elapsed:.0f}s; ledger: {len(granted)} "
         f"granted, {len(grants) - len(granted)} refused (lost races), peak {peak} of "
