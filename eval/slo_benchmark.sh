@@ -6,24 +6,30 @@
 #
 #   eval/slo_benchmark.sh [DATASET] [OUT]
 #   env: LIMIT (queries per rate, default 16); RATES (q/s, default: 0.5, 1 and 2 times 1/p50 of
-#   the unloaded run; the engine batches, so its real capacity is higher: measure and set them)
+#   the unloaded run; the engine batches, so its real capacity is higher: measure and set them);
+#   RATE_FACTORS (the rates as multiples of 1/p50 when RATES is unset, default 0.5,1,2);
+#   SEED (the loaded runs' query sample and arrival times, default 1; run two seeds into two OUTs
+#   that share one unloaded run: UNLOADED=OUT-of-the-first/unloaded)
 set -euo pipefail
 dataset=${1:-squad}
 out=${2:-eval/out/slo-$dataset}
 limit=${LIMIT:-16}
+seed=${SEED:-1}
 ragctl=${RAGCTL:-ragctl}
+unloaded=${UNLOADED:-$out/unloaded}
 
-if [ ! -f "$out/unloaded/results.json" ]; then
+if [ ! -f "$unloaded/results.json" ]; then
   $ragctl eval run --dataset "$dataset" --systems ragctl --limit "$limit" --concurrency 1 \
-    --out "$out/unloaded"
+    --out "$unloaded"
 fi
-read -r slo rates < <(python3 - "$out/unloaded/results.json" <<'EOF'
+read -r slo rates < <(python3 - "$unloaded/results.json" "${RATE_FACTORS:-0.5,1,2}" <<'EOF'
 import json, sys
 phase = next(iter(json.load(open(sys.argv[1]))["rates"].values()))
 p50 = phase["systems"]["ragctl"]["delay_p50_s"]
 # One query at a time takes p50 seconds: 1/p50 q/s is about what the engine sustains.
 capacity = 1 / p50
-print(round(2000 * p50), ",".join(f"{f * capacity:.4f}" for f in (0.5, 1.0, 2.0)))
+factors = [float(f) for f in sys.argv[2].split(",")]
+print(round(2000 * p50), ",".join(f"{f * capacity:.4f}" for f in factors))
 EOF
 )
 rates=${RATES:-$rates}
@@ -31,7 +37,7 @@ echo "SLO ${slo} ms (2x the unloaded median); rates ${rates} q/s"
 for mode in off patchwork adaptive; do
   if [ ! -f "$out/$mode/results.json" ]; then
     $ragctl eval run --dataset "$dataset" --systems ragctl --limit "$limit" --rate "$rates" \
-      --slo-ms "$slo" --slo-mitigation "$mode" --seed 1 --out "$out/$mode"
+      --slo-ms "$slo" --slo-mitigation "$mode" --seed "$seed" --out "$out/$mode"
   fi
 done
 python3 - "$out" <<'EOF'

@@ -34,7 +34,15 @@ from typing import Any, Protocol
 
 from ragctl.bridge import Bridge, stream_through
 from ragctl.engine.base import Engine, gather_or_cancel
-from ragctl.errors import EngineError, InvalidRequest, PromptTooLong, RagctlError
+from ragctl.engine.pool import EnginePool, label_of
+from ragctl.errors import (
+    EngineError,
+    EngineUnreachable,
+    InvalidRequest,
+    InvalidSetting,
+    PromptTooLong,
+    RagctlError,
+)
 from ragctl.policy import (
     AdaptivePolicy,
     CostModels,
@@ -51,10 +59,12 @@ from ragctl.profiler import ProfileOutcome, Profiler
 from ragctl.profiler.auto import RetrievalSignals
 from ragctl.profiler.labels import GridCell, label_query
 from ragctl.profiler.learned import query_features
-from ragctl.profiler.store import LabelRecord
+from ragctl.profiler.store import LabelRecord, llm_beliefs
 from ragctl.rules import RuleSet, load_rules
 from ragctl.scheduler import AdmissionQueue, KVLedger, NeedTable
+from ragctl.scheduler.admission import EngineSlot
 from ragctl.scheduler.cost import QualityModel, StageWork
+from ragctl.scheduler.placement import Strategy
 from ragctl.scheduler.slo import RequestTrace, SLOTracker, StageHooks
 from ragctl.synthesis.methods import Step, Synthesizer
 from ragctl.types import (
@@ -85,6 +95,41 @@ class Proposal:
     outcome: ProfileOutcome
     choice: SpaceChoice
     plan: Plan
+
+
+LedgerFactory = Callable[[str], KVLedger]
+"""The KV ledger of the engine with this key (`label_of(engine)`: its URL when remote);
+ragctl.distributed's shares one with other replicas."""
+
+
+def admission_for(
+    engine: Engine,
+    maxsize: int,
+    strategy: Strategy = "best-fit",
+    synthesis_engines: Sequence[int] = (),
+    *,
+    ledger_for: LedgerFactory | None = None,
+) -> AdmissionQueue:
+    """The admission queue of `engine`: one ledger over it, or, for an `EnginePool`, one slot
+    (ledger, KV state, health) per member that runs synthesis (`synthesis_engines`: their
+    indexes; empty: all), placed by `strategy`. `ledger_for`: each engine's ledger, by key
+    (default: a local `KVLedger`)."""
+    new_ledger = ledger_for or (lambda key: KVLedger())
+    if not isinstance(engine, EnginePool):
+        return AdmissionQueue(new_ledger(label_of(engine)), engine.kv_state, maxsize=maxsize)
+    members = engine.members
+    if synthesis_engines:
+        bad = [i for i in synthesis_engines if not 0 <= i < len(members)]
+        if bad:
+            raise InvalidSetting(
+                f"synthesis_engines names engine {bad[0]}; the pool has {len(members)} (0-based)"
+            )
+        members = tuple(members[i] for i in sorted(set(synthesis_engines)))
+    slots = [
+        EngineSlot(m.label, m.kv_state, new_ledger(m.label), (lambda m=m: m.healthy), m)
+        for m in members
+    ]
+    return AdmissionQueue.over(slots, maxsize, strategy=strategy)
 
 
 NO_HOOKS = StageHooks()
@@ -190,7 +235,10 @@ class Controller:
         # pass the same AdmissionQueue.
         # `is None`, not `or`: an empty AdmissionQueue has len 0 and is falsy.
         if admission is None:
-            admission = AdmissionQueue(KVLedger(), engine.kv_state, maxsize=self.policy.queue_size)
+            admission = admission_for(
+                engine, self.policy.queue_size, self.policy.placement,
+                self.policy.synthesis_engines,
+            )  # fmt: skip
         self.admission = admission
         # One tracker per engine, like the admission queue: flags and pauses span collections.
         # It holds the engine's delay model and load meter, shared the same way.
@@ -440,7 +488,8 @@ class Controller:
         trace.on_stage("queue")
         sq = with_history(q, history)
         trace.on_plan(config, work=planned_work(synth.sizer(sq, chunks), config))
-        kv = await self.engine.kv_state()
+        slot, engine = self._fixed_slot()
+        kv = await engine.kv_state()
         need = self._need(sq, chunks, kv.block_size, config, synth)
         decision = Decision(
             config=config,
@@ -448,12 +497,26 @@ class Controller:
             kv=kv,
             templates=synth.template_versions,
             need_blocks=need,
+            engine=label_of(engine),
         )
         # Reserved for the accounting of adaptive queries on the same engine; never waits.
-        with self.admission.ledger.reserve(need):
+        with slot.ledger.reserve(need):
             return await self._synthesize(
-                q, sq, chunks, decision, timings, start, trace, synth, sink
+                q, sq, chunks, decision, timings, start, trace, synth, sink, engine
             )
+
+    def _fixed_slot(self) -> tuple[EngineSlot, Engine]:
+        """Where a run outside admission (a fixed configuration, a feedback run) goes: the
+        healthy engine with the fewest plans in flight (the only engine outside a pool)."""
+        slots = self.admission.slots
+        if len(slots) == 1:
+            return slots[0], self._engine_of(slots[0])
+        healthy = [s for s in slots if s.healthy()] or list(slots)
+        slot = min(healthy, key=lambda s: s.ledger.held)
+        return slot, self._engine_of(slot)
+
+    def _engine_of(self, slot: EngineSlot | None) -> Engine:
+        return slot.engine if slot is not None and slot.engine is not None else self.engine
 
     async def _ask_adaptive(
         self,
@@ -471,23 +534,51 @@ class Controller:
         outcome, chunks, choice, decide = await self._choose(
             q, sq, max_chunks, timings, trace, synth, objective
         )
-        admitted = await self.admission.admit(decide)
-        timings["queue"] = admitted.queued_s
-        plan = admitted.plan
-        assert plan.config is not None  # admitted plans are runnable
-        trace.on_plan(
-            plan.config, plan.slo_action, planned_work(synth.sizer(sq, chunks), plan.config)
-        )
-        self.counters["fallback"] += plan.reason == "fallback"
-        self.counters["queued"] += admitted.queued
-        templates = {**synth.template_versions, **self._profiler_templates()}
-        decision = adaptive_decision(plan, admitted.kv, choice, outcome, templates, admitted.queued)
-        with admitted.reservation:
-            answer = await self._synthesize(
-                q, sq, chunks, decision, timings, start, trace, synth, sink
+        queued_s = 0.0
+        tried = 0
+        while True:
+            admitted = await self.admission.admit(decide)
+            queued_s += admitted.queued_s
+            timings["queue"] = queued_s
+            plan = admitted.plan
+            assert plan.config is not None  # admitted plans are runnable
+            trace.on_plan(
+                plan.config, plan.slo_action, planned_work(synth.sizer(sq, chunks), plan.config)
             )
+            engine = self._engine_of(admitted.slot)
+            templates = {**synth.template_versions, **self._profiler_templates()}
+            decision = adaptive_decision(
+                plan, admitted.kv, choice, outcome, templates, admitted.queued
+            )
+            decision = replace(decision, engine=label_of(engine))
+            tried += 1
+            self.counters["fallback"] += plan.reason == "fallback"
+            self.counters["queued"] += admitted.queued
+            try:
+                with admitted.reservation:
+                    answer = await self._synthesize(
+                        q, sq, chunks, decision, timings, start, trace, synth, sink, engine
+                    )
+            except EngineUnreachable as e:
+                # The engine could not be reached: the call never started. Re-plan on the
+                # rest of the pool (the member is out of it now), unless an answer token went
+                # out already or every engine was tried.
+                if sink.sent or not self._replannable(tried):
+                    raise
+                self.counters["replanned"] += 1
+                self.counters["fallback"] -= plan.reason == "fallback"
+                self.counters["queued"] -= admitted.queued
+                log.warning("re-planning a query away from %s: %s", decision.engine, e)
+                continue
+            break
         self._maybe_golden(q, chunks, outcome)
         return answer
+
+    def _replannable(self, tried: int) -> bool:
+        """Whether a query whose engine was unreachable may be planned again: in a pool, with
+        a healthy engine left, at most once per engine."""
+        slots = self.admission.slots
+        return len(slots) > 1 and tried < len(slots) and any(s.healthy() for s in slots)
 
     async def _choose(
         self,
@@ -541,7 +632,8 @@ class Controller:
         outcome, _, choice, decide = await self._choose(
             q, q, None, timings, objective=objective
         )
-        plan = decide(await self.engine.kv_state(), self.admission.ledger.reserved)
+        slot = self.admission.slots[0]
+        plan = decide(await slot.kv_state(), slot.ledger.reserved)
         return Proposal(outcome, choice, plan)
 
     # -- steps ----------------------------------------------------------------------------------
@@ -641,11 +733,12 @@ class Controller:
         trace: StageHooks,
         synth: Synthesizer,
         sink: AnswerStream,
+        engine: Engine | None = None,
     ) -> Answer:
         t = time.perf_counter()
         step = synth.plan(decision.config, synthesis_question, chunks)
         planned = planned_work(synth.sizer(synthesis_question, chunks), decision.config)
-        result, stages = await self.run_synthesis(step, trace, sink, planned)
+        result, stages = await self.run_synthesis(step, trace, sink, planned, engine)
         end = time.perf_counter()
         timings["synthesis"] = end - t
         for s in stages:
@@ -671,6 +764,7 @@ class Controller:
         trace: StageHooks = NO_HOOKS,
         sink: AnswerStream | None = None,
         planned: Sequence[StageWork] = (),
+        engine: Engine | None = None,
     ) -> tuple[SynthesisResult, tuple[StageRecord, ...]]:
         """Run a method's steps on the engine, one stage after another, telling `trace` each
         stage as it starts (the SLO loop times it and decides its calls' priority). With a
@@ -678,7 +772,9 @@ class Controller:
         the final answer completes it (sent whole if nothing streamed).
         Every stage counts in the engine's load meter while it runs, and the engine's delay
         model learns from it (its tokens, the load when it started, its seconds); `planned`
-        (the configuration's planned work per stage) sizes its tokens in the meter."""
+        (the configuration's planned work per stage) sizes its tokens in the meter. `engine`:
+        the engine of the pool the plan was placed on (default: the controller's)."""
+        engine = engine or self.engine
         stages: list[StageRecord] = []
         by_stage = {w.stage: w for w in planned}
         while isinstance(step, Step):
@@ -698,9 +794,9 @@ class Controller:
             load = self.slo.load.now()
             with self.slo.load.running(len(requests), budget.prompt_tokens + budget.output_tokens):
                 if sink is not None and step.streams:
-                    gens = [await self._stream_call(requests[0], sink)]
+                    gens = [await self._stream_call(requests[0], sink, engine)]
                 else:
-                    gens = await self.engine.generate(requests)
+                    gens = await engine.generate(requests)
             seconds = time.perf_counter() - t
             stages.append(
                 StageRecord(
@@ -724,9 +820,11 @@ class Controller:
             sink.complete(step.answer)
         return step, tuple(stages)
 
-    async def _stream_call(self, request: GenerationRequest, sink: AnswerStream) -> Generation:
+    async def _stream_call(
+        self, request: GenerationRequest, sink: AnswerStream, engine: Engine | None = None
+    ) -> Generation:
         final = None
-        async with aclosing(self.engine.stream(request)) as events:
+        async with aclosing((engine or self.engine).stream(request)) as events:
             async for event in events:
                 if isinstance(event, Generation):
                     final = event
@@ -779,11 +877,12 @@ class Controller:
         """Answer `q` with `config` on the engine (reserved like any plan), as a labelling
         cell: its answer, solo-ish delay and prompt tokens."""
         t = time.perf_counter()
-        kv = await self.engine.kv_state()
-        with self.admission.ledger.reserve(self._need(q, chunks, kv.block_size, config)):
+        slot, engine = self._fixed_slot()
+        kv = await engine.kv_state()
+        with slot.ledger.reserve(self._need(q, chunks, kv.block_size, config)):
             planned = planned_work(self.synthesizer.sizer(q, chunks), config)
             result, stages = await self.run_synthesis(
-                self.synthesizer.plan(config, q, chunks), planned=planned
+                self.synthesizer.plan(config, q, chunks), planned=planned, engine=engine
             )
         cell = GridCell(
             answer=result.answer,
@@ -828,10 +927,9 @@ class Controller:
         features = None
         if signals.embedding is not None:
             features = tuple(float(x) for x in query_features(signals.embedding, signals.scores, q))
-        beliefs = (outcome.raw_beliefs or outcome.beliefs) if outcome.profiler == "llm" else None
         llm = getattr(self.profiler, "llm", None)
-        if beliefs is None and llm is not None:
+        if llm_beliefs(outcome) is None and llm is not None:
             c = self.collection
-            asked = await llm.profile(q, c.metadata, c.chunk_tokens, collection=c.name)
-            beliefs = asked.beliefs
-        await add(self.collection.name, LabelRecord(label, q, features, beliefs))
+            outcome = await llm.profile(q, c.metadata, c.chunk_tokens, collection=c.name)
+        record = LabelRecord(label, q, features, llm_beliefs(outcome), template=outcome.template)
+        await add(self.collection.name, record)

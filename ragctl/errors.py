@@ -111,6 +111,11 @@ class EngineUnavailable(EngineError):
     http_status = 502
 
 
+class EngineUnreachable(EngineUnavailable):
+    """The engine could not be reached at all (connection refused or connect timeout): the
+    call never started, so it is safe to run it on another engine of the pool."""
+
+
 class MetricsError(EngineError):
     """The server's /metrics lacks what ragctl needs (or is not Prometheus text)."""
 

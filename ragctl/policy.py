@@ -16,6 +16,7 @@ from ragctl.rules import RuleSet, default_space, evaluate, merge_spaces
 from ragctl.scheduler import NeedTable, choose
 from ragctl.scheduler.cost import DelayModel, Load, QualityModel, StageWork, WorkTable
 from ragctl.scheduler.objective import DEFAULT_DELAY_WEIGHT, choose_objective
+from ragctl.scheduler.placement import Strategy
 from ragctl.scheduler.slo import Mitigation, Predictor, choose_within_slo
 from ragctl.synthesis import registry
 from ragctl.synthesis.methods import CallSizer
@@ -51,6 +52,10 @@ class AdaptivePolicy:
     """`balanced`: quality worth the fastest fitting configuration's time."""
     slo_predictor: Predictor = "model"
     """The SLO loop's time predictor (`SLOTracker`)."""
+    placement: Strategy = "best-fit"
+    """Which engine of a pool runs a plan (`scheduler.placement`)."""
+    synthesis_engines: tuple[int, ...] = ()
+    """The engines of a pool (indexes) that run synthesis plans (empty: all)."""
 
     @classmethod
     def from_settings(cls, settings: Any) -> AdaptivePolicy:
@@ -68,6 +73,8 @@ class AdaptivePolicy:
             objective=settings.objective,
             delay_weight=settings.delay_weight,
             slo_predictor=settings.slo_predictor,
+            placement=settings.placement,
+            synthesis_engines=tuple(settings.int_list(settings.synthesis_engines)),
         )
 
     def slo_for(self, collection: str) -> float | None:

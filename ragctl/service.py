@@ -13,28 +13,18 @@ from collections.abc import Callable
 from typing import Any
 
 from ragctl.bridge import Bridge
-from ragctl.controller import Controller
+from ragctl.controller import Controller, LedgerFactory, admission_for
 from ragctl.engine import Engine, open_engine
+from ragctl.errors import InvalidSetting
 from ragctl.policy import AdaptivePolicy
 from ragctl.profiler import Profiler
 from ragctl.retrieval.collection import check_dataset, dataset_names
 from ragctl.rules import RuleSet, load_rules
-from ragctl.scheduler import AdmissionQueue, KVLedger, SLOTracker
+from ragctl.scheduler import AdmissionQueue, SLOTracker
 from ragctl.settings import Settings, model_key
 from ragctl.types import CollectionInfo
 
 Progress = Callable[[str, int, int], None]
-LedgerFactory = Callable[[str], KVLedger]
-"""The KV ledger of the engine with this key (`engine_key`)."""
-
-
-def engine_key(engine: Engine) -> str:
-    """An engine's name in a ledger shared by several processes: its URL when remote."""
-    return getattr(engine, "url", None) or engine.name
-
-
-def _local_ledger(engine_key: str) -> KVLedger:
-    return KVLedger()
 
 
 def controller_for(
@@ -147,10 +137,12 @@ class Service:
         self.profiler = profiler
         self.rules = rules
         self.policy = AdaptivePolicy.from_settings(settings)
-        # The engine's reservations: a local ledger, or one shared with other replicas
-        # (`ledger_for(engine_key)`, e.g. ragctl.distributed's Ray actor).
-        ledger = (ledger_for or _local_ledger)(engine_key(engine))
-        self.admission = AdmissionQueue(ledger, engine.kv_state, maxsize=self.policy.queue_size)
+        # One ledger per engine of the pool (one slot per member), shared by all collections:
+        # local, or shared with other replicas (`ledger_for(engine key)`, ragctl.distributed).
+        self.admission: AdmissionQueue = admission_for(
+            engine, self.policy.queue_size, self.policy.placement, self.policy.synthesis_engines,
+            ledger_for=ledger_for,
+        )  # fmt: skip
         # One per engine: its flags, pauses, load meter and delay model span collections.
         self.slo = SLOTracker(self.policy.mitigation, predictor=self.policy.slo_predictor)
         self.controllers: dict[str, Controller] = {}
@@ -221,6 +213,16 @@ class Service:
             admission=self.admission, slo=self.slo, owns_engine=False,
         )  # fmt: skip
 
+    def engines(self) -> list[tuple[str, bool, int]]:
+        """Each engine of the pool: its name (URL, or `in-process`), whether it is healthy and
+        the KV blocks admitted plans reserve on it."""
+        from ragctl.engine.pool import label_of
+
+        slots = self.admission.slots
+        if len(slots) == 1:
+            return [(label_of(self.engine), slots[0].healthy(), slots[0].ledger.reserved)]
+        return [(s.name, s.healthy(), s.ledger.reserved) for s in slots]
+
     def counters(self) -> dict[str, int]:
         """The controllers' running totals, summed."""
         total: dict[str, int] = {}
@@ -236,9 +238,10 @@ class Service:
             await c.aclose()
         await self.profiler.aclose()
         await self.engine.aclose()
-        close_ledger = getattr(self.admission.ledger, "aclose", None)  # a shared ledger's lease
-        if close_ledger is not None:
-            await close_ledger()
+        for slot in self.admission.slots:
+            close_ledger = getattr(slot.ledger, "aclose", None)  # a shared ledger's lease
+            if close_ledger is not None:
+                await close_ledger()
 
     async def __aenter__(self) -> Service:
         return self
@@ -258,6 +261,16 @@ async def open_profiler(settings: Settings, serving_engine: Engine) -> Any:
 
     common = {"timeout_s": settings.profiler_timeout_s, "max_examples": settings.golden_examples}
     engine, owns = serving_engine, False
+    if settings.profiler_engine is not None:
+        from ragctl.engine.pool import members_of
+
+        members = members_of(serving_engine)
+        if settings.profiler_engine >= len(members):
+            raise InvalidSetting(
+                f"profiler_engine is {settings.profiler_engine}; the pool has {len(members)} "
+                "engines (0-based)"
+            )
+        engine = members[settings.profiler_engine]
     if settings.profiler_url:
         from ragctl.engine.remote import RemoteEngine
 
@@ -278,6 +291,7 @@ async def open_profiler(settings: Settings, serving_engine: Engine) -> Any:
         model=settings.profiler_model_key() or model_key(engine.name),
         learned_min_confidence=settings.learned_min_confidence,
         refit_every=settings.feedback_refit_every,
+        trust_threshold=settings.confidence_threshold,
     )
 
 

@@ -49,8 +49,46 @@ class Settings(BaseSettings):
     engine_url: str | None = Field(
         None,
         description="Base URL of a running vLLM (OpenAI-compatible) server, e.g. "
-        "http://127.0.0.1:8000. Unset: run the engine in-process.",
+        "http://127.0.0.1:8000. Unset: run the engine in-process. Several engines (a pool): "
+        "repeat --engine-url, or separate URLs with commas; `local` names an in-process engine.",
+        json_schema_extra={"cli": True, "repeatable": True},
+    )
+    engine_pool_file: Path | None = Field(
+        None,
+        description="A pool file: one engine per line (a vLLM server URL, or `local` for an "
+        "in-process engine), optionally followed by `max_num_seqs=N`; `#` starts a comment. "
+        "Joins the engines of --engine-url.",
         json_schema_extra=CLI_FLAG,
+    )
+    placement: Literal["best-fit", "least-loaded", "round-robin"] = Field(
+        "best-fit",
+        description="Engine pool: which engine runs a plan. best-fit: the best configuration "
+        "that fits on some engine, ties to the least loaded; least-loaded: fewest plans in "
+        "flight; round-robin: each engine in turn.",
+        json_schema_extra=CLI_FLAG,
+    )
+    engine_max_num_seqs: str | None = Field(
+        None,
+        description="Engine pool: most sequences each engine runs at once, comma-separated in "
+        "pool order (an allocation plan for several engines writes it); applied to in-process "
+        "engines (a vLLM server takes it as its own --max-num-seqs). Over max_num_seqs.",
+    )
+    profiler_engine: int | None = Field(
+        None,
+        ge=0,
+        description="Engine pool: the engine (0-based, in pool order) the profiler runs on. "
+        "Unset: the first healthy engine.",
+    )
+    synthesis_engines: str | None = Field(
+        None,
+        description="Engine pool: the engines (0-based, comma-separated) that run synthesis "
+        "plans; the others serve the profiler only. Unset: all.",
+    )
+    engine_health_interval_s: float = Field(
+        2.0,
+        ge=0.0,
+        description="Engine pool: seconds between health checks of every engine (an engine "
+        "that fails one leaves the pool, and rejoins when one passes); 0: none.",
     )
     engine_api_key: str | None = Field(
         None, description="Bearer token for `engine_url`.", json_schema_extra=CLI_FLAG
@@ -256,6 +294,35 @@ class Settings(BaseSettings):
         ge=1,
         description="In-process engine: most sequences vLLM runs at once. Unset: vLLM's default.",
     )
+
+    @field_validator("engine_url", mode="before")
+    @classmethod
+    def _engine_urls(cls, value: object) -> object:
+        """A repeated --engine-url (a list) as one comma-separated value; empty: unset."""
+        if isinstance(value, list | tuple):
+            value = ",".join(str(v) for v in value)
+        if isinstance(value, str):
+            value = ",".join(u.strip() for u in value.split(",") if u.strip()) or None
+        return value
+
+    @field_validator("engine_max_num_seqs", "synthesis_engines")
+    @classmethod
+    def _int_list(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        items = [x.strip() for x in str(value).split(",") if x.strip()]
+        if not all(x.isdigit() for x in items):
+            raise ValueError(f"expected comma-separated whole numbers, got {value!r}")
+        return ",".join(items) or None
+
+    @staticmethod
+    def int_list(value: str | None) -> list[int]:
+        """A comma-separated list of whole numbers (`engine_max_num_seqs`, ...)."""
+        return [int(x) for x in (value or "").split(",") if x]
+
+    def engine_urls(self) -> list[str]:
+        """The engines `engine_url` names, in order (`local`: an in-process engine)."""
+        return [u for u in (self.engine_url or "").split(",") if u]
 
     @field_validator("feedback_configs")
     @classmethod

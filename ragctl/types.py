@@ -469,6 +469,8 @@ class Decision:
     choice: Choice | None = None
     """Best-fit's objective, the candidates it considered (blocks, predicted delay and
     quality) and why the chosen one won; None for a fixed configuration."""
+    engine: str = ""
+    """The engine of the pool the plan ran on: its URL, or `in-process`."""
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -515,6 +517,7 @@ class Decision:
             "queued": self.queued,
             "slo": None if self.slo is None else self.slo.to_dict(),
             "choice": None if self.choice is None else self.choice.to_dict(),
+            "engine": self.engine,
             "templates": dict(self.templates),
         }
 

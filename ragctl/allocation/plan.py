@@ -55,8 +55,13 @@ PLAN_SETTINGS = (
     "search_batch_wait_ms",
     "retrieval_threads",
     "max_num_seqs",
+    "engine_max_num_seqs",
+    "profiler_engine",
+    "synthesis_engines",
 )
-"""The Settings fields `allocate` writes (a hand-edited plan may set any Settings field)."""
+"""The Settings fields `allocate` writes (a hand-edited plan may set any Settings field); the
+last three only for several engines (`--engines N`), engine i of the plan being engine i of the
+pool (`--engine-url` order)."""
 TOP_KEYS = {
     "version", "created_at", "machine", "settings", "concurrency", "predicted_throughput_qps",
     "predicted_latency_s", "bottleneck", "mix", "solution", "curves", "notes",
@@ -120,6 +125,15 @@ def plan_settings(solution: Solution, visits: Mapping[str, float]) -> dict[str, 
         # The serving engine runs synthesis; with several engines, the one that does.
         synth = [e for e in solution.engines if set(e.components) - {"profile"}]
         out["max_num_seqs"] = (synth or list(solution.engines))[0].max_num_seqs
+    if len(solution.engines) > 1:
+        # Several engines: each engine's sequences, the profiler's engine, and the engines
+        # synthesis plans are placed on (a plan's calls go to one of them).
+        out["engine_max_num_seqs"] = ",".join(str(e.max_num_seqs) for e in solution.engines)
+        if "profile" in solution.assignment:
+            out["profiler_engine"] = int(solution.assignment["profile"])
+        synth_ix = [i for i, e in enumerate(solution.engines) if set(e.components) - {"profile"}]
+        if synth_ix and len(synth_ix) < len(solution.engines):
+            out["synthesis_engines"] = ",".join(map(str, synth_ix))
     return out
 
 

@@ -119,13 +119,15 @@ def finish(
         latency_cap_s=latency_cap_ms / 1000 if latency_cap_ms is not None else None,
     )
     solution = solve(problem)
-    if settings.engine_url:
-        notes.append(
-            f"max_num_seqs applies to an in-process engine; start the vLLM server at "
-            f"{settings.engine_url} with --max-num-seqs {solution.engines[0].max_num_seqs}"
-            if solution.engines
-            else "the engine at --engine-url is not part of the plan"
-        )
+    urls = settings.engine_urls()
+    for url, e in zip(urls, solution.engines, strict=False):
+        if url != "local":
+            notes.append(
+                f"max_num_seqs applies to an in-process engine; start the vLLM server at "
+                f"{url} with --max-num-seqs {e.max_num_seqs}"
+            )
+    if urls and not solution.engines:
+        notes.append("the engine at --engine-url is not part of the plan")
     for i, e in enumerate(solution.engines):
         if e.components and e.max_num_seqs == esizes[-1] and e.busy > 0.99:
             notes.append(

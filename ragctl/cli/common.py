@@ -162,6 +162,9 @@ def with_settings_options(fn: Callable[..., None]) -> Callable[..., None]:
         field = Settings.model_fields[name]
         annotations[name] = _optional(field.annotation)
         option = typer.Option(None, flag, help=field.description or "")
+        if (field.json_schema_extra or {}).get("repeatable"):  # type: ignore[union-attr]
+            annotations[name] = Optional[list[str]]  # noqa: UP045 (typer wants Optional)
+            option = typer.Option(None, flag, help=field.description or "", metavar="TEXT")
         flags.append(inspect.Parameter(name, KW, default=option, annotation=annotations[name]))
     params = [ctx, *flags, *(p.replace(kind=KW) for p in own)]  # fn's own options last
     fn.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

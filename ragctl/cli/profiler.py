@@ -120,16 +120,25 @@ def bench(
     calibration: int = typer.Option(30, help="Calibration queries (kept out of the test ones)."),
     seed: int = typer.Option(0),
     out_dir: Path = typer.Option(Path("eval/out/profiler-bench"), "--out"),
+    profile_only: bool = typer.Option(
+        False,
+        "--profile-only",
+        help="Profile the test queries without answering them: agreement, AUC and seconds, "
+        "no share of delay (cheap on the long-document sets).",
+    ),
 ) -> None:
-    """The JSON, LLM field (raw, calibrated) and learned profilers side by side on the same test
-    queries: share of the end-to-end delay, agreement with the annotations, AUC of
+    """The JSON, LLM field (raw, calibrated), learned and auto profilers side by side on the
+    same test queries: share of the end-to-end delay, agreement with the annotations, AUC of
     P(joint_reasoning), learned prediction time."""
     from ragctl.evaluation.profiler_bench import compare_profilers
 
     settings: Settings = ctx.obj
     names = [d.strip() for d in datasets.split(",") if d.strip()]
     payload = asyncio.run(
-        compare_profilers(settings, names, limit, calibration, seed, out_dir, status=status)
+        compare_profilers(
+            settings, names, limit, calibration, seed, out_dir, status=status,
+            answer=not profile_only,
+        )  # fmt: skip
     )
     table = Table(title="profilers side by side (95% intervals)", title_justify="left")
     for col in ("dataset", "profiler", "n", "seconds", "share of delay", "joint agreement"):

@@ -153,19 +153,46 @@ def profile(
     )
 
 
+DEMO_INTRO = (
+    "[bold]ragctl[/bold] decides, per query, how many chunks to retrieve and how to combine them "
+    "(map_rerank, stuff, map_reduce), from a profile of the question and what the engine can "
+    "hold and how fast it answers now, where a RAG service would use one fixed configuration "
+    "for every query. Below: the adaptive answer next to a fixed one, with the decision that "
+    "explains it."
+)
+
+
 def demo(
     ctx: typer.Context,
     dataset: str = typer.Option("squad", *DATASET_FLAGS),
     questions: int = typer.Option(3, help="How many of the dataset's questions."),
     fixed: str = typer.Option("stuff:5", help="The fixed configuration shown beside ragctl's."),
+    learn: int = typer.Option(
+        24,
+        min=0,
+        help="On first use of the collection with this model, label this many calibration "
+        "questions with the feedback budget and train the profiler first (0: do not).",
+    ),
 ) -> None:
     """Answer a few questions adaptively (profile, pruned space, chosen configuration and why)
-    next to one fixed configuration's answer and time."""
+    next to one fixed configuration's answer and time. On first use of a collection, ragctl
+    first learns which configurations answer it (`ragctl profiler train` over `--learn`
+    calibration questions, reused afterwards)."""
     settings: Settings = ctx.obj
-    from ragctl.retrieval.collection import load_queries
+    from ragctl.evaluation.systems import split
+    from ragctl.retrieval.collection import check_dataset, load_queries
 
     baseline = parse_config(fixed)
-    queries = load_queries(settings.data_dir, dataset)[:questions]
+    check_dataset(settings.data_dir, dataset)
+    out.print(DEMO_INTRO, highlight=False)
+    every = load_queries(settings.data_dir, dataset)
+    calibration: set[str] = set()
+    if learn:
+        _, calib = split(every, 1, min(learn, len(every) - 1), 0)
+        calibration = {q.id for q in calib}
+        _learn_first(settings, dataset, learn)
+    # Never a question the profiler was trained on.
+    queries = [q for q in every if q.id not in calibration][:questions]
 
     async def run() -> list[tuple[Any, Any, Any]]:
         controller = await open_controller(settings, dataset)
@@ -207,6 +234,38 @@ def demo(
         out.print(f"  profile {t.get('profile', 0):.2f}s of {t['total']:.2f}s", highlight=False)
 
 
+def _learn_first(settings: Settings, dataset: str, calibration: int) -> None:
+    """Train the profiler of `dataset` when its state has too few labels for this model (the
+    state of a collection's first use), on the feedback budget's configurations."""
+    from ragctl.cli.common import progress
+    from ragctl.evaluation.profiler_train import TrainRequest, train_profiler
+    from ragctl.profiler.calibration import MIN_SAMPLES
+    from ragctl.profiler.store import ProfilerState
+
+    model = settings.profiler_model_key()
+    if settings.profiler == "json" or model is None:
+        return
+    known = len(ProfilerState.at(settings.cache_dir, model, dataset).records())
+    if known >= MIN_SAMPLES:
+        return
+    configs = ",".join(filter(None, (x.strip() for x in settings.feedback_configs.split(","))))
+    if not configs:
+        return
+    out.print(
+        f"First use of {dataset} with {model}: {known} outcome labels, {MIN_SAMPLES} needed. "
+        f"Learning from {calibration} calibration questions answered with {configs} (each "
+        "labelled with the cheapest that answers it), once; later runs reuse it.",
+        highlight=False,
+    )
+    request = TrainRequest(dataset, calibration, 0, configs, "gold")
+    report = train_profiler(settings, request, progress=progress)
+    out.print(
+        f"learned: {report.labelled} of {report.queries} questions labelled in "
+        f"{report.seconds:.0f}s; profiler in use: {report.status.in_use}",
+        highlight=False,
+    )
+
+
 def decision_lines(d: Any) -> list[str]:
     """The Decision in a few human lines."""
     if d.reason == "fixed":
@@ -229,6 +288,8 @@ def decision_lines(d: Any) -> list[str]:
         f"config  {d.config.label} ({why}: needs {d.need_blocks} blocks; {free}, "
         f"{d.reserved_blocks} reserved in flight)"
     )
+    if d.engine not in ("", "in-process"):
+        lines.append(f"engine  {d.engine}")
     choice = getattr(d, "choice", None)
     if choice is not None:
         lines.append(f"choice  {choice.objective} among {choice.fitting} that fit: {choice.why}")

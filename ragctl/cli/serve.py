@@ -24,8 +24,10 @@ def serve(
     api_key: str | None = typer.Option(
         None, envvar="RAGCTL_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes."
     ),
-    engine_url: str | None = typer.Option(
-        None, help="Serve from this running vLLM server instead of an in-process engine."
+    engine_url: list[str] | None = typer.Option(
+        None,
+        help="Serve from this running vLLM server instead of an in-process engine; repeat it "
+        "for a pool of engines.",
     ),
     max_inflight: int = typer.Option(
         64, min=1, help="Requests answered at once; more get 429 with Retry-After."

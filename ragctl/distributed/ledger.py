@@ -256,6 +256,7 @@ class SharedKVLedger(KVLedger):
         rid = uuid.uuid4().hex
         self._actor.reserve.remote(self.engine, rid, blocks, self.replica)
         self._reserved += blocks
+        self._held += 1
         self._shared_total += blocks
         return Reservation(self, blocks, rid)
 
@@ -281,6 +282,7 @@ class SharedKVLedger(KVLedger):
         if not granted:
             return None
         self._reserved += blocks
+        self._held += 1
         return Reservation(self, blocks, rid)
 
     def _release(self, reservation: Reservation) -> None:

@@ -45,16 +45,18 @@ class RagctlReplica:
     def __init__(self, settings: dict[str, Any], options: ServerOptions) -> None:
         self.settings = Settings.model_validate(settings)
         self.options = options
-        self.ledger: SharedKVLedger | None = None
+        self.ledgers: list[SharedKVLedger] = []
+        """One per engine (of the pool)."""
 
     def __serve_build_asgi_app__(self) -> Any:
         from ragctl.service import Service
 
         async def open_service() -> Service:
             def ledger_for(engine_key: str) -> SharedKVLedger:
-                self.ledger = SharedKVLedger(find_ledger(), engine_key)
-                self.ledger.start()
-                return self.ledger
+                ledger = SharedKVLedger(find_ledger(), engine_key)
+                ledger.start()
+                self.ledgers.append(ledger)
+                return ledger
 
             return await Service.open(
                 self.settings, (self.options.default_collection,), ledger_for=ledger_for

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import TypeAlias, TypeVar
 
 from ragctl.engine.tokenizer import Tokenizer
-from ragctl.errors import PromptTooLong
+from ragctl.errors import EngineTimeout, PromptTooLong
 from ragctl.types import Generation, GenerationRequest, KVState
 
 T = TypeVar("T")
@@ -45,6 +45,15 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def kv_state(self) -> KVState:
         """The KV cache now: total and free blocks, block size."""
+
+    async def check_health(self, timeout_s: float = 5.0) -> None:
+        """Raise an `EngineError` when the engine cannot serve (the pool's health check). This
+        default reads the KV state within `timeout_s`; `RemoteEngine` asks vLLM's `/health`."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.kv_state()
+        except TimeoutError as e:
+            raise EngineTimeout(f"the engine did not answer within {timeout_s:g}s") from e
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release the engine (stop an in-process engine, close HTTP connections)."""

@@ -33,6 +33,7 @@ from ragctl.errors import (
     EngineError,
     EngineTimeout,
     EngineUnavailable,
+    EngineUnreachable,
     InvalidRequest,
     MetricsError,
     ModelNotFound,
@@ -383,6 +384,15 @@ class RemoteEngine(Engine):
             return UNKNOWN_KV
         return kv_state_from_stats(await self.stats())
 
+    async def check_health(self, timeout_s: float = 5.0) -> None:
+        """vLLM's `GET /health` (200 when the engine is up), bounded by `timeout_s`; raises the
+        `EngineError` of a server that does not answer it."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await _send(self._client, "GET", "/health")
+        except TimeoutError as e:
+            raise EngineTimeout(f"{self.url}/health did not answer in {timeout_s:g}s") from e
+
     async def aclose(self) -> None:
         await self._client.aclose()
 
@@ -497,11 +507,11 @@ async def _send(
 def transport_error(e: httpx.HTTPError, method: str, url: str) -> RagctlError:
     """The ragctl error for an httpx failure (no HTTP status: connect, timeout, reset)."""
     if isinstance(e, httpx.ConnectTimeout):
-        return EngineUnavailable(f"cannot reach the vLLM server at {url}: connect timed out")
+        return EngineUnreachable(f"cannot reach the vLLM server at {url}: connect timed out")
     if isinstance(e, httpx.TimeoutException):
         return EngineTimeout(f"{method} {url} timed out ({type(e).__name__})")
     if isinstance(e, httpx.ConnectError):
-        return EngineUnavailable(f"cannot reach the vLLM server at {url}: {e}")
+        return EngineUnreachable(f"cannot reach the vLLM server at {url}: {e}")
     if isinstance(e, httpx.UnsupportedProtocol):
         return InvalidRequest(f"engine URL {url}: {e}")
     # Server disconnected mid-call, connection reset, ...: it died or restarted.

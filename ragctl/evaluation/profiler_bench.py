@@ -2,7 +2,9 @@
 
 Per dataset, one engine and one controller; every test query is answered adaptively once with
 each profiler (`json`: the structured-output call; `llm`: the per-field constrained tokens,
-calibrated; `learned`: no LLM call where a learned profiler is trained and sure), in an order
+calibrated; `learned`: no LLM call where a learned profiler is trained and sure; `auto`, the
+default: the learned one, with the LLM asked only for the fields it answers better, and for the
+decisive ones where the learned one is unsure), in an order
 that rotates from query to query so that neither warm-up nor machine noise favours one. Per
 profiler (each with its own history of confident spaces, as if it ran alone): the profiler's
 seconds and its share of the answer's end-to-end delay (95% bootstrap intervals), the
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
     from ragctl.settings import Settings
     from ragctl.types import Query
 
-PROFILERS = ("json", "llm", "learned")
+PROFILERS = ("json", "llm", "learned", "auto")
 
 
 def joint_annotation(dataset: str, query: Query) -> bool | None:
@@ -75,8 +77,9 @@ def summarize_profiler(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One profiler's rows (one per test query) as figures with 95% intervals."""
     ok = [r for r in rows if r["error"] is None]
     seconds = [r["profile_s"] for r in ok]
-    share = [r["profile_s"] / r["total_s"] for r in ok if r["total_s"] > 0]
-    total = [r["total_s"] for r in ok]
+    # Profile-only rows have no answer, hence no delay and no share of it.
+    share = [r["profile_s"] / r["total_s"] for r in ok if r.get("total_s")]
+    total = [r["total_s"] for r in ok if r.get("total_s")]
     annotated = [r for r in ok if r["annotation"] is not None and r["joint"] is not None]
     pred = [bool(r["joint"]) for r in annotated]
     truth = [bool(r["annotation"]) for r in annotated]
@@ -92,7 +95,7 @@ def summarize_profiler(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "delay_s": fig(total),
         "answered_by": dict(Counter(r["answered_by"] for r in ok)),
         "profile_used": sum(bool(r["profile_used"]) for r in ok),
-        "configs": dict(Counter(r["config"] for r in ok).most_common()),
+        "configs": dict(Counter(r["config"] for r in ok if r.get("config")).most_common()),
         "joint_agreement": agree / len(annotated) if annotated else None,
         "confusion": confusion(pred, truth) if annotated else None,
         "errors": len(rows) - len(ok),
@@ -108,9 +111,11 @@ async def compare_profilers(
     out_dir: Path,
     *,
     status: Callable[[str], Any],
+    answer: bool = True,
 ) -> dict[str, Any]:
     """Run the comparison (see the module doc); writes `samples.jsonl` and `results.json` to
-    `out_dir` and returns the results."""
+    `out_dir` and returns the results. `answer=False`: each profiler only profiles each query
+    (no synthesis, so no share of delay)."""
     from ragctl.evaluation.systems import split
     from ragctl.retrieval.collection import check_dataset, load_card, load_queries
 
@@ -125,13 +130,13 @@ async def compare_profilers(
     learned_times: list[float] = []
     for card, test in plan:
         with status(f"{card.name}: {len(test)} queries x {len(PROFILERS)} profilers"):
-            samples += await _dataset(settings, card.name, test, learned_times)
+            samples += await _dataset(settings, card.name, test, learned_times, answer)
     with (out_dir / "samples.jsonl").open("w") as f:
         for row in samples:
             f.write(json.dumps(row) + "\n")
     payload = results(samples, learned_times)
     payload["settings"] = {"limit": limit, "calibration": calibration, "seed": seed,
-                           "model": settings.profiler_model_key()}  # fmt: skip
+                           "model": settings.profiler_model_key(), "answered": answer}  # fmt: skip
     (out_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     return payload
 
@@ -179,7 +184,11 @@ def results(samples: Sequence[Mapping[str, Any]], learned_times: Sequence[float]
 
 
 async def _dataset(
-    settings: Settings, dataset: str, test: Sequence[Query], learned_times: list[float]
+    settings: Settings,
+    dataset: str,
+    test: Sequence[Query],
+    learned_times: list[float],
+    answer: bool = True,
 ) -> list[dict[str, Any]]:
     from ragctl.profiler import Profiler
     from ragctl.profiler.auto import AutoProfiler
@@ -197,10 +206,14 @@ async def _dataset(
         profilers = {
             "json": Profiler(controller.engine, timeout_s=settings.profiler_timeout_s),
             "llm": calibrated,
-            "learned": AutoProfiler(
-                field, mode="learned", state_root=settings.cache_dir, model=calibrated.model,
-                learned_min_confidence=settings.learned_min_confidence,
-            ),  # fmt: skip
+            **{
+                mode: AutoProfiler(
+                    field, mode=mode, state_root=settings.cache_dir, model=calibrated.model,
+                    learned_min_confidence=settings.learned_min_confidence,
+                    trust_threshold=settings.confidence_threshold,
+                )  # fmt: skip
+                for mode in ("learned", "auto")
+            },
         }
         learned_state = profilers["learned"].load(dataset)
         # Each profiler keeps its own history of confident spaces (the fallback of the queries
@@ -211,8 +224,13 @@ async def _dataset(
         for i, query in enumerate(test):
             annotation = joint_annotation(dataset, query)
             scores = await _scores(controller, field, calibrated, learned_state, query)
-            order = PROFILERS[i % 3 :] + PROFILERS[: i % 3]
+            k = i % len(PROFILERS)
+            order = PROFILERS[k:] + PROFILERS[:k]
             for name in order:
+                if not answer:
+                    rows.append(await _profile(controller, profilers[name], dataset, query, name,
+                                               annotation, scores))  # fmt: skip
+                    continue
                 controller.profiler = profilers[name]
                 controller.history = histories[name]
                 rows.append(await _answer(controller, dataset, query, name, annotation, scores))
@@ -248,6 +266,26 @@ async def _answer(
         "config": d.config.label,
         "note": d.profile_note,
     }
+
+
+async def _profile(
+    controller: Any, profiler: Any, dataset: str, query: Query, name: str,
+    annotation: bool | None, scores: Mapping[str, float | None],
+) -> dict[str, Any]:  # fmt: skip
+    """One profiler's profile of the query, unanswered (the row `_answer` gives, without the
+    answer's delay and configuration)."""
+    c = controller.collection
+    kwargs: dict[str, Any] = {"collection": c.name}
+    if hasattr(profiler, "needs_retrieval"):
+        kwargs["retrieval"] = await controller.retrieval_signals(query.question)
+    outcome = await profiler.profile(query.question, c.metadata, c.chunk_tokens, **kwargs)
+    return {
+        "dataset": dataset, "query_id": query.id, "profiler": name, "annotation": annotation,
+        "scores": dict(scores), "error": None, "profile_s": outcome.seconds, "total_s": None,
+        "answered_by": outcome.profiler if outcome.ok else "none",
+        "profile_used": False, "config": None, "note": outcome.error or "",
+        "joint": None if outcome.profile is None else outcome.profile.joint_reasoning,
+    }  # fmt: skip
 
 
 async def _scores(

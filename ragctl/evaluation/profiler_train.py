@@ -101,6 +101,7 @@ async def _train(
 ) -> TrainReport:
     from ragctl.evaluation.grid import build
     from ragctl.evaluation.run import open_grid_controller
+    from ragctl.profiler.prompts import FIELDS
     from ragctl.profiler.store import ProfilerState
 
     start = time.perf_counter()
@@ -121,7 +122,8 @@ async def _train(
                     records.append(await label_record(controller, query, labels[query.id]))
                     bar.advance(task)
             model = getattr(controller.profiler, "model", "") or controller.engine.name
-    state = ProfilerState.at(settings.cache_dir, model, card.name)
+            template = controller.profiler.templates.get(FIELDS)
+    state = ProfilerState.at(settings.cache_dir, model, card.name, template)
     state.append(records)
     state.refit(embedder=settings.embedder)
     return TrainReport(
@@ -165,7 +167,7 @@ async def label_record(controller: Controller, query: Query, label: Any) -> Any:
     """The labelled query with the LLM field profiler's raw beliefs (None when its call
     failed) and the learned profiler's features (None without a query embedding)."""
     from ragctl.profiler.learned import query_features
-    from ragctl.profiler.store import LabelRecord
+    from ragctl.profiler.store import LabelRecord, llm_beliefs
 
     signals = await controller.retrieval_signals(query.question)
     features = None
@@ -175,5 +177,7 @@ async def label_record(controller: Controller, query: Query, label: Any) -> Any:
     llm = getattr(controller.profiler, "llm", controller.profiler)
     c = controller.collection
     outcome = await llm.profile(query.question, c.metadata, c.chunk_tokens, collection=c.name)
-    beliefs = outcome.raw_beliefs or outcome.beliefs
-    return LabelRecord(label=label, question=query.question, features=features, beliefs=beliefs)
+    return LabelRecord(
+        label=label, question=query.question, features=features,
+        beliefs=llm_beliefs(outcome), template=outcome.template,
+    )  # fmt: skip

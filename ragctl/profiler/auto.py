@@ -17,6 +17,7 @@ says so (a learned profiler is trained there), and then retrieves before it prof
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -25,10 +26,18 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ragctl.profiler.calibration import Calibration
+from ragctl.profiler.beliefs import FieldBeliefs
+from ragctl.profiler.calibration import FIELDS as FIELDS_ORDER
+from ragctl.profiler.calibration import (
+    Calibration,
+    decision_confidence,
+    field_probs,
+    with_fields,
+)
 from ragctl.profiler.learned import FEATURES_VERSION, LearnedProfiler, query_features
 from ragctl.profiler.profiler import ProfileOutcome
-from ragctl.profiler.store import LabelRecord, ProfilerState
+from ragctl.profiler.prompts import FIELDS
+from ragctl.profiler.store import LabelRecord, ProfilerState, llm_fields
 from ragctl.types import Config
 
 log = logging.getLogger(__name__)
@@ -39,6 +48,13 @@ DEFAULT_LEARNED_MIN_CONFIDENCE = 0.8
 """`auto` asks the LLM when the learned profiler's confidence (its probability that the less
 certain of the two binary decisions is right) is below this."""
 
+
+DEFAULT_TRUST_THRESHOLD = 0.9
+"""The confidence at which the controller trusts a profile (`RAGCTL_CONFIDENCE_THRESHOLD`):
+`auto` does not ask the LLM for an answer that could not reach it."""
+
+DECISIVE_FIELDS = ("joint", "complexity")
+"""The fields the rules branch on, and a profile's confidence is read from."""
 
 DEFAULT_REFIT_EVERY = 10
 """New online labels of a collection between two refits."""
@@ -62,6 +78,8 @@ class CollectionProfilers:
     learned_calibration: Calibration | None = None
     use: str = "llm"
     """`llm` or `learned`: `choose_profiler` on the labels' held-out accuracies."""
+    llm_fields: tuple[str, ...] = FIELDS_ORDER
+    """The fields `auto` asks the LLM for beside a learned profiler (`store.llm_fields`)."""
     labels: tuple[Config, ...] = ()
     """Each labelled query's cheapest agreeing configuration (best-fit's quality model)."""
 
@@ -80,6 +98,7 @@ class AutoProfiler:
         model: str = "",
         learned_min_confidence: float = DEFAULT_LEARNED_MIN_CONFIDENCE,
         refit_every: int = DEFAULT_REFIT_EVERY,
+        trust_threshold: float = DEFAULT_TRUST_THRESHOLD,
     ) -> None:
         if not 0.0 <= learned_min_confidence <= 1.0:
             raise ValueError(
@@ -90,6 +109,7 @@ class AutoProfiler:
         self.state_root = state_root
         self.model = model
         self.learned_min_confidence = learned_min_confidence
+        self.trust_threshold = trust_threshold
         if refit_every < 1:
             raise ValueError(f"refit_every must be >= 1, got {refit_every}")
         self.refit_every = refit_every
@@ -133,13 +153,16 @@ class AutoProfiler:
 
     # -- state ------------------------------------------------------------------------------------
 
+    def _state(self, root: str | Path, collection: str) -> ProfilerState:
+        return ProfilerState.at(root, self.model, collection, self.llm.templates.get(FIELDS))
+
     def load(self, collection: str) -> CollectionProfilers:
         """The collection's state (read once; `ProfilerStateError` on a corrupt file)."""
         if collection in self._collections:
             return self._collections[collection]
         loaded = CollectionProfilers(Calibration.identity("llm", self.model, collection))
         if self.state_root is not None:
-            state = ProfilerState.at(self.state_root, self.model, collection)
+            state = self._state(self.state_root, collection)
             status = state.status(setting=self.mode)
             learned = state.load_learned()
             loaded = CollectionProfilers(
@@ -149,6 +172,7 @@ class AutoProfiler:
                     state.load_calibration("learned") if learned is not None else None
                 ),
                 use=status.in_use,
+                llm_fields=llm_fields(status.fields, learned_samples=status.learned_samples),
                 labels=tuple(r.label.config for r in state.records()),
             )
         self._collections[collection] = loaded
@@ -160,7 +184,7 @@ class AutoProfiler:
         from all of them and reloaded. File work runs in a thread, off the event loop."""
         if self.state_root is None:
             return
-        state = ProfilerState.at(self.state_root, self.model, collection)
+        state = self._state(self.state_root, collection)
         await asyncio.to_thread(state.append, [record])
         self._new_labels[collection] = self._new_labels.get(collection, 0) + 1
         if self._new_labels[collection] < self.refit_every:
@@ -200,15 +224,68 @@ class AutoProfiler:
             else:
                 conf = outcome.profile.confidence if outcome.profile else None
                 sure = conf is not None and conf >= self.learned_min_confidence
-                if self.mode == "learned" or (state.use == "learned" and sure):
+                if self.mode == "learned":
                     return outcome
-                learned_note = f"learned unsure {conf:.2f}" if state.use == "learned" else ""
+                # Ask the LLM only for the fields it answers better; the decisive two too when
+                # the learned profiler is unsure of them.
+                ask = set(state.llm_fields) | (set() if sure else set(DECISIVE_FIELDS))
+                if state.use == "learned" and sure and not ask:
+                    return outcome
+                if state.use == "learned" and not sure:
+                    learned_note = f"learned unsure {conf:.2f}"
+                reach = reachable_confidence(state.calibration, outcome.beliefs, ask)
+                if ask and reach < self.trust_threshold:
+                    # No LLM answer could make this profile trusted: the decision would be the
+                    # fallback's either way, so the call would buy nothing.
+                    return replace(
+                        outcome,
+                        llm_note=f"llm not asked: at most {reach:.2f} confidence reachable "
+                        f"(< {self.trust_threshold:g})",
+                    )
+                if ask and set(ask) != set(FIELDS_ORDER) and _asks_fields(self.llm):
+                    return await self._mixed(
+                        state, outcome, question, metadata, chunk_tokens, collection, ask,
+                        learned_note,
+                    )  # fmt: skip
         elif self.mode == "learned":
             learned_note = "learned: no trained model" if state.learned is None else (
                 "learned: no retrieval signals"
             )
         llm = await self.llm.profile(question, metadata, chunk_tokens, collection=collection)
         return replace(_calibrated(llm, state.calibration), learned_note=learned_note)
+
+    async def _mixed(
+        self,
+        state: CollectionProfilers,
+        learned: ProfileOutcome,
+        question: str,
+        metadata: str,
+        chunk_tokens: int,
+        collection: str | None,
+        ask: set[str],
+        learned_note: str,
+    ) -> ProfileOutcome:
+        """The LLM asked for the `ask` fields only (one engine sequence each), each calibrated;
+        every other field from the learned profile; the confidence that of the merged beliefs."""
+        fields = [f for f in FIELDS_ORDER if f in ask]
+        llm = await self.llm.profile(
+            question, metadata, chunk_tokens, collection=collection, fields=fields
+        )
+        llm = replace(_calibrated(llm, state.calibration), learned_note=learned_note)
+        if llm.beliefs is None or learned.beliefs is None:
+            return llm  # the LLM call failed: its error, as for a whole LLM profile
+        from_learned = tuple(f for f in FIELDS_ORDER if f in llm.uniform_fields)
+        merged = with_fields(
+            llm.beliefs, {f: field_probs(learned.beliefs, f) for f in from_learned}
+        )
+        return replace(
+            llm,
+            profile=merged.to_profile(decision_confidence(merged)),
+            beliefs=merged,
+            uniform_fields=(),
+            learned_fields=from_learned,
+            seconds=learned.seconds + llm.seconds,
+        )
 
     def learned_outcome(
         self,
@@ -241,6 +318,33 @@ class AutoProfiler:
         )
 
 
+def reachable_confidence(
+    calibration: Calibration, learned: FieldBeliefs | None, ask: set[str]
+) -> float:
+    """The highest decision confidence (`decision_confidence`) a profile could have if the LLM
+    answered the `ask` fields and the learned profile the rest: per decisive field, the most
+    confident value the LLM's calibration can output when it is asked, the learned belief's
+    confidence when it is not."""
+    reach = 1.0
+    for name in DECISIVE_FIELDS:
+        if name in ask:
+            fc = calibration.fields.get(name)
+            best = fc.max_confidence() if fc is not None else 1.0
+        elif learned is None:
+            best = 1.0
+        else:
+            p = learned.joint if name == "joint" else learned.complexity_high
+            best = max(p, 1.0 - p)
+        reach = min(reach, best)
+    return reach
+
+
+def _asks_fields(profiler: Any) -> bool:
+    """Whether the wrapped LLM profiler can be asked for some fields only (the field
+    profiler can; the JSON profiler answers all at once)."""
+    return "fields" in inspect.signature(profiler.profile).parameters
+
+
 def _calibrated(outcome: ProfileOutcome, calibration: Calibration) -> ProfileOutcome:
     """The LLM outcome with calibrated beliefs, its profile's confidence the calibrated
     probability that the decisive fields are right (unchanged without beliefs or calibration:
@@ -248,6 +352,8 @@ def _calibrated(outcome: ProfileOutcome, calibration: Calibration) -> ProfileOut
     if outcome.beliefs is None or outcome.profile is None or not calibration.calibrated_fields:
         return outcome
     raw = outcome.beliefs
-    beliefs = calibration.apply(raw)
-    profile = beliefs.to_profile(calibration.confidence(raw))
+    # A field read as uniform carries no reading to calibrate: it stays uniform.
+    skip = outcome.uniform_fields
+    beliefs = calibration.apply(raw, skip=skip)
+    profile = beliefs.to_profile(calibration.confidence(raw, skip=skip))
     return replace(outcome, profile=profile, beliefs=beliefs, raw_beliefs=raw)

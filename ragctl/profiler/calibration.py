@@ -25,7 +25,7 @@ against the controller's own 0.9 threshold.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +38,7 @@ from ragctl.errors import ProfilerStateError
 from ragctl.profiler import files
 from ragctl.profiler.beliefs import FieldBeliefs
 from ragctl.profiler.labels import OutcomeLabel
+from ragctl.profiler.prompts import LEGACY_FIELDS_TEMPLATE
 
 FieldName = Literal["joint", "complexity", "pieces", "summary"]
 Kind = Literal["binary", "categorical"]
@@ -173,6 +174,13 @@ class FieldCalibration:
     def calibrated(self) -> bool:
         return bool(self.x)
 
+    def max_confidence(self) -> float:
+        """The most confident binary decision, max(p, 1 - p), that this map can output for
+        any raw probability (1 for the identity: a raw answer may say anything)."""
+        if not self.calibrated:
+            return 1.0
+        return max(max(v, 1.0 - v) for v in (min(self.y), max(self.y)))
+
     def transform(self, p: float) -> float:
         """The calibrated value of a raw probability (binary) or confidence (categorical)."""
         if not self.calibrated:
@@ -293,12 +301,21 @@ class Calibration:
     model: str = ""
     collection: str = ""
     created: str = ""
+    template: str = LEGACY_FIELDS_TEMPLATE
+    """The fields template version the LLM's beliefs were asked with (`llm` only)."""
 
     @classmethod
-    def identity(cls, profiler: str = "llm", model: str = "", collection: str = "") -> Calibration:
+    def identity(
+        cls,
+        profiler: str = "llm",
+        model: str = "",
+        collection: str = "",
+        *,
+        note: str = "no feedback",
+    ) -> Calibration:
         """No field calibrated: beliefs pass through as they are (the controller then keeps
         its default trust threshold, 0.9)."""
-        fields = {name: FieldCalibration(name, KINDS[name], note="no feedback") for name in FIELDS}
+        fields = {name: FieldCalibration(name, KINDS[name], note=note) for name in FIELDS}
         return cls(fields, profiler=profiler, model=model, collection=collection)
 
     @classmethod
@@ -314,6 +331,7 @@ class Calibration:
         folds: int = DEFAULT_FOLDS,
         seed: int = 0,
         created: str | None = None,
+        template: str = LEGACY_FIELDS_TEMPLATE,
     ) -> Calibration:
         """Fit every field from beliefs paired with their queries' labels."""
         if len(beliefs) != len(labels):
@@ -330,23 +348,26 @@ class Calibration:
         return cls(
             out, profiler=profiler, model=model, collection=collection,
             created=created if created is not None else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            template=template,
         )  # fmt: skip
 
     @property
     def calibrated_fields(self) -> tuple[str, ...]:
         return tuple(n for n in FIELDS if n in self.fields and self.fields[n].calibrated)
 
-    def apply(self, beliefs: FieldBeliefs) -> FieldBeliefs:
-        """The calibrated beliefs (an uncalibrated field passes through)."""
+    def apply(self, beliefs: FieldBeliefs, skip: Iterable[str] = ()) -> FieldBeliefs:
+        """The calibrated beliefs (an uncalibrated field, or one in `skip`, passes through)."""
+        skipped = set(skip)
         probs = {
             name: self.fields[name].calibrate(field_probs(beliefs, name))
             for name in self.calibrated_fields
+            if name not in skipped
         }
         return with_fields(beliefs, probs) if probs else beliefs
 
-    def confidence(self, beliefs: FieldBeliefs) -> float:
+    def confidence(self, beliefs: FieldBeliefs, skip: Iterable[str] = ()) -> float:
         """`decision_confidence` of the calibrated beliefs."""
-        return decision_confidence(self.apply(beliefs))
+        return decision_confidence(self.apply(beliefs, skip))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -354,6 +375,7 @@ class Calibration:
             "model": self.model,
             "collection": self.collection,
             "created": self.created,
+            "template": self.template,
             "fields": {name: f.to_dict() for name, f in self.fields.items()},
         }
 
@@ -380,6 +402,7 @@ class Calibration:
             model=files.field(path, data, "model", str),
             collection=files.field(path, data, "collection", str),
             created=files.field(path, data, "created", str),
+            template=str(data.get("template") or LEGACY_FIELDS_TEMPLATE),
         )
 
 

@@ -24,10 +24,11 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from ragctl.engine.base import Engine
-from ragctl.profiler.beliefs import FieldBeliefs
+from ragctl.profiler.beliefs import FIELD_VALUES, FieldBeliefs
 from ragctl.profiler.calibration import decision_confidence
 from ragctl.profiler.profiler import (
     DEFAULT_MAX_EXAMPLES,
@@ -58,6 +59,11 @@ DEFAULT_TOP_LOGPROBS = 20
 started with a larger `--max-logprobs`)."""
 RAW_TOP = 5
 """Top tokens per field kept in the outcome's `raw`."""
+
+
+def uniform(n: int) -> tuple[float, ...]:
+    """n equal probabilities: a field read as "no information"."""
+    return tuple([1.0 / n] * n)
 
 
 def read_distribution(top: Mapping[str, float], labels: Sequence[str]) -> tuple[float, ...] | None:
@@ -128,10 +134,16 @@ class FieldProfiler:
     # --- requests (pure) ------------------------------------------------------------------------
 
     def requests(
-        self, question: str, metadata: str, chunk_tokens: int, *, collection: str | None = None
+        self,
+        question: str,
+        metadata: str,
+        chunk_tokens: int,
+        *,
+        collection: str | None = None,
+        fields: Sequence[str] | None = None,
     ) -> list[GenerationRequest]:
-        """The four one-token calls, in `FIELD_VALUES` order; identical up to the field's
-        question, which ends each prompt."""
+        """The one-token calls of `fields` (all four when None), in `FIELD_VALUES` order;
+        identical up to the field's question, which ends each prompt."""
         examples = self.examples.get(_key(collection, metadata))
         shared = {
             "metadata": metadata.strip(),
@@ -148,17 +160,31 @@ class FieldProfiler:
                 priority=self.priority,
                 tag=f"profile-{name}",
             )
-            for name, q in self._template.questions.items()
+            for name, q in self._questions(fields)
         ]
+
+    def _questions(self, fields: Sequence[str] | None) -> list[tuple[str, FieldQuestion]]:
+        if fields is not None and (unknown := set(fields) - set(FIELD_VALUES)):
+            raise ValueError(f"unknown profile field(s): {', '.join(sorted(unknown))}")
+        items = self._template.questions.items()
+        return [(n, q) for n, q in items if fields is None or n in fields]
 
     # --- calls ----------------------------------------------------------------------------------
 
     async def profile(
-        self, question: str, metadata: str, chunk_tokens: int, *, collection: str | None = None
+        self,
+        question: str,
+        metadata: str,
+        chunk_tokens: int,
+        *,
+        collection: str | None = None,
+        fields: Sequence[str] | None = None,
     ) -> ProfileOutcome:
-        """Profile one query. Never raises for engine errors, timeouts or unusable output: the
-        outcome's `error` says what went wrong."""
-        reqs = self.requests(question, metadata, chunk_tokens, collection=collection)
+        """Profile one query: every field, or only `fields` (one call each; the others come
+        back uniform and listed in `uniform_fields`, for a caller that has them elsewhere).
+        Never raises for engine errors, timeouts or unusable output: the outcome's `error`
+        says what went wrong."""
+        reqs = self.requests(question, metadata, chunk_tokens, collection=collection, fields=fields)
         n_examples = len(self.examples.get(_key(collection, metadata)))
         version = self._template.version
         start = time.perf_counter()
@@ -193,7 +219,7 @@ class FieldProfiler:
             return outcome(failure=(kind, error))  # type: ignore[arg-type]
         gens = called
 
-        questions = list(self._template.questions.values())
+        questions = [q for _, q in self._questions(fields)]
         raw = _raw(questions, gens)
         dists: dict[str, tuple[float, ...]] = {}
         unusable: list[str] = []
@@ -205,7 +231,7 @@ class FieldProfiler:
                 unusable.append(q.field)
             else:
                 dists[q.field] = dist
-        if unusable:
+        if len(unusable) == len(questions):
             failure = (
                 "garbage",
                 f"garbage: no allowed answer among the top {self.top_logprobs} tokens for "
@@ -214,7 +240,16 @@ class FieldProfiler:
             done = outcome(gens, raw, failure=failure)  # type: ignore[arg-type]
             log.info("no profile (%s) for %r", done.error, question[:80])
             return done
-        done = outcome(gens, raw, beliefs=FieldBeliefs.from_fields(dists))
+        # A field the model gave no allowed answer for says nothing: uniform, the others kept.
+        # Uniform joint/complexity put the decision's confidence at 0.5 or less, so such a
+        # profile is never trusted on its own.
+        missing = [name for name in FIELD_VALUES if name not in dists]
+        for name in missing:
+            dists[name] = uniform(len(FIELD_VALUES[name]))
+        done = replace(
+            outcome(gens, raw, beliefs=FieldBeliefs.from_fields(dists)),
+            uniform_fields=tuple(missing),
+        )
         log.debug("field profile in %.2fs: %s", done.seconds, done.profile)
         return done
 

@@ -83,6 +83,14 @@ class ProfileOutcome:
     """Which profiler made it: `json` (this module), `llm` (per-field) or `learned`."""
     learned_note: str = ""
     """Why the learned profiler's answer was not used, when one was asked first."""
+    uniform_fields: tuple[str, ...] = ()
+    """Fields the model gave no allowed answer for (or was not asked), read as uniform."""
+    learned_fields: tuple[str, ...] = ()
+    """Fields of an LLM profile that the learned profiler answered instead (`auto` asks the
+    LLM only for the fields it answers better)."""
+    llm_note: str = ""
+    """Why `auto` did not ask the LLM though the learned profiler was unsure (no LLM answer
+    could have made the profile trusted)."""
 
     @property
     def ok(self) -> bool:
@@ -102,6 +110,9 @@ class ProfileOutcome:
             "finish_reason": self.finish_reason,
             "beliefs": None if self.beliefs is None else self.beliefs.to_dict(),
             "raw_beliefs": None if self.raw_beliefs is None else self.raw_beliefs.to_dict(),
+            "uniform_fields": list(self.uniform_fields),
+            "learned_fields": list(self.learned_fields),
+            "llm_note": self.llm_note,
             "profiler": self.profiler,
             "learned_note": self.learned_note,
         }

@@ -31,6 +31,9 @@ FEEDBACK = "feedback"
 FIELDS = "fields"
 TEMPLATE_VERSIONS: dict[str, str] = {PROFILE: "v1", FEEDBACK: "v1", FIELDS: "v1"}
 """The template version of each profiler prompt this code uses."""
+LEGACY_FIELDS_TEMPLATE = "v1"
+"""The fields template of profiler state written before state recorded its template (v1 was
+the only one then)."""
 
 
 @dataclass(frozen=True)

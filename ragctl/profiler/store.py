@@ -30,6 +30,8 @@ from ragctl.profiler.beliefs import FieldBeliefs
 from ragctl.profiler.calibration import FIELDS, MIN_SAMPLES, Calibration
 from ragctl.profiler.labels import OutcomeLabel
 from ragctl.profiler.learned import LearnedProfiler
+from ragctl.profiler.prompts import FIELDS as FIELDS_TEMPLATE
+from ragctl.profiler.prompts import LEGACY_FIELDS_TEMPLATE, TEMPLATE_VERSIONS
 
 PROFILER_DIR = "profiler"
 LABELS_FILE = "labels.jsonl"
@@ -64,6 +66,9 @@ class LabelRecord:
     """`learned.query_features` of the query, when known."""
     beliefs: FieldBeliefs | None = None
     """The LLM profiler's beliefs for the query, when known."""
+    template: str = LEGACY_FIELDS_TEMPLATE
+    """The fields template version the beliefs were asked with (beliefs asked with one wording
+    say nothing about another's)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +76,7 @@ class LabelRecord:
             "question": self.question,
             "features": None if self.features is None else list(self.features),
             "beliefs": None if self.beliefs is None else self.beliefs.to_dict(),
+            "template": self.template,
         }
 
     @classmethod
@@ -82,7 +88,17 @@ class LabelRecord:
             question=str(d.get("question", "")),
             features=None if features is None else tuple(float(v) for v in features),
             beliefs=None if beliefs is None else FieldBeliefs.from_dict(beliefs),
+            template=str(d.get("template") or LEGACY_FIELDS_TEMPLATE),
         )
+
+
+def llm_beliefs(outcome: Any) -> FieldBeliefs | None:
+    """What a label keeps of an LLM profile: its raw (uncalibrated) beliefs; none when the
+    call failed, or a field was read as uniform or taken from the learned profiler (not an
+    LLM reading to fit)."""
+    if outcome.profiler != "llm" or outcome.uniform_fields or outcome.learned_fields:
+        return None
+    return outcome.raw_beliefs or outcome.beliefs
 
 
 def read_jsonl(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], list[int]]:
@@ -153,6 +169,25 @@ def choose_profiler(
     return "learned" if learned_accuracy >= llm_accuracy else "llm"
 
 
+def llm_fields(
+    fields: Sequence[FieldStatus], *, learned_samples: int, min_samples: int = MIN_SAMPLES
+) -> tuple[str, ...]:
+    """`auto` beside a learned profiler: the fields worth an LLM call, i.e. those whose LLM
+    held-out accuracy, measured on >= `min_samples` labels, beats the learned profiler's (or
+    the learned profiler has none). Every field while the learned profiler is fitted on fewer
+    than `min_samples` labels. Each field asked costs the engine one sequence, so a field the
+    free learned profiler answers as well, or that no one has measured, is not asked."""
+    if learned_samples < min_samples:
+        return tuple(f.name for f in fields)
+    return tuple(
+        f.name
+        for f in fields
+        if f.n >= min_samples
+        and f.llm_accuracy is not None
+        and (f.learned_accuracy is None or f.llm_accuracy > f.learned_accuracy)
+    )
+
+
 @dataclass(frozen=True)
 class FieldStatus:
     """One field's numbers for both profilers (None: not measured)."""
@@ -196,8 +231,10 @@ def summarize(
     *,
     setting: ProfilerSetting = "auto",
     min_samples: int = MIN_SAMPLES,
+    template: str | None = None,
 ) -> ProfilerStatus:
-    """The status of loaded state (pure)."""
+    """The status of loaded state (pure); `with_beliefs` counts the beliefs asked with
+    `template` (all when None)."""
     fields = []
     for name in FIELDS:
         llm = calibration.fields.get(name)
@@ -220,7 +257,9 @@ def summarize(
     return ProfilerStatus(
         folder=folder,
         samples=len(records),
-        with_beliefs=sum(r.beliefs is not None for r in records),
+        with_beliefs=sum(
+            r.beliefs is not None and template in (None, r.template) for r in records
+        ),
         with_features=sum(r.features is not None for r in records),
         fields=tuple(fields),
         in_use=choose_profiler(
@@ -245,11 +284,16 @@ class ProfilerState:
     folder: Path
     model: str = ""
     collection: str = ""
+    template: str = TEMPLATE_VERSIONS[FIELDS_TEMPLATE]
+    """The fields template the LLM profiler asks with: only beliefs and calibrations of that
+    wording are fitted and applied."""
 
     @classmethod
-    def at(cls, cache_dir: str | Path, model: str, collection: str) -> ProfilerState:
+    def at(
+        cls, cache_dir: str | Path, model: str, collection: str, template: str | None = None
+    ) -> ProfilerState:
         folder = Path(cache_dir) / PROFILER_DIR / slug(model) / slug(collection)
-        return cls(folder, model, collection)
+        return cls(folder, model, collection, template or TEMPLATE_VERSIONS[FIELDS_TEMPLATE])
 
     @property
     def labels_path(self) -> Path:
@@ -292,11 +336,19 @@ class ProfilerState:
         return list(out.values())
 
     def load_calibration(self, profiler: ProfilerName = "llm") -> Calibration:
-        """The saved calibration, or the identity when there is none yet."""
+        """The saved calibration, or the identity when there is none yet, or when the LLM's
+        was fitted on another fields template than `template` (until a refit)."""
         path = self.calibration_path if profiler == "llm" else self.learned_calibration_path
         if not path.exists():
             return Calibration.identity(profiler, self.model, self.collection)
-        return Calibration.load(path)
+        calibration = Calibration.load(path)
+        if profiler == "llm" and calibration.template != self.template:
+            return Calibration.identity(
+                profiler, self.model, self.collection,
+                note=f"fitted on fields {calibration.template}, asked with {self.template}: "
+                "refit (`ragctl profiler train`) to calibrate",
+            )  # fmt: skip
+        return calibration
 
     def load_learned(self) -> LearnedProfiler | None:
         return LearnedProfiler.load(self.learned_path) if self.learned_path.exists() else None
@@ -313,12 +365,12 @@ class ProfilerState:
         learned profiler (records with features, when there are >= 2 of them) and its
         calibration on its held-out beliefs."""
         records = self.records()
-        with_beliefs = [r for r in records if r.beliefs is not None]
+        with_beliefs = [r for r in records if r.beliefs is not None and r.template == self.template]
         calibration = Calibration.fit(
             [r.beliefs for r in with_beliefs],  # type: ignore[misc]
             [r.label for r in with_beliefs],
             profiler="llm", model=self.model, collection=self.collection,
-            min_samples=min_samples, folds=folds, seed=seed,
+            min_samples=min_samples, folds=folds, seed=seed, template=self.template,
         )  # fmt: skip
         calibration.save(self.calibration_path)
         with_features = [r for r in records if r.features is not None]
@@ -352,4 +404,5 @@ class ProfilerState:
             learned_cal,
             setting=setting,
             min_samples=min_samples,
+            template=self.template,
         )

@@ -11,7 +11,13 @@ nowhere yet.
   An accepted query is never dropped; the only refusals are a full queue (`QueueFull`) and a
   query that could not fit even in an idle engine (`ExceedsKVCache`).
 
-No I/O of its own: the KV state comes from the `kv_state` callable. Single event loop: reserve
+Engine pool: the queue may hold several `EngineSlot`s (one ledger and KV state per engine).
+Each decision then runs `decide` once per engine against that engine's state, and
+`placement.place` picks the engine (best-fit across the pool by default); the `Admission`
+names the slot its blocks are reserved on. A queue built from one ledger and one `kv_state` is
+a pool of one and behaves exactly as before.
+
+No I/O of its own: the KV state comes from the `kv_state` callables. Single event loop: reserve
 and release from the loop's thread (the controller does). The local ledger's async methods never
 suspend, so a decision and its reservation still happen in one event-loop step; a shared ledger
 re-checks the fit atomically where the reservations live, and a plan that lost the race to
@@ -23,12 +29,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
-from ragctl.errors import ExceedsKVCache, QueueFull
+from ragctl.errors import EngineError, ExceedsKVCache, QueueFull
 from ragctl.scheduler.bestfit import unshown_reserved
+from ragctl.scheduler.placement import EngineOption, Strategy, place
 from ragctl.types import KVState, Plan
 
 
@@ -76,17 +84,24 @@ class KVLedger:
 
     def __init__(self) -> None:
         self._reserved = 0
+        self._held = 0
         self._listeners: list[Callable[[], None]] = []
 
     @property
     def reserved(self) -> int:
         return self._reserved
 
+    @property
+    def held(self) -> int:
+        """Reservations not yet released (plans in flight: the pool's load figure)."""
+        return self._held
+
     def reserve(self, blocks: int) -> Reservation:
         """Reserve `blocks` unconditionally (plans that never wait: fixed configurations)."""
         if blocks < 0:
             raise ValueError(f"cannot reserve a negative number of blocks ({blocks})")
         self._reserved += blocks
+        self._held += 1
         return Reservation(self, blocks)
 
     async def total(self) -> int:
@@ -110,6 +125,7 @@ class KVLedger:
 
     def _release(self, reservation: Reservation) -> None:
         self._reserved -= reservation.blocks
+        self._held -= 1
         for callback in self._listeners:
             callback()
 
@@ -118,6 +134,18 @@ def fits(reserved_total: int, blocks: int, kv: KVState) -> bool:
     """Whether `blocks` more fit `kv` beside `reserved_total` reserved blocks: best-fit's test
     (`need <= free - unshown reserved`), the one a shared ledger applies atomically."""
     return blocks <= kv.free_blocks - unshown_reserved(reserved_total, kv)
+
+
+@dataclass(eq=False)
+class EngineSlot:
+    """One engine of the pool as admission sees it: its name, KV state and ledger, whether it
+    is healthy now, and the engine object the plan's calls go to (opaque here)."""
+
+    name: str
+    kv_state: Callable[[], Awaitable[KVState]]
+    ledger: KVLedger = field(default_factory=KVLedger)
+    healthy: Callable[[], bool] = lambda: True
+    engine: Any = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +159,8 @@ class Admission:
     queued_s: float
     """Seconds spent waiting in the queue (0 when admitted at once)."""
     queued: bool
+    slot: EngineSlot | None = None
+    """The engine of the pool the plan was placed on (its calls go there)."""
 
 
 class _Waiter:
@@ -150,17 +180,40 @@ class AdmissionQueue:
         kv_state: Callable[[], Awaitable[KVState]],
         maxsize: int,
         poll_s: float = 0.05,
+        *,
+        slots: Sequence[EngineSlot] = (),
+        strategy: Strategy = "best-fit",
     ) -> None:
+        """A queue over one engine (`ledger`, `kv_state`), or over the pool `slots` (then
+        `ledger` and `kv_state` must be the first slot's: the pool's primary engine)."""
         if maxsize < 0:
             raise ValueError(f"maxsize must be >= 0, got {maxsize}")
         if poll_s <= 0:
             raise ValueError(f"poll_s must be > 0, got {poll_s}")
+        self.slots: tuple[EngineSlot, ...] = tuple(slots) or (EngineSlot("", kv_state, ledger),)
         self.ledger = ledger
         self._kv_state = kv_state
         self.maxsize = maxsize
         self.poll_s = poll_s
+        self.strategy: Strategy = strategy
+        self._turn = 0
         self._waiters: deque[_Waiter] = deque()
-        ledger.on_release(self._wake_head)
+        for slot in self.slots:
+            slot.ledger.on_release(self._wake_head)
+
+    @classmethod
+    def over(
+        cls,
+        slots: Sequence[EngineSlot],
+        maxsize: int,
+        poll_s: float = 0.05,
+        strategy: Strategy = "best-fit",
+    ) -> AdmissionQueue:
+        """A queue over the engine pool `slots` (the first is the primary)."""
+        first = slots[0]
+        return cls(
+            first.ledger, first.kv_state, maxsize, poll_s, slots=slots, strategy=strategy
+        )
 
     def __len__(self) -> int:
         return len(self._waiters)
@@ -174,16 +227,56 @@ class AdmissionQueue:
         if self._waiters:
             self._waiters[0].wake.set()
 
-    async def _decide(self, decide: Callable[[KVState, int], Plan]) -> tuple[KVState, Plan]:
-        kv = await self._kv_state()
-        # The local ledger's total() and try_reserve() never suspend: the total `decide` sees
-        # is still the total when the plan's blocks are added to it. A shared ledger's may;
-        # its try_reserve re-checks the fit atomically.
-        return kv, decide(kv, await self.ledger.total())
+    async def _decide(
+        self, decide: Callable[[KVState, int], Plan]
+    ) -> tuple[EngineSlot, KVState, Plan]:
+        if len(self.slots) == 1:
+            slot = self.slots[0]
+            kv = await slot.kv_state()
+            # The local ledger's total() and try_reserve() never suspend: the total `decide`
+            # sees is still the total when the plan's blocks are added to it. A shared
+            # ledger's may; its try_reserve re-checks the fit atomically.
+            return slot, kv, decide(kv, await slot.ledger.total())
+        return await self._decide_pool(decide)
 
-    async def _reserve(self, kv: KVState, plan: Plan) -> Reservation | None:
-        """The plan's blocks, or None when another process reserved them first."""
-        return await self.ledger.try_reserve(plan.need_blocks, kv)
+    async def _decide_pool(
+        self, decide: Callable[[KVState, int], Plan]
+    ) -> tuple[EngineSlot, KVState, Plan]:
+        """`decide` on every engine (the unhealthy ones only when none is healthy), then
+        `place` picks one. An engine whose KV state cannot be read is left out of this
+        decision; when none can be read, the first error is raised."""
+        slots = [s for s in self.slots if s.healthy()] or list(self.slots)
+        read = await asyncio.gather(*(s.kv_state() for s in slots), return_exceptions=True)
+        for r in read:  # an engine failing is expected; anything else is a bug: raise it
+            if isinstance(r, BaseException) and not isinstance(r, EngineError):
+                raise r
+        live = [(s, kv) for s, kv in zip(slots, read, strict=True) if isinstance(kv, KVState)]
+        if not live:
+            raise next(e for e in read if isinstance(e, EngineError))
+        # No suspension from here to the caller's reserve() with local ledgers (see above).
+        totals = [await s.ledger.total() for s, _ in live]
+        plans = [decide(kv, t) for (_, kv), t in zip(live, totals, strict=True)]
+        options = [
+            EngineOption(p, s.healthy(), s.ledger.held, kv.total_blocks)
+            for (s, kv), p in zip(live, plans, strict=True)
+        ]
+        i = place(options, self.strategy, self._turn)
+        assert i is not None
+        return live[i][0], live[i][1], plans[i]
+
+    async def _admitted(
+        self, slot: EngineSlot, kv: KVState, plan: Plan, start: float | None
+    ) -> Admission | None:
+        """The plan's blocks reserved on its engine, or None when another process took them
+        first (a shared ledger's compare-and-reserve refused)."""
+        reservation = await slot.ledger.try_reserve(plan.need_blocks, kv)
+        if reservation is None:
+            return None
+        if len(self.slots) > 1:
+            self._turn += 1
+        if start is None:
+            return Admission(plan, kv, reservation, 0.0, False, slot)
+        return Admission(plan, kv, reservation, time.monotonic() - start, True, slot)
 
     @staticmethod
     def _check_ever_fits(kv: KVState, plan: Plan) -> None:
@@ -203,13 +296,13 @@ class AdmissionQueue:
         queries behind move up) and reserves nothing.
         """
         start = time.monotonic()
-        kv, plan = await self._decide(decide)
+        slot, kv, plan = await self._decide(decide)
         # Admit at once only when nobody waits: a newcomer never overtakes a queued query,
         # even when it is smaller (checked after the await: someone may have queued meanwhile).
         if plan.reason != "wait" and not self._waiters:
-            reservation = await self._reserve(kv, plan)
-            if reservation is not None:
-                return Admission(plan, kv, reservation, 0.0, False)
+            admitted = await self._admitted(slot, kv, plan, None)
+            if admitted is not None:
+                return admitted
         self._check_ever_fits(kv, plan)
         if len(self._waiters) >= self.maxsize:
             raise QueueFull(
@@ -227,12 +320,12 @@ class AdmissionQueue:
                     continue
                 if not fresh:
                     me.wake.clear()  # a release from here on triggers another decision
-                    kv, plan = await self._decide(decide)
+                    slot, kv, plan = await self._decide(decide)
                 fresh = False
                 if plan.reason != "wait":
-                    reservation = await self._reserve(kv, plan)
-                    if reservation is not None:
-                        return Admission(plan, kv, reservation, time.monotonic() - start, True)
+                    admitted = await self._admitted(slot, kv, plan, start)
+                    if admitted is not None:
+                        return admitted
                     # Lost the race to another process: decide again after a release or poll_s
                     # (never a busy loop, even for a decision that disagrees with the ledger).
                 else:

@@ -469,6 +469,10 @@ def create_app(
             "collections": sorted(s.controllers), "default_collection":
             options.default_collection, "kv_free_blocks": kv.free_blocks,
             "kv_total_blocks": kv.total_blocks, "inflight": inflight,
+            **({"engines": [
+                {"engine": n, "healthy": h, "kv_reserved_blocks": r}
+                for n, h, r in s.engines()
+            ]} if len(s.admission.slots) > 1 else {}),
         })  # fmt: skip
 
     @app.get("/metrics")
@@ -479,7 +483,7 @@ def create_app(
         except (RagctlError, TimeoutError):
             kv = None  # the engine's gauges keep their last values
         body = metrics.render(
-            kv, s.admission.ledger.reserved, s.admission.waiting, s.slo.snapshot()
+            kv, s.admission.ledger.reserved, s.admission.waiting, s.slo.snapshot(), s.engines()
         )
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 

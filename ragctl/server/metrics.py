@@ -4,7 +4,7 @@ gauges (KV blocks, queue) and the SLO loop's totals are read when scraped."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -113,6 +113,18 @@ class ServerMetrics:
         self.queue_length = Gauge(
             "ragctl_admission_queue_length", "Requests waiting for KV cache memory.", registry=r
         )
+        self.engine_healthy = Gauge(
+            "ragctl_engine_healthy", "Engine of the pool in service (1) or out of it (0).",
+            ["engine"], registry=r,
+        )  # fmt: skip
+        self.engine_reserved = Gauge(
+            "ragctl_engine_kv_reserved_blocks", "KV blocks reserved by admitted plans, per engine.",
+            ["engine"], registry=r,
+        )  # fmt: skip
+        self.placements = Counter(
+            "ragctl_engine_placements", "Answered requests by the engine their plan ran on.",
+            ["engine"], registry=r,
+        )  # fmt: skip
 
     def observe_answer(self, model: str, answer: Answer) -> None:
         d = answer.decision
@@ -140,6 +152,8 @@ class ServerMetrics:
             self.profiler_fallbacks.labels(learned_fallback(d.profiler_note)).inc()
         if d.queued:
             self.queued.inc()
+        if d.engine:
+            self.placements.labels(d.engine).inc()
 
     def outcome(self, model: str, outcome: str) -> None:
         self.requests.labels(model, outcome).inc()
@@ -150,8 +164,13 @@ class ServerMetrics:
         reserved: int,
         waiting: int,
         slo: Mapping[str, Any] | None = None,
+        engines: Sequence[tuple[str, bool, int]] = (),
     ) -> bytes:
+        """`engines`: each engine of the pool as (name, healthy, reserved blocks)."""
         self.slo.snapshot = slo
+        for name, healthy, engine_reserved in engines:
+            self.engine_healthy.labels(name).set(1 if healthy else 0)
+            self.engine_reserved.labels(name).set(engine_reserved)
         if kv is not None:
             self.kv_total.set(kv.total_blocks)
             self.kv_free.set(kv.free_blocks)

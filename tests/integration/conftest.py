@@ -84,11 +84,12 @@ def vllm_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> It
 
 @contextlib.contextmanager
 def running_vllm_server(
-    model_path: str, log: Path, extra_args: tuple[str, ...] = ()
+    model_path: str, log: Path, port: int | None = None, extra_args: tuple[str, ...] = ()
 ) -> Iterator[tuple[VLLMServer, subprocess.Popen[bytes]]]:
-    """Start a vLLM server on a free loopback port, wait until it is healthy, stop it after.
-    `extra_args` go last on its command line (so they override the defaults above)."""
-    port = free_port()
+    """Start a vLLM server on `port` (default: a free loopback port), wait until it is
+    healthy, stop it after. `extra_args` go last on its command line (so they override the
+    defaults above)."""
+    port = port or free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model_path,

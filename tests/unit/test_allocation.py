@@ -20,7 +20,7 @@ from ragctl.allocation import (
     write_plan,
 )
 from ragctl.allocation.plan import batch_wait_ms, plan_concurrency, query_latency_s
-from ragctl.errors import DataNotFound, InvalidRequest
+from ragctl.errors import DataNotFound, InvalidRequest, InvalidSetting
 from ragctl.settings import Settings
 
 # -- fits ----------------------------------------------------------------------------------------
@@ -262,3 +262,49 @@ def test_a_hand_written_plan_is_enough(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"settings": {"max_num_seqs": 8}, "concurrency": 5}))
     plan = load_plan(path)
     assert plan.settings_overrides() == {"max_num_seqs": 8} and plan.concurrency == 5
+
+
+def test_a_two_engine_plan_is_carried_out_engine_by_engine(tmp_path: Path) -> None:
+    """`--engines 2`: each engine's sequences, the profiler's engine and the synthesis engines
+    become settings the pool applies (engine i of the plan is engine i of the pool)."""
+    from ragctl.allocation.plan import plan_settings
+    from ragctl.controller import admission_for
+    from ragctl.engine.pool import EnginePool
+    from tests.unit.test_engine_pool import PoolFake
+
+    group = (("map", "reduce"),)
+    two = solve(Problem(engine=_engine_mix(), engines=2, same_engine=group))
+    out = plan_settings(two, {"profile": 1.0, "map": 3.0, "reduce": 1.0})
+    prof, synth = two.assignment["profile"], two.assignment["map"]
+    seqs = [e.max_num_seqs for e in two.engines]
+    assert out["engine_max_num_seqs"] == ",".join(map(str, seqs))
+    assert out["profiler_engine"] == prof and out["synthesis_engines"] == str(synth)
+    settings = Settings(data_dir=tmp_path).model_copy(update=out)
+    assert Settings.int_list(settings.engine_max_num_seqs) == seqs
+    pool = EnginePool.of([(PoolFake(), "http://e0"), (PoolFake(), "http://e1")])
+    queue = admission_for(pool, 8, synthesis_engines=Settings.int_list(settings.synthesis_engines))
+    assert [s.name for s in queue.slots] == [f"http://e{synth}"]  # profiling engine left out
+    with pytest.raises(InvalidSetting, match="synthesis_engines names engine 5"):
+        admission_for(pool, 8, synthesis_engines=[5])
+
+
+async def test_the_profiler_runs_on_the_planned_engine_of_the_pool(tmp_path: Path) -> None:
+    from ragctl.engine.pool import EnginePool
+    from ragctl.service import open_profiler
+    from tests.unit.test_engine_pool import PoolFake
+
+    pool = EnginePool.of([(PoolFake(), "http://e0"), (PoolFake(), "http://e1")])
+    settings = Settings(profiler="json", profiler_engine=1, cache_dir=tmp_path)
+    profiler = await open_profiler(settings, pool)
+    assert profiler.engine is pool.members[1]
+    with pytest.raises(InvalidSetting, match="profiler_engine is 2"):
+        await open_profiler(settings.model_copy(update={"profiler_engine": 2}), pool)
+
+
+async def test_engine_max_num_seqs_must_name_every_engine_of_the_pool() -> None:
+    from ragctl.engine import open_engine
+
+    with pytest.raises(InvalidSetting, match="names 2 engines; the pool has 1"):
+        await open_engine(Settings(engine_url="http://127.0.0.1:9", engine_max_num_seqs="4,2"))
+    with pytest.raises(InvalidSetting, match="comma-separated whole numbers"):
+        Settings().with_overrides(engine_max_num_seqs="4,x")

@@ -352,10 +352,12 @@ async def test_the_golden_run_labels_the_query_from_its_feedback_budget(tmp_path
 
     class Engine(FakeEngine):
         async def generate(self, requests):
-            # Prompt size grows with the chunks, so cheaper configurations cost less.
+            # Prompt size grows with the chunks, and time with the prompt (labels pick the
+            # cheapest by solo delay), so cheaper configurations cost less.
             gens = await super().generate(requests)
-            return [replace(g, prompt_tokens=self.tokenizer.count_chat(r.messages))
-                    for g, r in zip(gens, requests, strict=True)]  # fmt: skip
+            tokens = [self.tokenizer.count_chat(r.messages) for r in requests]
+            await asyncio.sleep(2e-4 * sum(tokens))
+            return [replace(g, prompt_tokens=t) for g, t in zip(gens, tokens, strict=True)]
 
     engine = Engine()
     budget = (Config("stuff", 3), Config("map_rerank", 1), Config("stuff", 1))

@@ -64,13 +64,13 @@ class RacingLedger(KVLedger):
         super().__init__()
         self.steal = steal
         self.attempts = 0
-        self.held: list[Reservation] = []
+        self.stolen: list[Reservation] = []
 
     async def try_reserve(self, blocks: int, kv: KVState) -> Reservation | None:
         self.attempts += 1
         await asyncio.sleep(0)  # a remote call suspends
         if self.steal:
-            self.held.append(self.reserve(self.steal))  # the other process wins the race
+            self.stolen.append(self.reserve(self.steal))  # the other process wins the race
             self.steal = 0
         return await super().try_reserve(blocks, kv)
 
@@ -93,7 +93,7 @@ async def test_a_plan_that_lost_the_race_is_decided_again() -> None:
         while queue.waiting == 0:
             await asyncio.sleep(0.001)
     assert ledger.reserved == 50 and not task.done()
-    ledger.held[0].release()  # the other process finishes (here: the same ledger object)
+    ledger.stolen[0].release()  # the other process finishes (here: the same ledger object)
     adm = await asyncio.wait_for(task, 1)
     assert adm.queued and adm.reservation.blocks == 60 and ledger.reserved == 60
     assert ledger.attempts == 2

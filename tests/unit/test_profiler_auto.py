@@ -126,3 +126,126 @@ def test_learned_outcome_without_a_model_is_an_error_the_profile_call_absorbs(tm
     auto = AutoProfiler(FakeLLM(), mode="learned", state_root=tmp_path, model="m")
     with pytest.raises(ValueError, match="no learned profiler"):
         auto.learned_outcome(auto.load("c"), "q", RetrievalSignals(np.ones(DIM), (0.5,)))
+
+
+# --- per-field: the LLM is asked only for the fields it answers better ---------------------------
+
+
+class FieldLLM(FakeLLM):
+    """A per-field LLM whose P(joint) is informative (0.9 on joint questions, 0.1 otherwise);
+    it records which fields each call asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[tuple[str, ...] | None] = []
+
+    async def profile(self, question, metadata, chunk_tokens, *, collection=None, fields=None):
+        self.calls += 1
+        self.asked.append(None if fields is None else tuple(fields))
+        joint = 0.9 if "joint" in question else 0.1
+        b = FieldBeliefs(joint, 0.3, (1.0,) + (0.0,) * 8, (1.0, 0.0, 0.0))
+        names = ("joint", "complexity", "pieces", "summary")
+        uniform = () if fields is None else tuple(n for n in names if n not in fields)
+        return ProfileOutcome(b.to_profile(0.7), None, None, 0.1, "v1", beliefs=b, profiler="llm",
+                              uniform_fields=uniform)  # fmt: skip
+
+
+def _train_llm_better_on_joint(root, n: int = 60) -> None:
+    """Features that say nothing of joint, LLM beliefs that do."""
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        joint = i % 2 == 0
+        config = Config("stuff", 3) if joint else Config("map_rerank", 1)
+        label = OutcomeLabel.of(f"q{i}", config, 1.0, "gold")
+        features = query_features(rng.normal(0, 1.0, DIM), [0.5, 0.4, 0.3], "who is it")
+        beliefs = FieldBeliefs(0.9 if joint else 0.1, 0.3, (1.0,) + (0.0,) * 8, (1.0, 0.0, 0.0))
+        records.append(LabelRecord(label, "who is it", tuple(features), beliefs))
+    state = ProfilerState.at(root, "m", "c")
+    state.append(records)
+    state.refit()
+
+
+def test_llm_fields_asks_only_where_the_llm_measured_better():
+    from ragctl.profiler.store import FieldStatus, llm_fields
+
+    def field(name, n, llm, learned):
+        return FieldStatus(name, n, None, None, llm, n, None, None, learned)
+
+    fields = [
+        field("joint", 30, 0.8, 0.6),  # the LLM is better: asked
+        field("complexity", 30, 0.5, 0.9),  # the learned one is better: not asked
+        field("pieces", 30, 0.7, 0.7),  # a tie goes to the free one
+        field("summary", 3, 1.0, None),  # too few labels to say: not asked
+    ]
+    assert llm_fields(fields, learned_samples=30, min_samples=20) == ("joint",)
+    # a learned profiler fitted on too few labels: the LLM answers everything
+    assert llm_fields(fields, learned_samples=10, min_samples=20) == (
+        "joint", "complexity", "pieces", "summary",
+    )  # fmt: skip
+
+
+def test_auto_asks_the_llm_only_for_the_fields_it_answers_better(tmp_path):
+    _train_llm_better_on_joint(tmp_path)
+    llm = FieldLLM()
+    auto = AutoProfiler(llm, state_root=tmp_path, model="m", learned_min_confidence=0.0)
+    state = auto.load("c")
+    assert "joint" in state.llm_fields and len(state.llm_fields) < 4
+    signals = RetrievalSignals(np.ones(DIM), (0.5, 0.4, 0.3))
+    out = asyncio.run(auto.profile("a joint question", "m", 100, collection="c", retrieval=signals))
+    assert llm.asked == [state.llm_fields]  # one call, only those fields
+    assert out.profiler == "llm" and out.ok
+    assert set(out.learned_fields) == {"joint", "complexity", "pieces", "summary"} - set(
+        state.llm_fields
+    )
+    assert out.uniform_fields == ()
+    assert out.beliefs.joint > 0.8  # the LLM's (calibrated) reading of joint
+    assert out.to_dict()["learned_fields"] == list(out.learned_fields)
+    # such a mixed profile is no LLM reading to calibrate on: the label asks the LLM again
+    from ragctl.profiler.store import llm_beliefs
+
+    assert llm_beliefs(out) is None
+
+
+def test_a_calibration_of_another_template_is_not_applied(tmp_path):
+    _train(tmp_path)
+    assert ProfilerState.at(tmp_path, "m", "c").load_calibration("llm").calibrated_fields
+    other = ProfilerState.at(tmp_path, "m", "c", template="v9")
+    cal = other.load_calibration("llm")
+    assert cal.calibrated_fields == ()
+    assert "fitted on fields v1, asked with v9" in cal.fields["joint"].note
+    # a refit under v9 finds no v9 beliefs: nothing to calibrate, the v1 labels stay on disk
+    other.refit()
+    assert other.load_calibration("llm").calibrated_fields == ()
+    assert len(other.records()) == 60 and other.records()[0].template == "v1"
+
+
+def test_auto_does_not_ask_the_llm_when_no_answer_could_make_the_profile_trusted(tmp_path):
+    """The LLM said 0.7 on every query: calibrated, any answer of it means about 0.5, so it
+    could never lift the profile to the trust threshold; the learned profile stands, at no
+    engine call."""
+    _train(tmp_path)
+    llm = FakeLLM()
+    auto = AutoProfiler(llm, state_root=tmp_path, model="m", learned_min_confidence=0.999)
+    signals = RetrievalSignals(_vector(True, np.random.default_rng(1)), (0.5, 0.4, 0.3))
+    out = asyncio.run(auto.profile("who is it", "m", 100, collection="c", retrieval=signals))
+    assert llm.calls == 0 and out.profiler == "learned"
+    assert out.llm_note.startswith("llm not asked: at most 0.")
+    # with a threshold the LLM could reach, it is asked
+    low = AutoProfiler(llm, state_root=tmp_path, model="m", learned_min_confidence=0.999,
+                       trust_threshold=0.5)  # fmt: skip
+    asyncio.run(low.profile("who is it", "m", 100, collection="c", retrieval=signals))
+    assert llm.calls == 1
+
+
+def test_reachable_confidence_reads_the_calibration_and_the_learned_beliefs():
+    from ragctl.profiler.auto import reachable_confidence
+    from ragctl.profiler.calibration import Calibration, FieldCalibration
+
+    learned = FieldBeliefs(0.95, 0.2, (1.0,) + (0.0,) * 8, (1.0, 0.0, 0.0))
+    narrow = FieldCalibration("joint", "binary", x=(0.1, 0.9), y=(0.71, 0.77), n=20)
+    cal = Calibration({"joint": narrow})
+    assert reachable_confidence(cal, learned, {"joint"}) == pytest.approx(0.77)
+    # complexity from the learned profile (0.8 sure): the cap when joint is uncalibrated
+    assert reachable_confidence(Calibration.identity(), learned, {"joint"}) == pytest.approx(0.8)
+    assert reachable_confidence(Calibration.identity(), learned, set()) == pytest.approx(0.8)

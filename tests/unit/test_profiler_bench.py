@@ -112,3 +112,18 @@ def test_grid_labels_take_the_cheapest_agreeing_configuration() -> None:
     golden = grid_labels(card, store, queries, configs, "golden")
     # golden: map_reduce:6:50 (largest mean delay) is the reference; identical answers agree.
     assert golden["a"].config == Config("map_rerank", 1)
+
+
+def test_profile_only_rows_have_seconds_and_agreement_but_no_share() -> None:
+    rows = [
+        {"error": None, "profile_s": 0.2, "total_s": None, "annotation": True, "joint": True,
+         "answered_by": "llm", "profile_used": False, "config": None},
+        {"error": None, "profile_s": 0.4, "total_s": None, "annotation": False, "joint": True,
+         "answered_by": "llm", "profile_used": False, "config": None},
+    ]  # fmt: skip
+    s = summarize_profiler(rows)
+    assert s["seconds"]["mean"] == pytest.approx(0.3) and s["seconds"]["n"] == 2
+    assert s["share"]["n"] == 0 and s["share"]["mean"] is None
+    assert s["delay_s"]["n"] == 0 and s["configs"] == {}
+    assert s["joint_agreement"] == 0.5
+    assert s["confusion"] == {"tp": 1, "fp": 1, "fn": 0, "tn": 0}

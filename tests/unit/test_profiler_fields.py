@@ -221,18 +221,33 @@ async def test_profile_reads_every_field_from_one_batch() -> None:
     assert out.seconds >= 0 and out.raw_beliefs is None
 
 
-async def test_no_allowed_value_in_the_top_k_is_garbage() -> None:
+async def test_a_field_with_no_allowed_value_in_the_top_k_is_read_as_uniform() -> None:
     tops = {**TOPS, "pieces": {"The": lp(0.6), "Several": lp(0.3)}}
     out = await FieldProfiler(FieldEngine(tops)).profile(QUESTION, META, 120)
-    assert out.profile is None and out.beliefs is None and out.error_kind == "garbage"
-    assert out.error == "garbage: no allowed answer among the top 20 tokens for pieces"
-    assert out.output_tokens == 4 and out.prompt_tokens > 400
+    assert out.ok and out.error is None and out.uniform_fields == ("pieces",)
+    assert out.beliefs.pieces == pytest.approx([1 / 9] * 9)
+    # the other fields are read as usual
+    full = await FieldProfiler(FieldEngine()).profile(QUESTION, META, 120)
+    assert out.beliefs.joint == full.beliefs.joint
+    assert out.beliefs.summary == full.beliefs.summary
+    assert out.to_dict()["uniform_fields"] == ["pieces"]
     assert json.loads(out.raw)["pieces"]["top"] == {"The": round(lp(0.6), 3),
                                                    "Several": round(lp(0.3), 3)}  # fmt: skip
-    # an engine that returns no alternatives at all
+    # a uniform decisive field caps the decision's confidence at 0.5: never trusted alone
     bare = {**TOPS, "joint": None, "summary": None}
     out = await FieldProfiler(FieldEngine(bare)).profile(QUESTION, META, 120)
-    assert out.error_kind == "garbage" and out.error.endswith("for joint, summary")
+    assert out.ok and out.uniform_fields == ("joint", "summary")
+    assert out.beliefs.joint == 0.5 and out.profile.confidence <= 0.5
+
+
+async def test_no_field_with_an_allowed_value_is_garbage() -> None:
+    junk = {"The": lp(0.6), "Several": lp(0.3)}
+    out = await FieldProfiler(FieldEngine(dict.fromkeys(TOPS, junk))).profile(QUESTION, META, 120)
+    assert out.profile is None and out.beliefs is None and out.error_kind == "garbage"
+    assert out.error == (
+        "garbage: no allowed answer among the top 20 tokens for joint, complexity, pieces, summary"
+    )
+    assert out.output_tokens == 4 and out.prompt_tokens > 400
 
 
 @pytest.mark.parametrize(

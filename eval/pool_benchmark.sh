@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The engine-pool benchmark of issue 15: throughput and p95 delay at one offered load for one
+# engine, and two engines with best-fit across them, round-robin and least-loaded placement;
+# then the same with a skewed pool (the second engine's KV cache much smaller), where best-fit
+# must beat load-only routing. Starts its own vLLM servers on 127.0.0.1 (one or two at a time)
+# and stops them at the end.
+#
+#   eval/pool_benchmark.sh [DATASET] [OUT]
+#   env: LIMIT (queries per run, default 24); RATE (q/s offered, default 0.5); SMALL_BLOCKS (the
+#   skewed engine's KV blocks, default 24: about one large stuff configuration, so that memory
+#   binds there); MODEL (an HF folder; default: the embedded model);
+#   PYTHON (default python3); RAGCTL (default ragctl)
+set -euo pipefail
+dataset=${1:-squad}
+out=${2:-eval/out/pool-$dataset}
+limit=${LIMIT:-24}
+rate=${RATE:-0.5}
+small=${SMALL_BLOCKS:-24}
+python=${PYTHON:-python3}
+ragctl=${RAGCTL:-ragctl}
+model=${MODEL:-$($python -c 'from ragctl.engine.embedded_model import resolve_model
+from ragctl.settings import Settings
+s = Settings(); print(resolve_model(s.model, s.cache_dir))')}
+export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} VLLM_CPU_NUM_OF_RESERVED_CPU=0
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$out"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -- -"$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+start_server() {  # PORT [extra vLLM flags...]: start a vLLM server, wait for /health
+  local port=$1; shift
+  setsid $python -m vllm.entrypoints.openai.api_server --model "$model" \
+    --served-model-name ragctl-bench --host 127.0.0.1 --port "$port" --dtype float32 \
+    --max-model-len 4096 --enforce-eager "$@" >"$out/vllm-$port.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 240); do
+    curl -sf "http://127.0.0.1:$port/health" >/dev/null && return 0
+    sleep 1
+  done
+  echo "vLLM on port $port did not start; see $out/vllm-$port.log" >&2
+  exit 1
+}
+
+run() {  # NAME GLOBAL-OPTIONS...: one eval run of ragctl at the offered rate
+  local name=$1; shift
+  if [ ! -f "$out/$name/results.json" ]; then
+    $ragctl "$@" eval run --dataset "$dataset" --systems ragctl --limit "$limit" --rate "$rate" \
+      --seed 1 --out "$out/$name"
+  fi
+}
+
+a=http://127.0.0.1:8101 b=http://127.0.0.1:8102 c=http://127.0.0.1:8103
+start_server 8101
+start_server 8102
+run one-engine --engine-url "$a"
+for p in best-fit round-robin least-loaded; do
+  run "two-$p" --engine-url "$a" --engine-url "$b" --placement "$p"
+done
+# The skewed pool: engine b replaced by one with a small KV cache.
+kill -- -"${pids[1]}"; sleep 5
+start_server 8103 --num-gpu-blocks-override "$small"
+for p in best-fit round-robin least-loaded; do
+  run "skewed-$p" --engine-url "$a" --engine-url "$c" --placement "$p"
+done
+
+$python - "$out" <<'EOF'
+import json, sys
+from pathlib import Path
+
+root = Path(sys.argv[1])
+print(f"{'run':<22} {'answered':>8} {'errors':>6} {'q/s':>7} {'mean s':>7} {'p50 s':>6} "
+      f"{'p95 s [95% CI]':>18} {'quality':>8} {'evidence':>8}  configurations")
+for d in sorted(p for p in root.iterdir() if (p / "results.json").is_file()):
+    res = json.loads((d / "results.json").read_text())
+    s = next(iter(res["rates"].values()))["systems"]["ragctl"]
+    lo, hi = s.get("delay_p95_s_ci") or (float("nan"), float("nan"))
+    q = s.get("quality", {})
+    configs = ", ".join(f"{k} x{v}" for k, v in sorted(s.get("configs", {}).items(),
+                                                       key=lambda kv: -kv[1]))
+    print(f"{d.name:<22} {s.get('answered', '-'):>8} {s.get('errors', 0):>6} "
+          f"{s['throughput_qps']:>7.3f} {s['delay_mean_s']:>7.2f} "
+          f"{s.get('delay_p50_s', float('nan')):>6.2f} "
+          f"{s['delay_p95_s']:>6.2f} [{lo:.2f}, {hi:.2f}] "
+          f"{s.get('primary_value') or 0:>8.3f} {q.get('evidence_recall', 0):>8.3f}  {configs}")
+EOF
