@@ -71,10 +71,12 @@ def check_settings(settings: Settings, replicas: int) -> None:
         raise MissingDependency("serve --ray needs Ray Serve: pip install 'ragctl[ray]'")
     if replicas < 1:
         raise InvalidSetting(f"--replicas must be at least 1, got {replicas}")
-    if not settings.engine_url:
+    from ragctl.engine.pool import pool_specs
+
+    if any(spec.url is None for spec in pool_specs(settings)):
         raise InvalidSetting(
-            "serve --ray needs --engine-url (a running vLLM server the replicas share): an "
-            "in-process engine per replica would be one engine each, with no shared KV ledger"
+            "serve --ray needs --engine-url (running vLLM servers the replicas share; no `local`): "
+            "an in-process engine per replica would be one engine each, with no shared KV ledger"
         )
 
 

@@ -25,6 +25,9 @@ def test_check_settings() -> None:
     check_settings(Settings(engine_url="http://127.0.0.1:1"), 2)
     with pytest.raises(InvalidSetting, match="--engine-url"):
         check_settings(Settings(), 1)
+    check_settings(Settings(engine_url="http://127.0.0.1:1,http://127.0.0.1:2"), 2)  # a pool
+    with pytest.raises(InvalidSetting, match="--engine-url"):
+        check_settings(Settings(engine_url="http://127.0.0.1:1,local"), 2)
     with pytest.raises(InvalidSetting, match="--replicas"):
         check_settings(Settings(engine_url="http://127.0.0.1:1"), 0)
 
