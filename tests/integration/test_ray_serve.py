@@ -36,7 +36,7 @@ def small_engine(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> I
     pytest.importorskip("vllm", reason="needs vLLM installed")
     log = tmp_path_factory.mktemp("vllm-ray") / "server.log"
     extra = ("--num-gpu-blocks-override", str(ENGINE_BLOCKS), "--max-model-len", "2048")
-    with running_vllm_server(model_path, log, extra) as (server, _):
+    with running_vllm_server(model_path, log, extra_args=extra) as (server, _):
         yield server
 
 
