@@ -6,7 +6,7 @@ GPU ?= 0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 RAGCTL := $(VENV)/bin/ragctl
-EXTRAS := server,langchain,eval,cohere,openai,dev
+EXTRAS := server,langchain,eval,cohere,openai,ray,dev
 STAMP := $(VENV)/.ragctl-setup-$(if $(filter 1,$(GPU)),gpu,cpu)
 
 export HF_HUB_OFFLINE ?= 1

@@ -97,17 +97,26 @@ class Proposal:
     plan: Plan
 
 
+LedgerFactory = Callable[[str], KVLedger]
+"""The KV ledger of the engine with this key (`label_of(engine)`: its URL when remote);
+ragctl.distributed's shares one with other replicas."""
+
+
 def admission_for(
     engine: Engine,
     maxsize: int,
     strategy: Strategy = "best-fit",
     synthesis_engines: Sequence[int] = (),
+    *,
+    ledger_for: LedgerFactory | None = None,
 ) -> AdmissionQueue:
     """The admission queue of `engine`: one ledger over it, or, for an `EnginePool`, one slot
     (ledger, KV state, health) per member that runs synthesis (`synthesis_engines`: their
-    indexes; empty: all), placed by `strategy`."""
+    indexes; empty: all), placed by `strategy`. `ledger_for`: each engine's ledger, by key
+    (default: a local `KVLedger`)."""
+    new_ledger = ledger_for or (lambda key: KVLedger())
     if not isinstance(engine, EnginePool):
-        return AdmissionQueue(KVLedger(), engine.kv_state, maxsize=maxsize)
+        return AdmissionQueue(new_ledger(label_of(engine)), engine.kv_state, maxsize=maxsize)
     members = engine.members
     if synthesis_engines:
         bad = [i for i in synthesis_engines if not 0 <= i < len(members)]
@@ -117,7 +126,8 @@ def admission_for(
             )
         members = tuple(members[i] for i in sorted(set(synthesis_engines)))
     slots = [
-        EngineSlot(m.label, m.kv_state, KVLedger(), (lambda m=m: m.healthy), m) for m in members
+        EngineSlot(m.label, m.kv_state, new_ledger(m.label), (lambda m=m: m.healthy), m)
+        for m in members
     ]
     return AdmissionQueue.over(slots, maxsize, strategy=strategy)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ragctl.bridge import Bridge
-from ragctl.controller import Controller, admission_for
+from ragctl.controller import Controller, LedgerFactory, admission_for
 from ragctl.engine import Engine, open_engine
 from ragctl.errors import InvalidSetting
 from ragctl.policy import AdaptivePolicy
@@ -124,26 +124,41 @@ class Service:
     first use (built if missing, which can take minutes), in a worker thread, once."""
 
     def __init__(
-        self, settings: Settings, engine: Engine, profiler: Profiler, rules: RuleSet
+        self,
+        settings: Settings,
+        engine: Engine,
+        profiler: Profiler,
+        rules: RuleSet,
+        *,
+        ledger_for: LedgerFactory | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.profiler = profiler
         self.rules = rules
         self.policy = AdaptivePolicy.from_settings(settings)
-        # One ledger per engine of the pool (one slot per member), shared by all collections.
+        # One ledger per engine of the pool (one slot per member), shared by all collections:
+        # local, or shared with other replicas (`ledger_for(engine key)`, ragctl.distributed).
         self.admission: AdmissionQueue = admission_for(
-            engine, self.policy.queue_size, self.policy.placement, self.policy.synthesis_engines
-        )
+            engine, self.policy.queue_size, self.policy.placement, self.policy.synthesis_engines,
+            ledger_for=ledger_for,
+        )  # fmt: skip
         # One per engine: its flags, pauses, load meter and delay model span collections.
         self.slo = SLOTracker(self.policy.mitigation, predictor=self.policy.slo_predictor)
         self.controllers: dict[str, Controller] = {}
         self._opening: dict[str, asyncio.Task[Controller]] = {}
 
     @classmethod
-    async def open(cls, settings: Settings, collections: tuple[str, ...] = ()) -> Service:
+    async def open(
+        cls,
+        settings: Settings,
+        collections: tuple[str, ...] = (),
+        *,
+        ledger_for: LedgerFactory | None = None,
+    ) -> Service:
         """Check `collections` and the rules, start the engine and profiler, then open the
-        named collections' indexes (others open on first request)."""
+        named collections' indexes (others open on first request). `ledger_for`: the KV
+        ledger of an engine, by its key (default: a local `KVLedger`)."""
         for name in collections:
             check_dataset(settings.data_dir, name)
         rules = load_rules(settings.rules_file)
@@ -153,7 +168,12 @@ class Service:
         except BaseException:
             await engine.aclose()
             raise
-        service = cls(settings, engine, profiler, rules)
+        try:
+            service = cls(settings, engine, profiler, rules, ledger_for=ledger_for)
+        except BaseException:
+            await profiler.aclose()
+            await engine.aclose()
+            raise
         try:
             for name in collections:
                 await service.controller(name)
@@ -218,6 +238,10 @@ class Service:
             await c.aclose()
         await self.profiler.aclose()
         await self.engine.aclose()
+        for slot in self.admission.slots:
+            close_ledger = getattr(slot.ledger, "aclose", None)  # a shared ledger's lease
+            if close_ledger is not None:
+                await close_ledger()
 
     async def __aenter__(self) -> Service:
         return self

@@ -2,7 +2,9 @@
 nowhere yet.
 
 - `KVLedger` counts the blocks that admitted plans hold; `Reservation` gives them back exactly
-  once (explicitly or as a context manager).
+  once (explicitly or as a context manager). Its async side (`total`, `try_reserve`: an atomic
+  compare-and-reserve) is the protocol the admission queue uses, so that a ledger shared by
+  several processes (`ragctl.distributed.ledger`, a Ray actor) can stand in for it.
 - `AdmissionQueue.admit(decide)` reads the engine's KV state, asks the caller's pure `decide`
   (a closure over `bestfit.choose`) for a plan and reserves its blocks; when the plan is `wait`
   (or others are already waiting) the query waits its turn, FIFO, and re-decides as memory frees.
@@ -16,7 +18,10 @@ names the slot its blocks are reserved on. A queue built from one ledger and one
 a pool of one and behaves exactly as before.
 
 No I/O of its own: the KV state comes from the `kv_state` callables. Single event loop: reserve
-and release from the loop's thread (the controller does).
+and release from the loop's thread (the controller does). The local ledger's async methods never
+suspend, so a decision and its reservation still happen in one event-loop step; a shared ledger
+re-checks the fit atomically where the reservations live, and a plan that lost the race to
+another process is decided again.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from types import TracebackType
 from typing import Any
 
 from ragctl.errors import EngineError, ExceedsKVCache, QueueFull
+from ragctl.scheduler.bestfit import unshown_reserved
 from ragctl.scheduler.placement import EngineOption, Strategy, place
 from ragctl.types import KVState, Plan
 
@@ -37,9 +43,11 @@ from ragctl.types import KVState, Plan
 class Reservation:
     """Blocks held for one admitted plan until its calls are done."""
 
-    def __init__(self, ledger: KVLedger, blocks: int) -> None:
+    def __init__(self, ledger: KVLedger, blocks: int, id: str = "") -> None:
         self._ledger = ledger
         self.blocks = blocks
+        self.id = id
+        """The shared ledger's name for it ("" in a local ledger)."""
         self._released = False
 
     @property
@@ -52,7 +60,7 @@ class Reservation:
         if self._released:
             return False
         self._released = True
-        self._ledger._release(self.blocks)
+        self._ledger._release(self)
         return True
 
     def __enter__(self) -> Reservation:
@@ -89,21 +97,43 @@ class KVLedger:
         return self._held
 
     def reserve(self, blocks: int) -> Reservation:
+        """Reserve `blocks` unconditionally (plans that never wait: fixed configurations)."""
         if blocks < 0:
             raise ValueError(f"cannot reserve a negative number of blocks ({blocks})")
         self._reserved += blocks
         self._held += 1
         return Reservation(self, blocks)
 
+    async def total(self) -> int:
+        """Blocks reserved now, for a decision (never suspends here)."""
+        return self._reserved
+
+    async def try_reserve(self, blocks: int, kv: KVState) -> Reservation | None:
+        """Compare-and-reserve: reserve `blocks` only if they fit beside the reservations held
+        now, as best-fit counts them (`blocks <= kv.free_blocks - unshown_reserved`); None
+        otherwise. Never suspends here, so it sees the total the decision saw and a plan that
+        fits its decision always gets its blocks."""
+        if blocks < 0:
+            raise ValueError(f"cannot reserve a negative number of blocks ({blocks})")
+        if not fits(self._reserved, blocks, kv):
+            return None
+        return self.reserve(blocks)
+
     def on_release(self, callback: Callable[[], None]) -> None:
         """Call `callback()` after every release (the admission queue wakes its head)."""
         self._listeners.append(callback)
 
-    def _release(self, blocks: int) -> None:
-        self._reserved -= blocks
+    def _release(self, reservation: Reservation) -> None:
+        self._reserved -= reservation.blocks
         self._held -= 1
         for callback in self._listeners:
             callback()
+
+
+def fits(reserved_total: int, blocks: int, kv: KVState) -> bool:
+    """Whether `blocks` more fit `kv` beside `reserved_total` reserved blocks: best-fit's test
+    (`need <= free - unshown reserved`), the one a shared ledger applies atomically."""
+    return blocks <= kv.free_blocks - unshown_reserved(reserved_total, kv)
 
 
 @dataclass(eq=False)
@@ -203,9 +233,10 @@ class AdmissionQueue:
         if len(self.slots) == 1:
             slot = self.slots[0]
             kv = await slot.kv_state()
-            # No await between here and the caller's reserve(): the ledger total `decide` sees
-            # is still the total when the plan's blocks are added to it.
-            return slot, kv, decide(kv, slot.ledger.reserved)
+            # The local ledger's total() and try_reserve() never suspend: the total `decide`
+            # sees is still the total when the plan's blocks are added to it. A shared
+            # ledger's may; its try_reserve re-checks the fit atomically.
+            return slot, kv, decide(kv, await slot.ledger.total())
         return await self._decide_pool(decide)
 
     async def _decide_pool(
@@ -222,8 +253,9 @@ class AdmissionQueue:
         live = [(s, kv) for s, kv in zip(slots, read, strict=True) if isinstance(kv, KVState)]
         if not live:
             raise next(e for e in read if isinstance(e, EngineError))
-        # No await from here to the caller's reserve() (see above), for every engine.
-        plans = [decide(kv, s.ledger.reserved) for s, kv in live]
+        # No suspension from here to the caller's reserve() with local ledgers (see above).
+        totals = [await s.ledger.total() for s, _ in live]
+        plans = [decide(kv, t) for (_, kv), t in zip(live, totals, strict=True)]
         options = [
             EngineOption(p, s.healthy(), s.ledger.held, kv.total_blocks)
             for (s, kv), p in zip(live, plans, strict=True)
@@ -232,12 +264,16 @@ class AdmissionQueue:
         assert i is not None
         return live[i][0], live[i][1], plans[i]
 
-    def _admitted(
+    async def _admitted(
         self, slot: EngineSlot, kv: KVState, plan: Plan, start: float | None
-    ) -> Admission:
+    ) -> Admission | None:
+        """The plan's blocks reserved on its engine, or None when another process took them
+        first (a shared ledger's compare-and-reserve refused)."""
+        reservation = await slot.ledger.try_reserve(plan.need_blocks, kv)
+        if reservation is None:
+            return None
         if len(self.slots) > 1:
             self._turn += 1
-        reservation = slot.ledger.reserve(plan.need_blocks)
         if start is None:
             return Admission(plan, kv, reservation, 0.0, False, slot)
         return Admission(plan, kv, reservation, time.monotonic() - start, True, slot)
@@ -264,7 +300,9 @@ class AdmissionQueue:
         # Admit at once only when nobody waits: a newcomer never overtakes a queued query,
         # even when it is smaller (checked after the await: someone may have queued meanwhile).
         if plan.reason != "wait" and not self._waiters:
-            return self._admitted(slot, kv, plan, None)
+            admitted = await self._admitted(slot, kv, plan, None)
+            if admitted is not None:
+                return admitted
         self._check_ever_fits(kv, plan)
         if len(self._waiters) >= self.maxsize:
             raise QueueFull(
@@ -273,7 +311,8 @@ class AdmissionQueue:
         me = _Waiter()
         self._waiters.append(me)
         # Alone in the queue, the decision just taken (`wait`) is current: wait before the next.
-        fresh = self._waiters[0] is me
+        # A plan that lost its blocks to another process is decided again at once.
+        fresh = self._waiters[0] is me and plan.reason == "wait"
         try:
             while True:
                 if self._waiters[0] is not me:
@@ -284,8 +323,13 @@ class AdmissionQueue:
                     slot, kv, plan = await self._decide(decide)
                 fresh = False
                 if plan.reason != "wait":
-                    return self._admitted(slot, kv, plan, start)
-                self._check_ever_fits(kv, plan)
+                    admitted = await self._admitted(slot, kv, plan, start)
+                    if admitted is not None:
+                        return admitted
+                    # Lost the race to another process: decide again after a release or poll_s
+                    # (never a busy loop, even for a decision that disagrees with the ledger).
+                else:
+                    self._check_ever_fits(kv, plan)
                 # Re-decide on a release, or after poll_s anyway: the engine may free blocks
                 # without a release of ours (another client's requests finishing, a lagging
                 # metrics gauge catching up).

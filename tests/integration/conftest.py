@@ -84,10 +84,11 @@ def vllm_server(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> It
 
 @contextlib.contextmanager
 def running_vllm_server(
-    model_path: str, log: Path, port: int | None = None
+    model_path: str, log: Path, port: int | None = None, extra_args: tuple[str, ...] = ()
 ) -> Iterator[tuple[VLLMServer, subprocess.Popen[bytes]]]:
     """Start a vLLM server on `port` (default: a free loopback port), wait until it is
-    healthy, stop it after."""
+    healthy, stop it after. `extra_args` go last on its command line (so they override the
+    defaults above)."""
     port = port or free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -99,6 +100,7 @@ def running_vllm_server(
         "--max-model-len", "4096",
         "--enforce-eager",
         "--scheduling-policy", "priority",
+        *extra_args,
     ]  # fmt: skip
     env = {
         **os.environ,
