@@ -50,9 +50,19 @@ run() {  # NAME GLOBAL-OPTIONS...: one eval run of ragctl at the offered rate
   fi
 }
 
+warm() {  # URL...: a few queries on each new server first, discarded: on the CPU engine the
+  # first occurrences of new shapes are slow, and the first placement run must not pay for them
+  local u
+  for u in "$@"; do
+    $ragctl --engine-url "$u" eval run --dataset "$dataset" --systems ragctl --limit 8 \
+      --concurrency 2 --seed 9 --out "$out/warmup/$(basename "$u")" >/dev/null
+  done
+}
+
 a=http://127.0.0.1:8101 b=http://127.0.0.1:8102 c=http://127.0.0.1:8103
 start_server 8101
 start_server 8102
+warm "$a" "$b"
 run one-engine --engine-url "$a"
 for p in best-fit round-robin least-loaded; do
   run "two-$p" --engine-url "$a" --engine-url "$b" --placement "$p"
@@ -60,6 +70,7 @@ done
 # The skewed pool: engine b replaced by one with a small KV cache.
 kill -- -"${pids[1]}"; sleep 5
 start_server 8103 --num-gpu-blocks-override "$small"
+warm "$c"
 for p in best-fit round-robin least-loaded; do
   run "skewed-$p" --engine-url "$a" --engine-url "$c" --placement "$p"
 done
@@ -71,7 +82,7 @@ from pathlib import Path
 root = Path(sys.argv[1])
 print(f"{'run':<22} {'answered':>8} {'errors':>6} {'q/s':>7} {'mean s':>7} {'p50 s':>6} "
       f"{'p95 s [95% CI]':>18} {'quality':>8} {'evidence':>8}  configurations")
-for d in sorted(p for p in root.iterdir() if (p / "results.json").is_file()):
+for d in sorted(p for p in root.iterdir() if (p / "results.json").is_file()):  # not warmup/
     res = json.loads((d / "results.json").read_text())
     s = next(iter(res["rates"].values()))["systems"]["ragctl"]
     lo, hi = s.get("delay_p95_s_ci") or (float("nan"), float("nan"))
