@@ -195,7 +195,7 @@ def test_profiler_train_status_and_bench(
 ) -> None:
     """`ragctl profiler train` labels calibration queries from grid cells it answers, records
     the field profiler's beliefs and the learned profiler's features and fits; `status` shows
-    the state; `bench` runs the three profilers side by side on other queries."""
+    the state; `bench` runs the four profilers side by side on other queries."""
     settings = small_squad[0].model_copy(update={"cache_dir": tmp_path / "cache"})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
@@ -230,18 +230,20 @@ def test_profiler_train_status_and_bench(
                 "--out", str(out))  # fmt: skip
     assert bench.returncode == 0, bench.stderr[-3000:]
     samples = rows(out / "samples.jsonl")
-    assert len(samples) == 2 * 3 and not [s for s in samples if s["error"]]
+    assert len(samples) == 2 * 4 and not [s for s in samples if s["error"]]
     by = {(s["query_id"], s["profiler"]): s for s in samples}
     for (_, name), s in by.items():
         assert s["profile_s"] >= 0 and s["total_s"] > s["profile_s"]
         if name == "learned":  # the learned model answers, or says why the LLM did
             assert s["answered_by"] == "learned" or (s["answered_by"] == "llm" and s["note"])
+        elif name == "auto":  # 3 labels: too few for the learned one to take any field
+            assert s["answered_by"] == "llm"
         else:
             assert s["answered_by"] == name
         assert s["annotation"] is False  # SQuAD: single-fact
     res = json.loads((out / "results.json").read_text())
     profilers = res["per_dataset"]["squad"]["profilers"]
-    assert set(profilers) == {"json", "llm", "learned"}
+    assert set(profilers) == {"json", "llm", "learned", "auto"}
     assert all(p["seconds"]["n"] == 2 for p in profilers.values())
     assert res["learned_predict_s"]["n"] == 1000
     assert "AUC of P(joint)" in bench.stdout
