@@ -110,6 +110,8 @@ class AutoProfiler:
         self.model = model
         self.learned_min_confidence = learned_min_confidence
         self.trust_threshold = trust_threshold
+        # Read once: whether the wrapped profiler takes `fields` (not per query, on the hot path).
+        self._asks_fields = _asks_fields(llm)
         if refit_every < 1:
             raise ValueError(f"refit_every must be >= 1, got {refit_every}")
         self.refit_every = refit_every
@@ -244,7 +246,7 @@ class AutoProfiler:
                         llm_note=f"llm not asked: at most {reach:.2f} confidence reachable "
                         f"(< {self.trust_threshold:g})",
                     )
-                if ask and set(ask) != set(FIELDS_ORDER) and _asks_fields(self.llm):
+                if ask and ask != set(FIELDS_ORDER) and self._asks_fields:
                     return await self._mixed(
                         state, outcome, question, metadata, chunk_tokens, collection, ask,
                         learned_note,
