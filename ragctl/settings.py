@@ -263,7 +263,8 @@ class Settings(BaseSettings):
         "adaptive",
         description="What the SLO loop may do for requests predicted to miss: off, patchwork "
         "(engine priority + paused admissions), adaptive (patchwork + a cheaper configuration "
-        "at planning time), or a comma list of priority,pause,config.",
+        "at planning time, and triage: hopeless requests yield), or a comma list of "
+        "priority,pause,config,triage.",
     )
     slo_predictor: Literal["model", "averages"] = Field(
         "model",

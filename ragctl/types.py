@@ -418,6 +418,8 @@ class SLORecord:
     """Predicted to miss while in flight."""
     boosted_calls: int = 0
     """Engine calls sent with a better priority because the request was flagged."""
+    demoted_calls: int = 0
+    """Engine calls sent with a worse priority because the request was hopeless (triage)."""
     paused_ms: float = 0.0
     """Time this request waited at the admission gate for flagged requests."""
     delay_ms: float | None = None

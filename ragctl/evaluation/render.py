@@ -173,8 +173,9 @@ def slo_lines(phase: Phase) -> list[str]:
         lines.append(
             f"SLO {name}: {slo.met}/{slo.requests} met within {slo.slo_ms:.0f} ms "
             f"(violations {slo.violation_rate:.0%}), flagged {slo.flagged}, boosted calls "
-            f"{slo.boosted_calls}, paused {_f(slo.paused_mean_ms, '.0f')} ms on "
-            f"average" + (f"; planning: {actions}" if actions else "")
+            f"{slo.boosted_calls}, demoted calls {slo.demoted_calls or 0}, paused "
+            f"{_f(slo.paused_mean_ms, '.0f')} ms on average"
+            + (f"; planning: {actions}" if actions else "")
         )
     return lines
 

@@ -91,6 +91,7 @@ class SloSummary(Record):
     attainment: float
     flagged: int
     boosted_calls: int
+    demoted_calls: int
     paused_mean_ms: float | None
     plan_actions: dict[str, int]
 
@@ -342,6 +343,7 @@ def slo_summary(rows: Sequence[Row]) -> SloSummary | None:
         attainment=met / n,
         flagged=sum(bool(x.get("flagged")) for x in records),
         boosted_calls=sum(int(x.get("boosted_calls") or 0) for x in records),
+        demoted_calls=sum(int(x.get("demoted_calls") or 0) for x in records),
         paused_mean_ms=mean([float(x.get("paused_ms") or 0.0) for x in records]),
         plan_actions=histogram(
             str(x["plan_action"]) for x in records if x.get("plan_action", "none") != "none"

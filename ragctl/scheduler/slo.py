@@ -13,7 +13,9 @@
 - `SLOTracker` holds the in-flight requests of one engine. A request predicted to miss its
   deadline is flagged (sticky): its later engine calls get a better vLLM priority, and new
   requests wait at the gate while a flagged request can still make it (Patchwork pauses
-  admissions). `Mitigation` switches each mechanism on or off.
+  admissions). Triage: a request that cannot make it any more (past its deadline, or planned
+  `unmeetable`) is hopeless: its calls go at a worse priority, behind everyone who still can,
+  and it pauses nobody; it is still answered. `Mitigation` switches each mechanism on or off.
 
 Only `SLOTracker.gate` awaits; the clock is injected, so everything is testable without time.
 """
@@ -39,7 +41,7 @@ from ragctl.types import Config, ConfigSpace, KVState, Plan, SLORecord
 Predictor = Literal["model", "averages"]
 PREDICTORS: tuple[Predictor, ...] = ("model", "averages")
 
-MECHANISMS = ("priority", "pause", "config")
+MECHANISMS = ("priority", "pause", "config", "triage")
 MITIGATION_MODES: dict[str, frozenset[str]] = {
     "off": frozenset(),
     "patchwork": frozenset({"priority", "pause"}),
@@ -49,6 +51,9 @@ PRE_STAGE = "pre"
 """Everything before synthesis: retrieval and profiling (concurrent) and the decision."""
 FLAGGED_PRIORITY = -1
 """vLLM priority of a flagged request's calls (lower runs first; everything else runs at 0)."""
+HOPELESS_PRIORITY = 1
+"""vLLM priority of a hopeless request's calls under triage: after every request that can still
+meet its SLO."""
 
 
 @dataclass(frozen=True)
@@ -58,13 +63,16 @@ class Mitigation:
     priority: bool = True
     pause: bool = True
     config: bool = True
+    triage: bool = True
+    """A hopeless request (past its deadline, or planned `unmeetable`) yields: its calls go at
+    `HOPELESS_PRIORITY` and it pauses nobody."""
     max_pause_s: float = 2.0
     """Longest a new request waits at the gate: a bound, so that a flagged request that the
     pause cannot save does not stall admissions for long."""
 
     @classmethod
     def parse(cls, text: str) -> Mitigation:
-        """`off`, `patchwork`, `adaptive`, or a comma list of priority, pause, config."""
+        """`off`, `patchwork`, `adaptive`, or a comma list of priority, pause, config, triage."""
         key = text.strip().lower()
         if key in MITIGATION_MODES:
             on = MITIGATION_MODES[key]
@@ -76,7 +84,7 @@ class Mitigation:
                     f"unknown SLO mitigation {text!r}: use off, patchwork, adaptive or a comma "
                     f"list of {', '.join(MECHANISMS)}"
                 )
-        return cls(priority="priority" in on, pause="pause" in on, config="config" in on)
+        return cls(**{m: m in on for m in MECHANISMS})
 
     @property
     def label(self) -> str:
@@ -366,6 +374,7 @@ class Tracked:
     config: Config | None = None
     flagged: bool = False
     boosted_calls: int = 0
+    demoted_calls: int = 0
     paused_s: float = 0.0
     predicted_s: float | None = None
     baseline_s: float | None = None
@@ -523,6 +532,7 @@ class SLOTracker:
             plan_action=t.plan_action,
             flagged=t.flagged,
             boosted_calls=t.boosted_calls,
+            demoted_calls=t.demoted_calls,
             paused_ms=t.paused_s * 1000,
             delay_ms=delay * 1000,
             met=met,
@@ -575,22 +585,36 @@ class SLOTracker:
                 self.counters["flagged"] += 1
         return sum(t.flagged for t in self.inflight.values())
 
+    def hopeless(self, t: Tracked, now: float) -> bool:
+        """`t` cannot meet its SLO whatever is done for it: past its deadline, or planned
+        `unmeetable` (even the fastest configuration that fitted was predicted to miss)."""
+        return t.deadline is not None and (now > t.deadline or t.plan_action == "unmeetable")
+
     def priority(self, t: Tracked, calls: int) -> int:
-        """The engine priority for `t`'s next `calls` calls (checked just before they go)."""
+        """The engine priority for `t`'s next `calls` calls (checked just before they go):
+        worse for a hopeless request under triage, better for a flagged one under priority."""
         self.check()
+        if self.mitigation.triage and self.hopeless(t, self.clock()):
+            t.demoted_calls += calls
+            return HOPELESS_PRIORITY
         if t.flagged and self.mitigation.priority:
             t.boosted_calls += calls
             return FLAGGED_PRIORITY
         return 0
 
     def savable_flagged(self, exclude: Tracked | None = None) -> int:
-        """Flagged requests whose deadline has not passed yet (the ones a pause can help)."""
+        """Flagged requests a pause can help: their deadline has not passed yet and (under
+        triage) they were not planned `unmeetable`."""
         self.check()
         now = self.clock()
         return sum(
             1
             for t in self.inflight.values()
-            if t.flagged and t is not exclude and t.deadline is not None and now <= t.deadline
+            if t.flagged
+            and t is not exclude
+            and t.deadline is not None
+            and now <= t.deadline
+            and not (self.mitigation.triage and self.hopeless(t, now))
         )
 
     async def gate(self, t: Tracked) -> None:

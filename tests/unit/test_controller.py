@@ -18,7 +18,7 @@ from ragctl.errors import EngineError, InvalidRequest
 from ragctl.policy import AdaptivePolicy
 from ragctl.profiler import ProfileOutcome
 from ragctl.rules import default_space, evaluate, load_rules, merge_spaces
-from ragctl.scheduler.slo import PRE_STAGE
+from ragctl.scheduler.slo import PRE_STAGE, Mitigation, SLOTracker
 from ragctl.types import (
     Chunk,
     Config,
@@ -271,12 +271,16 @@ async def test_every_request_reports_its_stages_and_only_an_slo_gets_a_record() 
     assert ctl.slo.counters["requests"] == 1 and not ctl.slo.inflight
 
 
-async def test_a_flagged_request_gets_a_better_priority() -> None:
-    ctl = controller()
-    # A deadline already missed is flagged when its calls are about to go.
-    answer = await ctl.aask("Where was Super Bowl 50 played?", Config("stuff", 1), slo_ms=1e-6)
-    assert answer.decision.slo.flagged and answer.decision.slo.boosted_calls == 1
-    assert ctl.engine.priorities == [-1]
+async def test_a_flagged_request_gets_a_better_priority_and_a_hopeless_one_a_worse() -> None:
+    # A deadline already missed is flagged when its calls are about to go: Patchwork boosts
+    # it; triage (on in `adaptive`) sends it behind the requests that can still make it.
+    for mitigation, boosted, demoted, priority in (("patchwork", 1, 0, -1), ("adaptive", 0, 1, 1)):
+        ctl = controller(slo=SLOTracker(Mitigation.parse(mitigation)))
+        question = "Where was Super Bowl 50 played?"
+        answer = await ctl.aask(question, Config("stuff", 1), slo_ms=1e-6)
+        rec = answer.decision.slo
+        assert rec.flagged and (rec.boosted_calls, rec.demoted_calls) == (boosted, demoted)
+        assert ctl.engine.priorities == [priority], mitigation
 
 
 async def test_bad_arguments_are_clear_errors() -> None:

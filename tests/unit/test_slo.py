@@ -4,6 +4,7 @@ planning within a deadline, and the tracker's flags, priorities and gate (fake c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from ragctl.errors import InvalidRequest
 from ragctl.scheduler.slo import (
     FLAGGED_PRIORITY,
+    HOPELESS_PRIORITY,
     BaselineEstimator,
     Mitigation,
     SLOTracker,
@@ -33,10 +35,12 @@ class Clock:
 
 
 def test_mitigation_modes_and_lists() -> None:
-    assert Mitigation.parse("off") == Mitigation(priority=False, pause=False, config=False)
-    assert Mitigation.parse("patchwork") == Mitigation(priority=True, pause=True, config=False)
+    off = Mitigation(priority=False, pause=False, config=False, triage=False)
+    assert Mitigation.parse("off") == off
+    assert Mitigation.parse("patchwork") == Mitigation(config=False, triage=False)
     assert Mitigation.parse("ADAPTIVE") == Mitigation()
-    assert Mitigation.parse("pause, config") == Mitigation(priority=False)
+    assert Mitigation.parse("pause, config, triage") == Mitigation(priority=False)
+    assert Mitigation.parse("triage") == Mitigation(priority=False, pause=False, config=False)
     assert Mitigation.parse("priority,pause").label == "patchwork"
     assert Mitigation.parse("config").label == "config"
     for bad in ("fast", "priority,teleport", ""):
@@ -238,10 +242,52 @@ def test_a_request_predicted_to_miss_is_flagged_and_its_calls_boosted() -> None:
     assert rec.flagged and rec.boosted_calls == 3
 
 
+def test_triage_sends_hopeless_requests_behind_the_ones_that_can_still_make_it() -> None:
+    clock = Clock()
+    tracker = SLOTracker(Mitigation.parse("adaptive"), clock=clock)
+    stuff = Config("stuff", 4)
+    warm(tracker, clock, stuff, 2.0)
+    savable, unmeetable, late = (tracker.start(ms) for ms in (1500, 1500, 5000))
+    for t, action in ((savable, "cheaper-config"), (unmeetable, "unmeetable"), (late, "none")):
+        tracker.enter(t, "queue")
+        tracker.planned(t, stuff, action)
+    assert tracker.priority(savable, 2) == FLAGGED_PRIORITY  # predicted to miss, can make it
+    assert tracker.priority(unmeetable, 3) == HOPELESS_PRIORITY  # planned to miss whatever
+    assert tracker.priority(late, 1) == 0
+    clock.now += 6.0  # now past every deadline
+    assert tracker.priority(late, 1) == HOPELESS_PRIORITY
+    assert (savable.boosted_calls, unmeetable.boosted_calls, late.boosted_calls) == (2, 0, 0)
+    assert (unmeetable.demoted_calls, late.demoted_calls) == (3, 1)
+    assert unmeetable.flagged  # still flagged and counted: triage only changes what it gets
+    assert tracker.finish(unmeetable, ok=True).demoted_calls == 3
+
+
+def test_without_triage_a_flagged_request_is_boosted_even_past_its_deadline() -> None:
+    clock = Clock()
+    tracker = SLOTracker(Mitigation.parse("patchwork"), clock=clock)
+    t = tracker.start(100)
+    tracker.planned(t, Config("stuff", 1), "unmeetable")
+    clock.now += 1
+    assert tracker.priority(t, 2) == FLAGGED_PRIORITY and t.demoted_calls == 0
+
+
+async def test_gate_does_not_pause_for_an_unmeetable_request_under_triage() -> None:
+    for mitigation, pauses in (("patchwork", True), ("adaptive", False)):
+        tracker = SLOTracker(dataclasses.replace(Mitigation.parse(mitigation), max_pause_s=0.1))
+        tracker.stats.observe("answer", "stuff:1", 60.0)
+        hopeless = tracker.start(30_000)
+        tracker.enter(hopeless, "queue")
+        tracker.planned(hopeless, Config("stuff", 1), "unmeetable")
+        assert tracker.check() == 1
+        newcomer = tracker.start(None)
+        await tracker.gate(newcomer)
+        assert (newcomer.paused_s > 0) is pauses, mitigation
+
+
 def test_priority_mechanism_off_flags_but_does_not_boost() -> None:
     clock = Clock()
     tracker = SLOTracker(Mitigation.parse("pause,config"), clock=clock)
-    t = tracker.start(100)
+    t = tracker.start(100)  # (without triage: a hopeless request keeps its priority too)
     clock.now += 1  # past its deadline: certainly a miss
     assert tracker.priority(t, 2) == 0 and t.flagged and t.boosted_calls == 0
 
