@@ -8,19 +8,22 @@
 #   env: LIMIT (queries per rate, default 16); RATES (q/s, default: 0.5, 1 and 2 times 1/p50 of
 #   the unloaded run; the engine batches, so its real capacity is higher: measure and set them);
 #   RATE_FACTORS (the rates as multiples of 1/p50 when RATES is unset, default 0.5,1,2);
-#   SEED (the loaded runs' query sample and arrival times, default 1; run two seeds into two OUTs
-#   that share one unloaded run: UNLOADED=OUT-of-the-first/unloaded)
+#   SEEDS (the loaded runs' query samples and arrival times, default 1; several, e.g. 1,2: each
+#   seed's runs go to OUT/sSEED/MODE and the table pools them); UNLOADED (an earlier unloaded
+#   run to reuse, default OUT/unloaded); WARMUP (queries answered and discarded after each
+#   engine start, before anything is measured, default 8)
 set -euo pipefail
 dataset=${1:-squad}
 out=${2:-eval/out/slo-$dataset}
 limit=${LIMIT:-16}
-seed=${SEED:-1}
+seeds=${SEEDS:-${SEED:-1}}
+warmup=${WARMUP:-8}
 ragctl=${RAGCTL:-ragctl}
 unloaded=${UNLOADED:-$out/unloaded}
 
 if [ ! -f "$unloaded/results.json" ]; then
   $ragctl eval run --dataset "$dataset" --systems ragctl --limit "$limit" --concurrency 1 \
-    --out "$unloaded"
+    --warmup "$warmup" --out "$unloaded"
 fi
 read -r slo rates < <(python3 - "$unloaded/results.json" "${RATE_FACTORS:-0.5,1,2}" <<'EOF'
 import json, sys
@@ -34,34 +37,53 @@ EOF
 )
 rates=${RATES:-$rates}
 echo "SLO ${slo} ms (2x the unloaded median); rates ${rates} q/s"
-for mode in off patchwork adaptive; do
-  if [ ! -f "$out/$mode/results.json" ]; then
-    $ragctl eval run --dataset "$dataset" --systems ragctl --limit "$limit" --rate "$rates" \
-      --slo-ms "$slo" --slo-mitigation "$mode" --seed "$seed" --out "$out/$mode"
-  fi
+for seed in ${seeds//,/ }; do
+  for mode in off patchwork adaptive; do
+    if [ ! -f "$out/s$seed/$mode/results.json" ]; then
+      $ragctl eval run --dataset "$dataset" --systems ragctl --limit "$limit" --rate "$rates" \
+        --slo-ms "$slo" --slo-mitigation "$mode" --seed "$seed" --warmup "$warmup" \
+        --out "$out/s$seed/$mode"
+    fi
+  done
 done
-python3 - "$out" <<'EOF'
+python3 - "$out" "$seeds" <<'EOF'
 import json, sys
 from pathlib import Path
 
 root = Path(sys.argv[1])
-runs = {m: json.loads((root / m / "results.json").read_text()) for m in ("off", "patchwork", "adaptive")}
-print(f"{'rate q/s':>9} {'mitigation':>10} {'violations':>10} {'rate':>6} {'vs off':>7} "
-      f"{'q/s':>6} {'mean s':>7} {'p95 s':>6} {'flagged':>7} {'paused ms':>9} plan actions")
-for key in runs["off"]["rates"]:
-    base = runs["off"]["rates"][key]["systems"]["ragctl"]
-    for mode, res in runs.items():
-        s = res["rates"][key]["systems"]["ragctl"]
-        slo = s["slo"]
-        cut = 1 - slo["violations"] / base["slo"]["violations"] if base["slo"]["violations"] else 0.0
-        actions = ", ".join(f"{k} {v}" for k, v in slo["plan_actions"].items()) or "-"
-        print(f"{res['rates'][key]['rate']:>9.4f} {mode:>10} {slo['violations']:>4}/{slo['requests']:<5} "
-              f"{slo['violation_rate']:>6.0%} {cut:>+7.0%} {s['throughput_qps']:>6.3f} "
-              f"{s['delay_mean_s']:>7.2f} {s['delay_p95_s']:>6.2f} {slo['flagged']:>7} "
-              f"{slo['paused_mean_ms'] or 0:>9.0f} {actions}")
+modes = ("off", "patchwork", "adaptive")
+seeds = [s.strip() for s in sys.argv[2].split(",") if s.strip()]
+runs = {(seed, m): json.loads((root / f"s{seed}" / m / "results.json").read_text())
+        for seed in seeds for m in modes}
+print(f"{'rate q/s':>9} {'seed':>5} {'mitigation':>10} {'violations':>10} {'rate':>6} {'vs off':>7} "
+      f"{'q/s':>6} {'mean s':>7} {'p95 s':>6} {'flagged':>7} {'demoted':>7} {'paused ms':>9} plan actions")
+for i, key in enumerate(runs[(seeds[0], "off")]["rates"]):
+    pooled = {m: [0, 0] for m in modes}
+    for seed in seeds:
+        base = runs[(seed, "off")]["rates"][key]["systems"]["ragctl"]
+        for mode in modes:
+            res = runs[(seed, mode)]
+            s = res["rates"][key]["systems"]["ragctl"]
+            slo = s["slo"]
+            pooled[mode][0] += slo["violations"]
+            pooled[mode][1] += slo["requests"]
+            cut = slo["violations"] / base["slo"]["violations"] - 1 if base["slo"]["violations"] else 0.0
+            actions = ", ".join(f"{k} {v}" for k, v in slo["plan_actions"].items()) or "-"
+            print(f"{res['rates'][key]['rate']:>9.4f} {seed:>5} {mode:>10} "
+                  f"{slo['violations']:>4}/{slo['requests']:<5} "
+                  f"{slo['violation_rate']:>6.0%} {cut:>+7.0%} {s['throughput_qps']:>6.3f} "
+                  f"{s['delay_mean_s']:>7.2f} {s['delay_p95_s']:>6.2f} {slo['flagged']:>7} "
+                  f"{slo.get('demoted_calls') or 0:>7} {slo['paused_mean_ms'] or 0:>9.0f} {actions}")
+    if len(seeds) > 1:
+        off = pooled["off"][0]
+        for mode in modes:
+            v, n = pooled[mode]
+            cut = v / off - 1 if off else 0.0
+            print(f"{'':>9} {'all':>5} {mode:>10} {v:>4}/{n:<5} {v / n:>6.0%} {cut:>+7.0%}")
 def pct(x):
     return "-" if x is None else f"{x:.0%}"
-for mode, res in runs.items():
+for (seed, mode), res in runs.items():
+    mode = f"seed {seed} {mode}"
     meta = res["meta"]["slo"]
     pred = meta["prediction"]
     if pred["n"]:

@@ -62,13 +62,18 @@ def eval_run(
     ),
     slo_mitigation: str | None = typer.Option(
         None,
-        help="off, patchwork, adaptive, or a comma list of priority,pause,config.",
+        help="off, patchwork, adaptive, or a comma list of priority,pause,config,triage.",
     ),
     plan_file: Path | None = typer.Option(
         None,
         "--plan",
         help="An allocation plan (`ragctl allocate`): its batch sizes, threads and engine "
         "sequences apply, and its concurrency when neither --rate nor --concurrency is given.",
+    ),
+    warmup: int = typer.Option(
+        0,
+        min=0,
+        help="Warm the engine up first with N other queries, all at once, discarded.",
     ),
 ) -> None:
     """Run the systems side by side on one engine and write results.json, samples.jsonl,
@@ -80,7 +85,7 @@ def eval_run(
     settings: Settings = ctx.obj.with_overrides(slo_ms=slo_ms, slo_mitigation=slo_mitigation)
     evaluation = run_evaluation(
         settings,
-        RunRequest(dataset, systems, limit, calibration, rate, concurrency, seed),
+        RunRequest(dataset, systems, limit, calibration, rate, concurrency, seed, warmup),
         out_dir,
         resume=resume,
         allocation=load_plan_option(plan_file, dataset),

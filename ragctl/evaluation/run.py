@@ -65,6 +65,10 @@ class RunRequest:
     rate: str | None
     concurrency: int | None
     seed: int
+    warmup: int = 0
+    """Queries outside the test and calibration sets answered first, all at once, and
+    discarded (with the SLO loop's stage times): on the CPU engine the first occurrences of new
+    batch shapes are slow, and the first measured phase must not pay for them."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,7 @@ def run_evaluation(
         "grid": [c.label for c in plan.grid],
         "started_at": previous.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "adaptiverag_table": previous.get("adaptiverag_table"),
+        "warmup": request.warmup,
     })  # fmt: skip
     asyncio.run(_run(settings, plan, meta, out_dir, progress))
     write_outputs(out_dir, meta)
@@ -215,6 +220,14 @@ async def _run(
         )
         try:
             await controller.aask(test[0].question, Config("stuff", 1))  # warm-up, not counted
+            if meta.get("warmup"):
+                bar.update(task, description=f"{card.name}: warming the engine up")
+                extra = warmup_queries(queries, [*test, *calib], meta["warmup"], meta["seed"])
+                # All at once, so that the batch shapes of a loaded engine occur too; a failure
+                # here is the run's own to report, on its measured queries.
+                await asyncio.gather(
+                    *(controller.aask(q.question) for q in extra), return_exceptions=True
+                )
             controller.slo.reset()  # nor are its stage times (the engine's first call is slow)
             runner = Runner(controller, card, meta.get("adaptiverag_table"))
             if plan.needs_calibration and runner.adaptiverag_table is None:
@@ -258,6 +271,15 @@ async def _run(
             meta["slo"] = controller.slo.snapshot()
             save_meta(out_dir, meta)
             await controller.aclose()
+
+
+def warmup_queries(queries: Sequence[Any], used: Sequence[Any], n: int, seed: int) -> list:
+    """`n` queries (seeded) that are not in `used` (the test and calibration queries)."""
+    import random
+
+    taken = {q.id for q in used}
+    rest = [q for q in queries if q.id not in taken]
+    return random.Random(seed).sample(rest, min(n, len(rest)))
 
 
 async def _phase(

@@ -145,3 +145,32 @@ def test_resume_runs_only_what_is_missing(
     rows = [json.loads(line) for line in samples.read_text().splitlines() if line.endswith("}")]
     assert len({(r["system"], r["query_id"]) for r in rows}) == 8
     assert read_meta(out)["started_at"] == started
+
+
+def test_warmup_answers_other_queries_first_and_counts_none_of_them(
+    tmp_path: Path, data_dir: Path, controllers: list[FakeController]
+) -> None:
+    # 4 queries, 1 for testing (ragctl needs no calibration): 3 left to warm up with, of 5.
+    request = RunRequest("squad", "ragctl", 1, 0, None, 1, 0, warmup=5)
+    settings = Settings(data_dir=data_dir, cache_dir=data_dir.parent / "cache")
+    out = tmp_path / "out"
+    run_evaluation(settings, request, out, resume=False, allocation=None, progress=_progress)
+    (ctl,) = controllers
+    samples = [json.loads(line) for line in (out / "samples.jsonl").open()]
+    (test_id,) = {r["query_id"] for r in samples}
+    asked = [q for q, config in ctl.asked]
+    warm = asked[1:4]  # after the one stuff:1 warm-up call, before the measured query
+    assert len(asked) == 5 and asked[4] == f"what is {test_id[1:]}?"
+    assert f"what is {test_id[1:]}?" not in warm and len(set(warm)) == 3
+    assert read_meta(out)["warmup"] == 5 and len(samples) == 1
+
+
+def test_warmup_queries_are_seeded_and_never_test_or_calibration_ones() -> None:
+    from ragctl.evaluation.run import warmup_queries
+
+    queries = [SimpleNamespace(id=f"q{i}") for i in range(10)]
+    used = queries[:3]
+    picked = warmup_queries(queries, used, 4, seed=1)
+    assert len(picked) == 4 and not {q.id for q in picked} & {"q0", "q1", "q2"}
+    assert picked == warmup_queries(queries, used, 4, seed=1)
+    assert len(warmup_queries(queries, used, 50, seed=1)) == 7
