@@ -55,6 +55,11 @@ class Engine(abc.ABC):
         except TimeoutError as e:
             raise EngineTimeout(f"the engine did not answer within {timeout_s:g}s") from e
 
+    async def reset_prefix_cache(self) -> bool:
+        """Empty the engine's prefix cache (so that the next call's delay is a cold one, as the
+        outcome grid measures them); True when the engine could. This default cannot."""
+        return False
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release the engine (stop an in-process engine, close HTTP connections)."""
 

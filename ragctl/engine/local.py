@@ -268,6 +268,9 @@ class LocalEngine(Engine):
         free = round(total * (1.0 - self._gauge.usage))
         return KVState(total, free, self._block_size, source="engine-step")
 
+    async def reset_prefix_cache(self) -> bool:
+        return self._llm is not None and bool(await self._llm.reset_prefix_cache())
+
     async def aclose(self) -> None:
         llm, self._llm = self._llm, None
         if llm is None:

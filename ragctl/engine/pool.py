@@ -101,6 +101,9 @@ class PoolMember(Engine):
     async def check_health(self, timeout_s: float = 5.0) -> None:
         await self.inner.check_health(timeout_s)
 
+    async def reset_prefix_cache(self) -> bool:
+        return await self.inner.reset_prefix_cache()
+
     async def aclose(self) -> None:
         await self.inner.aclose()
 
@@ -168,6 +171,11 @@ class EnginePool(Engine):
 
     async def kv_state(self) -> KVState:
         return await self.primary().kv_state()
+
+    async def reset_prefix_cache(self) -> bool:
+        """Every healthy member's; True when all of them could."""
+        done = await asyncio.gather(*(m.reset_prefix_cache() for m in self.healthy_members()))
+        return bool(done) and all(done)
 
     async def check_health(self, timeout_s: float = 5.0) -> None:
         if not await self.check_all(timeout_s):

@@ -393,6 +393,12 @@ class RemoteEngine(Engine):
         except TimeoutError as e:
             raise EngineTimeout(f"{self.url}/health did not answer in {timeout_s:g}s") from e
 
+    async def reset_prefix_cache(self) -> bool:
+        """vLLM's `POST /reset_prefix_cache`, which a server offers only in its development mode
+        (`VLLM_SERVER_DEV_MODE=1`): False elsewhere."""
+        resp = await _send(self._client, "POST", "/reset_prefix_cache", check=False)
+        return resp.status_code == 200
+
     async def aclose(self) -> None:
         await self._client.aclose()
 

@@ -9,6 +9,9 @@ collection's fingerprint: corpus, chunking, tokenizer and embedder; answer budge
 context). Retrieval depth needs no place in the key: the index is exact, so a configuration of
 n chunks reads the same top-n prefix whatever was retrieved. Cells are appended as they finish,
 so an interrupted build resumes where it stopped, and a built cell is never answered again.
+The engine's prefix cache is emptied before each cell (`cold_cache` says whether it could be):
+a query's cells run back to back and share prompt prefixes (stuff:9 holds stuff:6's chunks),
+and a delay that reused its neighbour's prefill would not be a solo delay.
 """
 
 from __future__ import annotations
@@ -228,7 +231,8 @@ async def build(
     is a solo delay); returns how many were built."""
     built = 0
     for query, config in store.missing(queries, configs):
-        cell = await answer_cell(controller, card, query, config)
+        cold = await controller.engine.reset_prefix_cache()
+        cell = {**await answer_cell(controller, card, query, config), "cold_cache": cold}
         store.add(cell)
         built += 1
         if on_cell is not None:

@@ -191,12 +191,18 @@ class Replayer:
         table: Mapping[str, str] | None,
         on_row: Callable[[], None] | None = None,
     ) -> list[dict[str, Any]]:
-        profiled = any(s.kind != "fixed" for s in plan.systems)
         out = []
         for q in test:
-            proposal = await self.controller.propose(q.question) if profiled else None
-            self.stats.decisions += proposal is not None
+            # One decision per objective asked for (`ragctl:<objective>`; None: the settings',
+            # which AdaptiveRAG* and Parrot* read too), in the systems' order, as live.
+            proposals: dict[Any, Proposal] = {}
             for s in plan.systems:
+                objective = s.objective if s.kind == "ragctl" else None
+                if s.kind != "fixed" and objective not in proposals:
+                    proposals[objective] = await self.controller.propose(q.question, objective)
+                    self.stats.decisions += 1
+            for s in plan.systems:
+                proposal = proposals.get(s.objective if s.kind == "ragctl" else None)
                 config, why = self.choose(s.kind, s.config, proposal, table)
                 cell = await self.cell(q, config) if config is not None else None
                 profile_s = proposal.outcome.seconds if proposal and s.kind != "fixed" else None

@@ -109,6 +109,8 @@ def running_vllm_server(
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # POST /reset_prefix_cache, which the outcome grid calls before each cell.
+        "VLLM_SERVER_DEV_MODE": "1",
     }
     url = f"http://127.0.0.1:{port}"
     proc = _start_and_wait(cmd, env, log, url, "vLLM server")

@@ -156,6 +156,8 @@ def test_eval_grid_builds_once_and_replay_reads_it(
     [cells_file] = (settings.cache_dir / "grids" / "squad").glob("*/cells.jsonl")
     cells = rows(cells_file)
     assert len(cells) == 9 and not [c for c in cells if c["error"]]
+    if not os.environ.get("RAGCTL_TEST_ENGINE_URL"):  # the fixture's server is in dev mode
+        assert all(c["cold_cache"] is True for c in cells)  # each cell's delay is a cold one
     for c in cells:
         assert c["delay_s"] > 0 and c["tokens"]["prompt"] > 0 and c["stages"]
         assert c["scores"]["f1"] is not None and c["scores"]["evidence_recall"] is not None

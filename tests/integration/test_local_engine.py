@@ -110,3 +110,11 @@ def test_fractional_kv_cache_on_cpu_is_a_clear_error(model_path: str) -> None:
         LocalEngine.start(model_path, kv_cache_gib=0.5)
     with pytest.raises(InvalidRequest, match="positive"):
         LocalEngine.start(model_path, kv_cache_gib=0)
+
+
+async def test_prefix_cache_can_be_emptied_between_calls(local_engine) -> None:
+    req = ask("Name a colour. " * 20, max_tokens=4)
+    (before,) = await local_engine.generate([req])
+    assert await local_engine.reset_prefix_cache() is True
+    (after,) = await local_engine.generate([req])  # the engine serves on after the reset
+    assert after.prompt_tokens == before.prompt_tokens and after.text == before.text

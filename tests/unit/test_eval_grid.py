@@ -130,6 +130,26 @@ async def test_a_build_resumes_and_never_answers_a_cell_twice(tmp_path: Path) ->
     assert json.loads((store.folder / "key.json").read_text())["model"] == "m"
 
 
+async def test_each_cell_starts_from_an_empty_prefix_cache(tmp_path: Path) -> None:
+    class Resettable(CountingEngine):
+        resets: list[int] = []
+
+        async def reset_prefix_cache(self) -> bool:
+            self.resets.append(self.calls)  # engine calls made before this reset
+            return True
+
+    engine = Resettable()
+    store = GridStore.open(tmp_path, key())
+    assert await build(controller(engine=engine), CARD, store, QUERIES[:1], SMALL) == 4
+    # One reset before every cell, each after the previous cell's calls.
+    assert len(engine.resets) == 4 and engine.resets == sorted(set(engine.resets))
+    assert all(c["cold_cache"] is True for c in store.rows())
+    # An engine that cannot (the default) says so on its cells.
+    other = GridStore.open(tmp_path / "other", key())
+    await build(controller(), CARD, other, QUERIES[:1], SMALL)
+    assert all(c["cold_cache"] is False for c in other.rows())
+
+
 async def test_a_failed_cell_is_kept_and_scores_zero(tmp_path: Path) -> None:
     store = GridStore.open(tmp_path, key())
     await build(controller(engine=FakeEngine(fail_at=0)), CARD, store, QUERIES[:1],
@@ -189,6 +209,22 @@ async def test_replay_asks_the_controller_and_answers_missing_cells_live(tmp_pat
     [phase] = evaluation.phases.values()
     assert phase.oracle is not None and phase.oracle.n == len(QUERIES)
     assert phase.systems["ragctl"].delay_n == len(QUERIES)
+
+
+async def test_replay_decides_once_per_objective_as_live_would(tmp_path: Path) -> None:
+    ctl = controller()
+    store = GridStore.open(tmp_path, key())
+    await build(ctl, CARD, store, QUERIES[:1], SMALL)
+    systems = "ragctl:quality,ragctl:latency,ragctl,parrot"
+    stats = ReplayStats()
+    rows = await Replayer(ctl, CARD, store, stats).rows(QUERIES[:1], parse_systems(systems), None)
+    chosen = {r["system"]: r["config"] for r in rows}
+    for objective in ("quality", "latency"):
+        live = await ctl.propose(QUERIES[0].question, objective)
+        assert chosen[f"ragctl:{objective}"] == live.plan.config.label
+    # Three decisions for the query: quality, latency and the settings' (ragctl and Parrot*).
+    assert stats.decisions == 3
+    assert chosen["ragctl:quality"] != chosen["ragctl:latency"]
 
 
 def test_a_profiled_row_adds_only_the_profile_time_beyond_retrieval(tmp_path: Path) -> None:
