@@ -204,3 +204,14 @@ def test_model_prepare_reuses_the_prepared_folder(model_path: str) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "already prepared" in proc.stdout and model_path in proc.stdout
+
+
+def test_demo_says_what_ragctl_is_for_then_answers_beside_a_fixed_config(env) -> None:
+    settings, flags = env
+    proc = run(*flags, "demo", "--dataset", "squad", "--questions", "1", "--learn", "0",
+               settings=settings)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.lstrip().startswith("ragctl decides, per query")  # what it is for, first
+    assert "ragctl (adaptive) next to fixed stuff:5" in proc.stdout
+    assert "fixed stuff:5" in proc.stdout and "profile " in proc.stdout
+    assert proc.stdout.count("gold:") == 1  # one question shown (the warm-up one is not)
