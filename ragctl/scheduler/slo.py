@@ -68,7 +68,8 @@ class Mitigation:
     `HOPELESS_PRIORITY` and it pauses nobody."""
     max_pause_s: float = 2.0
     """Longest a new request waits at the gate: a bound, so that a flagged request that the
-    pause cannot save does not stall admissions for long."""
+    pause cannot save does not stall admissions for long. A newcomer with an SLO waits at most
+    its own slack (`SLOTracker.slack_s`): a pause must not make it miss in turn."""
 
     @classmethod
     def parse(cls, text: str) -> Mitigation:
@@ -617,16 +618,32 @@ class SLOTracker:
             and not (self.mitigation.triage and self.hopeless(t, now))
         )
 
+    def slack_s(self, t: Tracked) -> float | None:
+        """Seconds `t` could wait now and still meet its SLO by a configuration-blind estimate
+        (the running means of the pre-synthesis stage and of synthesis); None without an SLO
+        or before anything finished."""
+        left = self.budget_s(t)
+        synthesis = self.baseline.predict()
+        if left is None or synthesis is None:
+            return None
+        return left - synthesis - (self.stats.mean(PRE_STAGE, "*") or 0.0)
+
     async def gate(self, t: Tracked) -> None:
-        """Pause a new request while a flagged one can still be saved (at most
-        `max_pause_s`)."""
+        """Pause a new request while a flagged one can still be saved: at most `max_pause_s`,
+        and at most the newcomer's own slack (none when it has none)."""
         if not self.mitigation.pause or not self.savable_flagged(exclude=t):
+            return
+        limit = self.mitigation.max_pause_s
+        slack = self.slack_s(t)
+        if slack is not None:
+            limit = min(limit, slack)
+        if limit <= 0:
             return
         start = self.clock()
         self.counters["paused_requests"] += 1
         try:
             while self.savable_flagged(exclude=t):
-                left = self.mitigation.max_pause_s - (self.clock() - start)
+                left = limit - (self.clock() - start)
                 if left <= 0:
                     break
                 self._released.clear()

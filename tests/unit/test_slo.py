@@ -13,6 +13,7 @@ from ragctl.errors import InvalidRequest
 from ragctl.scheduler.slo import (
     FLAGGED_PRIORITY,
     HOPELESS_PRIORITY,
+    PRE_STAGE,
     BaselineEstimator,
     Mitigation,
     SLOTracker,
@@ -327,6 +328,34 @@ async def test_gate_does_not_pause_for_lost_requests_and_is_bounded() -> None:
     start = time.monotonic()
     await tracker.gate(tracker.start(None))
     assert 0.09 < time.monotonic() - start < 1.0  # max_pause_s
+
+
+async def test_a_newcomer_waits_no_longer_than_its_own_slack() -> None:
+    tracker = SLOTracker(Mitigation.parse("patchwork"), stats=StageStats(alpha=1.0))
+    tracker.stats.observe("answer", "stuff:4", 60.0)  # a long stage: the slow request will miss
+    slow = tracker.start(30_000)
+    tracker.enter(slow, "queue")
+    tracker.planned(slow, Config("stuff", 4))
+    tracker.baseline.observe(1.0)  # a request's synthesis takes about 1 s
+    tracker.stats.observe(PRE_STAGE, "*", 0.2)  # and 0.2 s before it (alpha 1: the last)
+    # 1.3 s of SLO against 1.2 s of expected work: at most 0.1 s of waiting to spare.
+    tight = tracker.start(1300)
+    assert tracker.slack_s(tight) == pytest.approx(0.1, abs=0.02)
+    start = time.monotonic()
+    await tracker.gate(tight)
+    assert time.monotonic() - start < 0.5 and tight.paused_s <= 0.2
+    # No slack at all: no pause.
+    none = tracker.start(1000)
+    await asyncio.wait_for(tracker.gate(none), 0.05)
+    assert none.paused_s == 0.0
+    # Without an SLO the newcomer waits as before (up to max_pause_s, here until released).
+    free = tracker.start(None)
+    assert tracker.slack_s(free) is None
+    gate = asyncio.create_task(tracker.gate(free))
+    await asyncio.sleep(0.3)
+    assert not gate.done()
+    tracker.finish(slow, ok=True)
+    await asyncio.wait_for(gate, 1.0)
 
 
 async def test_gate_off_without_the_pause_mechanism() -> None:
