@@ -218,6 +218,14 @@ async def answer_cell(
     }
 
 
+async def answer_cold(
+    controller: Controller, card: DatasetCard, query: Query, config: Config
+) -> dict[str, Any]:
+    """`answer_cell` from an empty prefix cache where the engine can empty it (`cold_cache`)."""
+    cold = await controller.engine.reset_prefix_cache()
+    return {**await answer_cell(controller, card, query, config), "cold_cache": cold}
+
+
 async def build(
     controller: Controller,
     card: DatasetCard,
@@ -231,8 +239,7 @@ async def build(
     is a solo delay); returns how many were built."""
     built = 0
     for query, config in store.missing(queries, configs):
-        cold = await controller.engine.reset_prefix_cache()
-        cell = {**await answer_cell(controller, card, query, config), "cold_cache": cold}
+        cell = await answer_cold(controller, card, query, config)
         store.add(cell)
         built += 1
         if on_cell is not None:

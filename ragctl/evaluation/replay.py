@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ragctl.errors import InvalidRequest
-from ragctl.evaluation.grid import GridStore, answer_cell
+from ragctl.evaluation.grid import GridStore, answer_cold
 from ragctl.evaluation.metrics import primary_metric
 from ragctl.evaluation.systems import (
     FIXED_PREFIX,
@@ -164,7 +164,7 @@ class Replayer:
     async def cell(self, query: Query, config: Config) -> dict[str, Any]:
         found = self.store.get(query.id, config)
         if found is None:
-            found = await answer_cell(self.controller, self.card, query, config)
+            found = await answer_cold(self.controller, self.card, query, config)
             self.store.add(found)
             self.stats.live_cells += 1
         return found
