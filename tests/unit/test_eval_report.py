@@ -259,7 +259,7 @@ def test_slo_summary_and_lines() -> None:
     assert slo.plan_actions == {"pause": 2, "boost": 1}
     assert slo_lines(phase) == [
         "SLO ragctl: 2/4 met within 1000 ms (violations 50%), flagged 2, boosted calls 6, "
-        "paused 15 ms on average; planning: pause 2, boost 1"
+        "demoted calls 0, paused 15 ms on average; planning: pause 2, boost 1"
     ]
 
 

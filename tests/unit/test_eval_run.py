@@ -31,12 +31,17 @@ class FakeController:
         self.slo = SimpleNamespace(reset=lambda: None, snapshot=lambda: {"fake": True})
         self.closed = False
         # What the outcome grid's key reads (calibration answers land in the grid).
-        self.engine = SimpleNamespace(name="fake", max_model_len=4096)
+        self.engine = SimpleNamespace(name="fake", max_model_len=4096,
+                                      reset_prefix_cache=self._no_reset)  # fmt: skip
         self.retriever = SimpleNamespace(fingerprint="fp")
         self.synthesizer = SimpleNamespace(
             template_versions={"stuff": "v1"}, answer_max_tokens=32, temperature=0.0
         )
         self.collection = SimpleNamespace(name="squad")
+
+    @staticmethod
+    async def _no_reset() -> bool:
+        return False
 
     async def aask(self, question: str, config: Config | None = None, *, options=None) -> Answer:
         self.asked.append((question, config))
