@@ -197,12 +197,13 @@ class Replayer:
             # which AdaptiveRAG* and Parrot* read too), in the systems' order, as live.
             proposals: dict[Any, Proposal] = {}
             for s in plan.systems:
-                objective = s.objective if s.kind == "ragctl" else None
-                if s.kind != "fixed" and objective not in proposals:
-                    proposals[objective] = await self.controller.propose(q.question, objective)
+                if s.kind != "fixed" and _objective(s) not in proposals:
+                    proposals[_objective(s)] = await self.controller.propose(
+                        q.question, _objective(s)
+                    )
                     self.stats.decisions += 1
             for s in plan.systems:
-                proposal = proposals.get(s.objective if s.kind == "ragctl" else None)
+                proposal = proposals.get(_objective(s))
                 config, why = self.choose(s.kind, s.config, proposal, table)
                 cell = await self.cell(q, config) if config is not None else None
                 profile_s = proposal.outcome.seconds if proposal and s.kind != "fixed" else None
@@ -272,6 +273,12 @@ class Replayer:
             "scores": cell.get("scores") or {}, "tokens": cell.get("tokens"),
             "answer": cell.get("answer"), "decision": decision,
         }  # fmt: skip
+
+
+def _objective(system: Any) -> Any:
+    """The objective a system decides with: a `ragctl:<objective>`'s own, else the settings'
+    (None), which AdaptiveRAG* and Parrot* read too."""
+    return system.objective if system.kind == "ragctl" else None
 
 
 # -- replay against a live run -----------------------------------------------------------------

@@ -615,7 +615,7 @@ class SLOTracker:
             and t is not exclude
             and t.deadline is not None
             and now <= t.deadline
-            and not (self.mitigation.triage and self.hopeless(t, now))
+            and not (self.mitigation.triage and t.plan_action == "unmeetable")
         )
 
     def slack_s(self, t: Tracked) -> float | None:
