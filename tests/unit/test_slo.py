@@ -294,7 +294,9 @@ def test_priority_mechanism_off_flags_but_does_not_boost() -> None:
 
 
 async def test_gate_pauses_new_requests_while_a_flagged_request_can_be_saved() -> None:
-    tracker = SLOTracker(Mitigation.parse("patchwork"))
+    # A bound far above the test's waits: only the release may end the pause, even when a busy
+    # machine stalls the event loop for a second or two.
+    tracker = SLOTracker(dataclasses.replace(Mitigation.parse("patchwork"), max_pause_s=60.0))
     stuff = Config("stuff", 4)
     tracker.stats.observe("answer", stuff.label, 60.0)  # a long stage: predicted to miss
     slow = tracker.start(30_000)
@@ -307,8 +309,8 @@ async def test_gate_pauses_new_requests_while_a_flagged_request_can_be_saved() -
     await asyncio.sleep(0.1)
     assert not gate.done()  # paused
     tracker.finish(slow, ok=True)
-    await asyncio.wait_for(gate, 1.0)
-    assert 0.05 < newcomer.paused_s < 1.0
+    await asyncio.wait_for(gate, 10.0)
+    assert 0.05 < newcomer.paused_s < 60.0  # released by the finish, not by the bound
     assert tracker.counters["paused_requests"] == 1 and tracker.paused_s == newcomer.paused_s
 
 
@@ -327,11 +329,14 @@ async def test_gate_does_not_pause_for_lost_requests_and_is_bounded() -> None:
     tracker.planned(slow, Config("stuff", 4))
     start = time.monotonic()
     await tracker.gate(tracker.start(None))
-    assert 0.09 < time.monotonic() - start < 1.0  # max_pause_s
+    assert 0.09 < time.monotonic() - start < 10.0  # max_pause_s (the slow one runs 30 s)
 
 
 async def test_a_newcomer_waits_no_longer_than_its_own_slack() -> None:
-    tracker = SLOTracker(Mitigation.parse("patchwork"), stats=StageStats(alpha=1.0))
+    tracker = SLOTracker(
+        dataclasses.replace(Mitigation.parse("patchwork"), max_pause_s=60.0),
+        stats=StageStats(alpha=1.0),
+    )
     tracker.stats.observe("answer", "stuff:4", 60.0)  # a long stage: the slow request will miss
     slow = tracker.start(30_000)
     tracker.enter(slow, "queue")
@@ -343,7 +348,7 @@ async def test_a_newcomer_waits_no_longer_than_its_own_slack() -> None:
     assert tracker.slack_s(tight) == pytest.approx(0.1, abs=0.02)
     start = time.monotonic()
     await tracker.gate(tight)
-    assert time.monotonic() - start < 0.5 and tight.paused_s <= 0.2
+    assert time.monotonic() - start < 10.0 and tight.paused_s < 10.0  # its slack, not 60 s
     # No slack at all: no pause.
     none = tracker.start(1000)
     await asyncio.wait_for(tracker.gate(none), 0.05)
@@ -355,7 +360,7 @@ async def test_a_newcomer_waits_no_longer_than_its_own_slack() -> None:
     await asyncio.sleep(0.3)
     assert not gate.done()
     tracker.finish(slow, ok=True)
-    await asyncio.wait_for(gate, 1.0)
+    await asyncio.wait_for(gate, 10.0)
 
 
 async def test_gate_off_without_the_pause_mechanism() -> None:
