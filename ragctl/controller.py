@@ -683,7 +683,10 @@ class Controller:
         history = self.history.setdefault(
             self.collection.name, deque(maxlen=self.policy.history_size)
         )
-        choice = resolve_space(outcome, self.rules, history, self.policy.confidence_threshold)
+        choice = resolve_space(
+            outcome, self.rules, history, self.policy.confidence_threshold,
+            learned=self.quality.label_space(),
+        )  # fmt: skip
         if record:
             self.counters["profiled"] += 1
             self.counters[outcome_counter(outcome, choice)] += 1
@@ -918,7 +921,7 @@ class Controller:
         label = label_query(query_id, cells, mode="golden", golden=golden_config)
         if label is None:
             return
-        self.quality.add_label(label.config)
+        self.quality.add_label(label.config, dict(label.outcomes))
         self.counters["feedback_labels"] += 1
         add = getattr(self.profiler, "add_label", None)
         if add is None:

@@ -109,9 +109,11 @@ def resolve_space(
     rules: RuleSet,
     history: Sequence[ConfigSpace],
     threshold: float,
+    learned: ConfigSpace | None = None,
 ) -> SpaceChoice:
-    """A confident profile goes through the rules; otherwise the collection's recent confident
-    spaces (merged), else the rules' conservative default."""
+    """A confident profile goes through the rules; otherwise the space the collection's
+    labelled queries needed (`learned`: `QualityModel.label_space`, once there are enough),
+    else its recent confident spaces (merged), else the rules' conservative default."""
     profile = outcome.profile
     if profile is not None and profile.confidence is not None and profile.confidence >= threshold:
         return SpaceChoice(evaluate(rules, profile), True, "", profile.joint_reasoning)
@@ -121,7 +123,10 @@ def resolve_space(
         note = "low-confidence: no log-probs"
     else:
         note = f"low-confidence {profile.confidence:.2f} < {threshold:.2f}"
-    space = merge_spaces(list(history)) if history else default_space(rules)
+    if learned is not None:
+        space = learned
+    else:
+        space = merge_spaces(list(history)) if history else default_space(rules)
     # Joint reasoning unless the space only answers from single chunks.
     joint = not all(registry.spec(m).fallback == "independent" for m in space.methods)
     return SpaceChoice(space, False, note, joint)

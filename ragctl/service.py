@@ -68,8 +68,8 @@ def controller_for(
         bridge=bridge,
     )
     # Best-fit's quality model starts from the labels the profiler's state holds.
-    for config in getattr(profiler_state, "labels", ()):
-        controller.quality.add_label(config)
+    for label in getattr(profiler_state, "labels", ()):
+        controller.quality.add_label(label.config, dict(label.outcomes))
     return controller
 
 

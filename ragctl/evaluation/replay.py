@@ -90,7 +90,8 @@ class CachedProfiler:
     """The controller's profiler, remembering its outcomes on disk. Only outcomes of prompts
     without feedback examples are cached (replay makes no golden runs), and of failures only
     unusable output (greedy decoding gives it again): a timeout or an engine error is the
-    machine's state, not the query's."""
+    machine's state, not the query's. The key holds the profiler's fitted state where it keeps
+    one (`fingerprint`): after `ragctl profiler train`, outcomes are asked again."""
 
     def __init__(self, inner: Any, path: Path, model: str) -> None:
         self.inner = inner
@@ -106,14 +107,21 @@ class CachedProfiler:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def key(self, question: str, metadata: str, chunk_tokens: int) -> str:
-        text = json.dumps(
-            [question, metadata, chunk_tokens, self.model, sorted(self.inner.templates.items())]
-        )
-        return hashlib.sha256(text.encode()).hexdigest()[:24]
+    def key(
+        self, question: str, metadata: str, chunk_tokens: int, collection: str | None = None
+    ) -> str:
+        parts: list[Any] = [
+            question, metadata, chunk_tokens, self.model, sorted(self.inner.templates.items())
+        ]  # fmt: skip
+        fingerprint = getattr(self.inner, "fingerprint", None)
+        if collection is not None and callable(fingerprint):
+            parts.append(fingerprint(collection))
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
 
-    def has(self, question: str, metadata: str, chunk_tokens: int) -> bool:
-        return self.key(question, metadata, chunk_tokens) in self._cache
+    def has(
+        self, question: str, metadata: str, chunk_tokens: int, collection: str | None = None
+    ) -> bool:
+        return self.key(question, metadata, chunk_tokens, collection) in self._cache
 
     async def profile(
         self,
@@ -126,7 +134,7 @@ class CachedProfiler:
     ) -> ProfileOutcome:
         """The inner profiler's outcome (`signals`: the retrieval signals a profiler that
         `needs_retrieval` takes), from the cache when it has it."""
-        key = self.key(question, metadata, chunk_tokens)
+        key = self.key(question, metadata, chunk_tokens, collection)
         if key in self._cache:
             self.hits += 1
             return outcome_from_dict(self._cache[key])

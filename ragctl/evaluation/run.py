@@ -499,7 +499,9 @@ async def _replay(
             )
             controller.profiler = profiler  # type: ignore[assignment]
             c = controller.collection
-            if not all(profiler.has(q.question, c.metadata, c.chunk_tokens) for q in test + calib):
+            if not all(
+                profiler.has(q.question, c.metadata, c.chunk_tokens, c.name) for q in test + calib
+            ):
                 # The engine's first call is slow: keep it out of the profiles' timings.
                 await controller.aask(test[0].question, Config("stuff", 1))
             replayer = Replayer(controller, card, store, stats)

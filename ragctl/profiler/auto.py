@@ -34,11 +34,11 @@ from ragctl.profiler.calibration import (
     field_probs,
     with_fields,
 )
+from ragctl.profiler.labels import OutcomeLabel
 from ragctl.profiler.learned import FEATURES_VERSION, LearnedProfiler, query_features
 from ragctl.profiler.profiler import ProfileOutcome
 from ragctl.profiler.prompts import FIELDS
 from ragctl.profiler.store import LabelRecord, ProfilerState, llm_fields
-from ragctl.types import Config
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ class CollectionProfilers:
     """`llm` or `learned`: `choose_profiler` on the labels' held-out accuracies."""
     llm_fields: tuple[str, ...] = FIELDS_ORDER
     """The fields `auto` asks the LLM for beside a learned profiler (`store.llm_fields`)."""
-    labels: tuple[Config, ...] = ()
-    """Each labelled query's cheapest agreeing configuration (best-fit's quality model)."""
+    labels: tuple[OutcomeLabel, ...] = ()
+    """The labelled queries' outcomes (best-fit's quality model reads them)."""
 
 
 class AutoProfiler:
@@ -175,7 +175,7 @@ class AutoProfiler:
                 ),
                 use=status.in_use,
                 llm_fields=llm_fields(status.fields, learned_samples=status.learned_samples),
-                labels=tuple(r.label.config for r in state.records()),
+                labels=tuple(r.label for r in state.records()),
             )
         self._collections[collection] = loaded
         return loaded
@@ -195,6 +195,13 @@ class AutoProfiler:
         await asyncio.to_thread(state.refit)
         self._collections.pop(collection, None)
         self.load(collection)
+
+    def fingerprint(self, collection: str) -> str:
+        """What this profiler's outcomes for `collection` depend on beyond the prompt: its mode
+        and the collection's fitted state (`ProfilerState.fingerprint`)."""
+        if self.state_root is None:
+            return self.mode
+        return f"{self.mode}:{self._state(self.state_root, collection).fingerprint()}"
 
     def set_state(self, collection: str, state: CollectionProfilers) -> None:
         """Replace a collection's state (after training, without a restart)."""

@@ -118,9 +118,19 @@ class OutcomeLabel:
     """The agreement that qualified it: similarity to the golden answer (`golden`), or quality
     over the query's best (`gold`)."""
     source: Source
+    outcomes: tuple[tuple[Config, bool], ...] = ()
+    """Every configuration tried on the query and whether its answer agreed (empty in a label
+    kept before they were recorded): best-fit's quality model reads them."""
 
     @classmethod
-    def of(cls, query_id: str, config: Config, agreement: float, source: Source) -> OutcomeLabel:
+    def of(
+        cls,
+        query_id: str,
+        config: Config,
+        agreement: float,
+        source: Source,
+        outcomes: Mapping[Config, bool] | None = None,
+    ) -> OutcomeLabel:
         return cls(
             query_id=query_id,
             config=config,
@@ -134,6 +144,7 @@ class OutcomeLabel:
             ),
             agreement=float(agreement),
             source=source,
+            outcomes=tuple(sorted((outcomes or {}).items(), key=lambda kv: kv[0].label)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +157,7 @@ class OutcomeLabel:
             "summary": self.summary,
             "agreement": self.agreement,
             "source": self.source,
+            "outcomes": {c.label: agreed for c, agreed in self.outcomes},
         }
 
     @classmethod
@@ -156,7 +168,17 @@ class OutcomeLabel:
         if source not in ("golden", "gold"):
             raise ValueError(f"source must be golden or gold, got {source!r}")
         config = Config.parse(str(d["config"]))
-        label = cls.of(str(d["query_id"]), config, float(d["agreement"]), source)
+        raw = d.get("outcomes") or {}
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"outcomes must map configurations to true/false, got {raw!r}")
+        outcomes = {}
+        for text, agreed in raw.items():
+            if not isinstance(agreed, bool):
+                raise ValueError(f"outcome of {text} must be true or false, got {agreed!r}")
+            outcomes[Config.parse(str(text))] = agreed
+        if outcomes and not outcomes.get(config, False):
+            raise ValueError(f"the label {config.label} is not among its agreeing outcomes")
+        label = cls.of(str(d["query_id"]), config, float(d["agreement"]), source, outcomes)
         for name in ("joint", "complexity_high", "pieces", "summary"):
             if name in d and d[name] != getattr(label, name):
                 raise ValueError(f"{name}={d[name]!r} does not match config {label.config.label}")
@@ -273,7 +295,10 @@ def label_query(
         return (float(cost(cell)), int(cell.prompt_tokens), c.label)
 
     cheapest = min(agreeing, key=order)
-    return OutcomeLabel.of(query_id, cheapest, agreeing[cheapest], mode)
+    # Tried: every cell but one with no reference to score it by (gold mode).
+    tried = [c for c, x in cells.items() if mode == "golden" or x.failed or x.quality is not None]
+    outcomes = {c: c in agreeing for c in tried}
+    return OutcomeLabel.of(query_id, cheapest, agreeing[cheapest], mode, outcomes)
 
 
 def labels_from_grid(

@@ -16,6 +16,7 @@ The cache folder is a parameter (the settings' `cache_dir`); nothing here reads 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -310,6 +311,15 @@ class ProfilerState:
     @property
     def learned_path(self) -> Path:
         return self.folder / LEARNED_FILE
+
+    def fingerprint(self) -> str:
+        """A digest of the fitted files (calibrations, learned profiler): what the profiles
+        this state gives depend on; the same until the next refit."""
+        digest = hashlib.sha256()
+        for path in (self.calibration_path, self.learned_calibration_path, self.learned_path):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes() if path.exists() else b"-")
+        return digest.hexdigest()[:16]
 
     def append(self, records: Iterable[LabelRecord]) -> int:
         """Append labelled queries to labels.jsonl; returns how many."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -386,24 +386,123 @@ def covers(config: Config, label: Config) -> bool:
     return True
 
 
+LABEL_SPACE_MIN = 10
+"""Labels a collection needs before they, not the recent confident spaces or the rules' default,
+give the space of a query with no trusted profile (`QualityModel.label_space`)."""
+
+
 class QualityModel:
     """Predicted quality of a configuration in one collection: the share of labelled queries
-    it covers (`covers`), shrunk towards `prior_quality` with the weight of `prior_strength`
-    labels. The controller feeds it labels (`add_label`) as outcome feedback produces them."""
+    it answers, from two kinds of evidence (the controller feeds labels with `add_label` as
+    outcome feedback produces them):
+
+    - the labels' cheapest agreeing configurations: a configuration counts a label when it
+      `covers` it, shrunk towards `prior_quality` with the weight of `prior_strength` labels.
+      An assumption (more of the same context never hurts), so it is only the prior of
+    - what was measured: a label that says which configurations were tried and which agreed
+      gives each tried configuration its agreement rate, shrunk towards the covers estimate
+      with the same weight. A configuration never tried takes the measured estimates of its
+      family (method and summary budget; of the nearest summary budget tried when its own was
+      not) interpolated by chunk count (the nearest one beyond the tried range), so where more
+      chunks measurably stop helping, or hurt (a model that a long context distracts), the
+      prediction says so. Only a method never tried keeps the covers estimate: mixing the two
+      kinds of evidence across methods would favour whatever was never measured."""
 
     def __init__(self, prior_strength: float = 5.0, max_labels: int = 1000) -> None:
         if prior_strength <= 0:
             raise ValueError("prior_strength must be > 0")
         self.prior_strength = prior_strength
         self.labels: deque[Config] = deque(maxlen=max_labels)
+        self._outcomes: deque[Mapping[Config, bool]] = deque(maxlen=max_labels)
+        self._measured: dict[Config, tuple[int, int]] | None = None
+        """(agreed, tried) per configuration over the kept labels (cached until a new label)."""
+        self._covered: dict[tuple[Config, int], float] = {}
+        self._label_space: ConfigSpace | None = None
 
-    def add_label(self, cheapest_agreeing: Config) -> None:
+    def add_label(
+        self, cheapest_agreeing: Config, outcomes: Mapping[Config, bool] | None = None
+    ) -> None:
+        """One labelled query: its cheapest agreeing configuration and, when known, every
+        configuration tried on it and whether its answer agreed."""
         self.labels.append(cheapest_agreeing)
+        self._outcomes.append(dict(outcomes or {}))
+        self._measured = None
+        self._covered.clear()
+        self._label_space = None
+
+    def label_space(self, min_labels: int = LABEL_SPACE_MIN) -> ConfigSpace | None:
+        """The space the labelled queries needed, for a query with no trusted profile: the
+        methods of their cheapest agreeing configurations, the range of their chunk counts and
+        their summary budgets; None under `min_labels` labels. Inside it, best-fit's objective
+        chooses by this model's predictions: what was measured, not a fixed box."""
+        if len(self.labels) < max(min_labels, 1):
+            return None
+        if self._label_space is None:
+            self._label_space = self._space_of_labels()
+        return self._label_space
+
+    def _space_of_labels(self) -> ConfigSpace:
+        methods = tuple(m for m in METHODS if any(c.method == m for c in self.labels))
+        chunks = [c.num_chunks for c in self.labels]
+        ilens = sorted(
+            {c.intermediate_length for c in self.labels
+             if c.method in TAKES_INTERMEDIATE and c.intermediate_length is not None}
+        )  # fmt: skip
+        if any(m in TAKES_INTERMEDIATE for m in methods) and not ilens:
+            methods = tuple(m for m in methods if m not in TAKES_INTERMEDIATE)
+        return ConfigSpace(methods, (min(chunks), max(chunks)), tuple(ilens), source="labels")
+
+    def measured(self) -> dict[Config, tuple[int, int]]:
+        """(agreed, tried) per configuration tried on some labelled query."""
+        if self._measured is None:
+            counts: dict[Config, list[int]] = {}
+            for outcomes in self._outcomes:
+                for config, agreed in outcomes.items():
+                    c = counts.setdefault(config, [0, 0])
+                    c[0] += bool(agreed)
+                    c[1] += 1
+            self._measured = {k: (a, n) for k, (a, n) in counts.items()}
+        return self._measured
+
+    def covered(self, config: Config, space: ConfigSpace) -> float:
+        """The covers estimate: labels `config` covers, shrunk towards the prior."""
+        key = (config, space.num_chunks[0])
+        if key not in self._covered:
+            q0 = prior_quality(config.num_chunks, space.num_chunks[0])
+            hit = sum(covers(config, lab) for lab in self.labels)
+            n = len(self.labels)
+            self._covered[key] = (hit + self.prior_strength * q0) / (n + self.prior_strength)
+        return self._covered[key]
+
+    def _rate(self, config: Config, space: ConfigSpace) -> float:
+        agreed, tried = self.measured()[config]
+        prior = self.covered(config, space)
+        return (agreed + self.prior_strength * prior) / (tried + self.prior_strength)
 
     def predict(self, config: Config, space: ConfigSpace) -> float:
-        q0 = prior_quality(config.num_chunks, space.num_chunks[0])
-        n = len(self.labels)
-        if not n:
-            return q0
-        hit = sum(covers(config, lab) for lab in self.labels)
-        return (hit + self.prior_strength * q0) / (n + self.prior_strength)
+        measured = self.measured()
+        if config in measured:
+            return self._rate(config, space)
+        same_method = [c for c in measured if c.method == config.method]
+        if not same_method:
+            return self.covered(config, space)
+        want = config.intermediate_length or 0
+        ilen = min(
+            {c.intermediate_length for c in same_method},
+            key=lambda x: (abs((x or 0) - want), x or 0),
+        )
+        family = sorted(
+            (c for c in same_method if c.intermediate_length == ilen), key=lambda c: c.num_chunks
+        )
+        k = config.num_chunks
+        below = [c for c in family if c.num_chunks <= k]
+        above = [c for c in family if c.num_chunks >= k]
+        if not below:
+            return self._rate(above[0], space)
+        if not above:
+            return self._rate(below[-1], space)
+        lo, hi = below[-1], above[0]
+        if lo == hi:  # the same chunk count, tried at another summary budget
+            return self._rate(lo, space)
+        t = (k - lo.num_chunks) / (hi.num_chunks - lo.num_chunks)
+        return (1 - t) * self._rate(lo, space) + t * self._rate(hi, space)

@@ -18,10 +18,12 @@ from ragctl.errors import EngineError, InvalidRequest
 from ragctl.policy import AdaptivePolicy
 from ragctl.profiler import ProfileOutcome
 from ragctl.rules import default_space, evaluate, load_rules, merge_spaces
+from ragctl.scheduler.cost import LABEL_SPACE_MIN
 from ragctl.scheduler.slo import PRE_STAGE, Mitigation, SLOTracker
 from ragctl.types import (
     Chunk,
     Config,
+    ConfigSpace,
     Generation,
     GenerationRequest,
     KVState,
@@ -205,6 +207,20 @@ async def test_low_confidence_uses_the_collections_confident_history() -> None:
     assert list(ctl.history["default"]) == [confident]
 
 
+async def test_with_enough_labels_an_untrusted_query_gets_the_space_its_collection_needed() -> None:
+    profiler = FakeProfiler()
+    ctl = controller(profiler=profiler)
+    await ctl.aask("Where was Super Bowl 50 played?")  # a confident space in the history
+    profiler.outcome = ProfileOutcome(a_profile(0.5), None, None, 0.0, "v1")
+    for i in range(LABEL_SPACE_MIN):
+        label = Config("map_rerank", 1) if i % 2 else Config("stuff", 2)
+        ctl.quality.add_label(label, {label: True, Config("stuff", 9): False})
+    d = (await ctl.aask("Who won it?")).decision
+    assert not d.profile_used and d.space.source == "labels"
+    assert d.space == ConfigSpace(("map_rerank", "stuff"), (1, 2), source="labels")
+    assert d.config in d.space.configs()  # best-fit chose inside it by its objective
+
+
 async def test_nothing_fitting_the_space_is_a_counted_fallback() -> None:
     # Enough KV cache for a small configuration, not for any of the profile's space.
     ctl = controller(engine=FakeEngine(total_blocks=6))
@@ -380,4 +396,8 @@ async def test_the_golden_run_labels_the_query_from_its_feedback_budget(tmp_path
     assert record.question == "Where was Super Bowl 50 played?"
     assert record.features is None  # this retriever gives no query embedding
     # refit_every=1: the calibration was refitted and the state reloaded with the label.
-    assert auto.load(ctl.collection.name).labels == (label,)
+    assert auto.load(ctl.collection.name).labels == (record.label,)
+    # Every configuration tried is kept with whether it agreed: the quality model reads them.
+    assert {c for c, _ in record.label.outcomes} == {*budget, gold}
+    assert dict(record.label.outcomes)[gold] and dict(record.label.outcomes)[label]
+    assert ctl.quality.measured()[gold] == (1, 1)

@@ -11,6 +11,7 @@ import pytest
 
 from ragctl.scheduler.cost import (
     FEATURES,
+    LABEL_SPACE_MIN,
     NEUTRAL_PRIOR,
     DelayModel,
     Load,
@@ -242,6 +243,61 @@ def test_quality_from_labels_shrinks_towards_the_prior() -> None:
     assert q == pytest.approx((95 + 5 * prior_quality(3, 3)) / 105)
     assert model.predict(Config("map_reduce", 9, 100), SPACE) > q
     assert model.predict(Config("map_rerank", 1), SPACE) < q
+
+
+def test_measured_outcomes_override_the_covers_assumption() -> None:
+    """Labels that say which configurations were tried: the measured agreement rate wins over
+    "more chunks cover more", so a model that more context distracts gets its small ones."""
+    model = QualityModel(prior_strength=5)
+    one, three, nine = Config("stuff", 1), Config("stuff", 3), Config("stuff", 9)
+    for i in range(40):
+        # stuff:1 answers 30 of 40, stuff:3 all 40, stuff:9 only 10.
+        outcomes = {one: i < 30, three: True, nine: i < 10}
+        model.add_label(one if i < 30 else three, outcomes)
+    assert model.measured()[nine] == (10, 40)
+    q1, q3, q9 = (model.predict(c, SPACE) for c in (one, three, nine))
+    assert q9 < q1 < q3
+    assert q1 == pytest.approx((30 + 5 * model.covered(one, SPACE)) / 45)
+    # Never tried: interpolated inside its family's tried chunk counts, the nearest outside.
+    q6 = model.predict(Config("stuff", 6), SPACE)
+    assert q6 == pytest.approx((q3 + q9) / 2)
+    assert model.predict(Config("stuff", 12), SPACE) == pytest.approx(q9)
+    # A method never tried keeps the covers estimate.
+    rerank = Config("map_rerank", 2)
+    assert model.predict(rerank, SPACE) == pytest.approx(model.covered(rerank, SPACE))
+    # A summary budget never tried reads the nearest one tried of its method.
+    reduce50 = Config("map_reduce", 3, 50)
+    model.add_label(three, {three: True, reduce50: False})
+    assert model.predict(Config("map_reduce", 3, 75), SPACE) == model.predict(reduce50, SPACE)
+    assert model.predict(Config("map_reduce", 6, 100), SPACE) == model.predict(reduce50, SPACE)
+    assert model.predict(reduce50, SPACE) < model.covered(reduce50, SPACE)
+
+
+def test_the_label_space_spans_what_the_labelled_queries_needed() -> None:
+    model = QualityModel()
+    labels = [Config("map_rerank", 1), Config("stuff", 6), Config("map_reduce", 3, 50)]
+    for i in range(LABEL_SPACE_MIN - 1):
+        model.add_label(labels[i % 3])
+    assert model.label_space() is None  # too few labels
+    model.add_label(Config("map_reduce", 4, 100))
+    assert model.label_space() == ConfigSpace(
+        ("map_rerank", "stuff", "map_reduce"), (1, 6), (50, 100), source="labels"
+    )
+    assert model.label_space(min_labels=100) is None
+    one = QualityModel()
+    for _ in range(LABEL_SPACE_MIN):
+        one.add_label(Config("stuff", 2))
+    assert one.label_space() == ConfigSpace(("stuff",), (2, 2), source="labels")
+
+
+def test_labels_without_outcomes_predict_as_before() -> None:
+    model, old = QualityModel(), QualityModel()
+    for label in (Config("stuff", 2), Config("map_rerank", 1), Config("stuff", 6)):
+        model.add_label(label, None)
+        old.add_label(label)
+    for k in range(1, 13):
+        c = Config("stuff", k)
+        assert model.predict(c, SPACE) == old.predict(c, SPACE) == old.covered(c, SPACE)
 
 
 def test_covers_needs_a_method_as_rich_more_chunks_and_the_summary_budget() -> None:

@@ -257,6 +257,20 @@ async def test_the_profile_cache_makes_a_second_replay_ask_nothing(tmp_path: Pat
     assert (await CachedProfiler(Counting(), path, "other").profile("q?", "meta", 100)) == got
     assert Counting.asked == 2  # another model is another key
 
+    class Fitted(Counting):
+        state = "a"
+
+        def fingerprint(self, collection: str) -> str:
+            return f"{collection}:{self.state}"
+
+    fitted = CachedProfiler(Fitted(), path, "m")
+    await fitted.profile("q?", "meta", 100, collection="c")
+    await fitted.profile("q?", "meta", 100, collection="c")
+    assert Counting.asked == 3  # a fitted profiler's state is part of the key
+    Fitted.state = "b"  # retrained: its profiles are asked again
+    await CachedProfiler(Fitted(), path, "m").profile("q?", "meta", 100, collection="c")
+    assert Counting.asked == 4
+
     failing = CachedProfiler(FakeProfiler(ProfileOutcome(None, "timeout: 1s", "timeout", 1.0,
                                                          "v1")), path, "m")  # fmt: skip
     await failing.profile("x?", "meta", 100)

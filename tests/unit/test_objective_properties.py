@@ -42,17 +42,26 @@ def delay_functions(draw):
 
 @st.composite
 def quality_functions(draw, space: ConfigSpace):
-    """The prior alone, or a QualityModel with random labels."""
+    """The prior alone, or a QualityModel with random labels (some with measured outcomes)."""
+    config = st.builds(
+        lambda method, k, ilen: Config(method, k, ilen if method == "map_reduce" else None),
+        st.sampled_from(METHODS), st.integers(1, 12), st.integers(30, 300),
+    )  # fmt: skip
     labels = draw(
         st.lists(
-            st.tuples(st.sampled_from(METHODS), st.integers(1, 12), st.integers(30, 300)),
-            max_size=20,
+            st.tuples(config, st.dictionaries(config, st.booleans(), max_size=4)), max_size=20
         )
     )
     model = QualityModel(prior_strength=draw(st.floats(0.5, 10)))
-    for method, k, ilen in labels:
-        model.add_label(Config(method, k, ilen if method == "map_reduce" else None))
-    return lambda c: model.predict(c, space)
+    for label, outcomes in labels:
+        model.add_label(label, {**outcomes, label: True} if outcomes else None)
+
+    def quality(c: Config) -> float:
+        q = model.predict(c, space)
+        assert 0.0 <= q <= 1.0
+        return q
+
+    return quality
 
 
 def plan_for(objective, space, need, state, reserved, joint, max_chunks, delay, quality, w=0.1):

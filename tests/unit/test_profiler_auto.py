@@ -84,6 +84,20 @@ def test_trained_learned_profiler_answers_without_an_llm_call(tmp_path):
     assert llm.calls == 0
 
 
+def test_the_fingerprint_changes_with_the_fitted_state_only(tmp_path):
+    auto = AutoProfiler(FakeLLM(), state_root=tmp_path, model="m")
+    untrained = auto.fingerprint("c")
+    _train(tmp_path, n=40)
+    trained = auto.fingerprint("c")
+    assert trained != untrained and auto.fingerprint("c") == trained
+    assert auto.fingerprint("other") == untrained  # per collection
+    _train(tmp_path, n=60)  # refitted on more labels
+    assert auto.fingerprint("c") != trained
+    assert AutoProfiler(FakeLLM(), mode="llm", state_root=tmp_path, model="m").fingerprint(
+        "c"
+    ) != auto.fingerprint("c")  # the mode decides which profiler answers
+
+
 def test_llm_mode_calibrates_the_llm_beliefs(tmp_path):
     _train(tmp_path)
     llm = FakeLLM()

@@ -154,6 +154,24 @@ def test_gold_mode_no_label_when_every_configuration_scored_zero():
     assert label_query("q", unscored, mode="gold") is None
 
 
+def test_a_label_keeps_every_configuration_tried_and_whether_it_agreed():
+    cells = {
+        C("stuff:1"): cell(quality=0.9, delay=1.0),
+        C("stuff:3"): cell(quality=1.0, delay=2.0),
+        C("stuff:9"): cell(quality=0.0, delay=4.0),  # more context, a worse answer
+        C("map_rerank:1"): cell(None, quality=0.0, failed=True),
+        C("map_rerank:3"): cell(quality=None),  # unscored: says nothing of agreement
+    }
+    label = label_query("q", cells, mode="gold")
+    assert label.config == C("stuff:1")
+    assert dict(label.outcomes) == {
+        C("stuff:1"): True, C("stuff:3"): True, C("stuff:9"): False, C("map_rerank:1"): False,
+    }  # fmt: skip
+    golden = label_query("q", {GOLDEN: cell("Denver"), C("stuff:1"): cell("Paris")},
+                         mode="golden", golden=GOLDEN)  # fmt: skip
+    assert dict(golden.outcomes) == {GOLDEN: True, C("stuff:1"): False}
+
+
 def test_gold_mode_failed_cells_never_agree():
     cells = {
         C("stuff:1"): cell(None, quality=0.0, delay=0.01, failed=True),
@@ -233,3 +251,14 @@ def test_label_round_trip_and_mismatch():
         OutcomeLabel.from_dict(bad)
     with pytest.raises(ValueError, match="source"):
         OutcomeLabel.from_dict({**label.to_dict(), "source": "guess"})
+    outcomes = {C("stuff:1"): True, C("stuff:9"): False}
+    tried = OutcomeLabel.of("q", C("stuff:1"), 1.0, "gold", outcomes)
+    assert OutcomeLabel.from_dict(tried.to_dict()) == tried
+    assert tried.to_dict()["outcomes"] == {"stuff:1": True, "stuff:9": False}
+    # A row kept before outcomes were recorded reads as none.
+    old = {k: v for k, v in label.to_dict().items() if k != "outcomes"}
+    assert OutcomeLabel.from_dict(old).outcomes == ()
+    with pytest.raises(ValueError, match="true or false"):
+        OutcomeLabel.from_dict({**tried.to_dict(), "outcomes": {"stuff:1": "yes"}})
+    with pytest.raises(ValueError, match="not among its agreeing"):
+        OutcomeLabel.from_dict({**tried.to_dict(), "outcomes": {"stuff:1": False}})
