@@ -120,7 +120,8 @@ class OutcomeLabel:
     source: Source
     outcomes: tuple[tuple[Config, bool], ...] = ()
     """Every configuration tried on the query and whether its answer agreed (empty in a label
-    kept before they were recorded): best-fit's quality model reads them."""
+    kept before they were recorded; never the golden configuration, which agrees with itself
+    by definition): best-fit's quality model reads them."""
 
     @classmethod
     def of(
@@ -176,8 +177,8 @@ class OutcomeLabel:
             if not isinstance(agreed, bool):
                 raise ValueError(f"outcome of {text} must be true or false, got {agreed!r}")
             outcomes[Config.parse(str(text))] = agreed
-        if outcomes and not outcomes.get(config, False):
-            raise ValueError(f"the label {config.label} is not among its agreeing outcomes")
+        if outcomes.get(config) is False:
+            raise ValueError(f"the label {config.label} is among its disagreeing outcomes")
         label = cls.of(str(d["query_id"]), config, float(d["agreement"]), source, outcomes)
         for name in ("joint", "complexity_high", "pieces", "summary"):
             if name in d and d[name] != getattr(label, name):
@@ -295,8 +296,12 @@ def label_query(
         return (float(cost(cell)), int(cell.prompt_tokens), c.label)
 
     cheapest = min(agreeing, key=order)
-    # Tried: every cell but one with no reference to score it by (gold mode).
-    tried = [c for c, x in cells.items() if mode == "golden" or x.failed or x.quality is not None]
+    # Tried: every cell but the golden one (it agrees with itself by definition: no evidence)
+    # and one with no reference to score it by (gold mode).
+    tried = [
+        c for c, x in cells.items()
+        if c != golden and (mode == "golden" or x.failed or x.quality is not None)
+    ]  # fmt: skip
     outcomes = {c: c in agreeing for c in tried}
     return OutcomeLabel.of(query_id, cheapest, agreeing[cheapest], mode, outcomes)
 
