@@ -187,13 +187,15 @@ def best_fit(
     *,
     predict: Callable[[Config, tuple[StageWork, ...]], float | None] | None = None,
     budget_s: Callable[[], float | None] | None = None,
+    optimism: Callable[[], float] | None = None,
     cost: CostModels | None = None,
 ) -> Callable[[KVState, int], Plan]:
     """The admission queue's `decide`: best-fit over the query's space, sized by `sizer`.
     With `cost`, best-fit chooses among the fitting configurations by its objective and the
     plan records the candidates (`quality`: the same configuration as without). With
     `predict(config, work)` and `budget_s` (the SLO loop's configuration mechanism), best-fit
-    keeps to the configurations predicted to finish within the time left when it decides."""
+    keeps to the configurations predicted to finish within the time left when it decides
+    (`optimism()`: how much luck the SLO loop allows before it gives a request up)."""
     works = WorkTable(sizer)
 
     def decide(kv: KVState, reserved: int) -> Plan:
@@ -215,7 +217,8 @@ def best_fit(
             return chooser(choice.space, kv, reserved, need, **kwargs)
         return choose_within_slo(
             choice.space, kv, reserved, need,
-            predict=lambda c: predict(c, works(c)), budget_s=left, chooser=chooser, **kwargs,
+            predict=lambda c: predict(c, works(c)), budget_s=left, chooser=chooser,
+            optimism=optimism() if optimism is not None else 1.0, **kwargs,
         )  # fmt: skip
 
     return decide

@@ -21,6 +21,7 @@ from ragctl.profiler import Profiler
 from ragctl.retrieval.collection import check_dataset, dataset_names
 from ragctl.rules import RuleSet, load_rules
 from ragctl.scheduler import AdmissionQueue, SLOTracker
+from ragctl.scheduler.cost import QualityModel
 from ragctl.settings import Settings, model_key
 from ragctl.types import CollectionInfo
 
@@ -68,8 +69,7 @@ def controller_for(
         bridge=bridge,
     )
     # Best-fit's quality model starts from the labels the profiler's state holds.
-    for label in getattr(profiler_state, "labels", ()):
-        controller.quality.add_label(label.config, dict(label.outcomes))
+    controller.quality = quality_model(profiler_state)
     return controller
 
 
@@ -293,6 +293,15 @@ async def open_profiler(settings: Settings, serving_engine: Engine) -> Any:
         refit_every=settings.feedback_refit_every,
         trust_threshold=settings.confidence_threshold,
     )
+
+
+def quality_model(profiler_state: Any) -> QualityModel:
+    """Best-fit's quality model of a collection, from the outcome labels its profiler state
+    holds (none: the prior alone)."""
+    model = QualityModel()
+    for label in getattr(profiler_state, "labels", ()):
+        model.add_label(label.config, dict(label.outcomes))
+    return model
 
 
 def load_profiler_state(profiler: Any, collection: str) -> Any:

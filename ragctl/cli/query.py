@@ -97,7 +97,7 @@ def profile(
     settings: Settings = ctx.obj
     from ragctl.policy import resolve_space
     from ragctl.retrieval.collection import check_dataset
-    from ragctl.service import open_profiler
+    from ragctl.service import load_profiler_state, open_profiler, quality_model
 
     _precheck_question(settings, question)
     rules = load_rules(settings)
@@ -107,15 +107,19 @@ def profile(
         engine = await start_engine(settings)
         profiler = await open_profiler(settings, engine)
         try:
-            return await profiler.profile(
+            outcome = await profiler.profile(
                 question.strip(), card.metadata, card.chunking.size, collection=card.name
             )
+            return outcome, quality_model(load_profiler_state(profiler, card.name))
         finally:
             await profiler.aclose()
             await engine.aclose()
 
-    outcome = asyncio.run(run())
-    choice = resolve_space(outcome, rules, (), settings.confidence_threshold)
+    outcome, quality = asyncio.run(run())
+    # The space a controller of this collection would give it (no confident history here).
+    choice = resolve_space(
+        outcome, rules, (), settings.confidence_threshold, learned=quality.label_space()
+    )
     if json_out:
         print_json(
             {

@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -54,6 +55,11 @@ FLAGGED_PRIORITY = -1
 HOPELESS_PRIORITY = 1
 """vLLM priority of a hopeless request's calls under triage: after every request that can still
 meet its SLO."""
+OPTIMISM_QUANTILE = 0.1
+RATIO_WINDOW = 64
+MIN_RATIOS = 10
+"""`SLOTracker.optimism`: the quantile of actual / predicted synthesis time, over how many of the
+last requests, and after how many: the predictor's own error decides when a miss is certain."""
 
 
 @dataclass(frozen=True)
@@ -311,6 +317,7 @@ def choose_within_slo(
     predict: Callable[[Config], float | None],
     budget_s: float,
     chooser: Callable[..., Plan] = choose,
+    optimism: float = 1.0,
 ) -> Plan:
     """Best-fit that keeps the request's time budget.
 
@@ -318,7 +325,11 @@ def choose_within_slo(
        predicted yet while some time is left), that is the plan (no `slo_action`).
     2. else best-fit over the configurations predicted to meet it: the largest of the space
        that fits (`cheaper-config`), else of the cheaper ones outside it (`below-profile`).
-    3. else, of everything that fits now, the one predicted fastest (`unmeetable`).
+    3. else, of everything that fits now, the one predicted fastest: `unmeetable` only when
+       even the predictor's optimistic error says it misses (predicted x `optimism` > budget;
+       `optimism` <= 1, a low quantile of actual / predicted: `SLOTracker.optimism`), since
+       triage gives such a request up; otherwise the fastest goes as a `cheaper-config` or
+       `below-profile` plan that can still be saved.
     A `wait` plan stays a wait: when nothing fits, nothing faster fits either.
     `chooser` is best-fit (`choose`, or `objective.choose_objective` with its predictors bound);
     "largest" above is its pick.
@@ -351,10 +362,12 @@ def choose_within_slo(
     known = [(p, c) for c in candidates if (p := predict(c)) is not None]
     if not known:
         return base
-    _, fastest = min(known, key=lambda pc: (pc[0], pc[1].num_chunks))
-    return dataclasses.replace(
-        base, config=fastest, need_blocks=need(fastest), slo_action="unmeetable"
-    )
+    seconds, fastest = min(known, key=lambda pc: (pc[0], pc[1].num_chunks))
+    if seconds * min(optimism, 1.0) > budget_s:
+        action = "unmeetable"
+    else:
+        action = "cheaper-config" if fastest in clipped.configs() else "below-profile"
+    return dataclasses.replace(base, config=fastest, need_blocks=need(fastest), slo_action=action)
 
 
 # -- the online loop ----------------------------------------------------------------------------
@@ -417,6 +430,9 @@ class SLOTracker:
         self.predictor = predictor
         self.baseline = BaselineEstimator(self.stats.alpha)
         self.errors = PredictionErrors()
+        self.ratios: deque[float] = deque(maxlen=RATIO_WINDOW)
+        """actual / predicted synthesis seconds of the last requests planned with a prediction
+        (`optimism` reads them)."""
         self.clock = clock
         self.poll_s = poll_s
         self.inflight: dict[int, Tracked] = {}
@@ -510,6 +526,8 @@ class SLOTracker:
             if t.synthesis_start is not None:
                 actual = now - t.synthesis_start
                 self.baseline.observe(actual)
+                if t.predicted_s is not None and t.predicted_s > 0:
+                    self.ratios.append(actual / t.predicted_s)
                 if t.predicted_s is not None and t.baseline_s is not None:
                     self.errors.add(
                         actual, t.predicted_s, t.baseline_s,
@@ -618,6 +636,16 @@ class SLOTracker:
             and not (self.mitigation.triage and t.plan_action == "unmeetable")
         )
 
+    def optimism(self) -> float:
+        """How much faster than predicted a request may turn out, by this predictor's own
+        record: the `OPTIMISM_QUANTILE` quantile of actual / predicted over the last
+        `RATIO_WINDOW` requests, at most 1; 1 (take predictions as they are) until
+        `MIN_RATIOS` were seen. Best-fit plans a request `unmeetable` only when even this
+        much luck would not save it."""
+        if len(self.ratios) < MIN_RATIOS:
+            return 1.0
+        return min(1.0, float(np.quantile(np.fromiter(self.ratios, float), OPTIMISM_QUANTILE)))
+
     def slack_s(self, t: Tracked) -> float | None:
         """Seconds `t` could wait now and still meet its SLO by a configuration-blind estimate
         (the running means of the pre-synthesis stage and of synthesis); None without an SLO
@@ -667,6 +695,7 @@ class SLOTracker:
         self.delay = self.delay.fresh()
         self.baseline = BaselineEstimator(self.stats.alpha)
         self.errors = PredictionErrors()
+        self.ratios.clear()
         self.counters = dict.fromkeys(self.counters, 0)
         self.paused_s = 0.0
 
@@ -679,6 +708,7 @@ class SLOTracker:
             "flagged_inflight": sum(t.flagged for t in self.inflight.values()),
             "paused_s": self.paused_s,
             "predictor": self.predictor,
+            "optimism": self.optimism(),
             "prediction": self.errors.to_dict(),
             "delay_model": self.delay.to_dict(),
         }
@@ -750,6 +780,7 @@ class RequestTrace(StageHooks):
         return {
             "predict": self.tracker.predict,
             "budget_s": lambda: self.tracker.budget_s(self.tracked),
+            "optimism": self.tracker.optimism,
         }
 
     def finish(self, *, ok: bool) -> SLORecord | None:

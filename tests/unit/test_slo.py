@@ -7,12 +7,15 @@ import asyncio
 import dataclasses
 import time
 
+import numpy as np
 import pytest
 
 from ragctl.errors import InvalidRequest
 from ragctl.scheduler.slo import (
     FLAGGED_PRIORITY,
     HOPELESS_PRIORITY,
+    MIN_RATIOS,
+    OPTIMISM_QUANTILE,
     PRE_STAGE,
     BaselineEstimator,
     Mitigation,
@@ -163,6 +166,37 @@ def test_unmeetable_deadline_gets_the_fastest_configuration_that_fits() -> None:
     # Memory still rules: with 25 free blocks the space's stuff:8 cannot fit, but stuff:2 can.
     p = plan(0.1, kv=KVState(1000, 25, 16))
     assert p.config == Config("stuff", 1)
+
+
+def test_a_miss_is_certain_only_beyond_the_predictors_own_luck() -> None:
+    # stuff:1, the fastest, is predicted at 0.5 s against a 0.4 s budget.
+    args = (SPACE, KV, 0, need)
+    kw = {"joint_reasoning": True, "max_chunks": 10, "predict": predict, "budget_s": 0.4}
+    assert choose_within_slo(*args, **kw).slo_action == "unmeetable"
+    # Requests have run as fast as 0.7x their prediction: 0.35 s is possible, save it.
+    p = choose_within_slo(*args, optimism=0.7, **kw)
+    assert (p.config, p.reason, p.slo_action) == (Config("stuff", 1), "fit", "below-profile")
+    assert choose_within_slo(*args, optimism=0.9, **kw).slo_action == "unmeetable"
+    assert choose_within_slo(*args, optimism=5.0, **kw).slo_action == "unmeetable"  # at most 1
+
+
+def test_optimism_is_a_low_quantile_of_actual_over_predicted() -> None:
+    clock = Clock()
+    tracker = SLOTracker(clock=clock)
+    assert tracker.optimism() == 1.0  # nothing seen: predictions as they are
+    for i in range(MIN_RATIOS):
+        t = tracker.start(10_000)
+        tracker.enter(t, "queue")
+        tracker.planned(t, Config("stuff", 1))
+        t.predicted_s = 2.0
+        tracker.enter(t, "answer")
+        clock.now += 1.0 + 0.1 * i  # 0.5x to 0.95x the prediction
+        tracker.finish(t, ok=True)
+    assert len(tracker.ratios) == MIN_RATIOS
+    assert tracker.optimism() == pytest.approx(np.quantile([0.5 + 0.05 * i for i in range(10)],
+                                                           OPTIMISM_QUANTILE))  # fmt: skip
+    tracker.reset()
+    assert tracker.optimism() == 1.0
 
 
 def test_wait_stays_a_wait_and_unknown_predictions_change_nothing() -> None:
