@@ -11,7 +11,8 @@
 #   SEEDS (the loaded runs' query samples and arrival times, default 1; several, e.g. 1,2: each
 #   seed's runs go to OUT/sSEED/MODE and the table pools them); UNLOADED (an earlier unloaded
 #   run to reuse, default OUT/unloaded); WARMUP (queries answered and discarded after each
-#   engine start, before anything is measured, default 8)
+#   engine start, before anything is measured, default 8); PYTHON (with numpy and scipy, for the
+#   pooled table's intervals, default .venv/bin/python)
 set -euo pipefail
 dataset=${1:-squad}
 out=${2:-eval/out/slo-$dataset}
@@ -46,9 +47,13 @@ for seed in ${seeds//,/ }; do
     fi
   done
 done
-python3 - "$out" "$seeds" <<'EOF'
+python=${PYTHON:-.venv/bin/python}
+"$python" - "$out" "$seeds" <<'EOF'
 import json, sys
 from pathlib import Path
+
+import numpy as np
+from scipy import stats
 
 root = Path(sys.argv[1])
 modes = ("off", "patchwork", "adaptive")
@@ -57,6 +62,33 @@ runs = {(seed, m): json.loads((root / f"s{seed}" / m / "results.json").read_text
         for seed in seeds for m in modes}
 print(f"{'rate q/s':>9} {'seed':>5} {'mitigation':>10} {'violations':>10} {'rate':>6} {'vs off':>7} "
       f"{'q/s':>6} {'mean s':>7} {'p95 s':>6} {'flagged':>7} {'demoted':>7} {'paused ms':>9} plan actions")
+def misses(seed, mode, rate):
+    """{query id: 1 if it missed its SLO (or failed) else 0} of one cell's requests."""
+    out = {}
+    for line in (root / f"s{seed}" / mode / "samples.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("rate") == rate and r.get("slo_ms"):
+            met = r.get("error") is None and r["delay_s"] * 1000 <= r["slo_ms"]
+            out[r["query_id"]] = 0.0 if met else 1.0
+    return out
+
+def paired_ci(mode, rate):
+    """95% paired bootstrap interval of mode's violations / off's - 1, pooled over the seeds
+    (each request against the same query and arrival under off)."""
+    xs, ys = [], []
+    for seed in seeds:
+        off, m = misses(seed, "off", rate), misses(seed, mode, rate)
+        both = sorted(set(off) & set(m))
+        xs += [off[q] for q in both]
+        ys += [m[q] for q in both]
+    x, y = np.array(xs), np.array(ys)
+    if len(x) < 2 or not x.sum():
+        return ""
+    res = stats.bootstrap((x, y), lambda a, b, axis=-1: b.mean(axis=-1) / a.mean(axis=-1) - 1,
+                          paired=True, n_resamples=2000, random_state=0, method="percentile")
+    ci = res.confidence_interval
+    return f"[{ci.low:+.0%}, {ci.high:+.0%}] paired, n={len(x)}"
+
 for i, key in enumerate(runs[(seeds[0], "off")]["rates"]):
     pooled = {m: [0, 0] for m in modes}
     for seed in seeds:
@@ -79,7 +111,8 @@ for i, key in enumerate(runs[(seeds[0], "off")]["rates"]):
         for mode in modes:
             v, n = pooled[mode]
             cut = v / off - 1 if off else 0.0
-            print(f"{'':>9} {'all':>5} {mode:>10} {v:>4}/{n:<5} {v / n:>6.0%} {cut:>+7.0%}")
+            ci = "" if mode == "off" else paired_ci(mode, runs[(seeds[0], "off")]["rates"][key]["rate"])
+            print(f"{'':>9} {'all':>5} {mode:>10} {v:>4}/{n:<5} {v / n:>6.0%} {cut:>+7.0%} {ci}")
 def pct(x):
     return "-" if x is None else f"{x:.0%}"
 for (seed, mode), res in runs.items():
