@@ -396,17 +396,19 @@ class QualityModel:
     it answers, from two kinds of evidence (the controller feeds labels with `add_label` as
     outcome feedback produces them):
 
-    - the labels' cheapest agreeing configurations: a configuration counts a label when it
-      `covers` it, shrunk towards `prior_quality` with the weight of `prior_strength` labels.
-      An assumption (more of the same context never hurts), so it is only the prior of
     - what was measured: a label that says which configurations were tried and which agreed
-      gives each tried configuration its agreement rate, shrunk towards the covers estimate
-      with the same weight. A configuration never tried takes the measured estimates of its
-      family (method and summary budget; of the nearest summary budget tried when its own was
-      not) interpolated by chunk count (the nearest one beyond the tried range), so where more
-      chunks measurably stop helping, or hurt (a model that a long context distracts), the
-      prediction says so. Only a method never tried keeps the covers estimate: mixing the two
-      kinds of evidence across methods would favour whatever was never measured."""
+      gives each tried configuration its agreement rate, shrunk towards the pooled rate of
+      every tried configuration with the weight of `prior_strength` trials (partial pooling:
+      a difference between two configurations counts only as far as their trials carry it).
+      A configuration never tried takes the estimates of its family (method and summary
+      budget; of the nearest summary budget tried when its own was not) interpolated by chunk
+      count (the nearest one beyond the tried range), and a method never tried the pooled
+      rate. Nothing assumes that more chunks help: where they measurably do not, or hurt (a
+      model that a long context distracts), the prediction says so.
+    - labels kept without outcomes (the cheapest agreeing configuration only): a configuration
+      counts a label when it `covers` it, shrunk towards `prior_quality` with the weight of
+      `prior_strength` labels. An assumption (more of the same context never hurts), used only
+      while no label carries outcomes."""
 
     def __init__(self, prior_strength: float = 5.0, max_labels: int = 1000) -> None:
         if prior_strength <= 0:
@@ -474,18 +476,26 @@ class QualityModel:
             self._covered[key] = (hit + self.prior_strength * q0) / (n + self.prior_strength)
         return self._covered[key]
 
-    def _rate(self, config: Config, space: ConfigSpace) -> float:
+    def pooled(self) -> float | None:
+        """The agreement rate over every trial of every configuration (None: nothing tried)."""
+        trials = self.measured().values()
+        tried = sum(n for _, n in trials)
+        return sum(a for a, _ in trials) / tried if tried else None
+
+    def _rate(self, config: Config) -> float:
         agreed, tried = self.measured()[config]
-        prior = self.covered(config, space)
+        prior = self.pooled() or 0.0
         return (agreed + self.prior_strength * prior) / (tried + self.prior_strength)
 
     def predict(self, config: Config, space: ConfigSpace) -> float:
         measured = self.measured()
+        if not measured:
+            return self.covered(config, space)
         if config in measured:
-            return self._rate(config, space)
+            return self._rate(config)
         same_method = [c for c in measured if c.method == config.method]
         if not same_method:
-            return self.covered(config, space)
+            return self.pooled() or 0.0
         want = config.intermediate_length or 0
         ilen = min(
             {c.intermediate_length for c in same_method},
@@ -498,11 +508,11 @@ class QualityModel:
         below = [c for c in family if c.num_chunks <= k]
         above = [c for c in family if c.num_chunks >= k]
         if not below:
-            return self._rate(above[0], space)
+            return self._rate(above[0])
         if not above:
-            return self._rate(below[-1], space)
+            return self._rate(below[-1])
         lo, hi = below[-1], above[0]
         if lo == hi:  # the same chunk count, tried at another summary budget
-            return self._rate(lo, space)
+            return self._rate(lo)
         t = (k - lo.num_chunks) / (hi.num_chunks - lo.num_chunks)
-        return (1 - t) * self._rate(lo, space) + t * self._rate(hi, space)
+        return (1 - t) * self._rate(lo) + t * self._rate(hi)

@@ -257,14 +257,15 @@ def test_measured_outcomes_override_the_covers_assumption() -> None:
     assert model.measured()[nine] == (10, 40)
     q1, q3, q9 = (model.predict(c, SPACE) for c in (one, three, nine))
     assert q9 < q1 < q3
-    assert q1 == pytest.approx((30 + 5 * model.covered(one, SPACE)) / 45)
+    pooled = (30 + 40 + 10) / 120  # every trial of every configuration
+    assert model.pooled() == pytest.approx(pooled)
+    assert q1 == pytest.approx((30 + 5 * pooled) / 45)
     # Never tried: interpolated inside its family's tried chunk counts, the nearest outside.
     q6 = model.predict(Config("stuff", 6), SPACE)
     assert q6 == pytest.approx((q3 + q9) / 2)
     assert model.predict(Config("stuff", 12), SPACE) == pytest.approx(q9)
-    # A method never tried keeps the covers estimate.
-    rerank = Config("map_rerank", 2)
-    assert model.predict(rerank, SPACE) == pytest.approx(model.covered(rerank, SPACE))
+    # A method never tried: the pooled rate (no evidence either way).
+    assert model.predict(Config("map_rerank", 2), SPACE) == pytest.approx(pooled)
     # A summary budget never tried reads the nearest one tried of its method.
     reduce50 = Config("map_reduce", 3, 50)
     model.add_label(three, {three: True, reduce50: False})
@@ -288,6 +289,18 @@ def test_the_label_space_spans_what_the_labelled_queries_needed() -> None:
     for _ in range(LABEL_SPACE_MIN):
         one.add_label(Config("stuff", 2))
     assert one.label_space() == ConfigSpace(("stuff",), (2, 2), source="labels")
+
+
+def test_a_difference_within_a_few_trials_is_pulled_together() -> None:
+    """Partial pooling: one agreement more out of 7 trials separates two configurations less
+    than the same rate over 700 trials does."""
+    few, many = QualityModel(prior_strength=5), QualityModel(prior_strength=5)
+    one, three = Config("stuff", 1), Config("stuff", 3)
+    for model, n in ((few, 7), (many, 700)):
+        for i in range(n):  # stuff:1 answers every labelled query, stuff:3 six of seven
+            model.add_label(one, {one: True, three: i % 7 < 6})
+    gap = lambda m: m.predict(one, SPACE) - m.predict(three, SPACE)  # noqa: E731
+    assert 0 < gap(few) < gap(many) and gap(many) == pytest.approx(1 / 7, abs=0.005)
 
 
 def test_labels_without_outcomes_predict_as_before() -> None:
