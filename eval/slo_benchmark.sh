@@ -11,8 +11,8 @@
 #   SEEDS (the loaded runs' query samples and arrival times, default 1; several, e.g. 1,2: each
 #   seed's runs go to OUT/sSEED/MODE and the table pools them); UNLOADED (an earlier unloaded
 #   run to reuse, default OUT/unloaded); WARMUP (queries answered and discarded after each
-#   engine start, before anything is measured, default 8); PYTHON (with numpy and scipy, for the
-#   pooled table's intervals, default .venv/bin/python)
+#   engine start, before anything is measured, default 8); PYTHON (one with ragctl installed,
+#   for the pooled table's intervals, default .venv/bin/python)
 set -euo pipefail
 dataset=${1:-squad}
 out=${2:-eval/out/slo-$dataset}
@@ -52,8 +52,7 @@ python=${PYTHON:-.venv/bin/python}
 import json, sys
 from pathlib import Path
 
-import numpy as np
-from scipy import stats
+from ragctl.evaluation.intervals import ratio_ci
 
 root = Path(sys.argv[1])
 modes = ("off", "patchwork", "adaptive")
@@ -81,13 +80,10 @@ def paired_ci(mode, rate):
         both = sorted(set(off) & set(m))
         xs += [off[q] for q in both]
         ys += [m[q] for q in both]
-    x, y = np.array(xs), np.array(ys)
-    if len(x) < 2 or not x.sum():
+    ci = ratio_ci(ys, xs)  # the project's paired bootstrap of mean(ys) / mean(xs)
+    if ci is None:
         return ""
-    res = stats.bootstrap((x, y), lambda a, b, axis=-1: b.mean(axis=-1) / a.mean(axis=-1) - 1,
-                          paired=True, n_resamples=2000, random_state=0, method="percentile")
-    ci = res.confidence_interval
-    return f"[{ci.low:+.0%}, {ci.high:+.0%}] paired, n={len(x)}"
+    return f"[{ci[0] - 1:+.0%}, {ci[1] - 1:+.0%}] paired, n={len(xs)}"
 
 for i, key in enumerate(runs[(seeds[0], "off")]["rates"]):
     pooled = {m: [0, 0] for m in modes}

@@ -418,6 +418,7 @@ class QualityModel:
         self._outcomes: deque[Mapping[Config, bool]] = deque(maxlen=max_labels)
         self._measured: dict[Config, tuple[int, int]] | None = None
         """(agreed, tried) per configuration over the kept labels (cached until a new label)."""
+        self._pooled: float | None = None
         self._covered: dict[tuple[Config, int], float] = {}
         self._label_space: ConfigSpace | None = None
 
@@ -464,6 +465,8 @@ class QualityModel:
                     c[0] += bool(agreed)
                     c[1] += 1
             self._measured = {k: (a, n) for k, (a, n) in counts.items()}
+            tried = sum(n for _, n in counts.values())
+            self._pooled = sum(a for a, _ in counts.values()) / tried if tried else None
         return self._measured
 
     def covered(self, config: Config, space: ConfigSpace) -> float:
@@ -478,9 +481,8 @@ class QualityModel:
 
     def pooled(self) -> float | None:
         """The agreement rate over every trial of every configuration (None: nothing tried)."""
-        trials = self.measured().values()
-        tried = sum(n for _, n in trials)
-        return sum(a for a, _ in trials) / tried if tried else None
+        self.measured()  # computed with it, once per new label
+        return self._pooled
 
     def _rate(self, config: Config) -> float:
         agreed, tried = self.measured()[config]
