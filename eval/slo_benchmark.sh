@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The SLO benchmark of eval/RESULTS.md: measure ragctl's median delay unloaded, set the SLO to
 # twice that, then run three arrival rates (light, near capacity, overloaded) with the SLO loop
-# off, Patchwork-style (priority + paused admissions) and adaptive (+ configuration changes),
-# and print the violation rates and throughput side by side.
+# off, Patchwork-style (priority + paused admissions), adaptive (+ configuration changes and
+# triage) and admission (+ shedding), and print the violation rates and throughput side by side.
 #
 #   eval/slo_benchmark.sh [DATASET] [OUT]
 #   env: LIMIT (queries per rate, default 16); RATES (q/s, default: 0.5, 1 and 2 times 1/p50 of
@@ -11,8 +11,9 @@
 #   SEEDS (the loaded runs' query samples and arrival times, default 1; several, e.g. 1,2: each
 #   seed's runs go to OUT/sSEED/MODE and the table pools them); UNLOADED (an earlier unloaded
 #   run to reuse, default OUT/unloaded); WARMUP (queries answered and discarded after each
-#   engine start, before anything is measured, default 8); PYTHON (one with ragctl installed,
-#   for the pooled table's intervals, default .venv/bin/python)
+#   engine start, before anything is measured, default 8); MODES (the mitigations, off first,
+#   default off,patchwork,adaptive,admission); PYTHON (one with ragctl installed, for the pooled
+#   table's intervals, default .venv/bin/python)
 set -euo pipefail
 dataset=${1:-squad}
 out=${2:-eval/out/slo-$dataset}
@@ -21,6 +22,8 @@ seeds=${SEEDS:-${SEED:-1}}
 warmup=${WARMUP:-8}
 ragctl=${RAGCTL:-ragctl}
 unloaded=${UNLOADED:-$out/unloaded}
+modes=${MODES:-off,patchwork,adaptive,admission}
+case $modes in off,*) ;; *) echo "MODES must start with off (the baseline): $modes" >&2; exit 2;; esac
 
 if [ ! -f "$unloaded/results.json" ]; then
   $ragctl eval run --dataset "$dataset" --systems ragctl --limit "$limit" --concurrency 1 \
@@ -39,7 +42,7 @@ EOF
 rates=${RATES:-$rates}
 echo "SLO ${slo} ms (2x the unloaded median); rates ${rates} q/s"
 for seed in ${seeds//,/ }; do
-  for mode in off patchwork adaptive; do
+  for mode in ${modes//,/ }; do
     if [ ! -f "$out/s$seed/$mode/results.json" ]; then
       $ragctl eval run --dataset "$dataset" --systems ragctl --limit "$limit" --rate "$rates" \
         --slo-ms "$slo" --slo-mitigation "$mode" --seed "$seed" --warmup "$warmup" \
@@ -48,14 +51,14 @@ for seed in ${seeds//,/ }; do
   done
 done
 python=${PYTHON:-.venv/bin/python}
-"$python" - "$out" "$seeds" <<'EOF'
+"$python" - "$out" "$seeds" "$modes" <<'EOF'
 import json, sys
 from pathlib import Path
 
 from ragctl.evaluation.intervals import ratio_ci
 
 root = Path(sys.argv[1])
-modes = ("off", "patchwork", "adaptive")
+modes = [m.strip() for m in sys.argv[3].split(",") if m.strip()]
 seeds = [s.strip() for s in sys.argv[2].split(",") if s.strip()]
 runs = {(seed, m): json.loads((root / f"s{seed}" / m / "results.json").read_text())
         for seed in seeds for m in modes}

@@ -42,6 +42,7 @@ from ragctl.errors import (
     InvalidSetting,
     PromptTooLong,
     RagctlError,
+    SLOUnmeetable,
 )
 from ragctl.policy import (
     AdaptivePolicy,
@@ -545,6 +546,14 @@ class Controller:
             trace.on_plan(
                 plan.config, plan.slo_action, planned_work(synth.sizer(sq, chunks), plan.config)
             )
+            if plan.slo_action == "shed":
+                admitted.reservation.release()
+                self.counters["shed"] += 1
+                raise SLOUnmeetable(
+                    f"refused before any engine call: even the fastest configuration that fits "
+                    f"now ({plan.config.label}) is predicted to miss this request's SLO under "
+                    f"the current load (SLO mitigation 'shed'); retry later or with a longer SLO"
+                )
             engine = self._engine_of(admitted.slot)
             templates = {**synth.template_versions, **self._profiler_templates()}
             decision = adaptive_decision(

@@ -175,3 +175,12 @@ class DeadlineExceeded(RuntimeFailure):
 
     code = "deadline_exceeded"
     http_status = 504
+
+
+class SLOUnmeetable(RuntimeFailure):
+    """Refused at admission by SLO shedding: even the fastest configuration that fits is
+    predicted to miss the request's SLO (`scheduler.slo`, mitigation `shed`). Nothing ran; a
+    retry is a new request with a new deadline, so servers tell clients not to retry it blindly."""
+
+    code = "slo_unmeetable"
+    http_status = 503

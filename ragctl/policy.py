@@ -188,6 +188,7 @@ def best_fit(
     predict: Callable[[Config, tuple[StageWork, ...]], float | None] | None = None,
     budget_s: Callable[[], float | None] | None = None,
     optimism: Callable[[], float] | None = None,
+    calibration: Callable[[], float] | None = None,
     cost: CostModels | None = None,
 ) -> Callable[[KVState, int], Plan]:
     """The admission queue's `decide`: best-fit over the query's space, sized by `sizer`.
@@ -195,7 +196,9 @@ def best_fit(
     plan records the candidates (`quality`: the same configuration as without). With
     `predict(config, work)` and `budget_s` (the SLO loop's configuration mechanism), best-fit
     keeps to the configurations predicted to finish within the time left when it decides
-    (`optimism()`: how much luck the SLO loop allows before it gives a request up)."""
+    (`optimism()`: how much luck the SLO loop allows before it gives a request up; with
+    `calibration()`, the loop sheds: predictions are read at its median error, and a request
+    whose fastest configuration still misses is planned `shed`)."""
     works = WorkTable(sizer)
 
     def decide(kv: KVState, reserved: int) -> Plan:
@@ -218,7 +221,9 @@ def best_fit(
         return choose_within_slo(
             choice.space, kv, reserved, need,
             predict=lambda c: predict(c, works(c)), budget_s=left, chooser=chooser,
-            optimism=optimism() if optimism is not None else 1.0, **kwargs,
+            optimism=optimism() if optimism is not None else 1.0,
+            calibration=calibration() if calibration is not None else 1.0,
+            shed=calibration is not None, **kwargs,
         )  # fmt: skip
 
     return decide

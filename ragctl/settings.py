@@ -263,8 +263,10 @@ class Settings(BaseSettings):
         "adaptive",
         description="What the SLO loop may do for requests predicted to miss: off, patchwork "
         "(engine priority + paused admissions), adaptive (patchwork + a cheaper configuration "
-        "at planning time, and triage: hopeless requests yield), or a comma list of "
-        "priority,pause,config,triage.",
+        "at planning time, and triage: hopeless requests yield), admission (adaptive + "
+        "shed: refuse, before any engine call, a request whose fastest configuration is "
+        "predicted to miss at the predictor's median error), or a comma list of "
+        "priority,pause,config,triage,shed.",
     )
     slo_predictor: Literal["model", "averages"] = Field(
         "model",

@@ -413,7 +413,8 @@ class SLORecord:
     """Synthesis time predicted at planning time for the chosen configuration."""
     plan_action: str = "none"
     """At planning: none, cheaper-config, below-profile (under the profile's minimum: nothing in
-    the pruned space was predicted to meet the SLO) or unmeetable (the fastest that fitted)."""
+    the pruned space was predicted to meet the SLO), unmeetable (the fastest that fitted) or shed
+    (refused: `SLOUnmeetable`)."""
     flagged: bool = False
     """Predicted to miss while in flight."""
     boosted_calls: int = 0

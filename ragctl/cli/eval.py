@@ -62,7 +62,8 @@ def eval_run(
     ),
     slo_mitigation: str | None = typer.Option(
         None,
-        help="off, patchwork, adaptive, or a comma list of priority,pause,config,triage.",
+        help="off, patchwork, adaptive, admission (adaptive + shed), or a comma list of "
+        "priority,pause,config,triage,shed.",
     ),
     plan_file: Path | None = typer.Option(
         None,

@@ -25,7 +25,9 @@ def train(
     calibration: int = typer.Option(30, min=2, help="Calibration queries to label and fit on."),
     seed: int = typer.Option(0, help="Query sample (the one eval run draws)."),
     configs: str = typer.Option(
-        None, help="Candidate configurations to label with (default: the feedback budget)."
+        None,
+        help="Candidate configurations to label with (default: the dataset card's grid where "
+        "it has one, else a feedback budget of each method over a few chunk counts).",
     ),
     agreement: str = typer.Option(
         "gold",
@@ -37,12 +39,12 @@ def train(
     what the outcome grid lacks), profile them with the LLM, fit the LLM's calibration and the
     learned profiler, and save them for this model and collection."""
     from ragctl.errors import InvalidRequest
-    from ragctl.evaluation.profiler_train import LABEL_CONFIGS, TrainRequest, train_profiler
+    from ragctl.evaluation.profiler_train import TrainRequest, train_profiler
 
     if agreement not in ("gold", "golden"):
         raise InvalidRequest(f"--agreement must be gold or golden, got {agreement!r}")
     settings: Settings = ctx.obj
-    request = TrainRequest(dataset, calibration, seed, configs or LABEL_CONFIGS, agreement)  # type: ignore[arg-type]
+    request = TrainRequest(dataset, calibration, seed, configs or None, agreement)  # type: ignore[arg-type]
     report = train_profiler(settings, request, progress=progress)
     out.print(
         f"{report.dataset}: {report.labelled} of {report.queries} calibration queries labelled "

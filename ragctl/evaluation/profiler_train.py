@@ -52,7 +52,10 @@ class TrainRequest:
     calibration: int
     """Calibration queries: the last ones of the seeded sample (`split`), never test queries."""
     seed: int
-    configs: str = LABEL_CONFIGS
+    configs: str | None = None
+    """The label configurations; None: the dataset card's grid where it has one (the long-
+    document sets, whose windows make the default's larger ones overflow the context and whose
+    grid cells are then reused), else `LABEL_CONFIGS`."""
     agreement: Agreement = "gold"
 
 
@@ -68,6 +71,14 @@ class TrainReport:
     status: ProfilerStatus
 
 
+def label_configs(card: DatasetCard, configs: str | None) -> tuple[Config, ...]:
+    """The configurations `train` labels with: `configs`, else the card's grid where it has one,
+    else `LABEL_CONFIGS`."""
+    from ragctl.evaluation.grid import parse_configs
+
+    return parse_configs(configs or (",".join(card.grid) if card.grid else LABEL_CONFIGS))
+
+
 def train_profiler(
     settings: Settings, request: TrainRequest, *, progress: Callable[[], Progress]
 ) -> TrainReport:
@@ -80,9 +91,11 @@ def train_profiler(
         raise InvalidRequest(f"agreement must be gold or golden, got {request.agreement!r}")
     if request.calibration < 2:
         raise InvalidRequest(f"--calibration must be at least 2, got {request.calibration}")
-    configs = parse_configs(request.configs)
+    if request.configs:
+        parse_configs(request.configs)  # a typo fails before anything is read
     check_dataset(settings.data_dir, request.dataset)
     card = load_card(request.dataset)
+    configs = label_configs(card, request.configs)
     queries = load_queries(settings.data_dir, card.name)
     # limit=1: the calibration split is the sample's tail, the same whatever the test size.
     _, calib = split(queries, 1, request.calibration, request.seed)

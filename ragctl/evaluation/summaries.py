@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ragctl.benchmarks import percentile
-from ragctl.errors import InvalidRequest
+from ragctl.errors import InvalidRequest, SLOUnmeetable
 from ragctl.evaluation.intervals import Interval, mean_ci, percentile_ci, ratio_ci
 from ragctl.evaluation.metrics import mean_scores, primary_metric
 from ragctl.evaluation.ratios import PerQuery, Ratios, ratios
@@ -41,6 +41,10 @@ def finite(value: Any) -> float | None:
 
 def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+SHED_ERROR = SLOUnmeetable.__name__
+"""How a shed request's row begins its `error` (the runner writes `Type: message`)."""
 
 
 def histogram(labels: Iterable[str]) -> dict[str, int]:
@@ -346,7 +350,9 @@ def slo_summary(rows: Sequence[Row]) -> SloSummary | None:
         demoted_calls=sum(int(x.get("demoted_calls") or 0) for x in records),
         paused_mean_ms=mean([float(x.get("paused_ms") or 0.0) for x in records]),
         plan_actions=histogram(
-            str(x["plan_action"]) for x in records if x.get("plan_action", "none") != "none"
+            [str(x["plan_action"]) for x in records if x.get("plan_action", "none") != "none"]
+            # A shed request failed before its answer: its row has the error, not a Decision.
+            + ["shed" for r in with_slo if str(r.get("error") or "").startswith(SHED_ERROR)]
         ),
     )
 

@@ -391,6 +391,37 @@ LABEL_SPACE_MIN = 10
 give the space of a query with no trusted profile (`QualityModel.label_space`)."""
 
 
+DEFAULT_PRIOR_STRENGTH = 5.0
+"""The pooling weight, in trials, where the labels cannot estimate one (fewer than two
+configurations tried, or all agreeing alike) and for the covers estimate."""
+FULL_POOLING = 1e6
+"""The weight that makes every measured configuration predict the pooled rate."""
+
+
+def fit_strength(measured: Sequence[tuple[int, int]], default: float) -> float:
+    """Empirical Bayes (beta-binomial, method of moments) over (agreed, tried) per
+    configuration: the spread of their agreement rates beyond the spread their trials alone
+    would give (binomial sampling around the pooled rate p) is the configurations' real
+    difference tau^2, and the pooled rate then weighs p(1 - p) / tau^2 - 1 trials. No spread
+    beyond sampling: `FULL_POOLING`. `default` with fewer than two configurations or p in
+    {0, 1}. The trials of one label are paired (the same query), which only makes sampling
+    spread look larger than it is: the estimate errs towards pooling, never towards buying a
+    configuration on noise."""
+    tried = [(a, n) for a, n in measured if n > 0]
+    total = sum(n for _, n in tried)
+    if len(tried) < 2 or not total:
+        return default
+    p = sum(a for a, _ in tried) / total
+    if p <= 0.0 or p >= 1.0:
+        return default
+    rates = np.array([a / n for a, n in tried])
+    sampling = p * (1 - p) * float(np.mean([1 / n for _, n in tried]))
+    between = float(rates.var(ddof=1)) - sampling
+    if between <= 0:
+        return FULL_POOLING
+    return min(max(p * (1 - p) / between - 1, 0.0), FULL_POOLING)
+
+
 class QualityModel:
     """Predicted quality of a configuration in one collection: the share of labelled queries
     it answers, from two kinds of evidence (the controller feeds labels with `add_label` as
@@ -398,8 +429,11 @@ class QualityModel:
 
     - what was measured: a label that says which configurations were tried and which agreed
       gives each tried configuration its agreement rate, shrunk towards the pooled rate of
-      every tried configuration with the weight of `prior_strength` trials (partial pooling:
-      a difference between two configurations counts only as far as their trials carry it).
+      every tried configuration with the weight of `strength()` trials (partial pooling: a
+      difference between two configurations counts only as far as their trials carry it).
+      The weight is estimated from the labels themselves (empirical Bayes, `fit_strength`):
+      configurations whose rates differ no more than their trials' sampling would make them
+      are pooled fully, so a few labels' noise never buys a larger configuration.
       A configuration never tried takes the estimates of its family (method and summary
       budget; of the nearest summary budget tried when its own was not) interpolated by chunk
       count (the nearest one beyond the tried range), and a method never tried the pooled
@@ -410,10 +444,15 @@ class QualityModel:
       `prior_strength` labels. An assumption (more of the same context never hurts), used only
       while no label carries outcomes."""
 
-    def __init__(self, prior_strength: float = 5.0, max_labels: int = 1000) -> None:
-        if prior_strength <= 0:
+    def __init__(self, prior_strength: float | None = None, max_labels: int = 1000) -> None:
+        """`prior_strength`: the pooling weight in trials, fixed; None (the default): fitted
+        from the measured outcomes (`fit_strength`). The covers estimate always uses it (or
+        `DEFAULT_PRIOR_STRENGTH`)."""
+        if prior_strength is not None and prior_strength <= 0:
             raise ValueError("prior_strength must be > 0")
-        self.prior_strength = prior_strength
+        self.fixed_strength = prior_strength
+        self.prior_strength = prior_strength or DEFAULT_PRIOR_STRENGTH
+        self._strength = self.prior_strength
         self.labels: deque[Config] = deque(maxlen=max_labels)
         self._outcomes: deque[Mapping[Config, bool]] = deque(maxlen=max_labels)
         self._measured: dict[Config, tuple[int, int]] | None = None
@@ -467,7 +506,17 @@ class QualityModel:
             self._measured = {k: (a, n) for k, (a, n) in counts.items()}
             tried = sum(n for _, n in counts.values())
             self._pooled = sum(a for a, _ in counts.values()) / tried if tried else None
+            self._strength = (
+                self.fixed_strength
+                if self.fixed_strength is not None
+                else fit_strength(list(self._measured.values()), self.prior_strength)
+            )
         return self._measured
+
+    def strength(self) -> float:
+        """The pooled rate's weight, in trials, in each measured configuration's rate."""
+        self.measured()  # fitted with it, once per new label
+        return self._strength
 
     def covered(self, config: Config, space: ConfigSpace) -> float:
         """The covers estimate: labels `config` covers, shrunk towards the prior."""
@@ -486,8 +535,8 @@ class QualityModel:
 
     def _rate(self, config: Config) -> float:
         agreed, tried = self.measured()[config]
-        prior = self.pooled() or 0.0
-        return (agreed + self.prior_strength * prior) / (tried + self.prior_strength)
+        prior, m = self.pooled() or 0.0, self._strength
+        return (agreed + m * prior) / (tried + m)
 
     def predict(self, config: Config, space: ConfigSpace) -> float:
         measured = self.measured()

@@ -4,10 +4,11 @@ The admission queue runs the query's best-fit `decide` once per healthy engine (
 that engine's KV state and reservations), then `place` picks one of those per-engine plans:
 
 - `best-fit` (the default): the best configuration that fits on some engine, then the least
-  loaded engine among the equally good. Plans rank by reason (`fit` > `fallback` > `wait`),
-  then by the objective's own score of the chosen configuration (recorded on the plan's
-  `Choice`: the need under `quality`, minus the predicted delay under `latency`, the utility
-  under `balanced`; the need when there is no cost model), then by `bestfit._rank`; ties go to
+  loaded engine among the equally good. Plans rank by reason (`fit` > `fallback` > `wait`; a
+  plan the SLO loop would shed just above `wait`), then by the objective's own score of the
+  chosen configuration (recorded on the plan's `Choice`: the need under `quality`, minus the
+  predicted delay under `latency`, the utility under `balanced`; the need when there is no cost
+  model), then by `bestfit._rank`; ties go to
   the engine with the most blocks left after this plan's reservation, then to fewer plans in
   flight, then to the earlier engine. With one block size, the configurations that fit on an
   engine grow with its available blocks, so the engine with the most room holds every
@@ -34,6 +35,8 @@ Strategy = Literal["best-fit", "least-loaded", "round-robin"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 _REASON_RANK = {"fit": 2, "fallback": 1, "wait": 0}
+SHED_RANK = 0.5
+"""A plan the SLO loop sheds ranks below every plan that runs, above waiting everywhere."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,10 @@ def plan_rank(option: EngineOption) -> tuple[object, ...]:
     if p.config is None:
         # Waiting everywhere: the engine whose cache could ever hold the query, most room first.
         return (0, p.need_blocks <= option.total_blocks, option.left_after, -option.inflight)
+    # A plan the SLO loop would shed is a refusal: any engine that would run the query wins.
+    reason = SHED_RANK if p.slo_action == "shed" else _REASON_RANK.get(p.reason, 0)
     return (
-        _REASON_RANK.get(p.reason, 0),
+        reason,
         objective_score(p),
         _rank(p.need_blocks, p.config),
         option.left_after,

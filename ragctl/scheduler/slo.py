@@ -15,7 +15,12 @@
   requests wait at the gate while a flagged request can still make it (Patchwork pauses
   admissions). Triage: a request that cannot make it any more (past its deadline, or planned
   `unmeetable`) is hopeless: its calls go at a worse priority, behind everyone who still can,
-  and it pauses nobody; it is still answered. `Mitigation` switches each mechanism on or off.
+  and it pauses nobody; it is still answered. Shedding (off by default, on in `admission`):
+  predictions are read at the predictor's own median error (`SLOTracker.calibration`, the
+  median of actual / predicted) and a request whose fastest fitting configuration is then
+  predicted to miss is refused before any engine call (`SLOUnmeetable`): near capacity, its
+  work would only make the requests that can still make it miss as well. `Mitigation` switches
+  each mechanism on or off.
 
 Only `SLOTracker.gate` awaits; the clock is injected, so everything is testable without time.
 """
@@ -42,11 +47,12 @@ from ragctl.types import Config, ConfigSpace, KVState, Plan, SLORecord
 Predictor = Literal["model", "averages"]
 PREDICTORS: tuple[Predictor, ...] = ("model", "averages")
 
-MECHANISMS = ("priority", "pause", "config", "triage")
+MECHANISMS = ("priority", "pause", "config", "triage", "shed")
 MITIGATION_MODES: dict[str, frozenset[str]] = {
     "off": frozenset(),
     "patchwork": frozenset({"priority", "pause"}),
-    "adaptive": frozenset(MECHANISMS),
+    "adaptive": frozenset({"priority", "pause", "config", "triage"}),
+    "admission": frozenset(MECHANISMS),
 }
 PRE_STAGE = "pre"
 """Everything before synthesis: retrieval and profiling (concurrent) and the decision."""
@@ -60,6 +66,9 @@ RATIO_WINDOW = 64
 MIN_RATIOS = 10
 """`SLOTracker.optimism`: the quantile of actual / predicted synthesis time, over how many of the
 last requests, and after how many: the predictor's own error decides when a miss is certain."""
+SHED_QUANTILE = 0.5
+"""`SLOTracker.calibration`: shedding refuses a request when it is more likely to miss than to
+meet by the predictor's own record (the median of actual / predicted)."""
 
 
 @dataclass(frozen=True)
@@ -72,14 +81,26 @@ class Mitigation:
     triage: bool = True
     """A hopeless request (past its deadline, or planned `unmeetable`) yields: its calls go at
     `HOPELESS_PRIORITY` and it pauses nobody."""
+    shed: bool = False
+    """Refuse (`SLOUnmeetable`, before any engine call) a request whose fastest fitting
+    configuration is predicted to miss at the predictor's median error. Needs `config` (the
+    planning that predicts each configuration)."""
     max_pause_s: float = 2.0
     """Longest a new request waits at the gate: a bound, so that a flagged request that the
     pause cannot save does not stall admissions for long. A newcomer with an SLO waits at most
     its own slack (`SLOTracker.slack_s`): a pause must not make it miss in turn."""
 
+    def __post_init__(self) -> None:
+        if self.shed and not self.config:
+            raise InvalidRequest(
+                "SLO mitigation 'shed' needs 'config': it refuses a request only when even the "
+                "fastest configuration is predicted to miss"
+            )
+
     @classmethod
     def parse(cls, text: str) -> Mitigation:
-        """`off`, `patchwork`, `adaptive`, or a comma list of priority, pause, config, triage."""
+        """`off`, `patchwork`, `adaptive`, `admission`, or a comma list of priority, pause,
+        config, triage, shed."""
         key = text.strip().lower()
         if key in MITIGATION_MODES:
             on = MITIGATION_MODES[key]
@@ -88,8 +109,8 @@ class Mitigation:
             unknown = sorted(on - set(MECHANISMS))
             if unknown or not on:
                 raise InvalidRequest(
-                    f"unknown SLO mitigation {text!r}: use off, patchwork, adaptive or a comma "
-                    f"list of {', '.join(MECHANISMS)}"
+                    f"unknown SLO mitigation {text!r}: use {', '.join(MITIGATION_MODES)} or a "
+                    f"comma list of {', '.join(MECHANISMS)}"
                 )
         return cls(**{m: m in on for m in MECHANISMS})
 
@@ -318,6 +339,8 @@ def choose_within_slo(
     budget_s: float,
     chooser: Callable[..., Plan] = choose,
     optimism: float = 1.0,
+    calibration: float = 1.0,
+    shed: bool = False,
 ) -> Plan:
     """Best-fit that keeps the request's time budget.
 
@@ -330,6 +353,10 @@ def choose_within_slo(
        `optimism` <= 1, a low quantile of actual / predicted: `SLOTracker.optimism`), since
        triage gives such a request up; otherwise the fastest goes as a `cheaper-config` or
        `below-profile` plan that can still be saved.
+    With `shed`, every prediction is read times `calibration` (the median of actual /
+    predicted: `SLOTracker.calibration`) before it is held against the budget, and where step 3
+    is reached and the fastest still misses so read (or no time is left at all), the plan is
+    `shed`: the caller refuses the request instead of running it.
     A `wait` plan stays a wait: when nothing fits, nothing faster fits either.
     `chooser` is best-fit (`choose`, or `objective.choose_objective` with its predictors bound);
     "largest" above is its pick.
@@ -338,15 +365,16 @@ def choose_within_slo(
     base = chooser(space, kv, reserved_total, need, **kwargs)
     if base.config is None:
         return base
+    scale = calibration if shed else 1.0
     predicted = predict(base.config)
     if predicted is None and budget_s > 0:
         return base  # time is left and nothing says this configuration would overrun it
-    if predicted is not None and predicted <= budget_s:
+    if predicted is not None and predicted * scale <= budget_s:
         return base
 
     def meets(c: Config) -> bool:
         p = predict(c)
-        return p is not None and p <= budget_s
+        return p is not None and p * scale <= budget_s
 
     plan = chooser(space, kv, reserved_total, need, admissible=meets, **kwargs)
     if plan.config is not None:
@@ -361,9 +389,11 @@ def choose_within_slo(
     ]
     known = [(p, c) for c in candidates if (p := predict(c)) is not None]
     if not known:
-        return base
+        return dataclasses.replace(base, slo_action="shed") if shed and budget_s <= 0 else base
     seconds, fastest = min(known, key=lambda pc: (pc[0], pc[1].num_chunks))
-    if seconds * min(optimism, 1.0) > budget_s:
+    if shed and seconds * scale > budget_s:
+        action = "shed"
+    elif seconds * min(optimism, 1.0) > budget_s:
         action = "unmeetable"
     else:
         action = "cheaper-config" if fastest in clipped.configs() else "below-profile"
@@ -445,6 +475,7 @@ class SLOTracker:
             "cheaper-config": 0,
             "below-profile": 0,
             "unmeetable": 0,
+            "shed": 0,
         }
         self.paused_s = 0.0
         """Total seconds requests waited at the gate."""
@@ -636,15 +667,27 @@ class SLOTracker:
             and not (self.mitigation.triage and t.plan_action == "unmeetable")
         )
 
+    def ratio_quantile(self, q: float) -> float | None:
+        """The `q` quantile of actual / predicted synthesis seconds over the last
+        `RATIO_WINDOW` requests; None until `MIN_RATIOS` were seen."""
+        if len(self.ratios) < MIN_RATIOS:
+            return None
+        return float(np.quantile(np.fromiter(self.ratios, float), q))
+
+    def calibration(self) -> float:
+        """What shedding multiplies a prediction by before it is held against the time left:
+        the median of actual / predicted (`SHED_QUANTILE`), 1 until `MIN_RATIOS` were seen."""
+        ratio = self.ratio_quantile(SHED_QUANTILE)
+        return 1.0 if ratio is None else ratio
+
     def optimism(self) -> float:
         """How much faster than predicted a request may turn out, by this predictor's own
         record: the `OPTIMISM_QUANTILE` quantile of actual / predicted over the last
         `RATIO_WINDOW` requests, at most 1; 1 (take predictions as they are) until
         `MIN_RATIOS` were seen. Best-fit plans a request `unmeetable` only when even this
         much luck would not save it."""
-        if len(self.ratios) < MIN_RATIOS:
-            return 1.0
-        return min(1.0, float(np.quantile(np.fromiter(self.ratios, float), OPTIMISM_QUANTILE)))
+        ratio = self.ratio_quantile(OPTIMISM_QUANTILE)
+        return 1.0 if ratio is None else min(1.0, ratio)
 
     def slack_s(self, t: Tracked) -> float | None:
         """Seconds `t` could wait now and still meet its SLO by a configuration-blind estimate
@@ -709,6 +752,7 @@ class SLOTracker:
             "paused_s": self.paused_s,
             "predictor": self.predictor,
             "optimism": self.optimism(),
+            "calibration": self.calibration(),
             "prediction": self.errors.to_dict(),
             "delay_model": self.delay.to_dict(),
         }
@@ -777,10 +821,12 @@ class RequestTrace(StageHooks):
     def planning(self) -> dict[str, Any]:
         if self.tracked.slo_s is None or not self.tracker.mitigation.config:
             return {}
+        shed = self.tracker.mitigation.shed
         return {
             "predict": self.tracker.predict,
             "budget_s": lambda: self.tracker.budget_s(self.tracked),
             "optimism": self.tracker.optimism,
+            "calibration": self.tracker.calibration if shed else None,
         }
 
     def finish(self, *, ok: bool) -> SLORecord | None:

@@ -6,7 +6,8 @@ per collection). Routes translate; the controller decides.
 - The model picks the behaviour (`ragctl/auto` adaptive, `ragctl/<method>` fixed); the request's
   `collection` field picks the index (default: the server's).
 - Every error is OpenAI's error JSON with the status of the `RagctlError` behind it; 429 (too
-  many requests in flight) and 503 (admission queue full) carry `Retry-After`.
+  many requests in flight) and 503 (admission queue full) carry `Retry-After`; 503
+  `slo_unmeetable` (shed by the SLO loop) carries `x-should-retry: false`.
 - A client that disconnects, or a request whose `deadline_ms` passes, cancels its engine calls.
 - `stream: true` streams the final stage's tokens as the engine decodes them (stuff's answer,
   map_reduce's reducer; map_rerank's chosen answer in one delta once ranked). The response
@@ -43,6 +44,7 @@ from ragctl.errors import (
     QueueFull,
     RagctlError,
     RequestTooLarge,
+    SLOUnmeetable,
     TooManyRequests,
     Unauthorized,
 )
@@ -98,17 +100,29 @@ def error_type(status: int) -> str:
 
 
 def error_response(
-    status: int, message: str, code: str | None, param: str | None = None, retry_after: int = 0
+    status: int,
+    message: str,
+    code: str | None,
+    param: str | None = None,
+    retry_after: int = 0,
+    *,
+    retry: bool = True,
 ) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    """The OpenAI error JSON; `retry_after` sets Retry-After, `retry=False` tells the official
+    clients not to retry on their own (`x-should-retry`, which they read before the status)."""
+    headers = {"Retry-After": str(retry_after)} if retry_after else {}
+    if not retry:
+        headers["x-should-retry"] = "false"
     return JSONResponse(
-        openai_error(message, error_type(status), code, param), status_code=status, headers=headers
+        openai_error(message, error_type(status), code, param),
+        status_code=status,
+        headers=headers or None,
     )
 
 
 def outcome_of(e: BaseException) -> str:
     """The `outcome` label of a failed request."""
-    if isinstance(e, TooManyRequests | QueueFull):
+    if isinstance(e, TooManyRequests | QueueFull | SLOUnmeetable):
         return "rejected"
     if isinstance(e, DeadlineExceeded):
         return "timeout"
@@ -164,7 +178,11 @@ def create_app(
             metrics.outcome(model, outcome_of(e))
         retry = options.retry_after_s if isinstance(e, TooManyRequests | QueueFull) else 0
         param = ERROR_PARAMS.get(e.code)
-        return error_response(e.http_status, str(e), e.code, param, retry)
+        # A shed request's retry would be a new request against the same load: the client
+        # decides, not its automatic retries.
+        return error_response(
+            e.http_status, str(e), e.code, param, retry, retry=not isinstance(e, SLOUnmeetable)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:

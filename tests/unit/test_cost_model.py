@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from ragctl.scheduler.cost import (
+    DEFAULT_PRIOR_STRENGTH,
     FEATURES,
+    FULL_POOLING,
     LABEL_SPACE_MIN,
     NEUTRAL_PRIOR,
     DelayModel,
@@ -21,6 +23,7 @@ from ragctl.scheduler.cost import (
     WorkTable,
     covers,
     features,
+    fit_strength,
     prior_from_rates,
     prior_quality,
 )
@@ -301,6 +304,35 @@ def test_a_difference_within_a_few_trials_is_pulled_together() -> None:
             model.add_label(one, {one: True, three: i % 7 < 6})
     gap = lambda m: m.predict(one, SPACE) - m.predict(three, SPACE)  # noqa: E731
     assert 0 < gap(few) < gap(many) and gap(many) == pytest.approx(1 / 7, abs=0.005)
+
+
+def test_pooling_weight_is_estimated_from_the_spread_the_trials_cannot_explain() -> None:
+    """Empirical Bayes: 16 configurations over 10 labels whose rates (0.1 to 0.5) differ no
+    more than 10 trials each would make them differ anyway are pooled fully; two that differ
+    by 36 and 4 of 40 keep their difference."""
+    noisy = [(5, 10), (4, 10), *[(3, 10)] * 4, *[(2, 10)] * 7, *[(1, 10)] * 3]
+    assert fit_strength(noisy, 5.0) == FULL_POOLING
+    real = fit_strength([(36, 40), (4, 40)], 5.0)
+    assert 0 <= real < 1  # tau^2 ~ 0.16 against p(1 - p) = 0.25: next to no pooling
+    # Nothing to estimate from: the default.
+    assert fit_strength([(3, 10)], 5.0) == 5.0
+    assert fit_strength([(0, 10), (0, 10)], 5.0) == fit_strength([(9, 9), (4, 4)], 5.0) == 5.0
+    assert fit_strength([], 5.0) == 5.0
+
+    model = QualityModel()
+    configs = [Config("stuff", k) for k in (1, 2, 3, 4, 6, 9)]
+    agreed = {1: 2, 2: 3, 3: 2, 4: 2, 6: 5, 9: 3}  # stuff:6 "best" by 5 of 10: noise
+    for i in range(10):
+        model.add_label(Config("stuff", 1), {c: i < agreed[c.num_chunks] for c in configs})
+    assert model.strength() == FULL_POOLING
+    q = [model.predict(c, SPACE) for c in configs]
+    assert max(q) - min(q) < 1e-4 and q[0] == pytest.approx(model.pooled(), abs=1e-4)
+    # A fixed weight is kept as given (and the default when none is given before any outcome).
+    fixed = QualityModel(prior_strength=5)
+    for i in range(10):
+        fixed.add_label(Config("stuff", 1), {c: i < agreed[c.num_chunks] for c in configs})
+    assert fixed.strength() == 5 and QualityModel().strength() == DEFAULT_PRIOR_STRENGTH
+    assert fixed.predict(Config("stuff", 6), SPACE) > fixed.predict(Config("stuff", 1), SPACE)
 
 
 def test_labels_without_outcomes_predict_as_before() -> None:

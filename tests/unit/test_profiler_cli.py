@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from ragctl.cli import app
 from ragctl.errors import InvalidSetting
 from ragctl.settings import Settings, model_key
+from ragctl.types import Config
 from tests.unit.test_profiler_auto import _train
 
 
@@ -91,3 +92,16 @@ def test_feedback_budget_setting_is_checked_and_parsed() -> None:
     assert AdaptivePolicy.from_settings(
         Settings().with_overrides(feedback_configs="")
     ).feedback_configs == ()
+
+
+def test_train_labels_with_the_cards_grid_where_it_has_one() -> None:
+    from ragctl.evaluation.grid import parse_configs
+    from ragctl.evaluation.profiler_train import LABEL_CONFIGS, label_configs
+    from ragctl.retrieval.collection import load_card
+
+    qmsum, squad = load_card("qmsum"), load_card("squad")
+    assert qmsum.grid and not squad.grid
+    assert label_configs(qmsum, None) == parse_configs(",".join(qmsum.grid))
+    assert all(c.num_chunks <= 6 for c in label_configs(qmsum, None) if c.method == "stuff")
+    assert label_configs(squad, None) == parse_configs(LABEL_CONFIGS)
+    assert label_configs(qmsum, "stuff:1,stuff:2") == (Config("stuff", 1), Config("stuff", 2))

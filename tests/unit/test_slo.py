@@ -17,6 +17,7 @@ from ragctl.scheduler.slo import (
     MIN_RATIOS,
     OPTIMISM_QUANTILE,
     PRE_STAGE,
+    SHED_QUANTILE,
     BaselineEstimator,
     Mitigation,
     SLOTracker,
@@ -50,6 +51,13 @@ def test_mitigation_modes_and_lists() -> None:
     for bad in ("fast", "priority,teleport", ""):
         with pytest.raises(InvalidRequest, match="unknown SLO mitigation"):
             Mitigation.parse(bad)
+    # Shedding: off unless asked for; `admission` is adaptive + shed; it needs `config`.
+    assert not Mitigation().shed and not Mitigation.parse("adaptive").shed
+    admission = Mitigation.parse("admission")
+    assert admission == Mitigation(shed=True) and admission.label == "admission"
+    assert Mitigation.parse("config,shed").label == "config,shed"
+    with pytest.raises(InvalidRequest, match="'shed' needs 'config'"):
+        Mitigation.parse("triage,shed")
 
 
 # -- predictor ----------------------------------------------------------------------------------
@@ -178,6 +186,53 @@ def test_a_miss_is_certain_only_beyond_the_predictors_own_luck() -> None:
     assert (p.config, p.reason, p.slo_action) == (Config("stuff", 1), "fit", "below-profile")
     assert choose_within_slo(*args, optimism=0.9, **kw).slo_action == "unmeetable"
     assert choose_within_slo(*args, optimism=5.0, **kw).slo_action == "unmeetable"  # at most 1
+
+
+def test_shedding_reads_predictions_at_the_median_error_and_refuses_a_certain_miss() -> None:
+    args = (SPACE, KV, 0, need)
+    kw = {"joint_reasoning": True, "max_chunks": 10, "predict": predict}
+    # stuff:8 is predicted at 4 s against 5 s: kept, unless requests have run 1.5x their
+    # predictions; then stuff:6 (3 s, read as 4.5 s) is the largest that meets it.
+    assert choose_within_slo(*args, budget_s=5.0, calibration=1.5, **kw).config == Config(
+        "stuff", 8
+    )  # without `shed`, the calibration is not read
+    p = choose_within_slo(*args, budget_s=5.0, calibration=1.5, shed=True, **kw)
+    assert (p.config, p.slo_action) == (Config("stuff", 6), "cheaper-config")
+    # Even stuff:1 (0.5 s, read as 0.75 s) misses 0.6 s: shed. At face value it would meet.
+    p = choose_within_slo(*args, budget_s=0.6, calibration=1.5, shed=True, **kw)
+    assert (p.config, p.slo_action) == (Config("stuff", 1), "shed")
+    assert choose_within_slo(*args, budget_s=0.6, shed=True, **kw).slo_action == "below-profile"
+    # Requests that ran faster than predicted save what a face value would shed.
+    p = choose_within_slo(*args, budget_s=0.4, calibration=0.7, shed=True, **kw)
+    assert (p.config, p.slo_action) == (Config("stuff", 1), "below-profile")
+    # Without shedding, the same request is given up by triage instead of refused.
+    assert choose_within_slo(*args, budget_s=0.1, **kw).slo_action == "unmeetable"
+    # No time left and nothing predicted: shed (with shedding), else best-fit's own plan.
+    blind = {**kw, "predict": lambda c: None}
+    assert choose_within_slo(*args, budget_s=-0.1, shed=True, **blind).slo_action == "shed"
+    assert choose_within_slo(*args, budget_s=-0.1, **blind).slo_action == ""
+    assert choose_within_slo(*args, budget_s=0.1, shed=True, **blind).slo_action == ""
+    # A wait stays a wait: nothing is refused for memory.
+    p = choose_within_slo(SPACE, KVState(1000, 5, 16), 0, need, budget_s=0.1, shed=True, **kw)
+    assert p.reason == "wait" and p.slo_action == ""
+
+
+def test_calibration_is_the_median_of_actual_over_predicted() -> None:
+    clock = Clock()
+    tracker = SLOTracker(clock=clock)
+    assert tracker.calibration() == 1.0 and tracker.ratio_quantile(0.5) is None
+    for i in range(MIN_RATIOS):
+        t = tracker.start(10_000)
+        tracker.enter(t, "queue")
+        tracker.planned(t, Config("stuff", 1))
+        t.predicted_s = 1.0
+        tracker.enter(t, "answer")
+        clock.now += 1.0 + 0.2 * i  # 1x to 2.8x the prediction
+        tracker.finish(t, ok=True)
+    assert tracker.calibration() == pytest.approx(np.median([1.0 + 0.2 * i for i in range(10)]))
+    assert tracker.calibration() == pytest.approx(tracker.ratio_quantile(SHED_QUANTILE))
+    assert tracker.optimism() == 1.0  # capped: luck never makes a prediction slower
+    assert tracker.snapshot()["calibration"] == tracker.calibration()
 
 
 def test_optimism_is_a_low_quantile_of_actual_over_predicted() -> None:

@@ -1,0 +1,98 @@
+"""SLO shedding (`--slo-mitigation admission`): a request whose fastest configuration is predicted
+to miss is refused before any engine call, its blocks never held, counted as a violation, and
+the server answers it with OpenAI error JSON that the official client does not retry on its own.
+Over the fake engine; the planning rule itself is in test_slo.py."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from ragctl.errors import SLOUnmeetable
+from ragctl.evaluation.summaries import slo_summary
+from ragctl.scheduler.placement import EngineOption, place
+from ragctl.scheduler.slo import Mitigation, SLOTracker
+from ragctl.server.app import ServerOptions, create_app
+from ragctl.service import Service
+from ragctl.settings import Settings
+from ragctl.types import Config, Plan
+from tests.unit.test_controller import RULES, FakeEngine, FakeProfiler, controller
+
+QUESTION = "Where was Super Bowl 50 played?"
+
+
+async def test_a_request_that_cannot_make_its_slo_is_refused_before_any_engine_call() -> None:
+    ctl = controller(slo=SLOTracker(Mitigation.parse("admission")))
+    # The deadline passes while the request is profiled: nothing could meet it.
+    with pytest.raises(SLOUnmeetable, match="predicted to miss"):
+        await ctl.aask(QUESTION, slo_ms=1e-6)
+    assert ctl.engine.stages == 0  # no synthesis call went out
+    assert ctl.admission.ledger.reserved == 0 and not ctl.slo.inflight
+    assert ctl.counters["shed"] == 1
+    c = ctl.slo.counters
+    assert (c["requests"], c["violated"], c["shed"]) == (1, 1, 1)
+    # With time, the same controller answers; without shedding, the hopeless one is answered.
+    answer = await ctl.aask(QUESTION, slo_ms=600_000)
+    assert answer.decision.slo.met and ctl.engine.stages >= 1
+    adaptive = controller(slo=SLOTracker(Mitigation.parse("adaptive")))
+    late = await adaptive.aask(QUESTION, slo_ms=1e-6)
+    assert late.decision.slo is not None and not late.decision.slo.met
+
+
+async def test_a_fixed_configuration_is_never_shed() -> None:
+    """Shedding is a planning decision: a caller who named the configuration gets it."""
+    ctl = controller(slo=SLOTracker(Mitigation.parse("admission")))
+    answer = await ctl.aask(QUESTION, Config("stuff", 1), slo_ms=1e-6)
+    assert answer.decision.slo is not None and not answer.decision.slo.met
+
+
+def test_placement_prefers_an_engine_that_would_run_the_query_to_one_that_sheds_it() -> None:
+    shed = Plan(Config("stuff", 1), "fit", 3, 100, 0, slo_action="shed")
+    runs = Plan(Config("stuff", 1), "fallback", 3, 10, 0, slo_action="below-profile")
+    wait = Plan(None, "wait", 3, 0, 0)
+    assert place([EngineOption(shed), EngineOption(runs)]) == 1
+    assert place([EngineOption(wait), EngineOption(shed)]) == 1
+
+
+def test_a_shed_row_is_a_violation_and_counted_as_shed() -> None:
+    rows = [
+        {"slo_ms": 1000, "delay_s": 0.5, "error": None,
+         "decision": {"slo": {"plan_action": "none"}}},
+        {"slo_ms": 1000, "delay_s": None, "error": "SLOUnmeetable: refused before any call"},
+    ]  # fmt: skip
+    s = slo_summary(rows)
+    assert s is not None and (s.requests, s.met, s.violations) == (2, 1, 1)
+    assert s.plan_actions == {"shed": 1}
+
+
+async def test_server_answers_503_slo_unmeetable_and_the_openai_client_does_not_retry() -> None:
+    engine = FakeEngine()
+    settings = Settings(slo_mitigation="admission")
+    service = Service(settings, engine, FakeProfiler(), RULES)  # type: ignore[arg-type]
+    ctl = controller(engine, slo=service.slo)  # the tracker /metrics reads
+    service.controllers["squad"] = ctl
+    app = create_app(service, ServerOptions("squad"))
+    transport = httpx.ASGITransport(app=app)
+    body = {"model": "ragctl/auto", "messages": [{"role": "user", "content": QUESTION}],
+            "slo_ms": 0.001}  # fmt: skip
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        resp = await http.post("/v1/chat/completions", json=body)
+        assert resp.status_code == 503, resp.text
+        err = resp.json()["error"]
+        assert err["code"] == "slo_unmeetable" and err["type"] == "server_error"
+        assert resp.headers["x-should-retry"] == "false" and "retry-after" not in resp.headers
+        # The official client, with its default retries, sends it once.
+        client = openai.AsyncOpenAI(
+            base_url="http://t/v1", api_key="none", http_client=http, max_retries=2
+        )
+        with pytest.raises(openai.APIStatusError) as raised:
+            await client.chat.completions.create(
+                model="ragctl/auto", messages=[{"role": "user", "content": QUESTION}],
+                extra_body={"slo_ms": 0.001},
+            )  # fmt: skip
+        assert raised.value.status_code == 503
+        metrics = (await http.get("/metrics")).text
+    assert ctl.slo.counters["shed"] == 2  # one per request: no retry reached the server
+    assert 'ragctl_slo_plan_actions_total{action="shed"} 2.0' in metrics
+    assert 'outcome="rejected"' in metrics and engine.stages == 0
