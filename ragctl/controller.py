@@ -54,6 +54,7 @@ from ragctl.policy import (
     outcome_counter,
     planned_work,
     resolve_space,
+    unasked_profile,
     with_history,
 )
 from ragctl.profiler import ProfileOutcome, Profiler
@@ -375,11 +376,15 @@ class Controller:
         the scores of the chunks found): the learned profiler's input."""
         return await self.bridge.arun(self._signals(self.check_question(question)))
 
-    async def propose(self, question: str, objective: Objective | None = None) -> Proposal:
+    async def propose(
+        self, question: str, objective: Objective | None = None, *, ask: bool = False
+    ) -> Proposal:
         """What the adaptive path would decide for `question` now, without answering it: the
         real profiler, rules and best-fit against the engine's KV state (policy replay). Like
-        `aask`, it updates the collection's history of confident spaces."""
-        return await self.bridge.arun(self._propose(question, objective))
+        `aask`, it updates the collection's history of confident spaces. `ask`: profile even
+        where the adaptive path would leave the profiler unasked (`unasked_profile`), for the
+        baselines that read the profile."""
+        return await self.bridge.arun(self._propose(question, objective, ask))
 
     async def aclose(self) -> None:
         """Stop background feedback runs, then (when it owns them) the profiler and engine;
@@ -598,13 +603,21 @@ class Controller:
         trace: StageHooks = NO_HOOKS,
         synth: Synthesizer | None = None,
         objective: Objective | None = None,
+        ask: bool = False,
     ) -> tuple[ProfileOutcome, list[Chunk], SpaceChoice, Callable[[KVState, int], Plan]]:
-        """The adaptive path up to the admission queue: retrieval ‖ profile, the pruned space
-        (the collection's history learns from it), and best-fit's `decide`."""
+        """The adaptive path up to the admission queue: retrieval ‖ profile (unless no answer
+        could buy anything: `unasked_profile`; `ask` profiles anyway), the pruned space (the
+        collection's history learns from it), and best-fit's `decide`."""
         k = self.rules.max_num_chunks
         if max_chunks is not None:
             k = min(k, max_chunks)
-        if self._needs_signals():
+        unasked = unasked_profile(self.quality, objective or self.policy.objective)
+        if ask:
+            unasked = None
+        if unasked is not None:
+            chunks = await self._retrieve(q, k, timings)
+            outcome = unasked
+        elif self._needs_signals():
             # The learned profiler reads the query embedding and the retrieval scores, so it
             # waits for retrieval (milliseconds) instead of running beside it.
             chunks, vector = await self._retrieve_with_vector(q, k, timings)
@@ -635,11 +648,13 @@ class Controller:
         timings["decide"] = time.perf_counter() - t
         return outcome, chunks, choice, decide
 
-    async def _propose(self, question: str, objective: Objective | None = None) -> Proposal:
+    async def _propose(
+        self, question: str, objective: Objective | None = None, ask: bool = False
+    ) -> Proposal:
         q = self.check_question(question)
         timings: dict[str, float] = {}
         outcome, _, choice, decide = await self._choose(
-            q, q, None, timings, objective=objective
+            q, q, None, timings, objective=objective, ask=ask
         )
         slot = self.admission.slots[0]
         plan = decide(await slot.kv_state(), slot.ledger.reserved)

@@ -117,7 +117,9 @@ def resolve_space(
     profile = outcome.profile
     if profile is not None and profile.confidence is not None and profile.confidence >= threshold:
         return SpaceChoice(evaluate(rules, profile), True, "", profile.joint_reasoning)
-    if profile is None:
+    if profile is None and outcome.profiler == UNASKED:
+        note = outcome.llm_note
+    elif profile is None:
         note = f"profiler error: {outcome.error or 'no profile'}"
     elif profile.confidence is None:
         note = "low-confidence: no log-probs"
@@ -132,11 +134,36 @@ def resolve_space(
     return SpaceChoice(space, False, note, joint)
 
 
+UNASKED = "unasked"
+"""`ProfileOutcome.profiler` of a profile the adaptive path did not ask for."""
+
+
+def unasked_profile(quality: QualityModel, objective: Objective) -> ProfileOutcome | None:
+    """The outcome that stands for a profile left unasked, or None (ask). The profiler is not
+    asked when no answer could buy anything: the objective chooses by predicted quality and
+    delay (`balanced`, `latency`; METIS's `quality` rule reads the profile's space), the
+    collection's labels give the space (`label_space`), and they show no configuration
+    answering better than another (`indifferent`). Every candidate is then predicted equally
+    good, so the choice is the fastest that fits, and the labels' space already holds the
+    configurations their queries needed: a trusted profile could only narrow it. The profiler's
+    seconds are saved; a label with a real difference between configurations asks again."""
+    if objective == "quality" or quality.label_space() is None or not quality.indifferent():
+        return None
+    return ProfileOutcome(
+        profile=None, error=None, error_kind=None, seconds=0.0, template="",
+        profiler=UNASKED,
+        llm_note=f"not asked: the {len(quality.labels)} labels show no configuration "
+        "answering better than another",
+    )  # fmt: skip
+
+
 def outcome_counter(outcome: ProfileOutcome, choice: SpaceChoice) -> str:
     """The counter a profiled query adds to besides `profiled`: `profile_used`,
-    `profiler_errors` or `low_confidence`."""
+    `profiler_errors`, `low_confidence` or `profile_unasked`."""
     if choice.profile_used:
         return "profile_used"
+    if outcome.profiler == UNASKED:
+        return "profile_unasked"
     return "profiler_errors" if outcome.profile is None else "low_confidence"
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from ragctl.errors import InvalidRequest, RagctlError
 from ragctl.evaluation import metrics
 from ragctl.evaluation.writers import SampleWriter, read_rows
+from ragctl.scheduler.cost import NO_LOAD, Load, StageWork
 from ragctl.synthesis.registry import MAX_CHUNKS
 from ragctl.types import METHODS, Config
 
@@ -167,6 +168,38 @@ class GridStore:
     def rows(self, query_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
         wanted = None if query_ids is None else set(query_ids)
         return [c for (q, _), c in self.cells.items() if wanted is None or q in wanted]
+
+
+Observation = tuple[StageWork, Load, float, "StageWork | None"]
+"""One stage for the delay model: its observed work, the load, its seconds, its planned work."""
+
+
+def grid_observations(
+    store: GridStore,
+    queries: Iterable[Query],
+    planned: Callable[[Query, Config], Sequence[StageWork]] | None = None,
+) -> list[Observation]:
+    """The synthesis stages of `queries`' cells as the delay model's observations: each stage's
+    calls, prompt and output tokens and seconds, under no load (a cell is answered alone on an
+    idle engine), with the stage's planned work when `planned(query, config)` gives it (so the
+    model learns how much of each stage's output budget is used). A cell keeps a stage's
+    summed output, not its longest call's: decode steps are read as the mean per call (exact
+    for one call)."""
+    out: list[Observation] = []
+    for q in queries:
+        for (qid, label), cell in store.cells.items():
+            if qid != q.id or cell.get("error"):
+                continue
+            plan = {w.stage: w for w in planned(q, Config.parse(label))} if planned else {}
+            for st in cell.get("stages") or ():
+                calls, output = int(st["calls"]), int(st["output_tokens"])
+                if calls < 1:
+                    continue
+                work = StageWork(
+                    st["name"], calls, int(st["prompt_tokens"]), math.ceil(output / calls), output
+                )
+                out.append((work, NO_LOAD, float(st["seconds"]), plan.get(st["name"])))
+    return out
 
 
 def answer_scores(card: DatasetCard, query: Query, answer: Answer) -> dict[str, float | None]:

@@ -37,6 +37,7 @@ from ragctl.evaluation.systems import (
     median_config,
 )
 from ragctl.evaluation.writers import SampleWriter, read_rows
+from ragctl.policy import UNASKED
 from ragctl.profiler import ProfileOutcome
 from ragctl.profiler.beliefs import FieldBeliefs
 from ragctl.types import Config, Profile
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     from ragctl.types import Query
 
 PROFILES_FILE = "profiles.jsonl"
+PROFILE_READERS = ("adaptiverag", "parrot")
+"""Baselines that decide from the profile (and pay for it) whatever ragctl does."""
 REPLAY_CONCURRENCY = 1
 """Replay rows are a closed loop of one: every delay is a solo delay."""
 
@@ -210,8 +213,15 @@ class Replayer:
                         q.question, _objective(s)
                     )
                     self.stats.decisions += 1
+            asked: Proposal | None = None
             for s in plan.systems:
                 proposal = proposals.get(_objective(s))
+                if s.kind in PROFILE_READERS and proposal and proposal.outcome.profiler == UNASKED:
+                    # ragctl left the profiler unasked; these baselines read the profile.
+                    if asked is None:
+                        asked = await self.controller.propose(q.question, None, ask=True)
+                        self.stats.decisions += 1
+                    proposal = asked
                 config, why = self.choose(s.kind, s.config, proposal, table)
                 cell = await self.cell(q, config) if config is not None else None
                 profile_s = proposal.outcome.seconds if proposal and s.kind != "fixed" else None

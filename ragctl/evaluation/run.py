@@ -45,6 +45,8 @@ if TYPE_CHECKING:
     from ragctl.evaluation.grid import FrontierPoint, GridStore
     from ragctl.evaluation.runner import Job, Runner
     from ragctl.retrieval.collection import DatasetCard
+    from ragctl.scheduler.cost import StageWork
+    from ragctl.types import Query
 
 RUN_FILE = "run.json"
 """What a run was asked to do (and AdaptiveRAG*'s calibration table): `--resume` checks it."""
@@ -467,10 +469,12 @@ def replay_run(
     summary.csv, the run's plots, frontier.csv and frontier.png to `out_dir`."""
     card, configs, test, calib = _grid_queries(settings, request)
     plan = parse_systems(systems, grid=configs)
+    # The calibration split's cells warm the delay model, whatever the systems need.
+    warm = list(calib)
     if not plan.needs_calibration:
         calib = []
     return asyncio.run(
-        _replay(settings, card, test, calib, configs, plan, systems, out_dir, progress)
+        _replay(settings, card, test, calib, configs, plan, systems, out_dir, progress, warm)
     )
 
 
@@ -484,8 +488,12 @@ async def _replay(
     systems: str,
     out_dir: Path,
     progress: Callable[[], Progress],
+    warm: Sequence[Query] = (),
 ) -> ReplayReport:
-    from ragctl.evaluation.grid import grid_summary
+    """`warm`: the queries whose cells teach the delay model first (the calibration split:
+    live, it would have learned from the engine's own stages; never the test queries, whose
+    solo delays are what replay reports)."""
+    from ragctl.evaluation.grid import grid_observations, grid_summary
     from ragctl.evaluation.plots import write_frontier_plot
     from ragctl.evaluation.replay import PROFILES_FILE, CachedProfiler, Replayer, ReplayStats
     from ragctl.evaluation.writers import write_frontier_csv
@@ -504,6 +512,11 @@ async def _replay(
             ):
                 # The engine's first call is slow: keep it out of the profiles' timings.
                 await controller.aask(test[0].question, Config("stuff", 1))
+            delay = controller.slo.delay
+            warmed = grid_observations(store, warm, _planner(controller, configs))
+            for work, load, seconds, budget in warmed:
+                delay.observe(work, load, seconds, budget=budget)
+            delay.refit()
             replayer = Replayer(controller, card, store, stats)
             table = None
             if plan.needs_calibration:
@@ -532,6 +545,7 @@ async def _replay(
         "rules_file": str(settings.rules_file) if settings.rules_file else None,
         "confidence_threshold": settings.confidence_threshold,
         "live_cells": stats.live_cells,
+        "delay_model": {"warm_observations": len(warmed), "source": delay.source},
         "note": "solo delays on an idle engine; replay says nothing about load (eval run does)",
     }  # fmt: skip
     write_outputs(out_dir, meta)
@@ -551,6 +565,25 @@ async def _replay(
         seconds=time.perf_counter() - start,
         out_dir=out_dir,
     )
+
+
+def _planner(
+    controller: Controller, configs: Sequence[Config]
+) -> Callable[[Query, Config], tuple[StageWork, ...]]:
+    """`planned(query, config)`: the work the controller would plan for `config` on `query`
+    (its retrieved chunks, sized as best-fit sizes them), retrieved once per query."""
+    from ragctl.policy import planned_work
+
+    k = max(c.num_chunks for c in configs)
+    sizers: dict[str, Any] = {}
+
+    def planned(query: Query, config: Config) -> tuple[StageWork, ...]:
+        if query.id not in sizers:
+            chunks = controller.retriever.search(query.question, k)
+            sizers[query.id] = controller.synthesizer.sizer(query.question, chunks)
+        return planned_work(sizers[query.id], config)
+
+    return planned
 
 
 def system_points(evaluation: Evaluation) -> list[FrontierPoint]:

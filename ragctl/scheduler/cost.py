@@ -513,6 +513,11 @@ class QualityModel:
             )
         return self._measured
 
+    def indifferent(self) -> bool:
+        """Whether the labels show no configuration answering better than another: measured
+        outcomes whose spread is all sampling (`fit_strength` pools them fully)."""
+        return bool(self.measured()) and self._strength >= FULL_POOLING
+
     def strength(self) -> float:
         """The pooled rate's weight, in trials, in each measured configuration's rate."""
         self.measured()  # fitted with it, once per new label

@@ -10,10 +10,10 @@ import dataclasses
 
 import pytest
 
-from ragctl.scheduler.cost import DelayModel, Load, StageWork, prior_from_rates
+from ragctl.scheduler.cost import LABEL_SPACE_MIN, DelayModel, Load, StageWork, prior_from_rates
 from ragctl.scheduler.slo import Mitigation, SLOTracker
 from ragctl.types import AnswerOptions, Config
-from tests.unit.test_controller import NO_GOLDEN, FakeEngine, controller
+from tests.unit.test_controller import NO_GOLDEN, FakeEngine, FakeProfiler, controller
 
 Q = "Where was Super Bowl 50 played?"
 
@@ -135,3 +135,56 @@ def test_tracker_predictor_choice_and_the_remaining_time_without_its_own_calls()
     assert u.predicted_s == 2.0 and u.model_s == pytest.approx(model.predict(work))
     with pytest.raises(Exception, match="unknown SLO predictor"):
         SLOTracker(predictor="oracle")  # type: ignore[arg-type]
+
+
+# -- the profiler left unasked where no answer could buy anything ------------------------------
+
+
+def indifferent_labels(model, n: int = 12) -> None:
+    """`n` labels over which stuff:1 and stuff:3 agree alike (a difference within sampling)."""
+    one, three = Config("stuff", 1), Config("stuff", 3)
+    for i in range(n):
+        model.add_label(one, {one: i % 3 == 0, three: i % 3 == 1})
+
+
+def test_the_profiler_is_left_unasked_only_where_labels_show_no_difference() -> None:
+    from ragctl.policy import UNASKED, unasked_profile
+    from ragctl.scheduler.cost import QualityModel
+
+    model = QualityModel()
+    assert unasked_profile(model, "balanced") is None  # no labels: ask
+    indifferent_labels(model, LABEL_SPACE_MIN - 1)
+    assert model.indifferent() and unasked_profile(model, "balanced") is None  # no label space
+    indifferent_labels(model, 1)
+    out = unasked_profile(model, "balanced")
+    assert out is not None and out.profiler == UNASKED and out.profile is None
+    assert out.seconds == 0.0 and "not asked" in out.llm_note
+    assert unasked_profile(model, "latency") is not None
+    assert unasked_profile(model, "quality") is None  # METIS's rule reads the profile's space
+    # A real difference (stuff:3 answers every query, stuff:1 none) asks again.
+    real = QualityModel()
+    one, three = Config("stuff", 1), Config("stuff", 3)
+    for _ in range(LABEL_SPACE_MIN):
+        real.add_label(three, {one: False, three: True})
+    assert not real.indifferent() and unasked_profile(real, "balanced") is None
+
+
+async def test_an_unasked_profile_saves_the_call_and_the_baselines_still_get_one() -> None:
+    calls = []
+
+    class Counting(FakeProfiler):
+        async def profile(self, question, metadata, chunk_tokens, *, collection=None):
+            calls.append(question)
+            return self.outcome
+
+    ctl = controller(profiler=Counting())
+    indifferent_labels(ctl.quality)
+    answer = await ctl.aask("Who won Super Bowl 50?")
+    d = answer.decision
+    assert calls == [] and d.profiler == "unasked" and not d.profile_used
+    assert "not asked" in d.profile_note and d.space.source == "labels"
+    assert ctl.counters["profile_unasked"] == 1
+    asked = await ctl.propose("Who won Super Bowl 50?", ask=True)
+    assert calls == ["Who won Super Bowl 50?"] and asked.outcome.profile is not None
+    quality = await ctl.aask("Who won?", options=AnswerOptions(objective="quality"))
+    assert len(calls) == 2 and quality.decision.profile_used

@@ -21,6 +21,7 @@ from ragctl.evaluation.grid import (
     default_grid,
     frontier,
     frontier_delay_at,
+    grid_observations,
     parse_configs,
     summarize_cells,
     wide_grid,
@@ -28,9 +29,11 @@ from ragctl.evaluation.grid import (
 from ragctl.evaluation.replay import CachedProfiler, Replayer, ReplayStats, outcome_from_dict
 from ragctl.evaluation.summaries import summarize
 from ragctl.evaluation.systems import parse_systems
+from ragctl.policy import planned_work
 from ragctl.profiler import ProfileOutcome
 from ragctl.profiler.beliefs import FieldBeliefs
 from ragctl.retrieval.collection import load_card
+from ragctl.scheduler.cost import NO_LOAD, DelayModel
 from ragctl.types import METHODS, Config, Query
 from tests.unit.test_controller import FakeEngine, FakeProfiler, a_profile, controller
 
@@ -128,6 +131,33 @@ async def test_a_build_resumes_and_never_answers_a_cell_twice(tmp_path: Path) ->
     assert GridStore.open(tmp_path, key(model="other")).cells == {}
     assert engine.calls > calls
     assert json.loads((store.folder / "key.json").read_text())["model"] == "m"
+
+
+async def test_cells_teach_the_delay_model_their_stages_under_no_load(tmp_path: Path) -> None:
+    store = GridStore.open(tmp_path, key())
+    ctl = controller()
+    await build(ctl, CARD, store, QUERIES[:2], SMALL)
+    seen = grid_observations(store, QUERIES[:1])
+    cells = store.rows(["q0"])
+    assert len(seen) == sum(len(c["stages"]) for c in cells) and seen
+    for work, load, seconds, planned in seen:
+        assert load == NO_LOAD and seconds >= 0 and work.calls >= 1 and planned is None
+        assert work.decode_steps * work.calls >= work.output_tokens  # the mean per call
+    mapped = [w for w, _, _, _ in seen if w.stage == "map"]
+    assert mapped and all(w.calls == 3 for w in mapped)
+    assert grid_observations(store, QUERIES[2:]) == []  # not built
+    # With the controller's plan, each stage carries its planned work (output budgets).
+    chunks = ctl.retriever.search(QUERIES[0].question, 9)
+    sizer = ctl.synthesizer.sizer(QUERIES[0].question, chunks)
+    both = grid_observations(store, QUERIES[:2], lambda q, c: planned_work(sizer, c))
+    assert len(both) == 2 * len(seen)
+    assert all(p is not None and p.stage == w.stage for w, _, _, p in both)
+    model = DelayModel()
+    for work, load, seconds, planned in both:
+        # The fake engine's stages are instant (0 s once rounded): give them time to learn.
+        model.observe(work, load, max(seconds, 0.01), budget=planned)
+    assert model.observations == len(both)
+    assert model.output_share("answer") < 1.0  # one word of a 16-token budget
 
 
 async def test_each_cell_starts_from_an_empty_prefix_cache(tmp_path: Path) -> None:
@@ -327,3 +357,21 @@ def test_a_replayed_row_carries_the_cells_time_to_first_token(tmp_path: Path) ->
     assert r.row("parrot", q, c, cell, 1.5, None, None)["ttft_s"] == 2.5
     old = {k: v for k, v in cell.items() if k != "ttft_s"}  # built before streaming
     assert r.row("parrot", q, c, old, 1.5, None, None)["ttft_s"] is None
+
+
+async def test_baselines_read_a_profile_where_ragctl_leaves_it_unasked(tmp_path: Path) -> None:
+    from tests.unit.test_controller_cost import indifferent_labels
+
+    slow = ProfileOutcome(a_profile(0.95), None, None, 0.5, "v1")
+    ctl = controller(profiler=FakeProfiler(slow))
+    indifferent_labels(ctl.quality)
+    store = GridStore.open(tmp_path, key())
+    plan = parse_systems("ragctl,parrot,adaptiverag", grid=SMALL)
+    table = {"high-joint": "stuff:3", "*": "stuff:1"}
+    rows = await Replayer(ctl, CARD, store, ReplayStats()).rows(QUERIES[:1], plan, table)
+    by = {r["system"]: r for r in rows}
+    assert by["ragctl"]["decision"]["profile"]["profiler"] == "unasked"
+    assert by["ragctl"]["profile_s"] == 0.0
+    for name in ("parrot", "adaptiverag"):
+        assert by[name]["profile_s"] == 0.5 and by[name]["decision"]["profile_used"]
+    assert by["adaptiverag"]["config"] == "stuff:3"  # its class from the profile, not "*"
