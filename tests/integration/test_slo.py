@@ -107,3 +107,22 @@ async def test_mitigation_off_flags_but_changes_nothing(local_engine, small_squa
     assert rec.mitigation == "off" and rec.plan_action == "none"
     assert rec.flagged and rec.boosted_calls == 0 and rec.paused_ms == 0
     assert isinstance(ctl.slo, SLOTracker) and ctl.slo.counters["violated"] == 1
+
+
+async def test_admission_sheds_a_request_that_cannot_make_it_before_any_engine_call(
+    local_engine, small_squad
+) -> None:
+    from ragctl.errors import SLOUnmeetable
+
+    settings, queries = small_squad
+    ctl = make_controller(local_engine, settings, "admission")
+    await ctl.aask(queries[0].question, SHORT)  # the engine has run a stage of this controller
+    reserved = ctl.admission.ledger.reserved
+    with pytest.raises(SLOUnmeetable, match="predicted to miss"):
+        await ctl.aask(queries[1].question, slo_ms=1)
+    assert ctl.admission.ledger.reserved == reserved == 0
+    assert ctl.counters["shed"] == 1 and ctl.slo.counters["shed"] == 1
+    assert ctl.slo.counters["violated"] == 1 and not ctl.slo.inflight
+    # A request with time to spare is answered by the same controller.
+    answer = await ctl.aask(queries[1].question, slo_ms=600_000)
+    assert answer.decision.slo.met and answer.decision.slo.mitigation == "admission"
