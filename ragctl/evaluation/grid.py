@@ -186,19 +186,20 @@ def grid_observations(
     summed output, not its longest call's: decode steps are read as the mean per call (exact
     for one call)."""
     out: list[Observation] = []
-    for q in queries:
-        for (qid, label), cell in store.cells.items():
-            if qid != q.id or cell.get("error"):
+    by_id = {q.id: q for q in queries}
+    for cell in store.rows(by_id):
+        if cell.get("error"):
+            continue
+        q = by_id[cell["query_id"]]
+        plan = {w.stage: w for w in planned(q, Config.parse(cell["config"]))} if planned else {}
+        for st in cell.get("stages") or ():
+            calls, output = int(st["calls"]), int(st["output_tokens"])
+            if calls < 1:
                 continue
-            plan = {w.stage: w for w in planned(q, Config.parse(label))} if planned else {}
-            for st in cell.get("stages") or ():
-                calls, output = int(st["calls"]), int(st["output_tokens"])
-                if calls < 1:
-                    continue
-                work = StageWork(
-                    st["name"], calls, int(st["prompt_tokens"]), math.ceil(output / calls), output
-                )
-                out.append((work, NO_LOAD, float(st["seconds"]), plan.get(st["name"])))
+            work = StageWork(
+                st["name"], calls, int(st["prompt_tokens"]), math.ceil(output / calls), output
+            )
+            out.append((work, NO_LOAD, float(st["seconds"]), plan.get(st["name"])))
     return out
 
 

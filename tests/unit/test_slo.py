@@ -217,18 +217,26 @@ def test_shedding_reads_predictions_at_the_median_error_and_refuses_a_certain_mi
     assert p.reason == "wait" and p.slo_action == ""
 
 
+def run_with_ratios(
+    tracker: SLOTracker, clock: Clock, predicted: float, actual: list[float]
+) -> None:
+    """One answered stuff:1 request per `actual` synthesis seconds, each predicted at
+    `predicted`: the tracker's actual / predicted ratios."""
+    for seconds in actual:
+        t = tracker.start(10_000)
+        tracker.enter(t, "queue")
+        tracker.planned(t, Config("stuff", 1))
+        t.predicted_s = predicted
+        tracker.enter(t, "answer")
+        clock.now += seconds
+        tracker.finish(t, ok=True)
+
+
 def test_calibration_is_the_median_of_actual_over_predicted() -> None:
     clock = Clock()
     tracker = SLOTracker(clock=clock)
     assert tracker.calibration() == 1.0 and tracker.ratio_quantile(0.5) is None
-    for i in range(MIN_RATIOS):
-        t = tracker.start(10_000)
-        tracker.enter(t, "queue")
-        tracker.planned(t, Config("stuff", 1))
-        t.predicted_s = 1.0
-        tracker.enter(t, "answer")
-        clock.now += 1.0 + 0.2 * i  # 1x to 2.8x the prediction
-        tracker.finish(t, ok=True)
+    run_with_ratios(tracker, clock, 1.0, [1.0 + 0.2 * i for i in range(MIN_RATIOS)])  # 1x-2.8x
     assert tracker.calibration() == pytest.approx(np.median([1.0 + 0.2 * i for i in range(10)]))
     assert tracker.calibration() == pytest.approx(tracker.ratio_quantile(SHED_QUANTILE))
     assert tracker.optimism() == 1.0  # capped: luck never makes a prediction slower
@@ -239,14 +247,7 @@ def test_optimism_is_a_low_quantile_of_actual_over_predicted() -> None:
     clock = Clock()
     tracker = SLOTracker(clock=clock)
     assert tracker.optimism() == 1.0  # nothing seen: predictions as they are
-    for i in range(MIN_RATIOS):
-        t = tracker.start(10_000)
-        tracker.enter(t, "queue")
-        tracker.planned(t, Config("stuff", 1))
-        t.predicted_s = 2.0
-        tracker.enter(t, "answer")
-        clock.now += 1.0 + 0.1 * i  # 0.5x to 0.95x the prediction
-        tracker.finish(t, ok=True)
+    run_with_ratios(tracker, clock, 2.0, [1.0 + 0.1 * i for i in range(MIN_RATIOS)])  # 0.5x-0.95x
     assert len(tracker.ratios) == MIN_RATIOS
     assert tracker.optimism() == pytest.approx(np.quantile([0.5 + 0.05 * i for i in range(10)],
                                                            OPTIMISM_QUANTILE))  # fmt: skip
