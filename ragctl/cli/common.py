@@ -8,7 +8,9 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import signal
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -175,17 +177,52 @@ def with_settings_options(fn: Callable[..., None]) -> Callable[..., None]:
 # -- errors ---------------------------------------------------------------------------------
 
 
+TERMINATED_EXIT = 128 + signal.SIGTERM
+
+
 def run_app(app: typer.Typer, argv: list[str] | None) -> None:
-    """Run the typer app; a ragctl error is one line on stderr and exit 2 (user error) or 1."""
+    """Run the typer app; a ragctl error is one line on stderr and exit 2 (user error) or 1.
+    SIGTERM unwinds as Ctrl-C does (exit 143)."""
+    with _terminate_as_interrupt() as terminated:
+        try:
+            app(args=argv, prog_name="ragctl")
+        except ValidationError as e:  # RAGCTL_* environment variables
+            _fail(invalid_setting(e))
+        except RagctlError as e:
+            _fail(e)
+        except KeyboardInterrupt:
+            _interrupted(terminated)
+        except SystemExit:
+            if terminated:  # typer turned the interrupt into "Aborted!" and exit 1
+                _interrupted(terminated)
+            raise
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[list[int]]:
+    """While inside, SIGTERM (`kill`, a job runner's timeout) is turned into SIGINT, so that it
+    unwinds like Ctrl-C: by default it would end this process at once and leave the engine's
+    worker processes running with no parent. Yields the list of the SIGTERMs received."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def on_term(signum: int, _frame: object) -> None:
+        got.append(signum)
+        # Whichever SIGINT handler is current runs next (asyncio's cancels the running task).
+        signal.raise_signal(signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        app(args=argv, prog_name="ragctl")
-    except ValidationError as e:  # RAGCTL_* environment variables
-        _fail(invalid_setting(e))
-    except RagctlError as e:
-        _fail(e)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+        yield got
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(terminated: list[int]) -> None:
+    err.print("terminated" if terminated else "interrupted")
+    sys.exit(TERMINATED_EXIT if terminated else 130)
 
 
 def _fail(e: RagctlError) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from ragctl.settings import Settings
@@ -215,3 +218,48 @@ def test_demo_says_what_ragctl_is_for_then_answers_beside_a_fixed_config(env) ->
     assert "ragctl (adaptive) next to fixed stuff:5" in proc.stdout
     assert "fixed stuff:5" in proc.stdout and "profile " in proc.stdout
     assert proc.stdout.count("gold:") == 1  # one question shown (the warm-up one is not)
+
+
+def test_sigterm_mid_grid_shuts_the_in_process_engine_down(
+    small_squad, model_path: str, tmp_path
+) -> None:
+    """`kill` (SIGTERM) of a command running its own engine: the engine's worker processes end
+    with it, and the cells written so far are whole (the grid resumes from them)."""
+    settings, _ = small_squad
+    cache = tmp_path / "cache"
+    cmd = [
+        sys.executable, "-m", "ragctl", "--model", model_path, "--kv-cache-gib", "1",
+        "--golden-every", "0", "eval", "grid", "--dataset", "squad", "--limit", "3",
+        "--configs", "stuff:1,stuff:2,stuff:3,map_rerank:2",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "RAGCTL_DATA_DIR": str(settings.data_dir),
+        "RAGCTL_CACHE_DIR": str(cache),
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    # The model folder is prepared already; the index is built in this cache.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        cells: list[Path] = []
+        while not cells or not cells[0].read_text().strip():  # the engine answers by now
+            assert proc.poll() is None, "the grid ended before it was killed"
+            assert time.monotonic() < deadline, "no cell within 300 s"
+            time.sleep(0.5)
+            cells = list((cache / "grids" / "squad").glob("*/cells.jsonl"))
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert any("EngineCore" in " ".join([p.name(), *p.cmdline()]) for p in workers)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr.decode()[-3000:]
+    assert stderr.decode().strip().splitlines()[-1] == "terminated"
+    gone, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"orphaned: {[p.cmdline() for p in alive]}"
+    for line in cells[0].read_text().splitlines():
+        assert json.loads(line)["config"]  # no torn line
