@@ -292,6 +292,15 @@ def render_replay(report: ReplayReport, console: Console) -> None:
     render_report(report.evaluation, console)
     primary = report.evaluation.primary or "quality"
     console.print(frontier_table(report.points, report.systems, primary))
+    for c in report.delay_checks:
+        err = "-" if c.median_error is None else f"{c.median_error:.0%}"
+        regret = "-" if c.regret is None else f"{c.regret:.2f}x"
+        console.print(
+            f"{c.system}: delay model on the test queries, median error {err} over {c.pairs} "
+            f"candidates; chose the fastest of those predicted as good in {c.chose_fastest}/"
+            f"{c.queries} decisions (chosen / fastest solo delay {regret})",
+            highlight=False, markup=False,
+        )  # fmt: skip
     console.print(
         f"replayed {report.decisions} decisions in {report.seconds:.1f} s (engine start "
         f"included); {report.live_cells} cells answered live and added to the grid; profiles "

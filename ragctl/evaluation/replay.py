@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ragctl.errors import InvalidRequest
 from ragctl.evaluation.grid import GridStore, answer_cold
 from ragctl.evaluation.metrics import primary_metric
@@ -284,6 +286,7 @@ class Replayer:
                 "profile_used": proposal.choice.profile_used,
                 "space_note": proposal.choice.note,
                 "reason": proposal.plan.reason,
+                "choice": proposal.plan.choice.to_dict() if proposal.plan.choice else None,
             }
         return {
             **base, "error": None, "delay_s": round(delay, 4), "end_s": round(delay, 4),
@@ -291,6 +294,72 @@ class Replayer:
             "scores": cell.get("scores") or {}, "tokens": cell.get("tokens"),
             "answer": cell.get("answer"), "decision": decision,
         }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DelayCheck:
+    """A ragctl system's delay predictions on the test queries (which the delay model never
+    learned from) against the grid's solo delays of the same cells: every recorded candidate
+    of every decision, and whether the chosen one was the fastest of those predicted to answer
+    as well as it (where every candidate is predicted alike, the choice is only as right as
+    this ranking)."""
+
+    system: str
+    pairs: int
+    """(query, candidate) pairs with a grid cell."""
+    median_error: float | None
+    """Median of |predicted / solo - 1| over the pairs."""
+    queries: int
+    """Decisions with at least two such candidates predicted as good as the chosen one."""
+    chose_fastest: int
+    """Of them, where the chosen one's solo delay was the smallest."""
+    regret: float | None
+    """Mean over those decisions of the chosen one's solo delay / the smallest one's."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def delay_check(rows: Sequence[Mapping[str, Any]], store: GridStore) -> list[DelayCheck]:
+    """`DelayCheck` per ragctl system of replayed `rows` (see its docstring)."""
+    by_system: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        choice = (r.get("decision") or {}).get("choice")
+        if r["system"].split(":")[0] == "ragctl" and choice and r.get("config"):
+            by_system.setdefault(r["system"], []).append(r)
+    out = []
+    for system, mine in by_system.items():
+        errors: list[float] = []
+        regrets: list[float] = []
+        for r in mine:
+            solo: dict[str, tuple[float, float | None]] = {}
+            for c in r["decision"]["choice"]["candidates"]:
+                cell = store.get(r["query_id"], Config.parse(c["config"]))
+                if cell is None or cell.get("error") or cell.get("delay_s") is None:
+                    continue
+                actual = float(cell["delay_s"])
+                if c.get("delay_s") is not None and actual > 0:
+                    errors.append(abs(float(c["delay_s"]) / actual - 1.0))
+                solo[c["config"]] = (actual, c.get("quality"))
+            if r["config"] not in solo:
+                continue
+            chosen_s, chosen_q = solo[r["config"]]
+            rivals = [
+                s for s, q in solo.values() if chosen_q is None or (q or 0.0) >= chosen_q - 1e-9
+            ]
+            if len(rivals) >= 2:
+                regrets.append(chosen_s / min(rivals))
+        out.append(
+            DelayCheck(
+                system=system,
+                pairs=len(errors),
+                median_error=float(np.median(errors)) if errors else None,
+                queries=len(regrets),
+                chose_fastest=sum(x <= 1.0 + 1e-9 for x in regrets),
+                regret=float(np.mean(regrets)) if regrets else None,
+            )
+        )
+    return out
 
 
 def _objective(system: Any) -> Any:

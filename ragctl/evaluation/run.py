@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from ragctl.allocation.plan import PlanFile
     from ragctl.controller import Controller
     from ragctl.evaluation.grid import FrontierPoint, GridStore
+    from ragctl.evaluation.replay import DelayCheck
     from ragctl.evaluation.runner import Job, Runner
     from ragctl.retrieval.collection import DatasetCard
     from ragctl.scheduler.cost import StageWork
@@ -453,6 +454,8 @@ class ReplayReport:
     live_cells: int
     profile_hits: int
     profile_misses: int
+    delay_checks: list[DelayCheck]
+    """The delay model's predictions against the grid's solo delays, per ragctl system."""
     seconds: float
     out_dir: Path
 
@@ -495,7 +498,13 @@ async def _replay(
     solo delays are what replay reports)."""
     from ragctl.evaluation.grid import grid_observations, grid_summary
     from ragctl.evaluation.plots import write_frontier_plot
-    from ragctl.evaluation.replay import PROFILES_FILE, CachedProfiler, Replayer, ReplayStats
+    from ragctl.evaluation.replay import (
+        PROFILES_FILE,
+        CachedProfiler,
+        Replayer,
+        ReplayStats,
+        delay_check,
+    )
     from ragctl.evaluation.writers import write_frontier_csv
 
     start = time.perf_counter()
@@ -525,6 +534,7 @@ async def _replay(
             jobs = len(test) * len(plan.systems)
             bar.update(task, description=f"{card.name}: replay", total=jobs, completed=0)
             rows = await replayer.rows(test, plan, table, on_row=lambda: bar.advance(task))
+            checks = delay_check(rows, store)
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = out_dir / SAMPLES_FILE
     samples.unlink(missing_ok=True)  # a replay is cheap: it is written whole each time
@@ -545,7 +555,10 @@ async def _replay(
         "rules_file": str(settings.rules_file) if settings.rules_file else None,
         "confidence_threshold": settings.confidence_threshold,
         "live_cells": stats.live_cells,
-        "delay_model": {"warm_observations": len(warmed), "source": delay.source},
+        "delay_model": {
+            "warm_observations": len(warmed), "source": delay.source,
+            "on_test_queries": [c.to_dict() for c in checks],
+        },
         "note": "solo delays on an idle engine; replay says nothing about load (eval run does)",
     }  # fmt: skip
     write_outputs(out_dir, meta)
@@ -562,6 +575,7 @@ async def _replay(
         live_cells=stats.live_cells,
         profile_hits=profiler.hits,
         profile_misses=profiler.misses,
+        delay_checks=checks,
         seconds=time.perf_counter() - start,
         out_dir=out_dir,
     )

@@ -195,7 +195,8 @@ class DelayModel:
     matters as much as a 5 s one, and the SLO loop judges relative misses) plus the prior's
     ridge, with coefficients >= 0 (scipy's NNLS): more work never predicts less time.
     Planned work carries output budgets, but calls stop early; per stage name, the observed
-    share of the budget used (`output_share`, 1 until seen) scales planned outputs.
+    share of the budget used (`output_share`, 1 until seen; the mean of the shares seen, then
+    an exponential average with weight `share_alpha`) scales planned outputs.
     `ready` says whether predictions rest on this engine's data (or measured rates), not only
     the neutral placeholders."""
 
@@ -235,6 +236,7 @@ class DelayModel:
         """Why observations were ignored (reason -> count)."""
         self._rows: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
         self._share: dict[str, float] = {}
+        self._share_seen: dict[str, int] = {}
         self._since_fit = 0
         self.warm_start(warm)
 
@@ -279,10 +281,12 @@ class DelayModel:
             return reason
         if budget is not None and budget.output_tokens > 0:
             share = min(work.output_tokens / budget.output_tokens, 1.0)
-            old = self._share.get(work.stage)
-            self._share[work.stage] = (
-                share if old is None else old + self.share_alpha * (share - old)
-            )
+            seen = self._share_seen[work.stage] = self._share_seen.get(work.stage, 0) + 1
+            # The mean of all seen until 1/alpha of them, then an EWMA: a plain EWMA started
+            # at the first share would weigh that one share 0.9^n, 35% after ten.
+            alpha = max(self.share_alpha, 1.0 / seen)
+            old = self._share.get(work.stage, share)
+            self._share[work.stage] = old + alpha * (share - old)
         self._since_fit += 1
         if self._since_fit >= self.refit_every or self.observations == self.min_observations:
             self.refit()

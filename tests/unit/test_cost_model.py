@@ -173,6 +173,18 @@ def test_planned_outputs_are_scaled_by_the_share_of_the_budget_used() -> None:
     assert model.output_share("map") == 1.0  # per stage name
 
 
+def test_the_output_share_is_the_mean_until_its_average_window_then_forgets_slowly() -> None:
+    model = DelayModel(share_alpha=0.1)
+    budget = StageWork("answer", 1, 100, 100, 100)
+    # The first share is no more than one of ten: their mean, not 0.9^9 of the first.
+    for out in (10, *[90] * 9):
+        model.observe(StageWork("answer", 1, 100, out, out), Load(), 1.0, budget=budget)
+    assert model.output_share("answer") == pytest.approx(0.82)
+    for _ in range(50):  # beyond 1/alpha: the average moves towards what is seen now
+        model.observe(StageWork("answer", 1, 100, 30, 30), Load(), 1.0, budget=budget)
+    assert 0.30 < model.output_share("answer") < 0.31
+
+
 def test_warm_start_fits_at_once_and_fresh_forgets() -> None:
     model = DelayModel(warm=synthetic(50, 8), prior_weight=0.0)
     assert model.ready and model.fits == 1

@@ -26,7 +26,13 @@ from ragctl.evaluation.grid import (
     summarize_cells,
     wide_grid,
 )
-from ragctl.evaluation.replay import CachedProfiler, Replayer, ReplayStats, outcome_from_dict
+from ragctl.evaluation.replay import (
+    CachedProfiler,
+    Replayer,
+    ReplayStats,
+    delay_check,
+    outcome_from_dict,
+)
 from ragctl.evaluation.summaries import summarize
 from ragctl.evaluation.systems import parse_systems
 from ragctl.policy import planned_work
@@ -375,3 +381,34 @@ async def test_baselines_read_a_profile_where_ragctl_leaves_it_unasked(tmp_path:
     for name in ("parrot", "adaptiverag"):
         assert by[name]["profile_s"] == 0.5 and by[name]["decision"]["profile_used"]
     assert by["adaptiverag"]["config"] == "stuff:3"  # its class from the profile, not "*"
+
+
+def test_the_delay_check_compares_predictions_with_the_grids_solo_delays(tmp_path: Path) -> None:
+    store = GridStore.open(tmp_path, key())
+    solo = {("q0", "stuff:1"): 2.0, ("q0", "map_rerank:1"): 3.0, ("q0", "stuff:6"): 8.0,
+            ("q1", "stuff:1"): 2.0, ("q1", "map_rerank:1"): 4.0}  # fmt: skip
+    for (q, c), s in solo.items():
+        store.add({"query_id": q, "config": c, "delay_s": s, "error": None})
+
+    def row(q: str, chosen: str, candidates: list[tuple[str, float, float]]) -> dict:
+        cands = [{"config": c, "delay_s": d, "quality": p} for c, d, p in candidates]
+        return {"system": "ragctl:balanced", "query_id": q, "config": chosen,
+                "decision": {"choice": {"candidates": cands}}}  # fmt: skip
+
+    rows = [
+        # Right: stuff:1 is the fastest of the two predicted alike; stuff:6 is predicted better.
+        row(
+            "q0",
+            "stuff:1",
+            [("stuff:1", 2.0, 0.5), ("map_rerank:1", 2.5, 0.5), ("stuff:6", 4.0, 0.6)],
+        ),
+        # Wrong: map_rerank:1 was predicted faster, stuff:1 ran in half its time.
+        row("q1", "map_rerank:1", [("map_rerank:1", 1.0, 0.5), ("stuff:1", 2.0, 0.5)]),
+        {"system": "fixed:stuff:1", "query_id": "q0", "config": "stuff:1", "decision": None},
+    ]
+    [check] = delay_check(rows, store)
+    assert check.system == "ragctl:balanced" and check.pairs == 5
+    # |pred / solo - 1|: 0, 1/6, 1/2 (q0); 3/4, 0 (q1)
+    assert check.median_error == pytest.approx(1 / 6)
+    assert (check.queries, check.chose_fastest) == (2, 1)
+    assert check.regret == pytest.approx((1.0 + 2.0) / 2)
