@@ -258,7 +258,7 @@ def test_sigterm_mid_grid_shuts_the_in_process_engine_down(
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, stderr.decode()[-3000:]
-    assert stderr.decode().strip().splitlines()[-1] == "terminated"
+    assert "terminated" in stderr.decode().splitlines(), stderr.decode()[-3000:]
     gone, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive, f"orphaned: {[p.cmdline() for p in alive]}"
     for line in cells[0].read_text().splitlines():
