@@ -22,14 +22,20 @@ err = Console(stderr=True)
 
 @eval_app.command("ls")
 def eval_ls(ctx: typer.Context) -> None:
-    """The datasets (with their metric and how many queries the data folder has) and systems."""
+    """The datasets (with their metric, how many queries the data folder has and the outcome
+    grids built for them) and systems."""
     from ragctl.evaluation.run import datasets
 
     settings: Settings = ctx.obj
-    table = Table("dataset", "title", "queries", "primary metric", "licence")
-    for d in datasets(settings.data_dir):
+    table = Table("dataset", "title", "queries", "primary metric", "licence", "grids built")
+    for d in datasets(settings.data_dir, settings.cache_dir):
         n = "no data" if d.queries is None else str(d.queries)
-        table.add_row(d.card.name, d.card.title, n, d.primary, d.card.license)
+        grids = "\n".join(
+            f"{g.complete} queries complete, {g.queries} begun, {g.cells} cells "
+            f"({Path(g.model).name})"
+            for g in d.grids
+        )
+        table.add_row(d.card.name, d.card.title, n, d.primary, d.card.license, grids or "-")
     out.print(table)
     systems = Table("system", "what it is")
     for name, text in DESCRIPTIONS.items():

@@ -170,6 +170,47 @@ class GridStore:
         return [c for (q, _), c in self.cells.items() if wanted is None or q in wanted]
 
 
+@dataclass(frozen=True)
+class GridSize:
+    """One grid on disk, counted (`ragctl eval ls`)."""
+
+    digest: str
+    model: str
+    queries: int
+    cells: int
+    complete: int
+    """Queries with a cell for every configuration of the grid asked about."""
+
+
+def grid_sizes(cache_dir: Path, dataset: str, grid: Sequence[Config]) -> list[GridSize]:
+    """The grids built for `dataset` under `cache_dir` (one per key: model, templates,
+    chunking...), the most cells first, with how many queries `grid` is complete for."""
+    wanted = {c.label for c in grid}
+    out = []
+    for folder in sorted((Path(cache_dir) / GRID_DIR / dataset).glob("*/")):
+        cells = folder / CELLS_FILE
+        if not cells.exists():
+            continue
+        rows = read_rows(cells)[0]
+        per_query: dict[str, set[str]] = {}
+        for r in rows:
+            per_query.setdefault(str(r.get("query_id")), set()).add(str(r.get("config")))
+        try:
+            model = str(json.loads((folder / KEY_FILE).read_text()).get("model", "?"))
+        except (OSError, ValueError, AttributeError):
+            model = "?"
+        out.append(
+            GridSize(
+                folder.name,
+                model,
+                queries=len(per_query),
+                cells=sum(len(c) for c in per_query.values()),
+                complete=sum(wanted <= c for c in per_query.values()),
+            )
+        )
+    return sorted(out, key=lambda g: -g.cells)
+
+
 Observation = tuple[StageWork, Load, float, "StageWork | None"]
 """One stage for the delay model: its observed work, the load, its seconds, its planned work."""
 

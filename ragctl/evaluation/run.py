@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from ragctl.allocation.plan import PlanFile
     from ragctl.controller import Controller
-    from ragctl.evaluation.grid import FrontierPoint, GridStore
+    from ragctl.evaluation.grid import FrontierPoint, GridSize, GridStore
     from ragctl.evaluation.replay import DelayCheck
     from ragctl.evaluation.runner import Job, Runner
     from ragctl.retrieval.collection import DatasetCard
@@ -80,10 +80,14 @@ class DatasetInfo:
     primary: str
     queries: int | None
     """How many queries the data folder holds (None: no data)."""
+    grids: tuple[GridSize, ...] = ()
+    """The outcome grids built for it under the cache folder (complete: for its default grid)."""
 
 
-def datasets(data_dir: Path) -> list[DatasetInfo]:
-    """Every dataset card, with its primary metric and how many queries `data_dir` holds."""
+def datasets(data_dir: Path, cache_dir: Path | None = None) -> list[DatasetInfo]:
+    """Every dataset card, with its primary metric, how many queries `data_dir` holds and
+    (given `cache_dir`) the grids built for it."""
+    from ragctl.evaluation.grid import default_grid, grid_sizes
     from ragctl.evaluation.metrics import primary_metric
     from ragctl.retrieval.collection import dataset_path, list_cards
 
@@ -94,7 +98,8 @@ def datasets(data_dir: Path) -> list[DatasetInfo]:
                 n: int | None = sum(1 for line in f if line.strip())
         except Exception:
             n = None
-        out.append(DatasetInfo(card, primary_metric(card), n))
+        grids = tuple(grid_sizes(cache_dir, card.name, default_grid(card))) if cache_dir else ()
+        out.append(DatasetInfo(card, primary_metric(card), n, grids))
     return out
 
 

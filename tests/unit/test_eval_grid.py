@@ -22,6 +22,7 @@ from ragctl.evaluation.grid import (
     frontier,
     frontier_delay_at,
     grid_observations,
+    grid_sizes,
     parse_configs,
     summarize_cells,
     wide_grid,
@@ -412,3 +413,16 @@ def test_the_delay_check_compares_predictions_with_the_grids_solo_delays(tmp_pat
     assert check.median_error == pytest.approx(1 / 6)
     assert (check.queries, check.chose_fastest) == (2, 1)
     assert check.regret == pytest.approx((1.0 + 2.0) / 2)
+
+
+def test_grid_sizes_count_each_grid_and_the_queries_it_is_complete_for(tmp_path: Path) -> None:
+    assert grid_sizes(tmp_path, "squad", SMALL) == []
+    store = GridStore.open(tmp_path, key())
+    for c in SMALL:
+        store.add({"query_id": "q0", "config": c.label})
+    store.add({"query_id": "q1", "config": "stuff:1"})
+    store.add({"query_id": "q1", "config": "stuff:1"})  # a cell built twice counts once
+    GridStore.open(tmp_path, key(model="other")).add({"query_id": "q0", "config": "stuff:1"})
+    big, small = grid_sizes(tmp_path, "squad", SMALL)
+    assert (big.model, big.queries, big.cells, big.complete) == ("m", 2, len(SMALL) + 1, 1)
+    assert (small.model, small.queries, small.cells, small.complete) == ("other", 1, 1, 0)
