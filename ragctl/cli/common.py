@@ -210,10 +210,16 @@ def _terminate_as_interrupt() -> Iterator[list[int]]:
 
     def on_term(signum: int, _frame: object) -> None:
         got.append(signum)
+        if not callable(signal.getsignal(signal.SIGINT)):
+            # A shell starts background jobs with SIGINT ignored; SIGTERM must still unwind.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         # Whichever SIGINT handler is current runs next (asyncio's cancels the running task).
         signal.raise_signal(signal.SIGINT)
 
     previous = signal.signal(signal.SIGTERM, on_term)
+    # A parent that blocked them (some engine and cluster libraries do, in their threads)
+    # passes the mask on to this process: SIGTERM would stay pending and never unwind.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
         yield got
     finally:

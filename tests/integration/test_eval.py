@@ -188,8 +188,14 @@ def test_eval_grid_builds_once_and_replay_reads_it(
     second = cli("eval", "replay", *sample, "--systems", systems, "--out", str(out))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "0 cells answered live" in second.stdout and " 0 asked" in second.stdout
-    # Cached profiles carry their first timings, so even the delays are the same.
-    assert rows(out / "samples.jsonl") == replayed
+    # Cached profiles carry their first timings, so even the delays are the same. The recorded
+    # candidates' predicted seconds are not: the first replay's live cells taught the engine's
+    # delay model, the second's had none to learn from.
+    def settled(rs: list[dict]) -> list[dict]:
+        return [{**r, "decision": {**r["decision"], "choice": None} if r["decision"] else None}
+                for r in rs]  # fmt: skip
+
+    assert settled(rows(out / "samples.jsonl")) == settled(replayed)
 
 
 def test_profiler_train_status_and_bench(

@@ -11,6 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import contextlib, sys
@@ -44,10 +46,18 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_sigterm_closes_what_is_open_and_exits_143(tmp_path: Path) -> None:
+def block_sigterm() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+@pytest.mark.parametrize("inherited", [None, block_sigterm], ids=["plain", "mask-inherited"])
+def test_sigterm_closes_what_is_open_and_exits_143(tmp_path: Path, inherited) -> None:
+    """Also when the parent had SIGTERM blocked (a mask passes to children: engine libraries
+    in a test process block it), which would leave the signal pending for ever."""
     marker = tmp_path / "closed"
     proc = subprocess.Popen(
         [sys.executable, "-c", SCRIPT, str(marker)],
+        preexec_fn=inherited,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
