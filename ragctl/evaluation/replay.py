@@ -298,11 +298,11 @@ class Replayer:
 
 @dataclass(frozen=True)
 class DelayCheck:
-    """A ragctl system's delay predictions on the test queries (which the delay model never
-    learned from) against the grid's solo delays of the same cells: every recorded candidate
-    of every decision, and whether the chosen one was the fastest of those predicted to answer
-    as well as it (where every candidate is predicted alike, the choice is only as right as
-    this ranking)."""
+    """A ragctl system's delay predictions on the test queries (which the delay model learns
+    nothing from, unless a cell missing from the grid is answered live) against the grid's solo
+    delays of the same cells: every recorded candidate of every decision, and whether the
+    chosen one was the fastest of those predicted to answer as well as it (where every
+    candidate is predicted alike, the choice is only as right as this ranking)."""
 
     system: str
     pairs: int
