@@ -50,10 +50,19 @@ def block_sigterm() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 
-@pytest.mark.parametrize("inherited", [None, block_sigterm], ids=["plain", "mask-inherited"])
+def ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize(
+    "inherited",
+    [None, block_sigterm, ignore_sigint],
+    ids=["plain", "sigterm-blocked", "sigint-ignored"],
+)
 def test_sigterm_closes_what_is_open_and_exits_143(tmp_path: Path, inherited) -> None:
-    """Also when the parent had SIGTERM blocked (a mask passes to children: engine libraries
-    in a test process block it), which would leave the signal pending for ever."""
+    """Also when the process starts with SIGTERM blocked (a mask passes to children: engine
+    libraries in a test process block it) or SIGINT ignored (as a background job may): either
+    would leave the SIGTERM without effect and the command running."""
     marker = tmp_path / "closed"
     proc = subprocess.Popen(
         [sys.executable, "-c", SCRIPT, str(marker)],
