@@ -220,27 +220,38 @@ def grid_observations(
     queries: Iterable[Query],
     planned: Callable[[Query, Config], Sequence[StageWork]] | None = None,
 ) -> list[Observation]:
-    """The synthesis stages of `queries`' cells as the delay model's observations: each stage's
-    calls, prompt and output tokens and seconds, under no load (a cell is answered alone on an
-    idle engine), with the stage's planned work when `planned(query, config)` gives it (so the
-    model learns how much of each stage's output budget is used). A cell keeps a stage's
-    summed output, not its longest call's: decode steps are read as the mean per call (exact
-    for one call)."""
+    """The synthesis stages of `queries`' cells as the delay model's observations
+    (`cell_observations` of each)."""
     out: list[Observation] = []
     by_id = {q.id: q for q in queries}
     for cell in store.rows(by_id):
-        if cell.get("error"):
+        out += cell_observations(cell, by_id[cell["query_id"]], planned)
+    return out
+
+
+def cell_observations(
+    cell: Mapping[str, Any],
+    query: Query,
+    planned: Callable[[Query, Config], Sequence[StageWork]] | None = None,
+) -> list[Observation]:
+    """One cell's synthesis stages as the delay model's observations: each stage's calls,
+    prompt and output tokens and seconds, under no load (a cell is answered alone on an idle
+    engine), with the stage's planned work when `planned(query, config)` gives it (so the
+    model learns how much of each stage's output budget is used). Nothing for a failed cell. A
+    cell keeps a stage's summed output, not its longest call's: decode steps are read as the
+    mean per call (exact for one call)."""
+    if cell.get("error"):
+        return []
+    plan = {w.stage: w for w in planned(query, Config.parse(cell["config"]))} if planned else {}
+    out: list[Observation] = []
+    for st in cell.get("stages") or ():
+        calls, output = int(st["calls"]), int(st["output_tokens"])
+        if calls < 1:
             continue
-        q = by_id[cell["query_id"]]
-        plan = {w.stage: w for w in planned(q, Config.parse(cell["config"]))} if planned else {}
-        for st in cell.get("stages") or ():
-            calls, output = int(st["calls"]), int(st["output_tokens"])
-            if calls < 1:
-                continue
-            work = StageWork(
-                st["name"], calls, int(st["prompt_tokens"]), math.ceil(output / calls), output
-            )
-            out.append((work, NO_LOAD, float(st["seconds"]), plan.get(st["name"])))
+        work = StageWork(
+            st["name"], calls, int(st["prompt_tokens"]), math.ceil(output / calls), output
+        )
+        out.append((work, NO_LOAD, float(st["seconds"]), plan.get(st["name"])))
     return out
 
 

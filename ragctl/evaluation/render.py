@@ -296,14 +296,16 @@ def render_replay(report: ReplayReport, console: Console) -> None:
         err = "-" if c.median_error is None else f"{c.median_error:.0%}"
         regret = "-" if c.regret is None else f"{c.regret:.2f}x"
         console.print(
-            f"{c.system}: delay model on the test queries, median error {err} over {c.pairs} "
+            f"{c.system}: delay model on the test queries (each predicted before learning from "
+            f"its query), median error {err} over {c.pairs} "
             f"candidates; chose the fastest of those predicted as good in {c.chose_fastest}/"
             f"{c.queries} decisions (chosen / fastest solo delay {regret})",
             highlight=False, markup=False,
         )  # fmt: skip
     console.print(
         f"replayed {report.decisions} decisions in {report.seconds:.1f} s (engine start "
-        f"included); {report.live_cells} cells answered live and added to the grid; profiles "
+        f"included); {report.live_cells} cells answered live and added to the grid; the delay "
+        f"model learned {report.learned} stages from ragctl's chosen cells; profiles "
         f"{report.profile_hits} cached, {report.profile_misses} asked. Solo delays on an idle "
         "engine: replay says nothing about load (`eval run` measures that).",
         highlight=False,

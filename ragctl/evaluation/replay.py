@@ -5,6 +5,9 @@ the real profiler, rules and best-fit against the idle engine's KV state, the co
 history of confident spaces learning as it goes); AdaptiveRAG* and Parrot* decide from the same
 profile; fixed systems and the oracle need no decision. Each chosen configuration is looked up
 in the outcome grid (`grid`), and one outside it is answered live once and added to it.
+After each query, the engine's delay model learns from the cells ragctl chose for it, as a
+serving controller learns from the answers it gives (`Replayer.learn`): every decision is still
+predicted from earlier queries only.
 
 The rows replay writes have the shape of `eval run`'s samples (closed loop, one in flight), so
 the summaries, paired intervals, ratios and report are the same code. A row's delay is the
@@ -20,15 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ragctl.errors import InvalidRequest
-from ragctl.evaluation.grid import GridStore, answer_cold
+from ragctl.evaluation.grid import GridStore, answer_cold, cell_observations
 from ragctl.evaluation.metrics import primary_metric
 from ragctl.evaluation.systems import (
     FIXED_PREFIX,
@@ -47,6 +50,7 @@ from ragctl.types import Config, Profile
 if TYPE_CHECKING:
     from ragctl.controller import Controller, Proposal
     from ragctl.retrieval.collection import DatasetCard
+    from ragctl.scheduler.cost import StageWork
     from ragctl.types import Query
 
 PROFILES_FILE = "profiles.jsonl"
@@ -165,6 +169,8 @@ class ReplayStats:
     decisions: int = 0
     live_cells: int = 0
     """Chosen configurations the grid lacked, answered live and added to it."""
+    learned: int = 0
+    """Stage observations the delay model took from ragctl's chosen cells, after deciding."""
 
 
 @dataclass
@@ -173,6 +179,10 @@ class Replayer:
     card: DatasetCard
     store: GridStore
     stats: ReplayStats
+    planned: Callable[[Query, Config], Sequence[StageWork]] | None = None
+    """The planned work of a configuration on a query (its output budgets), for `learn`."""
+    _live: set[tuple[str, Config]] = field(default_factory=set)
+    """Cells answered live here: the delay model learned from them as they ran."""
 
     async def cell(self, query: Query, config: Config) -> dict[str, Any]:
         found = self.store.get(query.id, config)
@@ -180,6 +190,7 @@ class Replayer:
             found = await answer_cold(self.controller, self.card, query, config)
             self.store.add(found)
             self.stats.live_cells += 1
+            self._live.add((query.id, config))
         return found
 
     async def adaptiverag_table(
@@ -206,6 +217,7 @@ class Replayer:
     ) -> list[dict[str, Any]]:
         out = []
         for q in test:
+            ran: dict[Config, Mapping[str, Any]] = {}
             # One decision per objective asked for (`ragctl:<objective>`; None: the settings',
             # which AdaptiveRAG* and Parrot* read too), in the systems' order, as live.
             proposals: dict[Any, Proposal] = {}
@@ -228,9 +240,23 @@ class Replayer:
                 cell = await self.cell(q, config) if config is not None else None
                 profile_s = proposal.outcome.seconds if proposal and s.kind != "fixed" else None
                 out.append(self.row(s.name, q, config, cell, profile_s, proposal, why))
+                if s.kind == "ragctl" and cell is not None and (q.id, config) not in self._live:
+                    ran.setdefault(config, cell)
                 if on_row is not None:
                     on_row()
+            self.learn(q, ran.values())
         return out
+
+    def learn(self, query: Query, cells: Iterable[Mapping[str, Any]]) -> None:
+        """What a serving controller learns from the answers it gave: the delay model observes
+        the stages of the cells ragctl chose for `query`, after every decision on it was made
+        (prequential: each decision is predicted from earlier queries only). Only ragctl's own
+        choices teach it, as deployed; the fixed systems' and baselines' cells do not."""
+        delay = self.controller.slo.delay
+        for cell in cells:
+            for work, load, seconds, budget in cell_observations(cell, query, self.planned):
+                if delay.observe(work, load, seconds, budget=budget) is None:
+                    self.stats.learned += 1
 
     @staticmethod
     def choose(
@@ -298,8 +324,8 @@ class Replayer:
 
 @dataclass(frozen=True)
 class DelayCheck:
-    """A ragctl system's delay predictions on the test queries (which the delay model learns
-    nothing from, unless a cell missing from the grid is answered live) against the grid's solo
+    """A ragctl system's delay predictions on the test queries (each made before the delay
+    model learned from that query's chosen cells: `Replayer.learn`) against the grid's solo
     delays of the same cells: every recorded candidate of every decision, and whether the
     chosen one was the fastest of those predicted to answer as well as it (where every
     candidate is predicted alike, the choice is only as right as this ranking)."""

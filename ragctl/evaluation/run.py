@@ -457,6 +457,8 @@ class ReplayReport:
     """Each replayed system (and the oracle) placed on the same plane."""
     decisions: int
     live_cells: int
+    learned: int
+    """Stage observations the delay model took from ragctl's chosen cells (`Replayer.learn`)."""
     profile_hits: int
     profile_misses: int
     delay_checks: list[DelayCheck]
@@ -499,8 +501,8 @@ async def _replay(
     warm: Sequence[Query] = (),
 ) -> ReplayReport:
     """`warm`: the queries whose cells teach the delay model first (the calibration split:
-    live, it would have learned from the engine's own stages; never the test queries, whose
-    solo delays are what replay reports)."""
+    live, it would have learned from the engine's own stages). A test query's chosen cells
+    teach it only after its decisions (`Replayer.learn`)."""
     from ragctl.evaluation.grid import grid_observations, grid_summary
     from ragctl.evaluation.plots import write_frontier_plot
     from ragctl.evaluation.replay import (
@@ -527,11 +529,12 @@ async def _replay(
                 # The engine's first call is slow: keep it out of the profiles' timings.
                 await controller.aask(test[0].question, Config("stuff", 1))
             delay = controller.slo.delay
-            warmed = grid_observations(store, warm, _planner(controller, configs))
+            planner = _planner(controller, configs)
+            warmed = grid_observations(store, warm, planner)
             for work, load, seconds, budget in warmed:
                 delay.observe(work, load, seconds, budget=budget)
             delay.refit()
-            replayer = Replayer(controller, card, store, stats)
+            replayer = Replayer(controller, card, store, stats, planner)
             table = None
             if plan.needs_calibration:
                 bar.update(task, description=f"{card.name}: AdaptiveRAG* calibration")
@@ -561,7 +564,8 @@ async def _replay(
         "confidence_threshold": settings.confidence_threshold,
         "live_cells": stats.live_cells,
         "delay_model": {
-            "warm_observations": len(warmed), "source": delay.source,
+            "warm_observations": len(warmed), "learned_on_test_queries": stats.learned,
+            "source": delay.source,
             "on_test_queries": [c.to_dict() for c in checks],
         },
         "note": "solo delays on an idle engine; replay says nothing about load (eval run does)",
@@ -578,6 +582,7 @@ async def _replay(
         systems=placed,
         decisions=stats.decisions,
         live_cells=stats.live_cells,
+        learned=stats.learned,
         profile_hits=profiler.hits,
         profile_misses=profiler.misses,
         delay_checks=checks,

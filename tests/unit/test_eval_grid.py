@@ -5,6 +5,7 @@ replays a grid on the real engine."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -382,6 +383,63 @@ async def test_baselines_read_a_profile_where_ragctl_leaves_it_unasked(tmp_path:
     for name in ("parrot", "adaptiverag"):
         assert by[name]["profile_s"] == 0.5 and by[name]["decision"]["profile_used"]
     assert by["adaptiverag"]["config"] == "stuff:3"  # its class from the profile, not "*"
+
+
+class TimedEngine(FakeEngine):
+    """A fake engine whose stages take time, so that its cells' stages teach a delay model."""
+
+    async def generate(self, requests):
+        await asyncio.sleep(0.005)
+        return await super().generate(requests)
+
+
+async def test_replay_learns_from_ragctls_chosen_cells_after_deciding(tmp_path: Path) -> None:
+    ctl = controller(engine=TimedEngine())
+    store = GridStore.open(tmp_path, key())
+    # What ragctl:latency and ragctl:quality choose for these queries, and one config neither does.
+    grid = parse_configs("stuff:1,stuff:3,map_reduce:9:120")
+    await build(ctl, CARD, store, QUERIES, grid)
+    delay = ctl.slo.delay
+    before = delay.observations  # the build answered live: the model learned as it ran
+    at_decision: list[tuple[str, int]] = []
+    propose = ctl.propose
+
+    async def recording(question, *args, **kw):
+        at_decision.append((question, delay.observations))
+        return await propose(question, *args, **kw)
+
+    ctl.propose = recording  # type: ignore[method-assign]
+    plan = parse_systems("ragctl:latency,ragctl:quality,fixed:stuff:1", grid=grid)
+    stats = ReplayStats()
+    rows = await Replayer(ctl, CARD, store, stats).rows(QUERIES, plan, None)
+    assert stats.live_cells == 0  # every choice is in the grid
+    stages: dict[str, int] = {}
+    for q in QUERIES:
+        chosen = {
+            r["config"] for r in rows if r["query_id"] == q.id and r["system"].startswith("ragctl")
+        }
+        assert len(chosen) == 2 and "stuff:1" not in chosen  # not the fixed system's cell
+        stages[q.id] = sum(len(store.get(q.id, Config.parse(c))["stages"]) for c in chosen)
+    # Each chosen cell once, the fixed system's never.
+    assert stats.learned == sum(stages.values()) > 0
+    assert delay.observations == before + stats.learned
+    # Prequential: a query's decisions saw every earlier query's chosen cells, none of its own.
+    seen = before
+    for q in QUERIES:
+        assert {n for question, n in at_decision if question == q.question} == {seen}
+        seen += stages[q.id]
+
+
+async def test_a_cell_answered_live_in_replay_is_not_learned_twice(tmp_path: Path) -> None:
+    ctl = controller(engine=TimedEngine())
+    store = GridStore.open(tmp_path, key())
+    await build(ctl, CARD, store, QUERIES, SMALL)
+    stats = ReplayStats()
+    before = ctl.slo.delay.observations
+    await Replayer(ctl, CARD, store, stats).rows(QUERIES, parse_systems("ragctl"), None)
+    # ragctl's choice is outside the small grid: answered live, which taught the model as it ran.
+    assert stats.live_cells == len(QUERIES) and stats.learned == 0
+    assert ctl.slo.delay.observations > before
 
 
 def test_the_delay_check_compares_predictions_with_the_grids_solo_delays(tmp_path: Path) -> None:
