@@ -188,9 +188,15 @@ def test_eval_grid_builds_once_and_replay_reads_it(
     second = cli("eval", "replay", *sample, "--systems", systems, "--out", str(out))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "0 cells answered live" in second.stdout and " 0 asked" in second.stdout
+    # ragctl's choices are grid cells now: the delay model learned their stages, once each,
+    # after each query's decisions (the first replay learned them live, as they ran).
+    learned = json.loads((out / "results.json").read_text())["meta"]["delay_model"]
+    chosen = {(r["query_id"], r["config"]) for r in replayed if r["system"] == "ragctl"}
+    stages = sum(len(by_cell[c]["stages"]) for c in chosen)
+    assert learned["learned_on_test_queries"] == stages > 0
     # Cached profiles carry their first timings, so even the delays are the same. The recorded
-    # candidates' predicted seconds are not: the first replay's live cells taught the engine's
-    # delay model, the second's had none to learn from.
+    # candidates' predicted seconds are not: the first replay's delay model learned ragctl's
+    # cells as they were answered live, the second's from the grid, after each decision.
     def settled(rs: list[dict]) -> list[dict]:
         return [{**r, "decision": {**r["decision"], "choice": None} if r["decision"] else None}
                 for r in rs]  # fmt: skip
