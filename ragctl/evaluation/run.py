@@ -526,8 +526,10 @@ async def _replay(
             if not all(
                 profiler.has(q.question, c.metadata, c.chunk_tokens, c.name) for q in test + calib
             ):
-                # The engine's first call is slow: keep it out of the profiles' timings.
+                # The engine's first call is slow: keep it out of the profiles' timings, and
+                # out of the delay model (a test query's stages teach it only after deciding).
                 await controller.aask(test[0].question, Config("stuff", 1))
+                controller.slo.reset()
             delay = controller.slo.delay
             planner = _planner(controller, configs)
             warmed = grid_observations(store, warm, planner)
