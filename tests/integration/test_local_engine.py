@@ -97,7 +97,7 @@ async def test_kv_state_tracks_live_usage(local_engine) -> None:
     assert (await local_engine.kv_state()).free_blocks == idle.total_blocks
 
 
-def test_fractional_kv_cache_on_cpu_is_a_clear_error(model_path: str) -> None:
+async def test_fractional_kv_cache_on_cpu_is_a_clear_error(model_path: str) -> None:
     from vllm.platforms import current_platform
 
     from ragctl.engine.local import LocalEngine
