@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -253,6 +254,55 @@ def cell_observations(
         )
         out.append((work, NO_LOAD, float(st["seconds"]), plan.get(st["name"])))
     return out
+
+
+SAME_WORK_PROMPT_TOLERANCE = 0.05
+"""Two stages do the same engine work (whatever their method calls them) when their calls and
+output tokens are equal and their prompt tokens within this share of each other (stuff:1 and
+map_rerank:1 read one chunk through templates a few tokens apart)."""
+
+
+@dataclass(frozen=True)
+class TimingNoise:
+    """How far apart the grid's solo delays are for cells that did the same work: the floor
+    under any delay model's error, and the noise in every delay ratio read off the grid."""
+
+    pairs: int
+    """Pairs of one query's cells whose stages did the same work."""
+    median_gap: float | None
+    """Median over the pairs of how much longer the slower one took (slower / faster - 1)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def timing_noise(store: GridStore, query_ids: Iterable[str]) -> TimingNoise:
+    """`TimingNoise` over the cells of `query_ids`: within each query, every pair of answered
+    cells whose stages match one for one in calls and output tokens, with prompt tokens within
+    `SAME_WORK_PROMPT_TOLERANCE`."""
+    by_query: dict[str, list[Mapping[str, Any]]] = {}
+    for cell in store.rows(query_ids):
+        if not cell.get("error") and cell.get("delay_s") and cell.get("stages"):
+            by_query.setdefault(str(cell["query_id"]), []).append(cell)
+
+    def shape(cell: Mapping[str, Any]) -> list[tuple[int, int]]:
+        return [(int(st["calls"]), int(st["output_tokens"])) for st in cell["stages"]]
+
+    def same_work(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+        return shape(a) == shape(b) and all(
+            abs(x["prompt_tokens"] - y["prompt_tokens"])
+            <= SAME_WORK_PROMPT_TOLERANCE * max(x["prompt_tokens"], y["prompt_tokens"])
+            for x, y in zip(a["stages"], b["stages"], strict=True)
+        )
+
+    gaps = [
+        max(a["delay_s"], b["delay_s"]) / min(a["delay_s"], b["delay_s"]) - 1.0
+        for cells in by_query.values()
+        for i, a in enumerate(cells)
+        for b in cells[i + 1 :]
+        if same_work(a, b)
+    ]
+    return TimingNoise(len(gaps), statistics.median(gaps) if gaps else None)
 
 
 def answer_scores(card: DatasetCard, query: Query, answer: Answer) -> dict[str, float | None]:

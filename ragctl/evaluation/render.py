@@ -302,6 +302,13 @@ def render_replay(report: ReplayReport, console: Console) -> None:
             f"{c.queries} decisions (chosen / fastest solo delay {regret})",
             highlight=False, markup=False,
         )  # fmt: skip
+    noise = report.timing_noise
+    if noise.median_gap is not None:
+        console.print(
+            f"the grid's timing noise: of two cells of one query that did the same work, the "
+            f"slower took a median {noise.median_gap:.0%} longer ({noise.pairs} pairs)",
+            highlight=False, markup=False,
+        )  # fmt: skip
     console.print(
         f"replayed {report.decisions} decisions in {report.seconds:.1f} s (engine start "
         f"included); {report.live_cells} cells answered live and added to the grid; the delay "

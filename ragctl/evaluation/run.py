@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
     from ragctl.allocation.plan import PlanFile
     from ragctl.controller import Controller
-    from ragctl.evaluation.grid import FrontierPoint, GridSize, GridStore
+    from ragctl.evaluation.grid import FrontierPoint, GridSize, GridStore, TimingNoise
     from ragctl.evaluation.replay import DelayCheck
     from ragctl.evaluation.runner import Job, Runner
     from ragctl.retrieval.collection import DatasetCard
@@ -463,6 +463,8 @@ class ReplayReport:
     profile_misses: int
     delay_checks: list[DelayCheck]
     """The delay model's predictions against the grid's solo delays, per ragctl system."""
+    timing_noise: TimingNoise
+    """The grid's own spread of solo delays for the same work, over the test queries."""
     seconds: float
     out_dir: Path
 
@@ -503,7 +505,7 @@ async def _replay(
     """`warm`: the queries whose cells teach the delay model first (the calibration split:
     live, it would have learned from the engine's own stages). A test query's chosen cells
     teach it only after its decisions (`Replayer.learn`)."""
-    from ragctl.evaluation.grid import grid_observations, grid_summary
+    from ragctl.evaluation.grid import grid_observations, grid_summary, timing_noise
     from ragctl.evaluation.plots import write_frontier_plot
     from ragctl.evaluation.replay import (
         PROFILES_FILE,
@@ -545,6 +547,7 @@ async def _replay(
             bar.update(task, description=f"{card.name}: replay", total=jobs, completed=0)
             rows = await replayer.rows(test, plan, table, on_row=lambda: bar.advance(task))
             checks = delay_check(rows, store)
+            noise = timing_noise(store, [q.id for q in test])
     out_dir.mkdir(parents=True, exist_ok=True)
     samples = out_dir / SAMPLES_FILE
     samples.unlink(missing_ok=True)  # a replay is cheap: it is written whole each time
@@ -569,6 +572,7 @@ async def _replay(
             "warm_observations": len(warmed), "learned_on_test_queries": stats.learned,
             "source": delay.source,
             "on_test_queries": [c.to_dict() for c in checks],
+            "timing_noise": noise.to_dict(),
         },
         "note": "solo delays on an idle engine; replay says nothing about load (eval run does)",
     }  # fmt: skip
@@ -588,6 +592,7 @@ async def _replay(
         profile_hits=profiler.hits,
         profile_misses=profiler.misses,
         delay_checks=checks,
+        timing_noise=noise,
         seconds=time.perf_counter() - start,
         out_dir=out_dir,
     )

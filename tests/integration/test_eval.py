@@ -194,6 +194,8 @@ def test_eval_grid_builds_once_and_replay_reads_it(
     chosen = {(r["query_id"], r["config"]) for r in replayed if r["system"] == "ragctl"}
     stages = sum(len(by_cell[c]["stages"]) for c in chosen)
     assert learned["learned_on_test_queries"] == stages > 0
+    noise = learned["timing_noise"]  # same-work cell pairs of the test queries, if any
+    assert noise["pairs"] >= 0 and (noise["median_gap"] is None) == (noise["pairs"] == 0)
     # Cached profiles carry their first timings, so even the delays are the same. The recorded
     # candidates' predicted seconds are not: the first replay's delay model learned ragctl's
     # cells as they were answered live, the second's from the grid, after each decision.

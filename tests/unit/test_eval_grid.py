@@ -26,6 +26,7 @@ from ragctl.evaluation.grid import (
     grid_sizes,
     parse_configs,
     summarize_cells,
+    timing_noise,
     wide_grid,
 )
 from ragctl.evaluation.replay import (
@@ -471,6 +472,29 @@ def test_the_delay_check_compares_predictions_with_the_grids_solo_delays(tmp_pat
     assert check.median_error == pytest.approx(1 / 6)
     assert (check.queries, check.chose_fastest) == (2, 1)
     assert check.regret == pytest.approx((1.0 + 2.0) / 2)
+
+
+def test_timing_noise_pairs_only_cells_of_one_query_that_did_the_same_work(
+    tmp_path: Path,
+) -> None:
+    store = GridStore.open(tmp_path, key())
+
+    def add(q: str, config: str, delay: float, *stages: tuple[int, int, int], error=None) -> None:
+        names = ["answer"] if config.startswith("stuff") else ["map"]
+        store.add({"query_id": q, "config": config, "delay_s": delay, "error": error,
+                   "stages": [{"name": names[0], "calls": c, "prompt_tokens": p,
+                               "output_tokens": o} for c, p, o in stages]})  # fmt: skip
+
+    add("q0", "stuff:1", 2.0, (1, 300, 40))
+    add("q0", "map_rerank:1", 2.2, (1, 312, 40))  # same work: 12 prompt tokens apart
+    add("q0", "stuff:2", 2.6, (1, 600, 40))  # twice the prompt: other work
+    add("q0", "stuff:3", 9.0, (1, 303, 40), error="boom")  # failed: never paired
+    add("q1", "stuff:1", 3.0, (1, 300, 40))
+    add("q1", "map_rerank:1", 3.0, (1, 310, 41))  # one more output token: other work
+    add("q2", "stuff:1", 4.0, (1, 300, 40))  # alone in its query: nothing to pair with q0's
+    noise = timing_noise(store, ["q0", "q1", "q2"])
+    assert noise.pairs == 1 and noise.median_gap == pytest.approx(0.1)
+    assert timing_noise(store, ["q1", "q2"]).to_dict() == {"pairs": 0, "median_gap": None}
 
 
 def test_grid_sizes_count_each_grid_and_the_queries_it_is_complete_for(tmp_path: Path) -> None:
