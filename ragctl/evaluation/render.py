@@ -312,7 +312,8 @@ def render_replay(report: ReplayReport, console: Console) -> None:
     console.print(
         f"replayed {report.decisions} decisions in {report.seconds:.1f} s (engine start "
         f"included); {report.live_cells} cells answered live and added to the grid; the delay "
-        f"model learned {report.learned} stages from ragctl's chosen cells; profiles "
+        f"models (one per ragctl objective) learned {report.learned} stages from their own "
+        f"chosen cells; profiles "
         f"{report.profile_hits} cached, {report.profile_misses} asked. Solo delays on an idle "
         "engine: replay says nothing about load (`eval run` measures that).",
         highlight=False,

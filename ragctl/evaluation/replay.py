@@ -5,9 +5,10 @@ the real profiler, rules and best-fit against the idle engine's KV state, the co
 history of confident spaces learning as it goes); AdaptiveRAG* and Parrot* decide from the same
 profile; fixed systems and the oracle need no decision. Each chosen configuration is looked up
 in the outcome grid (`grid`), and one outside it is answered live once and added to it.
-After each query, the engine's delay model learns from the cells ragctl chose for it, as a
-serving controller learns from the answers it gives (`Replayer.learn`): every decision is still
-predicted from earlier queries only.
+After each query, each ragctl objective's delay model (its own copy of the warmed one) learns
+from the cells that objective chose for it, as a serving controller running it learns from the
+answers it gives (`Replayer.learn`): every decision is still predicted from earlier queries
+only, and objectives replayed together do not teach one another.
 
 The rows replay writes have the shape of `eval run`'s samples (closed loop, one in flight), so
 the summaries, paired intervals, ratios and report are the same code. A row's delay is the
@@ -21,6 +22,7 @@ model and templates, and the collection line), so a second replay makes no LLM c
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -50,10 +52,13 @@ from ragctl.types import Config, Profile
 if TYPE_CHECKING:
     from ragctl.controller import Controller, Proposal
     from ragctl.retrieval.collection import DatasetCard
-    from ragctl.scheduler.cost import StageWork
+    from ragctl.scheduler.cost import DelayModel, StageWork
     from ragctl.types import Query
 
 PROFILES_FILE = "profiles.jsonl"
+_NOBODY = object()
+"""Replay's stand-in objective for a fixed system or a baseline: no delay model learns from
+its cells."""
 PROFILE_READERS = ("adaptiverag", "parrot")
 """Baselines that decide from the profile (and pay for it) whatever ragctl does."""
 REPLAY_CONCURRENCY = 1
@@ -181,16 +186,38 @@ class Replayer:
     stats: ReplayStats
     planned: Callable[[Query, Config], Sequence[StageWork]] | None = None
     """The planned work of a configuration on a query (its output budgets), for `learn`."""
-    _live: set[tuple[str, Config]] = field(default_factory=set)
-    """Cells answered live here: the delay model learned from them as they ran."""
+    _live: set[tuple[str, Config, Any]] = field(default_factory=set)
+    """Cells answered live here, with the objective whose delay model learned them as they
+    ran."""
+    _models: dict[Any, DelayModel] = field(default_factory=dict)
+    """One delay model per ragctl objective replayed, each learning from its own choices only,
+    as a deployment running that objective would (copies of the warmed model)."""
+    _base: DelayModel | None = None
 
-    async def cell(self, query: Query, config: Config) -> dict[str, Any]:
+    def _use(self, objective: Any) -> None:
+        """Make `objective`'s delay model the controller's (`_NOBODY`: a scratch copy that
+        nothing keeps): it predicts the next decision and learns from a cell answered live."""
+        if self._base is None:
+            self._base = self.controller.slo.delay
+        delay = self._models.get(objective)
+        if delay is None:
+            delay = copy.deepcopy(self._base)
+            if objective is not _NOBODY:
+                self._models[objective] = delay
+        self.controller.slo.delay = delay
+
+    async def cell(self, query: Query, config: Config, learner: Any = _NOBODY) -> dict[str, Any]:
+        """The grid's cell, or answered live and added; `learner`: the ragctl objective it was
+        chosen for (`_NOBODY`: a fixed system or a baseline), whose model learns it as it
+        runs."""
         found = self.store.get(query.id, config)
         if found is None:
+            if self._base is not None:
+                self._use(learner)
             found = await answer_cold(self.controller, self.card, query, config)
             self.store.add(found)
             self.stats.live_cells += 1
-            self._live.add((query.id, config))
+            self._live.add((query.id, config, learner))
         return found
 
     async def adaptiverag_table(
@@ -215,44 +242,67 @@ class Replayer:
         table: Mapping[str, str] | None,
         on_row: Callable[[], None] | None = None,
     ) -> list[dict[str, Any]]:
+        if self._base is None:
+            self._base = self.controller.slo.delay
+        learners = {_objective(s) for s in plan.systems if s.kind == "ragctl"}
+
+        def model(objective: Any) -> Any:
+            return objective if objective in learners else _NOBODY
+
         out = []
-        for q in test:
-            ran: dict[Config, Mapping[str, Any]] = {}
-            # One decision per objective asked for (`ragctl:<objective>`; None: the settings',
-            # which AdaptiveRAG* and Parrot* read too), in the systems' order, as live.
-            proposals: dict[Any, Proposal] = {}
-            for s in plan.systems:
-                if s.kind != "fixed" and _objective(s) not in proposals:
-                    proposals[_objective(s)] = await self.controller.propose(
-                        q.question, _objective(s)
-                    )
-                    self.stats.decisions += 1
-            asked: Proposal | None = None
-            for s in plan.systems:
-                proposal = proposals.get(_objective(s))
-                if s.kind in PROFILE_READERS and proposal and proposal.outcome.profiler == UNASKED:
-                    # ragctl left the profiler unasked; these baselines read the profile.
-                    if asked is None:
-                        asked = await self.controller.propose(q.question, None, ask=True)
+        try:
+            for q in test:
+                ran: dict[Any, dict[Config, Mapping[str, Any]]] = {}
+                # One decision per objective asked for (`ragctl:<objective>`; None: the
+                # settings', which AdaptiveRAG* and Parrot* read too), in the systems' order,
+                # as live; each with its objective's own delay model.
+                proposals: dict[Any, Proposal] = {}
+                for s in plan.systems:
+                    if s.kind != "fixed" and _objective(s) not in proposals:
+                        self._use(model(_objective(s)))
+                        proposals[_objective(s)] = await self.controller.propose(
+                            q.question, _objective(s)
+                        )
                         self.stats.decisions += 1
-                    proposal = asked
-                config, why = self.choose(s.kind, s.config, proposal, table)
-                cell = await self.cell(q, config) if config is not None else None
-                profile_s = proposal.outcome.seconds if proposal and s.kind != "fixed" else None
-                out.append(self.row(s.name, q, config, cell, profile_s, proposal, why))
-                if s.kind == "ragctl" and cell is not None and (q.id, config) not in self._live:
-                    ran.setdefault(config, cell)
-                if on_row is not None:
-                    on_row()
-            self.learn(q, ran.values())
+                asked: Proposal | None = None
+                for s in plan.systems:
+                    proposal = proposals.get(_objective(s))
+                    if (
+                        s.kind in PROFILE_READERS
+                        and proposal
+                        and proposal.outcome.profiler == UNASKED
+                    ):
+                        # ragctl left the profiler unasked; these baselines read the profile.
+                        if asked is None:
+                            self._use(model(None))
+                            asked = await self.controller.propose(q.question, None, ask=True)
+                            self.stats.decisions += 1
+                        proposal = asked
+                    config, why = self.choose(s.kind, s.config, proposal, table)
+                    mine = s.kind == "ragctl"
+                    learner = _objective(s) if mine else _NOBODY
+                    cell = await self.cell(q, config, learner) if config is not None else None
+                    profile_s = proposal.outcome.seconds if proposal and s.kind != "fixed" else None
+                    out.append(self.row(s.name, q, config, cell, profile_s, proposal, why))
+                    if mine and cell is not None and (q.id, config, learner) not in self._live:
+                        ran.setdefault(learner, {}).setdefault(config, cell)
+                    if on_row is not None:
+                        on_row()
+                for objective, cells in ran.items():
+                    self.learn(q, cells.values(), self._models[objective])
+        finally:
+            self.controller.slo.delay = self._base
         return out
 
-    def learn(self, query: Query, cells: Iterable[Mapping[str, Any]]) -> None:
-        """What a serving controller learns from the answers it gave: the delay model observes
-        the stages of the cells ragctl chose for `query`, after every decision on it was made
-        (prequential: each decision is predicted from earlier queries only). Only ragctl's own
-        choices teach it, as deployed; the fixed systems' and baselines' cells do not."""
-        delay = self.controller.slo.delay
+    def learn(
+        self, query: Query, cells: Iterable[Mapping[str, Any]], delay: DelayModel | None = None
+    ) -> None:
+        """What a serving controller learns from the answers it gave: `delay` (default: the
+        controller's) observes the stages of the cells one ragctl objective chose for `query`,
+        after every decision on it was made (prequential: each decision is predicted from
+        earlier queries only). Only that objective's own choices teach it, as deployed; other
+        objectives', the fixed systems' and the baselines' cells do not."""
+        delay = self.controller.slo.delay if delay is None else delay
         for cell in cells:
             for work, load, seconds, budget in cell_observations(cell, query, self.planned):
                 if delay.observe(work, load, seconds, budget=budget) is None:

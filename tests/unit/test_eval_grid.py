@@ -400,35 +400,41 @@ async def test_replay_learns_from_ragctls_chosen_cells_after_deciding(tmp_path: 
     # What ragctl:latency and ragctl:quality choose for these queries, and one config neither does.
     grid = parse_configs("stuff:1,stuff:3,map_reduce:9:120")
     await build(ctl, CARD, store, QUERIES, grid)
-    delay = ctl.slo.delay
-    before = delay.observations  # the build answered live: the model learned as it ran
-    at_decision: list[tuple[str, int]] = []
+    warmed = ctl.slo.delay
+    before = warmed.observations  # the build answered live: the model learned as it ran
+    at_decision: list[tuple[str, object, object, int]] = []
     propose = ctl.propose
 
-    async def recording(question, *args, **kw):
-        at_decision.append((question, delay.observations))
-        return await propose(question, *args, **kw)
+    async def recording(question, objective=None, *args, **kw):
+        delay = ctl.slo.delay
+        at_decision.append((question, objective, delay, delay.observations))
+        return await propose(question, objective, *args, **kw)
 
     ctl.propose = recording  # type: ignore[method-assign]
     plan = parse_systems("ragctl:latency,ragctl:quality,fixed:stuff:1", grid=grid)
     stats = ReplayStats()
     rows = await Replayer(ctl, CARD, store, stats).rows(QUERIES, plan, None)
     assert stats.live_cells == 0  # every choice is in the grid
-    stages: dict[str, int] = {}
+    assert ctl.slo.delay is warmed and warmed.observations == before  # the warmed one, untouched
+    stages: dict[tuple[str, str], int] = {}
     for q in QUERIES:
-        chosen = {
-            r["config"] for r in rows if r["query_id"] == q.id and r["system"].startswith("ragctl")
-        }
-        assert len(chosen) == 2 and "stuff:1" not in chosen  # not the fixed system's cell
-        stages[q.id] = sum(len(store.get(q.id, Config.parse(c))["stages"]) for c in chosen)
-    # Each chosen cell once, the fixed system's never.
+        chosen = {r["system"]: r["config"] for r in rows if r["query_id"] == q.id}
+        assert len({chosen["ragctl:latency"], chosen["ragctl:quality"], "stuff:1"}) == 3
+        for objective in ("latency", "quality"):
+            cell = store.get(q.id, Config.parse(chosen[f"ragctl:{objective}"]))
+            stages[objective, q.id] = len(cell["stages"])
+    # Each objective's chosen cells once, into its own model; the fixed system's never.
     assert stats.learned == sum(stages.values()) > 0
-    assert delay.observations == before + stats.learned
-    # Prequential: a query's decisions saw every earlier query's chosen cells, none of its own.
-    seen = before
-    for q in QUERIES:
-        assert {n for question, n in at_decision if question == q.question} == {seen}
-        seen += stages[q.id]
+    # Prequential, per objective: a query's decision saw every earlier query's cell that this
+    # objective chose, none of its own, and nothing another objective chose.
+    for objective in ("latency", "quality"):
+        mine = [(question, d, n) for question, o, d, n in at_decision if o == objective]
+        [model] = {id(d) for _, d, _ in mine}
+        assert model != id(warmed)
+        seen = before
+        for q in QUERIES:
+            assert [n for question, _, n in mine if question == q.question] == [seen]
+            seen += stages[objective, q.id]
 
 
 async def test_a_cell_answered_live_in_replay_is_not_learned_twice(tmp_path: Path) -> None:
@@ -437,10 +443,12 @@ async def test_a_cell_answered_live_in_replay_is_not_learned_twice(tmp_path: Pat
     await build(ctl, CARD, store, QUERIES, SMALL)
     stats = ReplayStats()
     before = ctl.slo.delay.observations
-    await Replayer(ctl, CARD, store, stats).rows(QUERIES, parse_systems("ragctl"), None)
-    # ragctl's choice is outside the small grid: answered live, which taught the model as it ran.
+    replayer = Replayer(ctl, CARD, store, stats)
+    await replayer.rows(QUERIES, parse_systems("ragctl"), None)
+    # ragctl's choice is outside the small grid: answered live, which taught its objective's
+    # model as it ran (the warmed model it was copied from stays as it was).
     assert stats.live_cells == len(QUERIES) and stats.learned == 0
-    assert ctl.slo.delay.observations > before
+    assert replayer._models[None].observations > before == ctl.slo.delay.observations
 
 
 def test_the_delay_check_compares_predictions_with_the_grids_solo_delays(tmp_path: Path) -> None:
