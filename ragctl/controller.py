@@ -727,6 +727,7 @@ class Controller:
             quality=self.quality,
             objective=objective or self.policy.objective,
             delay_weight=self.policy.delay_weight,
+            explore=self.policy.explore_delay,
         )
 
     def _need(

@@ -50,6 +50,8 @@ class AdaptivePolicy:
     """How best-fit chooses among the fitting configurations (`scheduler.objective`)."""
     delay_weight: float = DEFAULT_DELAY_WEIGHT
     """`balanced`: quality worth the fastest fitting configuration's time."""
+    explore_delay: bool = False
+    """Predict best-fit's delays with sampled output shares (`CostModels.explore`)."""
     slo_predictor: Predictor = "model"
     """The SLO loop's time predictor (`SLOTracker`)."""
     placement: Strategy = "best-fit"
@@ -72,6 +74,7 @@ class AdaptivePolicy:
             feedback_configs=parse_config_list(settings.feedback_configs),
             objective=settings.objective,
             delay_weight=settings.delay_weight,
+            explore_delay=settings.explore_delay,
             slo_predictor=settings.slo_predictor,
             placement=settings.placement,
             synthesis_engines=tuple(settings.int_list(settings.synthesis_engines)),
@@ -197,13 +200,16 @@ def chunk_cap(space: ConfigSpace, scores: Sequence[float], retrieval_aware: bool
 @dataclass(frozen=True)
 class CostModels:
     """What cost-aware best-fit predicts with: the engine's delay model and the load on it
-    now, the collection's quality model, and the objective (see `scheduler.objective`)."""
+    now, the collection's quality model, and the objective (see `scheduler.objective`).
+    `explore`: the delay and latency objectives predict with one draw of the output shares per
+    decision (`DelayModel.draw_shares`, Thompson sampling) instead of their estimates."""
 
     delay: DelayModel
     load: Callable[[], Load]
     quality: QualityModel
     objective: Objective = "balanced"
     delay_weight: float = DEFAULT_DELAY_WEIGHT
+    explore: bool = False
 
 
 def best_fit(
@@ -234,13 +240,16 @@ def best_fit(
         chooser: Callable[..., Plan] = choose
         if cost is not None:
             load = cost.load()  # once per decision: every candidate sees the same load
+            # `quality` never reads the delays: no draw, so it stays METIS's best-fit exactly.
+            draw = cost.explore and cost.objective != "quality"
+            shares = cost.delay.draw_shares() if draw else None
             chooser = functools.partial(
                 choose_objective,
                 objective=cost.objective,
-                delay=lambda c: cost.delay.predict(works(c), load),
+                delay=lambda c: cost.delay.predict(works(c), load, shares),
                 quality=lambda c: cost.quality.predict(c, choice.space),
                 delay_weight=cost.delay_weight,
-                delay_source=cost.delay.source,
+                delay_source=cost.delay.source + (" (sampled shares)" if draw else ""),
             )
         left = budget_s() if budget_s is not None else None
         if predict is None or left is None:

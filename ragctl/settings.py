@@ -239,6 +239,13 @@ class Settings(BaseSettings):
         description="Objective balanced: the predicted quality (share of queries answered, "
         "0-1) worth the time of the fastest fitting configuration.",
     )
+    explore_delay: bool = Field(
+        False,
+        description="Objectives balanced and latency: predict each decision's delays with one "
+        "draw of each stage's output share from its posterior (Thompson sampling), so a "
+        "near-tied configuration keeps being tried instead of its stale estimate being trusted.",
+        json_schema_extra=CLI_FLAG,
+    )
     kv_buffer_blocks: int = Field(
         1, ge=0, description="Safety buffer added to every configuration's KV-block need."
     )

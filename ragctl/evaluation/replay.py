@@ -196,9 +196,9 @@ class Replayer:
 
     def _use(self, objective: Any) -> None:
         """Make `objective`'s delay model the controller's (`_NOBODY`: a scratch copy that
-        nothing keeps): it predicts the next decision and learns from a cell answered live."""
-        if self._base is None:
-            self._base = self.controller.slo.delay
+        nothing keeps): it predicts the next decision and learns from a cell answered live.
+        Only once `rows` has kept the warmed model as `_base`."""
+        assert self._base is not None
         delay = self._models.get(objective)
         if delay is None:
             delay = copy.deepcopy(self._base)
@@ -294,15 +294,12 @@ class Replayer:
             self.controller.slo.delay = self._base
         return out
 
-    def learn(
-        self, query: Query, cells: Iterable[Mapping[str, Any]], delay: DelayModel | None = None
-    ) -> None:
-        """What a serving controller learns from the answers it gave: `delay` (default: the
-        controller's) observes the stages of the cells one ragctl objective chose for `query`,
-        after every decision on it was made (prequential: each decision is predicted from
-        earlier queries only). Only that objective's own choices teach it, as deployed; other
-        objectives', the fixed systems' and the baselines' cells do not."""
-        delay = self.controller.slo.delay if delay is None else delay
+    def learn(self, query: Query, cells: Iterable[Mapping[str, Any]], delay: DelayModel) -> None:
+        """What a serving controller learns from the answers it gave: `delay` observes the
+        stages of the cells one ragctl objective chose for `query`, after every decision on it
+        was made (prequential: each decision is predicted from earlier queries only). Only that
+        objective's own choices teach it, as deployed; other objectives', the fixed systems' and
+        the baselines' cells do not."""
         for cell in cells:
             for work, load, seconds, budget in cell_observations(cell, query, self.planned):
                 if delay.observe(work, load, seconds, budget=budget) is None:

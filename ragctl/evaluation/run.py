@@ -567,6 +567,7 @@ async def _replay(
         "model": settings.model or "embedded SmolLM2-135M-Instruct",
         "rules_file": str(settings.rules_file) if settings.rules_file else None,
         "confidence_threshold": settings.confidence_threshold,
+        "delay_weight": settings.delay_weight, "explore_delay": settings.explore_delay,
         "live_cells": stats.live_cells,
         "delay_model": {
             "warm_observations": len(warmed), "learned_on_test_queries": stats.learned,

@@ -12,6 +12,9 @@ fitted online from the engine's own stage timings, load-aware) and how good it i
   prior (ridge towards prior coefficients, worth `prior_weight` observations). Nothing in it is
   tuned to a model: the prior comes from the engine's measured rates when known (`from_rates`),
   else from order-of-magnitude placeholders that only rank configurations by work.
+  `draw_shares` samples each stage's output share from its posterior (Thompson sampling), so a
+  chooser that predicts with the draw keeps trying a near-tied configuration whose stage it
+  rarely runs instead of trusting a stale estimate for good.
 """
 
 from __future__ import annotations
@@ -196,7 +199,11 @@ class DelayModel:
     ridge, with coefficients >= 0 (scipy's NNLS): more work never predicts less time.
     Planned work carries output budgets, but calls stop early; per stage name, the observed
     share of the budget used (`output_share`, 1 until seen; the mean of the shares seen, then
-    an exponential average with weight `share_alpha`) scales planned outputs.
+    an exponential average with weight `share_alpha`) scales planned outputs. The same average
+    of the squared shares gives their spread, and `draw_shares` samples each stage's mean share
+    from a normal posterior with that spread over the effective count of shares behind it (the
+    count seen, at most the average's (2 - alpha) / alpha): an estimate never gets more certain
+    than its recent evidence, so a stage nobody chose lately still gets tried when it is close.
     `ready` says whether predictions rest on this engine's data (or measured rates), not only
     the neutral placeholders."""
 
@@ -211,11 +218,13 @@ class DelayModel:
         min_observations: int = len(FEATURES) + 2,
         share_alpha: float = 0.1,
         warm: Iterable[tuple[StageWork, Load, float]] = (),
+        seed: int = 0,
     ) -> None:
         """`prior`: coefficients in `FEATURES` order (default: `NEUTRAL_PRIOR`);
         `prior_measured`: it comes from this engine's measured rates, so it may be used for SLO
         predictions before any observation. `warm`: observations to start from (e.g. the
-        calls `ragctl allocate` timed), fitted at once."""
+        calls `ragctl allocate` timed), fitted at once. `seed`: of `draw_shares`' generator (a
+        copy of the model draws the same sequence: replays are reproducible)."""
         p = NEUTRAL_PRIOR if prior is None else np.asarray(prior, dtype=float)
         if p.shape != (len(FEATURES),) or not np.all(np.isfinite(p)) or np.any(p < 0):
             raise ValueError(f"prior must be {len(FEATURES)} finite non-negative coefficients")
@@ -235,7 +244,10 @@ class DelayModel:
         self.rejected: Counter[str] = Counter()
         """Why observations were ignored (reason -> count)."""
         self._rows: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
         self._share: dict[str, float] = {}
+        self._share_sq: dict[str, float] = {}
         self._share_seen: dict[str, int] = {}
         self._since_fit = 0
         self.warm_start(warm)
@@ -245,7 +257,7 @@ class DelayModel:
         return DelayModel(
             self.prior, prior_measured=self.prior_measured, prior_weight=self.prior_weight,
             window=self.window, refit_every=self.refit_every,
-            min_observations=self.min_observations, share_alpha=self.share_alpha,
+            min_observations=self.min_observations, share_alpha=self.share_alpha, seed=self.seed,
         )  # fmt: skip
 
     @property
@@ -287,6 +299,8 @@ class DelayModel:
             alpha = max(self.share_alpha, 1.0 / seen)
             old = self._share.get(work.stage, share)
             self._share[work.stage] = old + alpha * (share - old)
+            old_sq = self._share_sq.get(work.stage, share * share)
+            self._share_sq[work.stage] = old_sq + alpha * (share * share - old_sq)
         self._since_fit += 1
         if self._since_fit >= self.refit_every or self.observations == self.min_observations:
             self.refit()
@@ -333,9 +347,35 @@ class DelayModel:
         """Observed share of a stage's output budget its calls use (1 until seen)."""
         return self._share.get(stage, 1.0)
 
-    def expected(self, work: StageWork) -> StageWork:
-        """Planned work (output budgets) as it is expected to run."""
-        share = self.output_share(work.stage)
+    def share_error(self, stage: str) -> float | None:
+        """Standard error of a stage's mean output share (see the class docstring); None until
+        two shares were seen."""
+        seen = self._share_seen.get(stage, 0)
+        if seen < 2:
+            return None
+        mean = self._share[stage]
+        spread = max(self._share_sq[stage] - mean * mean, 0.0) * seen / (seen - 1)
+        effective = min(seen, (2.0 - self.share_alpha) / self.share_alpha)
+        return math.sqrt(spread / effective)
+
+    def draw_shares(self) -> dict[str, float]:
+        """One draw of every stage's mean output share from its posterior (in [0, 1]), to pass
+        to `predict` as `shares`; stages seen fewer than twice keep their estimate."""
+        out = {}
+        for stage, mean in sorted(self._share.items()):
+            error = self.share_error(stage)
+            drawn = mean if error is None else self.rng.normal(mean, error)
+            out[stage] = float(np.clip(drawn, 0.0, 1.0))
+        return out
+
+    def expected(self, work: StageWork, shares: Mapping[str, float] | None = None) -> StageWork:
+        """Planned work (output budgets) as it is expected to run (`shares`: per stage, in
+        place of the estimated output shares, e.g. a `draw_shares`)."""
+        share = (
+            shares.get(work.stage, self.output_share(work.stage))
+            if shares is not None
+            else self.output_share(work.stage)
+        )
         if share >= 1.0:
             return work
         return replace(
@@ -344,13 +384,20 @@ class DelayModel:
             output_tokens=round(work.output_tokens * share),
         )
 
-    def predict_stage(self, work: StageWork, load: Load = NO_LOAD) -> float:
+    def predict_stage(
+        self, work: StageWork, load: Load = NO_LOAD, shares: Mapping[str, float] | None = None
+    ) -> float:
         """Seconds of one stage of planned work under `load`."""
-        return max(float(features(self.expected(work), load) @ self.coef), 0.0)
+        return max(float(features(self.expected(work, shares), load) @ self.coef), 0.0)
 
-    def predict(self, works: Sequence[StageWork], load: Load = NO_LOAD) -> float:
+    def predict(
+        self,
+        works: Sequence[StageWork],
+        load: Load = NO_LOAD,
+        shares: Mapping[str, float] | None = None,
+    ) -> float:
         """Seconds of all stages (they run one after another)."""
-        return sum(self.predict_stage(w, load) for w in works)
+        return sum(self.predict_stage(w, load, shares) for w in works)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -359,6 +406,7 @@ class DelayModel:
             "fits": self.fits,
             "coefficients": dict(zip(FEATURES, map(float, self.coef), strict=True)),
             "output_share": dict(self._share),
+            "output_share_error": {s: self.share_error(s) for s in self._share},
             "rejected": dict(self.rejected),
         }
 

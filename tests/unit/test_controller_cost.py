@@ -97,6 +97,50 @@ async def test_the_objective_changes_the_choice_and_quality_keeps_todays() -> No
     assert asked.choice.objective == "latency" and asked.config == latency.config
 
 
+def near_tied_model(seed: int = 0) -> DelayModel:
+    """A measured model whose answer and rerank stages use near-equal, noisy shares of their
+    output budgets (one call of one chunk costs about the same either way)."""
+    model = DelayModel(prior_from_rates(200.0, 10.0), prior_measured=True, seed=seed)
+    for i in range(20):
+        for stage, out in (("answer", 40 + 7 * (i % 5)), ("rerank", 42 + 7 * (i % 4))):
+            budget = StageWork(stage, 1, 300, 80, 80)
+            model.observe(StageWork(stage, 1, 300, out, out), Load(), 1.0, budget=budget)
+    return model
+
+
+async def test_exploring_draws_shares_per_decision_and_quality_never_draws() -> None:
+    # Which near-tied stage wins a draw is `DelayModel.draw_shares`' test; here: one draw per
+    # decision of the delay-reading objectives, said in the Decision.
+    for objective in ("latency", "balanced"):
+        model = near_tied_model()
+        ctl = controller(
+            slo=SLOTracker(delay=model),
+            policy=dataclasses.replace(NO_GOLDEN, objective=objective, explore_delay=True),
+        )
+        states = [model.rng.bit_generator.state]
+        for _ in range(3):
+            d = (await ctl.propose(Q)).plan
+            assert d.choice.delay_source == "fitted (sampled shares)"
+            states.append(model.rng.bit_generator.state)
+        assert len({str(s) for s in states}) == 4
+        twin = near_tied_model()
+        twin.draw_shares()
+        assert str(twin.rng.bit_generator.state) == str(states[1])  # exactly one draw each
+    model = near_tied_model()
+    ctl = controller(
+        slo=SLOTracker(delay=model),
+        policy=dataclasses.replace(NO_GOLDEN, objective="quality", explore_delay=True),
+    )
+    before = model.rng.bit_generator.state
+    plain = controller(
+        slo=SLOTracker(delay=near_tied_model()),
+        policy=dataclasses.replace(NO_GOLDEN, objective="quality"),
+    )
+    d, e = (await ctl.aask(Q)).decision, (await plain.aask(Q)).decision
+    assert model.rng.bit_generator.state == before  # quality never reads a delay
+    assert d.config == e.config and d.choice.delay_source == "fitted"
+
+
 async def test_the_slo_tracker_predicts_with_the_model_and_reports_all_three_errors() -> None:
     model = DelayModel(prior_from_rates(1000.0, 50.0), prior_measured=True)
     ctl = controller(slo=SLOTracker(Mitigation.parse("off"), delay=model))

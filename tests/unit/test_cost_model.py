@@ -4,6 +4,7 @@ model's prior and labels."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -183,6 +184,60 @@ def test_the_output_share_is_the_mean_until_its_average_window_then_forgets_slow
     for _ in range(50):  # beyond 1/alpha: the average moves towards what is seen now
         model.observe(StageWork("answer", 1, 100, 30, 30), Load(), 1.0, budget=budget)
     assert 0.30 < model.output_share("answer") < 0.31
+
+
+def observe_shares(model: DelayModel, stage: str, shares) -> None:
+    budget = StageWork(stage, 1, 100, 100, 100)
+    for share in shares:
+        out = round(share * 100)
+        model.observe(StageWork(stage, 1, 100, out, out), Load(), 1.0, budget=budget)
+
+
+def test_the_share_error_is_the_standard_error_over_the_recent_evidence() -> None:
+    model = DelayModel(share_alpha=0.1)
+    observe_shares(model, "answer", [0.5])
+    assert model.share_error("answer") is None and model.share_error("map") is None
+    shares = [0.5, 0.7, 0.9, 0.6]
+    observe_shares(model, "answer", shares[1:])
+    assert model.share_error("answer") == pytest.approx(np.std(shares, ddof=1) / 2)
+    # Past the average's window the error stops shrinking: it never gets more certain than
+    # the ~(2 - alpha) / alpha recent shares behind it, however many came before.
+    observe_shares(model, "answer", [0.4, 0.8] * 500)
+    assert model.share_error("answer") == pytest.approx(0.2 / math.sqrt(19), rel=0.1)
+    observe_shares(model, "rerank", [0.3] * 20)  # no spread: no uncertainty
+    assert model.share_error("rerank") == pytest.approx(0.0, abs=1e-9)
+
+
+def test_share_draws_scatter_around_the_estimate_reproducibly() -> None:
+    model = DelayModel(share_alpha=0.1, seed=7)
+    observe_shares(model, "answer", [0.5, 0.7, 0.9, 0.6])
+    observe_shares(model, "rerank", [0.4])  # seen once: its estimate, never drawn
+    twin = copy.deepcopy(model)
+    draws = [model.draw_shares() for _ in range(2000)]
+    assert [twin.draw_shares() for _ in range(5)] == draws[:5]  # a copy draws the same
+    assert {d["rerank"] for d in draws} == {0.4}
+    answer = np.array([d["answer"] for d in draws])
+    assert answer.min() >= 0.0 and answer.max() <= 1.0
+    assert answer.mean() == pytest.approx(model.output_share("answer"), abs=0.01)
+    assert answer.std() == pytest.approx(model.share_error("answer"), rel=0.1)
+    # A prediction with a draw uses the drawn share in place of the estimate.
+    budget = StageWork("answer", 1, 100, 100, 100)
+    assert model.predict([budget], shares={"answer": 0.2}) == pytest.approx(
+        float(features(StageWork("answer", 1, 100, 20, 20)) @ model.coef)
+    )
+    assert model.predict([budget], shares={}) == model.predict([budget])
+
+
+def test_near_tied_stages_trade_places_across_draws_and_far_apart_ones_never() -> None:
+    model = DelayModel(share_alpha=0.1)
+    rng = np.random.default_rng(3)
+    observe_shares(model, "answer", rng.uniform(0.4, 1.0, 30))
+    observe_shares(model, "rerank", rng.uniform(0.4, 1.0, 30))
+    observe_shares(model, "map", rng.uniform(0.0, 0.2, 30))
+    draws = [model.draw_shares() for _ in range(400)]
+    answer_first = sum(d["answer"] < d["rerank"] for d in draws)
+    assert 40 < answer_first < 360  # each is the cheaper one in a real share of the draws
+    assert all(d["map"] < min(d["answer"], d["rerank"]) for d in draws)
 
 
 def test_warm_start_fits_at_once_and_fresh_forgets() -> None:
