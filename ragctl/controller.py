@@ -245,7 +245,7 @@ class Controller:
         # One tracker per engine, like the admission queue: flags and pauses span collections.
         # It holds the engine's delay model and load meter, shared the same way.
         if slo is None:
-            slo = SLOTracker(self.policy.mitigation, predictor=self.policy.slo_predictor)
+            slo = self.policy.tracker()
         self.slo = slo
         self.quality = QualityModel()
         """Predicted quality of configurations in this collection (best-fit's objective); fed

@@ -17,7 +17,7 @@ from ragctl.scheduler import NeedTable, choose
 from ragctl.scheduler.cost import DelayModel, Load, QualityModel, StageWork, WorkTable
 from ragctl.scheduler.objective import DEFAULT_DELAY_WEIGHT, choose_objective
 from ragctl.scheduler.placement import Strategy
-from ragctl.scheduler.slo import Mitigation, Predictor, choose_within_slo
+from ragctl.scheduler.slo import Mitigation, Predictor, SLOTracker, choose_within_slo
 from ragctl.synthesis import registry
 from ragctl.synthesis.methods import CallSizer
 from ragctl.synthesis.registry import GOLDEN_CONFIG
@@ -52,6 +52,8 @@ class AdaptivePolicy:
     """`balanced`: quality worth the fastest fitting configuration's time."""
     explore_delay: bool = False
     """Predict best-fit's delays with sampled output shares (`CostModels.explore`)."""
+    explore_seed: int = 0
+    """Seed of those draws (`DelayModel.draw_shares`)."""
     slo_predictor: Predictor = "model"
     """The SLO loop's time predictor (`SLOTracker`)."""
     placement: Strategy = "best-fit"
@@ -75,9 +77,16 @@ class AdaptivePolicy:
             objective=settings.objective,
             delay_weight=settings.delay_weight,
             explore_delay=settings.explore_delay,
+            explore_seed=settings.explore_seed,
             slo_predictor=settings.slo_predictor,
             placement=settings.placement,
             synthesis_engines=tuple(settings.int_list(settings.synthesis_engines)),
+        )
+
+    def tracker(self) -> SLOTracker:
+        """A new engine's SLO tracker, with its delay model and load meter."""
+        return SLOTracker(
+            self.mitigation, predictor=self.slo_predictor, delay=DelayModel(seed=self.explore_seed)
         )
 
     def slo_for(self, collection: str) -> float | None:

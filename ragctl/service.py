@@ -144,7 +144,7 @@ class Service:
             ledger_for=ledger_for,
         )  # fmt: skip
         # One per engine: its flags, pauses, load meter and delay model span collections.
-        self.slo = SLOTracker(self.policy.mitigation, predictor=self.policy.slo_predictor)
+        self.slo = self.policy.tracker()
         self.controllers: dict[str, Controller] = {}
         self._opening: dict[str, asyncio.Task[Controller]] = {}
 

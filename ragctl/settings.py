@@ -246,6 +246,7 @@ class Settings(BaseSettings):
         "near-tied configuration keeps being tried instead of its stale estimate being trusted.",
         json_schema_extra=CLI_FLAG,
     )
+    explore_seed: int = Field(0, description="Seed of the `explore_delay` draws.")
     kv_buffer_blocks: int = Field(
         1, ge=0, description="Safety buffer added to every configuration's KV-block need."
     )

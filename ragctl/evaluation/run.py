@@ -568,6 +568,7 @@ async def _replay(
         "rules_file": str(settings.rules_file) if settings.rules_file else None,
         "confidence_threshold": settings.confidence_threshold,
         "delay_weight": settings.delay_weight, "explore_delay": settings.explore_delay,
+        "explore_seed": settings.explore_seed,
         "live_cells": stats.live_cells,
         "delay_model": {
             "warm_observations": len(warmed), "learned_on_test_queries": stats.learned,

@@ -139,6 +139,10 @@ async def test_exploring_draws_shares_per_decision_and_quality_never_draws() -> 
     d, e = (await ctl.aask(Q)).decision, (await plain.aask(Q)).decision
     assert model.rng.bit_generator.state == before  # quality never reads a delay
     assert d.config == e.config and d.choice.delay_source == "fitted"
+    # The draws' seed reaches a new engine's delay model (replays and runs are reproducible).
+    seeded = dataclasses.replace(NO_GOLDEN, explore_seed=5).tracker().delay
+    assert seeded.seed == 5 and seeded.draw_shares() == {}
+    assert controller(policy=dataclasses.replace(NO_GOLDEN, explore_seed=5)).slo.delay.seed == 5
 
 
 async def test_the_slo_tracker_predicts_with_the_model_and_reports_all_three_errors() -> None:
