@@ -48,6 +48,7 @@ from ragctl.policy import (
     AdaptivePolicy,
     CostModels,
     SpaceChoice,
+    Trust,
     adaptive_decision,
     best_fit,
     chunk_cap,
@@ -55,6 +56,7 @@ from ragctl.policy import (
     planned_work,
     resolve_space,
     unasked_profile,
+    untrusted_profile,
     with_history,
 )
 from ragctl.profiler import ProfileOutcome, Profiler
@@ -253,6 +255,8 @@ class Controller:
         self.owns_engine = owns_engine
         self.bridge = bridge or Bridge()
         self.history: dict[str, deque[ConfigSpace]] = {}
+        self.trust: dict[tuple[str, Objective], Trust] = {}
+        """Per collection and objective: whether its recent profiles were trusted."""
         self.counters: Counter[str] = Counter()
         """profiled, profile_used, low_confidence, profiler_errors, fallback, queued, golden_runs,
         golden_errors: running totals for metrics and reports."""
@@ -370,6 +374,14 @@ class Controller:
     async def profile(self, question: str) -> tuple[ProfileOutcome, SpaceChoice]:
         """The profile of `question` and the space it would get (history is not updated)."""
         return await self.bridge.arun(self._profile_only(question))
+
+    def trust_for(self, objective: Objective | None = None) -> Trust:
+        """Whether the profiles `objective` (default: the policy's) asked on this collection
+        were trusted (`policy.untrusted_profile` reads it)."""
+        return self.trust.setdefault(
+            (self.collection.name, objective or self.policy.objective),
+            Trust(deque(maxlen=max(self.policy.untrusted_window, 1))),
+        )
 
     async def retrieval_signals(self, question: str) -> RetrievalSignals:
         """What retrieval computes for `question` anyway (the query embedding it searched with,
@@ -611,7 +623,11 @@ class Controller:
         k = self.rules.max_num_chunks
         if max_chunks is not None:
             k = min(k, max_chunks)
-        unasked = unasked_profile(self.quality, objective or self.policy.objective)
+        objective = objective or self.policy.objective
+        trust = self.trust_for(objective)
+        unasked = unasked_profile(self.quality, objective) or untrusted_profile(
+            trust, self.policy.untrusted_window, objective
+        )
         if ask:
             unasked = None
         if unasked is not None:
@@ -633,6 +649,8 @@ class Controller:
                     retrieval.cancel()
         t = time.perf_counter()
         choice = self._space_for(outcome, record=True)
+        if not ask:  # a profile asked for a baseline is not this objective's
+            trust.record(outcome, choice)
         trace.on_stage("queue")
         cap = chunk_cap(
             choice.space, [c.score or 0.0 for c in chunks], self.policy.retrieval_aware_k
@@ -710,6 +728,7 @@ class Controller:
         choice = resolve_space(
             outcome, self.rules, history, self.policy.confidence_threshold,
             learned=self.quality.label_space(),
+            labelled=self.quality.label_space(min_labels=1),
         )  # fmt: skip
         if record:
             self.counters["profiled"] += 1

@@ -6,13 +6,14 @@ see. No engine and no awaiting here: `ragctl.controller` awaits, this decides.""
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ragctl.errors import InvalidSetting
 from ragctl.profiler import ProfileOutcome
-from ragctl.rules import RuleSet, default_space, evaluate, merge_spaces
+from ragctl.rules import RuleSet, default_space, evaluate, merge_spaces, span_spaces
 from ragctl.scheduler import NeedTable, choose
 from ragctl.scheduler.cost import DelayModel, Load, QualityModel, StageWork, WorkTable
 from ragctl.scheduler.objective import DEFAULT_DELAY_WEIGHT, choose_objective
@@ -33,6 +34,8 @@ class AdaptivePolicy:
 
     confidence_threshold: float = 0.9
     history_size: int = 10
+    untrusted_window: int = 20
+    """Profiles in a row untrusted before the profiler is asked only every N-th query."""
     golden_every: int = 30
     golden_config: Config = GOLDEN_CONFIG
     kv_buffer_blocks: int = 1
@@ -66,6 +69,7 @@ class AdaptivePolicy:
         return cls(
             confidence_threshold=settings.confidence_threshold,
             history_size=settings.history_size,
+            untrusted_window=settings.untrusted_window,
             golden_every=settings.golden_every,
             kv_buffer_blocks=settings.kv_buffer_blocks,
             queue_size=settings.queue_size,
@@ -122,10 +126,14 @@ def resolve_space(
     history: Sequence[ConfigSpace],
     threshold: float,
     learned: ConfigSpace | None = None,
+    labelled: ConfigSpace | None = None,
 ) -> SpaceChoice:
     """A confident profile goes through the rules; otherwise the space the collection's
     labelled queries needed (`learned`: `QualityModel.label_space`, once there are enough),
-    else its recent confident spaces (merged), else the rules' conservative default."""
+    else its recent confident spaces (merged), else the rules' conservative default; either
+    widened by what the fewer labels so far needed (`labelled`: the same span under the
+    minimum): too few to bound the space, they still show configurations that answered this
+    collection's queries, so they can add to a fixed box but never take from it."""
     profile = outcome.profile
     if profile is not None and profile.confidence is not None and profile.confidence >= threshold:
         return SpaceChoice(evaluate(rules, profile), True, "", profile.joint_reasoning)
@@ -141,6 +149,8 @@ def resolve_space(
         space = learned
     else:
         space = merge_spaces(list(history)) if history else default_space(rules)
+        if labelled is not None:
+            space = span_spaces([space, labelled], source=f"{space.source}+labels")
     # Joint reasoning unless the space only answers from single chunks.
     joint = not all(registry.spec(m).fallback == "independent" for m in space.methods)
     return SpaceChoice(space, False, note, joint)
@@ -166,6 +176,40 @@ def unasked_profile(quality: QualityModel, objective: Objective) -> ProfileOutco
         profiler=UNASKED,
         llm_note=f"not asked: the {len(quality.labels)} labels show no configuration "
         "answering better than another",
+    )  # fmt: skip
+
+
+@dataclass
+class Trust:
+    """Whether the profiles one objective asked on a collection were trusted (newest last,
+    the last `untrusted_window`), and the queries left unasked since its last ask."""
+
+    recent: deque[bool]
+    skipped: int = 0
+
+    def record(self, outcome: ProfileOutcome, choice: SpaceChoice) -> None:
+        if outcome.profiler == UNASKED:
+            self.skipped += 1
+        else:
+            self.recent.append(choice.profile_used)
+            self.skipped = 0
+
+
+def untrusted_profile(trust: Trust, window: int, objective: Objective) -> ProfileOutcome | None:
+    """The outcome that stands for a profile left unasked because none of the last `window`
+    profiles asked was trusted: an untrusted profile leads to the fallback space, the same for
+    every query, so its seconds would buy nothing. Every `window`-th query asks anyway (a
+    probe: the calibration is refitted as labels come, and one trusted profile resumes asking
+    on every query). Never under `quality` (METIS's rule reads every profile); 0: never skip."""
+    if objective == "quality" or window <= 0 or len(trust.recent) < window:
+        return None
+    if any(list(trust.recent)[-window:]) or trust.skipped + 1 >= window:
+        return None
+    return ProfileOutcome(
+        profile=None, error=None, error_kind=None, seconds=0.0, template="",
+        profiler=UNASKED,
+        llm_note=f"not asked: the last {window} profiles asked were all untrusted (one query "
+        f"in {window} asks)",
     )  # fmt: skip
 
 

@@ -193,6 +193,14 @@ class Settings(BaseSettings):
         description="Profiles below this confidence are not trusted; the space comes from recent "
         "confident queries of the collection.",
     )
+    untrusted_window: int = Field(
+        20,
+        ge=0,
+        description="Objectives balanced and latency: once a collection's last N profiles "
+        "were all untrusted (below the confidence threshold), ask the profiler only every N-th "
+        "query (an untrusted profile leads to the same fallback space for every query; 0: "
+        "always ask).",
+    )
     history_size: int = Field(
         10, ge=1, description="Confident queries per collection kept for low-confidence fallback."
     )

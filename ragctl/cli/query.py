@@ -118,8 +118,9 @@ def profile(
     outcome, quality = asyncio.run(run())
     # The space a controller of this collection would give it (no confident history here).
     choice = resolve_space(
-        outcome, rules, (), settings.confidence_threshold, learned=quality.label_space()
-    )
+        outcome, rules, (), settings.confidence_threshold,
+        learned=quality.label_space(), labelled=quality.label_space(min_labels=1),
+    )  # fmt: skip
     if json_out:
         print_json(
             {

@@ -220,6 +220,16 @@ class Replayer:
             self._live.add((query.id, config, learner))
         return found
 
+    async def warm_trust(self, calib: Sequence[Query], plan: Plan) -> None:
+        """Each ragctl objective's record of trusted profiles starts from the calibration
+        split's profiles, as a deployment would have asked them before the test queries (like
+        the delay model, warmed from their cells)."""
+        objectives = {_objective(s) for s in plan.systems if s.kind == "ragctl"}
+        for q in calib:
+            outcome, choice = await self.controller.profile(q.question)
+            for objective in objectives:
+                self.controller.trust_for(objective).record(outcome, choice)
+
     async def adaptiverag_table(
         self, calib: Sequence[Query], grid: Sequence[Config]
     ) -> dict[str, str]:

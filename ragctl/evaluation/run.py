@@ -539,6 +539,7 @@ async def _replay(
                 delay.observe(work, load, seconds, budget=budget)
             delay.refit()
             replayer = Replayer(controller, card, store, stats, planner)
+            await replayer.warm_trust(calib, plan)
             table = None
             if plan.needs_calibration:
                 bar.update(task, description=f"{card.name}: AdaptiveRAG* calibration")

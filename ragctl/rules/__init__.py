@@ -8,6 +8,7 @@ from ragctl.rules.evaluate import (
     fields_read,
     intermediate_values,
     merge_spaces,
+    span_spaces,
 )
 from ragctl.rules.loader import default_rules_path, load_rules, parse_rules
 from ragctl.rules.schema import (
@@ -37,5 +38,6 @@ __all__ = [
     "intermediate_values",
     "load_rules",
     "merge_spaces",
+    "span_spaces",
     "parse_rules",
 ]

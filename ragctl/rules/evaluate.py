@@ -43,6 +43,21 @@ def merge_spaces(spaces: Sequence[ConfigSpace]) -> ConfigSpace:
     return ConfigSpace(methods, (lo, hi), ilens, source="history")
 
 
+def span_spaces(spaces: Sequence[ConfigSpace], source: str) -> ConfigSpace:
+    """The smallest space holding every one of `spaces`: the union of methods and summary
+    budgets, the lowest low and the highest high of num_chunks."""
+    if not spaces:
+        raise ValueError("span_spaces needs at least one space")
+    present = {m for s in spaces for m in s.methods}
+    methods = tuple(m for m in METHODS if m in present)
+    lo = min(s.num_chunks[0] for s in spaces)
+    hi = max(s.num_chunks[1] for s in spaces)
+    ilens: tuple[int, ...] = ()
+    if TAKES_INTERMEDIATE.intersection(methods):
+        ilens = tuple(sorted({n for s in spaces for n in s.intermediate_lengths}))
+    return ConfigSpace(methods, (lo, hi), ilens, source=source)
+
+
 def fields_read(rule: Rule | RuleSet) -> tuple[str, ...]:
     """The Profile fields a rule (or any rule of a set) reads, in Profile order: its condition's
     keys, `pieces` for a per-piece num_chunks, `summary_length` for from_summary_length."""

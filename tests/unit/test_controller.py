@@ -17,7 +17,7 @@ from ragctl.engine.base import Engine
 from ragctl.errors import EngineError, InvalidRequest
 from ragctl.policy import AdaptivePolicy
 from ragctl.profiler import ProfileOutcome
-from ragctl.rules import default_space, evaluate, load_rules, merge_spaces
+from ragctl.rules import default_space, evaluate, load_rules, merge_spaces, span_spaces
 from ragctl.scheduler.cost import LABEL_SPACE_MIN
 from ragctl.scheduler.slo import PRE_STAGE, Mitigation, SLOTracker
 from ragctl.types import (
@@ -212,9 +212,19 @@ async def test_with_enough_labels_an_untrusted_query_gets_the_space_its_collecti
     ctl = controller(profiler=profiler)
     await ctl.aask("Where was Super Bowl 50 played?")  # a confident space in the history
     profiler.outcome = ProfileOutcome(a_profile(0.5), None, None, 0.0, "v1")
+    confident = ctl.history["default"][0]
     for i in range(LABEL_SPACE_MIN):
         label = Config("map_rerank", 1) if i % 2 else Config("stuff", 2)
         ctl.quality.add_label(label, {label: True, Config("stuff", 9): False})
+        if i == LABEL_SPACE_MIN - 2:
+            # Too few to bound the space, the labels still widen the fallback to what they
+            # needed: never narrower than the history's space.
+            d = (await ctl.aask("Who won it?")).decision
+            assert d.space == span_spaces(
+                [merge_spaces([confident]), ConfigSpace(("map_rerank", "stuff"), (1, 2))],
+                "history+labels",
+            )
+            assert set(merge_spaces([confident]).configs()) <= set(d.space.configs())
     d = (await ctl.aask("Who won it?")).decision
     assert not d.profile_used and d.space.source == "labels"
     assert d.space == ConfigSpace(("map_rerank", "stuff"), (1, 2), source="labels")

@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 
+from ragctl.profiler import ProfileOutcome
 from ragctl.scheduler.cost import LABEL_SPACE_MIN, DelayModel, Load, StageWork, prior_from_rates
 from ragctl.scheduler.slo import Mitigation, SLOTracker
 from ragctl.types import AnswerOptions, Config
@@ -236,3 +237,47 @@ async def test_an_unasked_profile_saves_the_call_and_the_baselines_still_get_one
     assert calls == ["Who won Super Bowl 50?"] and asked.outcome.profile is not None
     quality = await ctl.aask("Who won?", options=AnswerOptions(objective="quality"))
     assert len(calls) == 2 and quality.decision.profile_used
+
+
+async def test_a_profiler_untrusted_on_a_whole_window_is_asked_one_query_in_that_window() -> None:
+    from tests.unit.test_controller import a_profile
+
+    calls = []
+
+    class Counting(FakeProfiler):
+        async def profile(self, question, metadata, chunk_tokens, *, collection=None):
+            calls.append(question)
+            return self.outcome
+
+    untrusted = ProfileOutcome(a_profile(0.5), None, None, 0.2, "v1")
+    profiler = Counting(untrusted)
+    ctl = controller(profiler=profiler, policy=dataclasses.replace(NO_GOLDEN, untrusted_window=3))
+    asked = []
+    for i in range(10):
+        d = (await ctl.aask(f"q{i}")).decision
+        asked.append(d.profiler != "unasked")
+        assert not d.profile_used and d.space.source == "default"  # the same space either way
+    # Three untrusted profiles, then one ask (a probe) every three queries.
+    assert asked == [True, True, True, False, False, True, False, False, True, False]
+    assert len(calls) == 5 and ctl.counters["profile_unasked"] == 5
+    await ctl.propose("q", ask=True)  # a baseline's profile is not this objective's record
+    assert (await ctl.propose("next")).outcome.profiler == "unasked"
+    # A trusted probe resumes asking on every query.
+    profiler.outcome = FakeProfiler().outcome
+    await ctl.aask("probe")
+    assert profiler.outcome.profile.confidence >= 0.9 and len(calls) == 7
+    for i in range(3):
+        await ctl.aask(f"again {i}")
+    assert len(calls) == 10
+    # METIS's quality rule reads every profile: asked every time, even with a window of one.
+    fresh = controller(
+        profiler=Counting(untrusted), policy=dataclasses.replace(NO_GOLDEN, untrusted_window=1)
+    )
+    for i in range(3):
+        await fresh.aask(f"m{i}", options=AnswerOptions(objective="quality"))
+    assert fresh.counters["profile_unasked"] == 0
+    off = controller(
+        profiler=Counting(untrusted), policy=dataclasses.replace(NO_GOLDEN, untrusted_window=0)
+    )
+    for i in range(4):
+        assert (await off.aask(f"o{i}")).decision.profiler != "unasked"

@@ -23,6 +23,7 @@ from ragctl.rules import (
     load_rules,
     merge_spaces,
     parse_rules,
+    span_spaces,
 )
 from ragctl.types import ConfigSpace, Profile
 
@@ -234,6 +235,19 @@ def test_merge_spaces_rounds_half_up_and_skips_lengths_without_map_reduce() -> N
     assert merge_spaces([one]) == ConfigSpace(("stuff", "map_reduce"), (2, 2), (40, 80), "history")
     with pytest.raises(ValueError):
         merge_spaces([])
+
+
+def test_span_spaces_holds_every_space() -> None:
+    box = ConfigSpace(("stuff", "map_reduce"), (3, 9), (50, 100), "default")
+    labels = ConfigSpace(("map_rerank", "stuff"), (1, 2), (), "labels")
+    both = span_spaces([box, labels], "default+labels")
+    assert both == ConfigSpace(
+        ("map_rerank", "stuff", "map_reduce"), (1, 9), (50, 100), "default+labels"
+    )
+    assert set(box.configs()) | set(labels.configs()) <= set(both.configs())
+    assert span_spaces([labels], "x") == ConfigSpace(("map_rerank", "stuff"), (1, 2), (), "x")
+    with pytest.raises(ValueError):
+        span_spaces([], "x")
 
 
 # -- errors, located in the file -------------------------------------------------------------
