@@ -44,7 +44,6 @@ from ragctl.evaluation.systems import (
     median_config,
 )
 from ragctl.evaluation.writers import SampleWriter, read_rows
-from ragctl.policy import UNASKED
 from ragctl.profiler import ProfileOutcome
 from ragctl.profiler.beliefs import FieldBeliefs
 from ragctl.types import Config, Profile
@@ -59,8 +58,6 @@ PROFILES_FILE = "profiles.jsonl"
 _NOBODY = object()
 """Replay's stand-in objective for a fixed system or a baseline: no delay model learns from
 its cells."""
-PROFILE_READERS = ("adaptiverag", "parrot")
-"""Baselines that decide from the profile (and pay for it) whatever ragctl does."""
 REPLAY_CONCURRENCY = 1
 """Replay rows are a closed loop of one: every delay is a solo delay."""
 
@@ -263,31 +260,24 @@ class Replayer:
         try:
             for q in test:
                 ran: dict[Any, dict[Config, Mapping[str, Any]]] = {}
-                # One decision per objective asked for (`ragctl:<objective>`; None: the
-                # settings', which AdaptiveRAG* and Parrot* read too), in the systems' order,
-                # as live; each with its objective's own delay model.
+                # One decision per ragctl objective asked for (`ragctl:<objective>`; None: the
+                # settings'), in the systems' order, as live, each with its objective's own
+                # delay model; and one for the baselines, which read the profile (and pay for
+                # it) whatever ragctl does: asked for them, so it is no objective's record of
+                # trusted profiles either.
                 proposals: dict[Any, Proposal] = {}
                 for s in plan.systems:
-                    if s.kind != "fixed" and _objective(s) not in proposals:
-                        self._use(model(_objective(s)))
-                        proposals[_objective(s)] = await self.controller.propose(
-                            q.question, _objective(s)
+                    key = _proposal_key(s)
+                    if key is not None and key not in proposals:
+                        mine = s.kind == "ragctl"
+                        self._use(model(_objective(s)) if mine else _NOBODY)
+                        proposals[key] = await self.controller.propose(
+                            q.question, _objective(s), ask=not mine
                         )
                         self.stats.decisions += 1
-                asked: Proposal | None = None
                 for s in plan.systems:
-                    proposal = proposals.get(_objective(s))
-                    if (
-                        s.kind in PROFILE_READERS
-                        and proposal
-                        and proposal.outcome.profiler == UNASKED
-                    ):
-                        # ragctl left the profiler unasked; these baselines read the profile.
-                        if asked is None:
-                            self._use(model(None))
-                            asked = await self.controller.propose(q.question, None, ask=True)
-                            self.stats.decisions += 1
-                        proposal = asked
+                    key = _proposal_key(s)
+                    proposal = proposals[key] if key is not None else None
                     config, why = self.choose(s.kind, s.config, proposal, table)
                     mine = s.kind == "ragctl"
                     learner = _objective(s) if mine else _NOBODY
@@ -443,6 +433,14 @@ def delay_check(rows: Sequence[Mapping[str, Any]], store: GridStore) -> list[Del
             )
         )
     return out
+
+
+def _proposal_key(system: Any) -> tuple[Any, ...] | None:
+    """Which proposal a system reads: its objective's (ragctl), the baselines' or none
+    (fixed)."""
+    if system.kind == "fixed":
+        return None
+    return ("ragctl", _objective(system)) if system.kind == "ragctl" else ("baselines",)
 
 
 def _objective(system: Any) -> Any:

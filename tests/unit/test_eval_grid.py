@@ -261,8 +261,9 @@ async def test_replay_decides_once_per_objective_as_live_would(tmp_path: Path) -
     for objective in ("quality", "latency"):
         live = await ctl.propose(QUERIES[0].question, objective)
         assert chosen[f"ragctl:{objective}"] == live.plan.config.label
-    # Three decisions for the query: quality, latency and the settings' (ragctl and Parrot*).
-    assert stats.decisions == 3
+    # Four decisions for the query: quality, latency, the settings' (ragctl) and the
+    # baselines' (Parrot*, asked for its profile whatever ragctl does).
+    assert stats.decisions == 4
     assert chosen["ragctl:quality"] != chosen["ragctl:latency"]
 
 
@@ -384,6 +385,34 @@ async def test_baselines_read_a_profile_where_ragctl_leaves_it_unasked(tmp_path:
     for name in ("parrot", "adaptiverag"):
         assert by[name]["profile_s"] == 0.5 and by[name]["decision"]["profile_used"]
     assert by["adaptiverag"]["config"] == "stuff:3"  # its class from the profile, not "*"
+
+
+async def test_replay_warms_each_objectives_trust_and_baselines_leave_it(tmp_path: Path) -> None:
+    import dataclasses
+
+    from tests.unit.test_controller import NO_GOLDEN
+
+    untrusted = ProfileOutcome(a_profile(0.5), None, None, 0.5, "v1")
+    ctl = controller(
+        profiler=FakeProfiler(untrusted),
+        policy=dataclasses.replace(NO_GOLDEN, untrusted_window=3),
+    )
+    replayer = Replayer(ctl, CARD, GridStore.open(tmp_path, key()), ReplayStats())
+    plan = parse_systems("ragctl:balanced,parrot,adaptiverag", grid=SMALL)
+    # The calibration split's profiles, as a deployment would have asked them first.
+    await replayer.warm_trust(QUERIES, plan)
+    assert list(ctl.trust_for("balanced").recent) == [False] * 3
+    assert ("squad", "latency") not in ctl.trust  # no such objective replayed
+    table = {"*": "stuff:1"}
+    rows = await replayer.rows(QUERIES[:2], plan, table)
+    by = {(r["system"], r["query_id"]): r for r in rows}
+    for q in QUERIES[:2]:
+        assert by[("ragctl:balanced", q.id)]["decision"]["profile"]["profiler"] == "unasked"
+        for name in ("parrot", "adaptiverag"):  # they read (and pay for) a profile
+            assert by[(name, q.id)]["profile_s"] == 0.5
+    # Only ragctl's own decisions count in its record: two queries left unasked.
+    assert ctl.trust_for("balanced").skipped == 2
+    assert list(ctl.trust_for("balanced").recent) == [False] * 3
 
 
 class TimedEngine(FakeEngine):
