@@ -203,7 +203,7 @@ def untrusted_profile(trust: Trust, window: int, objective: Objective) -> Profil
     on every query). Never under `quality` (METIS's rule reads every profile); 0: never skip."""
     if objective == "quality" or window <= 0 or len(trust.recent) < window:
         return None
-    if any(list(trust.recent)[-window:]) or trust.skipped + 1 >= window:
+    if any(trust.recent) or trust.skipped + 1 >= window:  # `recent` keeps `window`
         return None
     return ProfileOutcome(
         profile=None, error=None, error_kind=None, seconds=0.0, template="",

@@ -218,15 +218,21 @@ def test_the_profiler_is_left_unasked_only_where_labels_show_no_difference() -> 
     assert not real.indifferent() and unasked_profile(real, "balanced") is None
 
 
+class Counting(FakeProfiler):
+    """A FakeProfiler that appends each question it is asked to `calls`."""
+
+    def __init__(self, calls: list[str], outcome: ProfileOutcome | None = None) -> None:
+        super().__init__(outcome)
+        self.calls = calls
+
+    async def profile(self, question, metadata, chunk_tokens, *, collection=None):
+        self.calls.append(question)
+        return self.outcome
+
+
 async def test_an_unasked_profile_saves_the_call_and_the_baselines_still_get_one() -> None:
-    calls = []
-
-    class Counting(FakeProfiler):
-        async def profile(self, question, metadata, chunk_tokens, *, collection=None):
-            calls.append(question)
-            return self.outcome
-
-    ctl = controller(profiler=Counting())
+    calls: list[str] = []
+    ctl = controller(profiler=Counting(calls))
     indifferent_labels(ctl.quality)
     answer = await ctl.aask("Who won Super Bowl 50?")
     d = answer.decision
@@ -242,15 +248,9 @@ async def test_an_unasked_profile_saves_the_call_and_the_baselines_still_get_one
 async def test_a_profiler_untrusted_on_a_whole_window_is_asked_one_query_in_that_window() -> None:
     from tests.unit.test_controller import a_profile
 
-    calls = []
-
-    class Counting(FakeProfiler):
-        async def profile(self, question, metadata, chunk_tokens, *, collection=None):
-            calls.append(question)
-            return self.outcome
-
+    calls: list[str] = []
     untrusted = ProfileOutcome(a_profile(0.5), None, None, 0.2, "v1")
-    profiler = Counting(untrusted)
+    profiler = Counting(calls, untrusted)
     ctl = controller(profiler=profiler, policy=dataclasses.replace(NO_GOLDEN, untrusted_window=3))
     asked = []
     for i in range(10):
@@ -271,13 +271,13 @@ async def test_a_profiler_untrusted_on_a_whole_window_is_asked_one_query_in_that
     assert len(calls) == 10
     # METIS's quality rule reads every profile: asked every time, even with a window of one.
     fresh = controller(
-        profiler=Counting(untrusted), policy=dataclasses.replace(NO_GOLDEN, untrusted_window=1)
+        profiler=Counting([], untrusted), policy=dataclasses.replace(NO_GOLDEN, untrusted_window=1)
     )
     for i in range(3):
         await fresh.aask(f"m{i}", options=AnswerOptions(objective="quality"))
     assert fresh.counters["profile_unasked"] == 0
     off = controller(
-        profiler=Counting(untrusted), policy=dataclasses.replace(NO_GOLDEN, untrusted_window=0)
+        profiler=Counting([], untrusted), policy=dataclasses.replace(NO_GOLDEN, untrusted_window=0)
     )
     for i in range(4):
         assert (await off.aask(f"o{i}")).decision.profiler != "unasked"
