@@ -52,6 +52,8 @@ from ragctl.policy import (
     adaptive_decision,
     best_fit,
     chunk_cap,
+    fallback_space,
+    no_better_profile,
     outcome_counter,
     planned_work,
     resolve_space,
@@ -64,13 +66,13 @@ from ragctl.profiler.auto import RetrievalSignals
 from ragctl.profiler.labels import GridCell, label_query
 from ragctl.profiler.learned import query_features
 from ragctl.profiler.store import LabelRecord, llm_beliefs
-from ragctl.rules import RuleSet, load_rules
+from ragctl.rules import RuleSet, fast_corner, load_rules
 from ragctl.scheduler import AdmissionQueue, KVLedger, NeedTable
 from ragctl.scheduler.admission import EngineSlot
-from ragctl.scheduler.cost import QualityModel, StageWork
+from ragctl.scheduler.cost import QualityModel, StageWork, WorkTable
 from ragctl.scheduler.placement import Strategy
 from ragctl.scheduler.slo import RequestTrace, SLOTracker, StageHooks
-from ragctl.synthesis.methods import Step, Synthesizer
+from ragctl.synthesis.methods import CallSizer, Step, Synthesizer
 from ragctl.types import (
     Answer,
     AnswerOptions,
@@ -630,7 +632,23 @@ class Controller:
         )
         if ask:
             unasked = None
-        if unasked is not None:
+        sizer: CallSizer | None = None
+        if unasked is None and not ask and self._profile_may_buy_nothing(objective):
+            # Whether a profile could buy a better choice depends on the chunks' sizes, so
+            # retrieval (milliseconds) goes first here instead of beside the profiler.
+            chunks, vector = await self._retrieve_with_vector(
+                q, k, timings, vector=self._needs_signals()
+            )
+            sizer = (synth or self.synthesizer).sizer(synthesis_question, chunks)
+            unasked = self._no_better_profile(objective, chunks, sizer)
+            if unasked is None:
+                signals = None
+                if self._needs_signals():
+                    signals = RetrievalSignals(vector, tuple(c.score or 0.0 for c in chunks))
+                outcome = await self._profile(q, timings, signals)
+            else:
+                outcome = unasked
+        elif unasked is not None:
             chunks = await self._retrieve(q, k, timings)
             outcome = unasked
         elif self._needs_signals():
@@ -657,7 +675,7 @@ class Controller:
         )
         decide = best_fit(
             choice,
-            (synth or self.synthesizer).sizer(synthesis_question, chunks),
+            sizer or (synth or self.synthesizer).sizer(synthesis_question, chunks),
             cap,
             self.policy.kv_buffer_blocks,
             cost=self._cost_models(objective),
@@ -720,6 +738,30 @@ class Controller:
             timings["profile"] = outcome.seconds
         self.counters[f"profiler_{outcome.profiler}"] += 1
         return outcome
+
+    def _profile_may_buy_nothing(self, objective: Objective) -> bool:
+        """Whether `no_better_profile` could leave the profiler unasked: `latency`, or
+        `balanced` with measured outcomes."""
+        return objective == "latency" or (objective == "balanced" and bool(self.quality.measured()))
+
+    def _no_better_profile(
+        self, objective: Objective, chunks: list[Chunk], sizer: CallSizer
+    ) -> ProfileOutcome | None:
+        """`policy.no_better_profile` on this query's chunks, at the engine's load now."""
+        fallback = self._fallback_space()
+        cap = chunk_cap(fallback, [c.score or 0.0 for c in chunks], self.policy.retrieval_aware_k)
+        works, load = WorkTable(sizer), self.slo.load.now()
+        return no_better_profile(
+            self.quality, objective, fallback, fast_corner(self.rules), cap,
+            lambda c: self.slo.delay.predict(works(c), load), self.policy.delay_weight,
+        )  # fmt: skip
+
+    def _fallback_space(self) -> ConfigSpace:
+        """The space a query with no trusted profile gets now (`policy.fallback_space`)."""
+        return fallback_space(
+            self.rules, self.history.get(self.collection.name, ()),
+            learned=self.quality.label_space(), labelled=self.quality.label_space(min_labels=1),
+        )  # fmt: skip
 
     def _space_for(self, outcome: ProfileOutcome, *, record: bool) -> SpaceChoice:
         history = self.history.setdefault(

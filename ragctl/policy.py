@@ -8,13 +8,14 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ragctl.errors import InvalidSetting
 from ragctl.profiler import ProfileOutcome
 from ragctl.rules import RuleSet, default_space, evaluate, merge_spaces, span_spaces
 from ragctl.scheduler import NeedTable, choose
+from ragctl.scheduler.bestfit import clip_space
 from ragctl.scheduler.cost import DelayModel, Load, QualityModel, StageWork, WorkTable
 from ragctl.scheduler.objective import DEFAULT_DELAY_WEIGHT, choose_objective
 from ragctl.scheduler.placement import Strategy
@@ -145,15 +146,25 @@ def resolve_space(
         note = "low-confidence: no log-probs"
     else:
         note = f"low-confidence {profile.confidence:.2f} < {threshold:.2f}"
-    if learned is not None:
-        space = learned
-    else:
-        space = merge_spaces(list(history)) if history else default_space(rules)
-        if labelled is not None:
-            space = span_spaces([space, labelled], source=f"{space.source}+labels")
+    space = fallback_space(rules, history, learned, labelled)
     # Joint reasoning unless the space only answers from single chunks.
     joint = not all(registry.spec(m).fallback == "independent" for m in space.methods)
     return SpaceChoice(space, False, note, joint)
+
+
+def fallback_space(
+    rules: RuleSet,
+    history: Sequence[ConfigSpace],
+    learned: ConfigSpace | None = None,
+    labelled: ConfigSpace | None = None,
+) -> ConfigSpace:
+    """The space of a query with no trusted profile (`resolve_space`'s arguments)."""
+    if learned is not None:
+        return learned
+    space = merge_spaces(list(history)) if history else default_space(rules)
+    if labelled is not None:
+        space = span_spaces([space, labelled], source=f"{space.source}+labels")
+    return space
 
 
 UNASKED = "unasked"
@@ -176,6 +187,60 @@ def unasked_profile(quality: QualityModel, objective: Objective) -> ProfileOutco
         profiler=UNASKED,
         llm_note=f"not asked: the {len(quality.labels)} labels show no configuration "
         "answering better than another",
+    )  # fmt: skip
+
+
+def no_better_profile(
+    quality: QualityModel,
+    objective: Objective,
+    fallback: ConfigSpace,
+    corner: Sequence[Config],
+    chunks: int,
+    delay: Callable[[Config], float],
+    delay_weight: float = DEFAULT_DELAY_WEIGHT,
+) -> ProfileOutcome | None:
+    """The outcome that stands for a profile left unasked because no profile could lead to a
+    choice predicted better than the fallback's, or None (ask). `balanced` and `latency`
+    choose by predicted quality and delay, and neither prediction reads the space (quality:
+    while outcomes are measured), so a trusted profile only changes which configurations are
+    candidates. The fallback's best (on the `chunks` retrieved, its objective's score with the
+    fallback's fastest delay as the unit) is compared with an upper bound on every
+    configuration any profile's space could hold: per method, the quality of its best measured
+    configuration (`QualityModel.best_rate`) at the delay of its `corner` configuration
+    (`rules.fast_corner`: no space holds less work of that method, and the delay model is
+    non-decreasing in work). When no bound beats the fallback's best, the profile could only
+    take candidates away. `latency` reads no quality, so it needs no labels; labels that show
+    no configuration answering better than another (`indifferent`) make `balanced` choose the
+    fastest too."""
+    if objective == "quality" or chunks < 1 or not corner:
+        return None
+    configs = clip_space(fallback, chunks).configs()
+    if not configs:
+        return None
+    if not quality.measured() and objective != "latency":
+        return None  # the covers estimate reads the space: a profile could change it
+    fastest = objective == "latency" or quality.indifferent()  # the choice is the fastest
+    weight = 1.0 if fastest else delay_weight
+
+    def q(c: Config) -> float:
+        return 0.0 if fastest else quality.predict(c, fallback)
+
+    def bound(c: Config) -> float:
+        return 0.0 if fastest else quality.best_rate(c.method) or 0.0
+
+    d = {c: delay(c) for c in configs}
+    unit = max(min(d.values()), 1e-9)
+    best = max(configs, key=lambda c: (q(c) - weight * d[c] / unit, -d[c]))
+    top = q(best) - weight * d[best] / unit
+    for c in corner:
+        c = replace(c, num_chunks=min(c.num_chunks, chunks))
+        if bound(c) - weight * delay(c) / unit > top + 1e-12:  # float noise: a tie is no gain
+            return None
+    return ProfileOutcome(
+        profile=None, error=None, error_kind=None, seconds=0.0, template="",
+        profiler=UNASKED,
+        llm_note=f"not asked: no space a profile could give holds a configuration predicted "
+        f"better than {best.label} ({objective})",
     )  # fmt: skip
 
 

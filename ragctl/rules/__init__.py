@@ -5,6 +5,7 @@ Algorithm 1). `schema` owns the file format, `loader` reading it with located er
 from ragctl.rules.evaluate import (
     default_space,
     evaluate,
+    fast_corner,
     fields_read,
     intermediate_values,
     merge_spaces,
@@ -38,6 +39,7 @@ __all__ = [
     "intermediate_values",
     "load_rules",
     "merge_spaces",
+    "fast_corner",
     "span_spaces",
     "parse_rules",
 ]

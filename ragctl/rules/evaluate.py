@@ -8,7 +8,15 @@ import statistics
 from collections.abc import Sequence
 
 from ragctl.rules.schema import FixedSpace, Limits, PerPiece, Rule, RuleSet, Then
-from ragctl.types import METHODS, TAKES_INTERMEDIATE, ConfigSpace, Profile
+from ragctl.types import (
+    METHODS,
+    PIECES_RANGE,
+    SUMMARY_RANGE,
+    TAKES_INTERMEDIATE,
+    Config,
+    ConfigSpace,
+    Profile,
+)
 
 
 def evaluate(rules: RuleSet, profile: Profile) -> ConfigSpace:
@@ -56,6 +64,37 @@ def span_spaces(spaces: Sequence[ConfigSpace], source: str) -> ConfigSpace:
     if TAKES_INTERMEDIATE.intersection(methods):
         ilens = tuple(sorted({n for s in spaces for n in s.intermediate_lengths}))
     return ConfigSpace(methods, (lo, hi), ilens, source=source)
+
+
+def fast_corner(rules: RuleSet) -> tuple[Config, ...]:
+    """Per method any rule (or the default space) can give, its least work: the fewest chunks
+    and the smallest summary budget any profile can reach for it. Every configuration of every
+    space `evaluate` can return has at least the prompt and the output budget of its method's
+    corner configuration."""
+    least: dict[str, tuple[int, int | None]] = {}  # method: (chunks, summary budget)
+    thens: list[tuple[Sequence[str], int, tuple[int, int] | None]] = []
+    for rule in rules.rules:
+        then = rule.then
+        if isinstance(then.num_chunks, PerPiece):
+            lo = then.num_chunks.per_piece[0] * PIECES_RANGE[0]
+        else:
+            lo = then.num_chunks[0]
+        if then.from_summary:
+            ilen: tuple[int, int] | None = (SUMMARY_RANGE[0], SUMMARY_RANGE[0])
+        else:
+            ilen = None if then.intermediate_length is None else tuple(then.intermediate_length)
+        thens.append((then.methods, lo, ilen))
+    d = rules.default_space
+    thens.append((d.methods, d.num_chunks[0], None if d.intermediate_length is None
+                  else tuple(d.intermediate_length)))  # fmt: skip
+    for methods, lo, ilen in thens:
+        space = _space(methods, (lo, lo), ilen, rules.limits, "corner")
+        for m in space.methods:
+            k = space.num_chunks[0]
+            il = min(space.intermediate_lengths, default=None) if m in TAKES_INTERMEDIATE else None
+            k0, il0 = least.get(m, (k, il))
+            least[m] = (min(k0, k), min((x for x in (il0, il) if x is not None), default=None))
+    return tuple(Config(m, *least[m]) for m in METHODS if m in least)
 
 
 def fields_read(rule: Rule | RuleSet) -> tuple[str, ...]:

@@ -590,6 +590,16 @@ class QualityModel:
         self.measured()  # computed with it, once per new label
         return self._pooled
 
+    def best_rate(self, method: str) -> float | None:
+        """The most `predict` can say of any configuration of `method` while outcomes are
+        measured: its best measured configuration's rate (interpolation and the nearest tried
+        never exceed it), the pooled rate for a method never tried; None: nothing measured."""
+        measured = self.measured()
+        if not measured:
+            return None
+        rates = [self._rate(c) for c in measured if c.method == method]
+        return max(rates) if rates else self.pooled()
+
     def _rate(self, config: Config) -> float:
         agreed, tried = self.measured()[config]
         prior, m = self.pooled() or 0.0, self._strength

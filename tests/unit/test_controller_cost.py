@@ -13,7 +13,7 @@ import pytest
 from ragctl.profiler import ProfileOutcome
 from ragctl.scheduler.cost import LABEL_SPACE_MIN, DelayModel, Load, StageWork, prior_from_rates
 from ragctl.scheduler.slo import Mitigation, SLOTracker
-from ragctl.types import AnswerOptions, Config
+from ragctl.types import AnswerOptions, Config, ConfigSpace
 from tests.unit.test_controller import NO_GOLDEN, FakeEngine, FakeProfiler, controller
 
 Q = "Where was Super Bowl 50 played?"
@@ -216,6 +216,81 @@ def test_the_profiler_is_left_unasked_only_where_labels_show_no_difference() -> 
     for _ in range(LABEL_SPACE_MIN):
         real.add_label(three, {one: False, three: True})
     assert not real.indifferent() and unasked_profile(real, "balanced") is None
+
+
+def test_the_profiler_is_left_unasked_where_no_profile_space_holds_a_better_choice() -> None:
+    from ragctl.policy import UNASKED, no_better_profile
+    from ragctl.rules import fast_corner
+    from ragctl.scheduler.cost import QualityModel
+    from tests.unit.test_controller import RULES
+
+    model = QualityModel()
+    corner = fast_corner(RULES)  # map_rerank:1, stuff:1, map_reduce:1:30
+    fallback = ConfigSpace(("map_rerank", "stuff"), (1, 9), (), "default+labels")
+    stuff_only = ConfigSpace(("stuff",), (1, 9), (), "x")
+    work = {"map_rerank": 1.0, "stuff": 1.2, "map_reduce": 3.0}
+
+    def delay(c: Config) -> float:  # grows with chunks and with the summary budget
+        return work[c.method] * c.num_chunks + (c.intermediate_length or 0) / 100
+
+    def unasked(objective="balanced", space=fallback, chunks=10, quality=model):
+        return no_better_profile(quality, objective, space, corner, chunks, delay, 0.1)
+
+    # `latency` reads no quality: the fallback holds the fastest anything could be.
+    out = unasked("latency")
+    assert out is not None and out.profiler == UNASKED and out.seconds == 0.0
+    assert "map_rerank:1" in out.llm_note and "latency" in out.llm_note
+    assert unasked("latency", stuff_only) is None  # a profile's space could hold map_rerank:1
+    assert unasked("balanced") is None  # no outcomes: quality would read the space
+    assert unasked("quality") is None  # METIS's rule reads the profile's space
+    assert unasked("latency", chunks=0) is None
+    indifferent_labels(model, 3)  # far under LABEL_SPACE_MIN
+    assert unasked("balanced") is not None and unasked("balanced", stuff_only) is None
+    work["stuff"] = 0.9  # unless stuff is the faster method on this engine
+    assert unasked("balanced", stuff_only) is not None and unasked("latency", stuff_only)
+    # Chunks above those retrieved are clipped alike: a fallback from 3 chunks, 2 retrieved.
+    from_three = ConfigSpace(("stuff",), (3, 9), (), "x")
+    assert unasked("latency", from_three, chunks=2) is None
+    assert unasked("latency", from_three, chunks=1) is not None
+    # Measured differences: the fallback's best against the best each method could do.
+    work["stuff"] = 1.2
+    real = QualityModel()
+    rerank, one, three = Config("map_rerank", 1), Config("stuff", 1), Config("stuff", 3)
+    for i in range(12):
+        real.add_label(three, {rerank: i < 11, one: i < 2, three: i < 3})
+    assert not real.indifferent()
+    out = unasked("balanced", quality=real)  # map_rerank:1: best measured, and fastest
+    assert out is not None and "map_rerank:1" in out.llm_note
+    # Without map_rerank in the fallback, stuff is its best; a profile could add map_rerank.
+    assert unasked("balanced", stuff_only, quality=real) is None
+    # A method's best rate at its corner's delay: stuff:3 answers most, a profile could
+    # offer stuff at stuff:1's delay, so the fallback's best (map_rerank:1) may be beaten.
+    fav = QualityModel()
+    for i in range(12):
+        fav.add_label(three, {rerank: i < 4, one: i < 4, three: i < 11})
+    assert not fav.indifferent()
+    assert unasked("balanced", ConfigSpace(("map_rerank",), (1, 9), (), "x"), quality=fav) is None
+
+
+async def test_under_the_label_minimum_a_profile_that_cannot_buy_a_faster_choice_is_not_asked():
+    calls: list[str] = []
+    ctl = controller(profiler=Counting(calls))
+    one, stuff1 = Config("map_rerank", 1), Config("stuff", 1)
+    for i in range(LABEL_SPACE_MIN - 1):  # indifferent; the fallback gains map_rerank:1 and stuff:1
+        ctl.quality.add_label(one if i % 2 else stuff1, {one: i % 3 == 0, stuff1: i % 3 == 1})
+    d = (await ctl.aask("Who won Super Bowl 50?")).decision
+    assert calls == [] and d.profiler == "unasked" and "predicted better" in d.profile_note
+    assert d.space.source == "default+labels" and d.config.num_chunks == 1
+    assert ctl.counters["profile_unasked"] == 1
+    # Labels that never needed fewer than three chunks leave the fallback without a
+    # one-chunk configuration: a profile's space could hold one, so the profiler is asked.
+    asked = controller(profiler=Counting(calls))
+    three, six = Config("stuff", 3), Config("stuff", 6)
+    for i in range(LABEL_SPACE_MIN - 1):
+        asked.quality.add_label(three, {three: i % 3 == 0, six: i % 3 == 1})
+    assert asked.quality.indifferent()
+    d = (await asked.aask("Who won Super Bowl 50?")).decision
+    assert calls == ["Who won Super Bowl 50?"] and d.profiler != "unasked"
 
 
 class Counting(FakeProfiler):

@@ -18,6 +18,7 @@ from ragctl.rules import (
     default_rules_path,
     default_space,
     evaluate,
+    fast_corner,
     fields_read,
     intermediate_values,
     load_rules,
@@ -25,7 +26,7 @@ from ragctl.rules import (
     parse_rules,
     span_spaces,
 )
-from ragctl.types import ConfigSpace, Profile
+from ragctl.types import SUMMARY_RANGE, Config, ConfigSpace, Profile
 
 DEFAULT = load_rules()
 DEFAULT_TEXT = default_rules_path().read_text()
@@ -248,6 +249,35 @@ def test_span_spaces_holds_every_space() -> None:
     assert span_spaces([labels], "x") == ConfigSpace(("map_rerank", "stuff"), (1, 2), (), "x")
     with pytest.raises(ValueError):
         span_spaces([], "x")
+
+
+def test_fast_corner_undercuts_every_space_the_rules_can_give() -> None:
+    corner = fast_corner(DEFAULT)
+    assert corner == (
+        Config("map_rerank", 1), Config("stuff", 1), Config("map_reduce", 1, SUMMARY_RANGE[0])
+    )
+    fixed = parse_rules(
+        """
+version: 1
+limits: {max_chunks: 20, intermediate_values: 1}
+rules:
+  - name: wide
+    when: {complexity: high}
+    then: {methods: [map_reduce], num_chunks: [4, 8], intermediate_length: [60, 90]}
+default_space: {methods: [stuff, map_reduce], num_chunks: [6, 9], intermediate_length: [40, 50]}
+"""
+    )
+    # One summary budget per range: its midpoint (75 and 45), and the least of both is kept.
+    assert fast_corner(fixed) == (Config("stuff", 6), Config("map_reduce", 4, 45))
+    summaries = [(SUMMARY_RANGE[0],) * 2, (40, 120), (SUMMARY_RANGE[1],) * 2]
+    for rules in (DEFAULT, fixed):
+        least = {c.method: c for c in fast_corner(rules)}
+        for p, s in itertools.product(PROFILES, summaries):
+            space = evaluate(rules, Profile(p.complexity, p.joint_reasoning, p.pieces, s))
+            for c in space.configs():
+                low = least[c.method]
+                assert c.num_chunks >= low.num_chunks
+                assert (c.intermediate_length or 0) >= (low.intermediate_length or 0)
 
 
 # -- errors, located in the file -------------------------------------------------------------
