@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ragctl.evaluation.intervals import Interval, excludes, paired_diff_ci, ratio_ci
 from ragctl.evaluation.records import Record
-from ragctl.evaluation.systems import FIXED_PREFIX, ORACLE, RAGCTL, system_order
+from ragctl.evaluation.systems import BASELINES, FIXED_PREFIX, ORACLE, RAGCTL, system_order
 
 if TYPE_CHECKING:
     from ragctl.evaluation.summaries import OracleSummary, Summary
@@ -141,10 +141,13 @@ class Ratios(Record):
     quality_vs_fixed_similar_delay: VsFixedSimilarDelay
     oracle_gap: OracleGap
     profiler_overhead: ProfilerOverhead
+    delay_ratio_vs_static: VsBaseline | None = None
+    """None only in a result written before Static* existed."""
     NESTED: ClassVar[Mapping[str, type[Record]]] = {
         "delay_ratio_vs_fixed_equal_quality": VsFixedEqualQuality,
         "delay_ratio_vs_adaptiverag": VsBaseline,
         "delay_ratio_vs_parrot": VsBaseline,
+        "delay_ratio_vs_static": VsBaseline,
         "quality_vs_fixed_similar_delay": VsFixedSimilarDelay,
         "oracle_gap": OracleGap,
         "profiler_overhead": ProfilerOverhead,
@@ -152,7 +155,8 @@ class Ratios(Record):
 
     def vs(self, baseline: str) -> VsBaseline:
         """The ratio against one of the adaptive baselines (`systems.BASELINES`)."""
-        return getattr(self, f"delay_ratio_vs_{baseline}")  # type: ignore[no-any-return]
+        found = getattr(self, f"delay_ratio_vs_{baseline}")
+        return found if found is not None else VsBaseline(reason="not in this (older) result")
 
 
 def _q(s: Summary | None) -> float | None:
@@ -229,6 +233,7 @@ def _ratios(systems: Mapping[str, Summary], oracle: OracleSummary | None) -> Rat
         ),
         oracle_gap=_oracle_gap(oracle, why, base),
         profiler_overhead=overhead,
+        delay_ratio_vs_static=_vs_baseline("static", systems, why, base),
     )
 
 
@@ -368,8 +373,8 @@ def _with_intervals(
         ci = ratio_ci(p.od, p.rd)
         a = replace(a, value_ci=ci, significant=excludes(ci, 1.0), **counts(p))
     vs = {}
-    for key in ("delay_ratio_vs_adaptiverag", "delay_ratio_vs_parrot"):
-        b = getattr(r, key)
+    for name in BASELINES:
+        key, b = f"delay_ratio_vs_{name}", r.vs(name)
         if b.value is not None and (p := pairs(b.system)):
             ci = ratio_ci(p.od, p.rd)
             diff_ci = paired_diff_ci(p.rq, p.oq) if b.quality_diff is not None else None

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ragctl.evaluation.ratios import Ratios
+from ragctl.evaluation.ratios import Ratios, VsBaseline
 from ragctl.evaluation.summaries import Evaluation, Phase
 from ragctl.evaluation.systems import BASELINES, FIXED_PREFIX, ORACLE, RAGCTL
 
@@ -94,6 +94,23 @@ def _sys(name: str | None) -> str:
     return f"fixed {name.removeprefix(FIXED_PREFIX)}" if name.startswith(FIXED_PREFIX) else name
 
 
+def static_line(r: Ratios) -> list[str]:
+    """The line against Static* (`ratio_lines`' wording), when the phase ran it."""
+    b = r.vs("static")
+    return [baseline_line("static", b, r.primary or "quality")] if b.value is not None else []
+
+
+def baseline_line(name: str, b: VsBaseline, p: str) -> str:
+    """One adaptive baseline against ragctl, in words."""
+    return (
+        f"{name} mean delay {_f(b.other_delay_s)} s vs ragctl {_f(b.ragctl_delay_s)} s: "
+        f"{_f(b.value)}×{_ci(b.value_ci, '.2f', b.significant)}; {p} ragctl "
+        f"{_q(b.ragctl_quality)} vs {_q(b.other_quality)} ({_signed(b.quality_diff)}"
+        f"{_ci(b.quality_diff_ci, '+.3f', b.quality_diff_significant)}, "
+        f"{_signed(b.quality_diff_pct, '.1f')}%){_pairs(b.n, b.left_out)}"
+    )
+
+
 def ratio_lines(r: Ratios) -> list[str]:
     """The ratios of one phase in words, one line each."""
     p = r.primary or "quality"
@@ -113,13 +130,7 @@ def ratio_lines(r: Ratios) -> list[str]:
         if b.value is None:
             lines.append(f"vs {name}: {b.reason or 'n/a'}")
             continue
-        lines.append(
-            f"{name} mean delay {_f(b.other_delay_s)} s vs ragctl {_f(b.ragctl_delay_s)} s: "
-            f"{_f(b.value)}×{_ci(b.value_ci, '.2f', b.significant)}; {p} ragctl "
-            f"{_q(b.ragctl_quality)} vs {_q(b.other_quality)} ({_signed(b.quality_diff)}"
-            f"{_ci(b.quality_diff_ci, '+.3f', b.quality_diff_significant)}, "
-            f"{_signed(b.quality_diff_pct, '.1f')}%){_pairs(b.n, b.left_out)}"
-        )
+        lines.append(baseline_line(name, b, p))
     d = r.quality_vs_fixed_similar_delay
     if d.value is not None:
         lines.append(
@@ -240,8 +251,11 @@ def render_report(evaluation: Evaluation, console: Console) -> None:
         with_intervals = any(s.delay_n is not None for s in phase.systems.values())
         if with_intervals:
             console.print(TABLE_NOTE, style="dim", highlight=False)
+        # Each objective against the fixed grid, and against the static choice made ahead.
         variant_lines = [
-            f"{name}: {ratio_lines(r)[0]}" for name, r in (phase.variants or {}).items()
+            f"{name}: {line}"
+            for name, r in (phase.variants or {}).items()
+            for line in (ratio_lines(r)[0], *static_line(r))
         ]
         for line in [*ratio_lines(phase.ratios), *variant_lines, *slo_lines(phase)]:
             console.print(f"  {line}", highlight=False, markup=False)

@@ -42,6 +42,7 @@ from ragctl.evaluation.systems import (
     calibrate,
     complexity_class,
     median_config,
+    static_config,
 )
 from ragctl.evaluation.writers import SampleWriter, read_rows
 from ragctl.profiler import ProfileOutcome
@@ -230,9 +231,12 @@ class Replayer:
     async def adaptiverag_table(
         self, calib: Sequence[Query], grid: Sequence[Config]
     ) -> dict[str, str]:
-        """AdaptiveRAG*'s table from the grid's cells of the calibration queries."""
+        """The calibration table (AdaptiveRAG*'s and Static*'s: `systems.calibrate`) from the
+        grid's cells of the calibration queries."""
         if not calib:
-            raise InvalidRequest("adaptiverag needs calibration queries (--calibration N)")
+            raise InvalidRequest(
+                "adaptiverag and static need calibration queries (--calibration N)"
+            )
         rows, classes = [], {}
         for q in calib:
             for c in grid:
@@ -240,7 +244,7 @@ class Replayer:
                 rows.append({**cell, "system": FIXED_PREFIX + c.label})
             outcome, _ = await self.controller.profile(q.question)
             classes[q.id] = complexity_class(outcome.profile)
-        return calibrate(rows, classes)
+        return calibrate(rows, classes, self.controller.policy.delay_weight)
 
     async def rows(
         self,
@@ -315,6 +319,9 @@ class Replayer:
         """The system's configuration for the query, or None and why not."""
         if kind == "fixed":
             return fixed, None
+        if kind == "static":
+            assert table is not None
+            return static_config(table), None
         assert proposal is not None
         if kind == "ragctl":
             if proposal.plan.config is None:
@@ -437,8 +444,8 @@ def delay_check(rows: Sequence[Mapping[str, Any]], store: GridStore) -> list[Del
 
 def _proposal_key(system: Any) -> tuple[Any, ...] | None:
     """Which proposal a system reads: its objective's (ragctl), the baselines' or none
-    (fixed)."""
-    if system.kind == "fixed":
+    (fixed, static)."""
+    if system.kind in ("fixed", "static"):
         return None
     return ("ragctl", _objective(system)) if system.kind == "ragctl" else ("baselines",)
 

@@ -192,6 +192,7 @@ def run_evaluation(
         "kv_cache_gib": settings.kv_cache_gib, "kv_cache_blocks": settings.kv_cache_blocks,
         "rules_file": str(settings.rules_file) if settings.rules_file else None,
         "confidence_threshold": settings.confidence_threshold,
+        "delay_weight": settings.delay_weight,
         "grid": [c.label for c in plan.grid],
         "started_at": previous.get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "adaptiverag_table": previous.get("adaptiverag_table"),
@@ -262,7 +263,7 @@ async def _run(
                 for q in calib:
                     outcome, _ = await controller.profile(q.question)
                     classes[q.id] = complexity_class(outcome.profile)
-                runner.adaptiverag_table = calibrate(rows, classes)
+                runner.adaptiverag_table = calibrate(rows, classes, settings.delay_weight)
                 meta["calibration_grid"] = store.folder.name
                 meta["adaptiverag_table"] = runner.adaptiverag_table
                 meta["calibration_classes"] = classes

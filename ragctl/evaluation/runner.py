@@ -23,7 +23,7 @@ from typing import Any
 from ragctl.controller import Controller
 from ragctl.errors import InvalidRequest, RagctlError
 from ragctl.evaluation import metrics
-from ragctl.evaluation.systems import System, adaptiverag_config, median_config
+from ragctl.evaluation.systems import System, adaptiverag_config, median_config, static_config
 from ragctl.evaluation.writers import SampleWriter, read_rows
 from ragctl.retrieval.collection import DatasetCard
 from ragctl.types import Answer, AnswerOptions, Query
@@ -88,6 +88,10 @@ class Runner:
         if s.kind == "fixed":
             assert s.config is not None
             return await ctl.aask(q, s.config), None
+        if s.kind == "static":
+            if self.adaptiverag_table is None:
+                raise InvalidRequest("static needs a calibration table")
+            return await ctl.aask(q, static_config(self.adaptiverag_table)), None
         outcome, choice = await ctl.profile(q)
         if s.kind == "adaptiverag":
             if self.adaptiverag_table is None:

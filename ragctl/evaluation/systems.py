@@ -9,6 +9,9 @@
   the configuration that had the best quality for that class on a calibration split.
 - `parrot` (Parrot*): the median configuration of the profiler's pruned space, run as is (the
   engine batches it), without looking at memory.
+- `static` (Static*): one configuration for every query, chosen ahead on the same calibration
+  split by `balanced`'s utility over what was measured there: what a team that picks one
+  static configuration from a held-out split deploys. No profile, no adaptation.
 - `oracle`: per query, the best configuration of the fixed grid in hindsight; derived from the
   fixed runs, never run itself.
 """
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ragctl.errors import InvalidRequest
+from ragctl.scheduler.objective import DEFAULT_DELAY_WEIGHT
 from ragctl.types import (
     METHODS,
     OBJECTIVES,
@@ -32,7 +36,7 @@ from ragctl.types import (
     Profile,
 )
 
-Kind = Literal["ragctl", "fixed", "adaptiverag", "parrot"]
+Kind = Literal["ragctl", "fixed", "adaptiverag", "parrot", "static"]
 
 DEFAULT_GRID: tuple[Config, ...] = (
     Config("map_rerank", 5),
@@ -45,7 +49,7 @@ DEFAULT_GRID: tuple[Config, ...] = (
 """The fixed baselines: cheap to expensive, all three methods, up to the default space's top."""
 
 RAGCTL = "ragctl"
-BASELINES = ("adaptiverag", "parrot")
+BASELINES = ("adaptiverag", "parrot", "static")
 FIXED_PREFIX = "fixed:"
 ORACLE = "oracle"
 DEFAULT_SYSTEMS = "ragctl,fixed,adaptiverag,parrot,oracle"
@@ -57,6 +61,7 @@ DESCRIPTIONS = {
     "fixed": "one static configuration for every query; `fixed` = the default grid",
     "adaptiverag": "AdaptiveRAG*: complexity class -> best configuration on a calibration split",
     "parrot": "Parrot*: median configuration of the profiler's pruned space, no memory awareness",
+    "static": "Static*: one configuration chosen ahead on a calibration split (balanced's utility)",
     "oracle": "best fixed configuration per query in hindsight (derived from the fixed runs)",
 }
 
@@ -89,12 +94,12 @@ class Plan:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(s.kind == "adaptiverag" for s in self.systems)
+        return any(s.kind in ("adaptiverag", "static") for s in self.systems)
 
 
 def system_order(name: str) -> tuple[Any, ...]:
-    """Sort key: ragctl, adaptiverag, parrot, other systems, then `fixed:*` by method, chunks
-    and summary budget."""
+    """Sort key: ragctl, adaptiverag, parrot, static, other systems, then `fixed:*` by method,
+    chunks and summary budget."""
     if name == RAGCTL:
         return (0, 0, "", 0, 0)
     if name.startswith(RAGCTL + ":"):
@@ -159,12 +164,23 @@ def complexity_class(profile: Profile | None) -> str:
     return f"{profile.complexity}-{'joint' if profile.joint_reasoning else 'single'}"
 
 
-def calibrate(rows: Iterable[Mapping[str, Any]], classes: Mapping[str, str]) -> dict[str, str]:
-    """AdaptiveRAG*'s table: for each class, the fixed configuration with the best mean primary
-    score over that class's calibration queries (ties: the lower mean delay), plus `*`, the best
-    overall, for classes calibration never saw. `rows` are fixed-system sample rows; `classes`
-    maps query id -> class. A configuration that failed a query scores 0 on it; a query without
-    references (no score for anyone) is left out."""
+STATIC = "static"
+"""The calibration table's entry for Static*'s configuration (no complexity class is named so)."""
+
+
+def calibrate(
+    rows: Iterable[Mapping[str, Any]],
+    classes: Mapping[str, str],
+    delay_weight: float = DEFAULT_DELAY_WEIGHT,
+) -> dict[str, str]:
+    """The calibration table: AdaptiveRAG*'s configuration per class, the fixed configuration
+    with the best mean primary score over that class's calibration queries (ties: the lower
+    mean delay), plus `*`, the best overall, for classes calibration never saw; and under
+    `STATIC`, Static*'s: the best mean primary score q less `delay_weight` x its mean delay d
+    over the fastest one's (`balanced`'s utility, `scheduler.objective`, on measured means;
+    ties: the lower d). `rows` are fixed-system sample rows; `classes` maps query id -> class.
+    A configuration that failed a query scores 0 on it; a query without references (no score
+    for anyone) is left out."""
     by: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     for r in rows:
         if not str(r["system"]).startswith(FIXED_PREFIX):
@@ -176,15 +192,33 @@ def calibrate(rows: Iterable[Mapping[str, Any]], classes: Mapping[str, str]) -> 
         for cls in (classes.get(r["query_id"], "unknown"), "*"):
             by[(cls, config)].append((float(primary), float(r["delay_s"])))
     best: dict[str, tuple[float, float, str]] = {}
+    means: dict[str, tuple[float, float]] = {}
     for (cls, config), values in sorted(by.items()):
         quality = statistics.fmean(v[0] for v in values)
         delay = statistics.fmean(v[1] for v in values)
+        if cls == "*":
+            means[config] = (quality, delay)
         key = (quality, -delay, config)
         if cls not in best or key > (best[cls][0], -best[cls][1], best[cls][2]):
             best[cls] = (quality, delay, config)
     if "*" not in best:
         raise InvalidRequest("calibration produced no scored answers; nothing to calibrate on")
-    return {cls: v[2] for cls, v in best.items()}
+    table = {cls: v[2] for cls, v in best.items()}
+    unit = max(min(d for _, d in means.values()), 1e-9)
+    table[STATIC] = max(
+        means, key=lambda c: (means[c][0] - delay_weight * means[c][1] / unit, -means[c][1], c)
+    )
+    return table
+
+
+def static_config(table: Mapping[str, str]) -> Config:
+    """Static*'s configuration from the calibration table."""
+    if STATIC not in table:
+        raise InvalidRequest(
+            "static needs a calibration table with its choice (made before it existed): "
+            "calibrate again in a new --out folder"
+        )
+    return Config.parse(table[STATIC])
 
 
 def adaptiverag_config(table: Mapping[str, str], profile: Profile | None) -> Config:

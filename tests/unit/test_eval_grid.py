@@ -376,8 +376,8 @@ async def test_baselines_read_a_profile_where_ragctl_leaves_it_unasked(tmp_path:
     ctl = controller(profiler=FakeProfiler(slow))
     indifferent_labels(ctl.quality)
     store = GridStore.open(tmp_path, key())
-    plan = parse_systems("ragctl,parrot,adaptiverag", grid=SMALL)
-    table = {"high-joint": "stuff:3", "*": "stuff:1"}
+    plan = parse_systems("ragctl,parrot,adaptiverag,static", grid=SMALL)
+    table = {"high-joint": "stuff:3", "*": "stuff:1", "static": "map_rerank:2"}
     rows = await Replayer(ctl, CARD, store, ReplayStats()).rows(QUERIES[:1], plan, table)
     by = {r["system"]: r for r in rows}
     assert by["ragctl"]["decision"]["profile"]["profiler"] == "unasked"
@@ -385,6 +385,10 @@ async def test_baselines_read_a_profile_where_ragctl_leaves_it_unasked(tmp_path:
     for name in ("parrot", "adaptiverag"):
         assert by[name]["profile_s"] == 0.5 and by[name]["decision"]["profile_used"]
     assert by["adaptiverag"]["config"] == "stuff:3"  # its class from the profile, not "*"
+    # Static*: the table's one configuration, no profile asked or paid for, no decision.
+    s = by["static"]
+    assert s["config"] == "map_rerank:2" and s["profile_s"] is None and s["decision"] is None
+    assert s["error"] is None and s["delay_s"] is not None
 
 
 async def test_replay_warms_each_objectives_trust_and_baselines_leave_it(tmp_path: Path) -> None:

@@ -392,7 +392,7 @@ def test_ratios_without_ragctl_or_fixed() -> None:
     r = ratios({}, None)
     for key in ("delay_ratio_vs_fixed_equal_quality", "delay_ratio_vs_adaptiverag",
                 "delay_ratio_vs_parrot", "quality_vs_fixed_similar_delay", "oracle_gap",
-                "profiler_overhead"):  # fmt: skip
+                "profiler_overhead", "delay_ratio_vs_static"):  # fmt: skip
         assert getattr(r, key).value is None
         assert getattr(r, key).reason == "no ragctl rows in this phase"
     s = summarize([row("ragctl", "q1", 1.0, 2.0)]).phases["0.5"].ratios
@@ -485,7 +485,7 @@ def test_results_json(tmp_path: Path, summary: Evaluation) -> None:
     assert list(half["ratios"]) == [
         "primary", "delay_ratio_vs_fixed_equal_quality", "delay_ratio_vs_adaptiverag",
         "delay_ratio_vs_parrot", "quality_vs_fixed_similar_delay", "oracle_gap",
-        "profiler_overhead",
+        "profiler_overhead", "delay_ratio_vs_static",
     ]  # fmt: skip
     numbers = ["value", "config", "fixed_quality", "fixed_delay_s", "ragctl_quality",
                "ragctl_delay_s"]  # fmt: skip

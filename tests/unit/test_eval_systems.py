@@ -16,12 +16,14 @@ from ragctl.evaluation.run import check_out_dir, parse_rates, save_meta
 from ragctl.evaluation.runner import done_keys, interleave, poisson_arrivals
 from ragctl.evaluation.systems import (
     DEFAULT_GRID,
+    STATIC,
     adaptiverag_config,
     calibrate,
     complexity_class,
     median_config,
     parse_systems,
     split,
+    static_config,
 )
 from ragctl.types import Config, ConfigSpace, Profile, Query
 
@@ -77,8 +79,18 @@ def test_calibrate_picks_the_best_config_per_class_ties_to_the_faster() -> None:
     assert table["*"] == "map_reduce:9:100"  # mean (0.9 + 1 + 0) / 3 vs stuff:3's 0.5
     assert adaptiverag_config(table, profile("high", True)) == Config("map_reduce", 9, 100)
     assert adaptiverag_config(table, None) == Config("map_reduce", 9, 100)  # unseen: overall
+    # Static*: one configuration for all, by `balanced`'s utility on the measured means:
+    # stuff:3 0.5 - 0.1 x 1/1 beats map_reduce's 0.63 - 0.1 x 8/1 and stuff:9's 0 - 0.1 x 3/1.
+    assert table[STATIC] == "stuff:3" and static_config(table) == Config("stuff", 3)
+    assert calibrate(rows, classes, delay_weight=0.0)[STATIC] == "map_reduce:9:100"
+    assert calibrate(rows, classes, delay_weight=0.01)[STATIC] == "map_reduce:9:100"
+    with pytest.raises(InvalidRequest, match="static needs a calibration table"):
+        static_config({"*": "stuff:3"})  # a table made before Static* existed
     with pytest.raises(InvalidRequest, match="no scored answers"):
         calibrate([row("fixed:stuff:3", "a", None, 1.0)], classes)  # no references
+    plan = parse_systems("ragctl,static")
+    assert [s.kind for s in plan.systems] == ["ragctl", "static"] and plan.needs_calibration
+    assert not parse_systems("ragctl,parrot").needs_calibration
 
 
 def test_median_config() -> None:
