@@ -52,7 +52,7 @@ def eval_run(
     systems: str = typer.Option(DEFAULT_SYSTEMS, help="Comma-separated systems (eval ls)."),
     limit: int = typer.Option(40, min=1, help="Test queries (a seeded sample)."),
     calibration: int = typer.Option(
-        10, min=0, help="Calibration queries for adaptiverag (never among the test queries)."
+        10, min=0, help="Calibration queries for adaptiverag and static (never test queries)."
     ),
     rate: str | None = typer.Option(
         None, help="Open loop: Poisson arrivals, queries/s per system; several: 0.02,0.05."
@@ -140,7 +140,7 @@ def eval_replay(
     ),
     limit: int = typer.Option(40, min=1, help="Test queries (the seeded sample eval run draws)."),
     calibration: int = typer.Option(
-        10, min=0, help="Calibration queries for adaptiverag (never among the test queries)."
+        10, min=0, help="Calibration queries for adaptiverag and static (never test queries)."
     ),
     seed: int = typer.Option(0, help="Query sample."),
     configs: str | None = typer.Option(
