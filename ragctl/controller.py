@@ -458,8 +458,9 @@ class Controller:
             else:
                 objective = options.objective if options is not None else None
                 answer = await self._ask_adaptive(
-                    q, start, history, max_chunks, trace, synth, sink, objective
-                )
+                    q, start, history, max_chunks, trace, synth, sink, objective,
+                    ask=options is not None and options.ask_profiler,
+                )  # fmt: skip
             ok = True
         finally:
             record = trace.finish(ok=ok)
@@ -548,11 +549,12 @@ class Controller:
         synth: Synthesizer,
         sink: AnswerStream,
         objective: Objective | None = None,
+        ask: bool = False,
     ) -> Answer:
         timings: dict[str, float] = {}
         sq = with_history(q, history)
         outcome, chunks, choice, decide = await self._choose(
-            q, sq, max_chunks, timings, trace, synth, objective
+            q, sq, max_chunks, timings, trace, synth, objective, ask
         )
         queued_s = 0.0
         tried = 0

@@ -315,6 +315,9 @@ class AnswerOptions:
     """vLLM's extension: generate exactly max_tokens (benchmarks of streaming and TTFT)."""
     objective: Objective | None = None
     """Best-fit's objective for this request (adaptive path only); None: the policy's."""
+    ask_profiler: bool = False
+    """Ask the profiler even where the adaptive path would leave it unasked (`ragctl profiler
+    bench`, which measures it); such a profile does not count in the objective's trust record."""
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -247,11 +247,13 @@ async def _answer(
     scores: Mapping[str, float | None],
 ) -> dict[str, Any]:  # fmt: skip
     from ragctl.errors import RagctlError
+    from ragctl.types import AnswerOptions
 
     base = {"dataset": dataset, "query_id": query.id, "profiler": name, "annotation": annotation,
             "scores": dict(scores)}  # fmt: skip
     try:
-        answer = await controller.aask(query.question)
+        # The bench measures the profiler: asked even where the objective would not ask it.
+        answer = await controller.aask(query.question, options=AnswerOptions(ask_profiler=True))
     except RagctlError as e:
         return {**base, "error": f"{type(e).__name__}: {e}"}
     d = answer.decision

@@ -282,6 +282,11 @@ async def test_under_the_label_minimum_a_profile_that_cannot_buy_a_faster_choice
     assert calls == [] and d.profiler == "unasked" and "predicted better" in d.profile_note
     assert d.space.source == "default+labels" and d.config.num_chunks == 1
     assert ctl.counters["profile_unasked"] == 1
+    # The profiler bench asks anyway (it measures the profiler); the trust record ignores it.
+    forced = await ctl.aask("Who won?", options=AnswerOptions(ask_profiler=True))
+    assert calls == ["Who won?"] and forced.decision.profiler != "unasked"
+    assert not ctl.trust_for().recent
+    calls.clear()
     # Labels that never needed fewer than three chunks leave the fallback without a
     # one-chunk configuration: a profile's space could hold one, so the profiler is asked.
     asked = controller(profiler=Counting(calls))
