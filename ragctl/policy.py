@@ -171,6 +171,14 @@ UNASKED = "unasked"
 """`ProfileOutcome.profiler` of a profile the adaptive path did not ask for."""
 
 
+def unasked_outcome(note: str) -> ProfileOutcome:
+    """The outcome that stands for a profile left unasked, `note` saying why."""
+    return ProfileOutcome(
+        profile=None, error=None, error_kind=None, seconds=0.0, template="",
+        profiler=UNASKED, llm_note=note,
+    )  # fmt: skip
+
+
 def unasked_profile(quality: QualityModel, objective: Objective) -> ProfileOutcome | None:
     """The outcome that stands for a profile left unasked, or None (ask). The profiler is not
     asked when no answer could buy anything: the objective chooses by predicted quality and
@@ -182,12 +190,10 @@ def unasked_profile(quality: QualityModel, objective: Objective) -> ProfileOutco
     seconds are saved; a label with a real difference between configurations asks again."""
     if objective == "quality" or quality.label_space() is None or not quality.indifferent():
         return None
-    return ProfileOutcome(
-        profile=None, error=None, error_kind=None, seconds=0.0, template="",
-        profiler=UNASKED,
-        llm_note=f"not asked: the {len(quality.labels)} labels show no configuration "
-        "answering better than another",
-    )  # fmt: skip
+    return unasked_outcome(
+        f"not asked: the {len(quality.labels)} labels show no configuration "
+        "answering better than another"
+    )
 
 
 def no_better_profile(
@@ -236,12 +242,10 @@ def no_better_profile(
         c = replace(c, num_chunks=min(c.num_chunks, chunks))
         if bound(c) - weight * delay(c) / unit > top + 1e-12:  # float noise: a tie is no gain
             return None
-    return ProfileOutcome(
-        profile=None, error=None, error_kind=None, seconds=0.0, template="",
-        profiler=UNASKED,
-        llm_note=f"not asked: no space a profile could give holds a configuration predicted "
-        f"better than {best.label} ({objective})",
-    )  # fmt: skip
+    return unasked_outcome(
+        f"not asked: no space a profile could give holds a configuration predicted "
+        f"better than {best.label} ({objective})"
+    )
 
 
 @dataclass
@@ -270,12 +274,10 @@ def untrusted_profile(trust: Trust, window: int, objective: Objective) -> Profil
         return None
     if any(trust.recent) or trust.skipped + 1 >= window:  # `recent` keeps `window`
         return None
-    return ProfileOutcome(
-        profile=None, error=None, error_kind=None, seconds=0.0, template="",
-        profiler=UNASKED,
-        llm_note=f"not asked: the last {window} profiles asked were all untrusted (one query "
-        f"in {window} asks)",
-    )  # fmt: skip
+    return unasked_outcome(
+        f"not asked: the last {window} profiles asked were all untrusted (one query "
+        f"in {window} asks)"
+    )
 
 
 def outcome_counter(outcome: ProfileOutcome, choice: SpaceChoice) -> str:
