@@ -101,6 +101,20 @@ class Proposal:
     outcome: ProfileOutcome
     choice: SpaceChoice
     plan: Plan
+    # The profiler ran beside retrieval, so only its seconds beyond retrieval add delay; False
+    # where it waited for the chunks (or was not asked).
+    profile_beside_retrieval: bool = False
+
+
+@dataclass(frozen=True)
+class _Chosen:
+    """The adaptive path up to admission (`Controller._choose`)."""
+
+    outcome: ProfileOutcome
+    chunks: list[Chunk]
+    choice: SpaceChoice
+    decide: Callable[[KVState, int], Plan]
+    profile_beside_retrieval: bool
 
 
 LedgerFactory = Callable[[str], KVLedger]
@@ -233,6 +247,8 @@ class Controller:
         if rules is None:
             rules = load_rules(settings.rules_file if settings is not None else None)
         self.rules = rules
+        # The least work any profile's space can hold, per method (`no_better_profile`'s bound).
+        self.corner = fast_corner(rules)
         self.profiler = profiler if profiler is not None else Profiler(engine)
         if policy is None:
             policy = AdaptivePolicy.from_settings(settings) if settings else AdaptivePolicy()
@@ -553,13 +569,12 @@ class Controller:
     ) -> Answer:
         timings: dict[str, float] = {}
         sq = with_history(q, history)
-        outcome, chunks, choice, decide = await self._choose(
-            q, sq, max_chunks, timings, trace, synth, objective, ask
-        )
+        chosen = await self._choose(q, sq, max_chunks, timings, trace, synth, objective, ask)
+        outcome, chunks, choice = chosen.outcome, chosen.chunks, chosen.choice
         queued_s = 0.0
         tried = 0
         while True:
-            admitted = await self.admission.admit(decide)
+            admitted = await self.admission.admit(chosen.decide)
             queued_s += admitted.queued_s
             timings["queue"] = queued_s
             plan = admitted.plan
@@ -620,7 +635,7 @@ class Controller:
         synth: Synthesizer | None = None,
         objective: Objective | None = None,
         ask: bool = False,
-    ) -> tuple[ProfileOutcome, list[Chunk], SpaceChoice, Callable[[KVState, int], Plan]]:
+    ) -> _Chosen:
         """The adaptive path up to the admission queue: retrieval ‖ profile (unless no answer
         could buy anything: `unasked_profile`; `ask` profiles anyway), the pruned space (the
         collection's history learns from it), and best-fit's `decide`."""
@@ -635,6 +650,7 @@ class Controller:
         if ask:
             unasked = None
         sizer: CallSizer | None = None
+        beside = False
         if unasked is None and not ask and self._profile_may_buy_nothing(objective):
             # Whether a profile could buy a better choice depends on the chunks' sizes, so
             # retrieval (milliseconds) goes first here instead of beside the profiler.
@@ -667,6 +683,7 @@ class Controller:
             finally:
                 if not retrieval.done():
                     retrieval.cancel()
+            beside = True
         t = time.perf_counter()
         choice = self._space_for(outcome, record=True)
         if not ask:  # a profile asked for a baseline is not this objective's
@@ -684,19 +701,17 @@ class Controller:
             **trace.planning(),
         )
         timings["decide"] = time.perf_counter() - t
-        return outcome, chunks, choice, decide
+        return _Chosen(outcome, chunks, choice, decide, beside)
 
     async def _propose(
         self, question: str, objective: Objective | None = None, ask: bool = False
     ) -> Proposal:
         q = self.check_question(question)
         timings: dict[str, float] = {}
-        outcome, _, choice, decide = await self._choose(
-            q, q, None, timings, objective=objective, ask=ask
-        )
+        chosen = await self._choose(q, q, None, timings, objective=objective, ask=ask)
         slot = self.admission.slots[0]
-        plan = decide(await slot.kv_state(), slot.ledger.reserved)
-        return Proposal(outcome, choice, plan)
+        plan = chosen.decide(await slot.kv_state(), slot.ledger.reserved)
+        return Proposal(chosen.outcome, chosen.choice, plan, chosen.profile_beside_retrieval)
 
     # -- steps ----------------------------------------------------------------------------------
 
@@ -754,7 +769,7 @@ class Controller:
         cap = chunk_cap(fallback, [c.score or 0.0 for c in chunks], self.policy.retrieval_aware_k)
         works, load = WorkTable(sizer), self.slo.load.now()
         return no_better_profile(
-            self.quality, objective, fallback, fast_corner(self.rules), cap,
+            self.quality, objective, fallback, self.corner, cap,
             lambda c: self.slo.delay.predict(works(c), load), self.policy.delay_weight,
         )  # fmt: skip
 

@@ -13,8 +13,8 @@ only, and objectives replayed together do not teach one another.
 The rows replay writes have the shape of `eval run`'s samples (closed loop, one in flight), so
 the summaries, paired intervals, ratios and report are the same code. A row's delay is the
 cell's solo delay with the profiler's seconds added where the system profiles (less the part
-that overlapped retrieval, as it does live). Replay says nothing about load: that is what `eval
-run` measures.
+that overlapped retrieval, where it ran beside it live). Replay says nothing about load: that
+is what `eval run` measures.
 
 Profiles are cached beside the grid (`profiles.jsonl`, keyed by the question, the profiler's
 model and templates, and the collection line), so a second replay makes no LLM call at all.
@@ -353,10 +353,12 @@ class Replayer:
             error = why or (cell or {}).get("error") or "no answer"
             return {**base, "error": error, "delay_s": None, "end_s": None, "ttft_s": None,
                     "scores": {}, "tokens": None, "answer": None, "decision": None}  # fmt: skip
-        # Live, the profiler runs beside retrieval: only the part beyond it adds delay.
+        # Live, a profiler that ran beside retrieval adds only its seconds beyond it; one that
+        # waited for the chunks (the learned profiler, or after `no_better_profile`) adds all.
         extra = 0.0
         if profile_s is not None:
-            extra = max(0.0, profile_s - float(cell.get("retrieve_s") or 0.0))
+            beside = proposal is not None and proposal.profile_beside_retrieval
+            extra = max(0.0, profile_s - float(cell.get("retrieve_s") or 0.0) * beside)
         delay = float(cell["delay_s"]) + extra
         ttft = cell.get("ttft_s")  # None in a cell built before streaming
         decision = None

@@ -296,6 +296,10 @@ async def test_under_the_label_minimum_a_profile_that_cannot_buy_a_faster_choice
     assert asked.quality.indifferent()
     d = (await asked.aask("Who won Super Bowl 50?")).decision
     assert calls == ["Who won Super Bowl 50?"] and d.profiler != "unasked"
+    # Asked after retrieval (the chunks decided it), so none of its time overlapped retrieval;
+    # asked for a baseline, it runs beside retrieval.
+    assert not (await asked.propose("Who won Super Bowl 50?")).profile_beside_retrieval
+    assert (await asked.propose("Who won Super Bowl 50?", ask=True)).profile_beside_retrieval
 
 
 class Counting(FakeProfiler):

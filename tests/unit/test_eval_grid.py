@@ -267,14 +267,22 @@ async def test_replay_decides_once_per_objective_as_live_would(tmp_path: Path) -
     assert chosen["ragctl:quality"] != chosen["ragctl:latency"]
 
 
-def test_a_profiled_row_adds_only_the_profile_time_beyond_retrieval(tmp_path: Path) -> None:
+async def test_a_profiled_row_adds_the_profile_time_beyond_retrieval_where_it_overlapped(
+    tmp_path: Path,
+) -> None:
     store = GridStore.open(tmp_path, key())
-    r = Replayer(controller(), CARD, store, ReplayStats())
+    ctl = controller()
+    r = Replayer(ctl, CARD, store, ReplayStats())
     cell = {"delay_s": 2.0, "retrieve_s": 0.5, "scores": {}, "tokens": {}, "answer": "x"}
     q, c = QUERIES[0], Config("stuff", 1)
+    beside = await ctl.propose(q.question, "quality")
+    assert beside.profile_beside_retrieval  # quality asks the profiler beside retrieval
+    after = replace(beside, profile_beside_retrieval=False)  # waited for the chunks
     assert r.row("fixed:stuff:1", q, c, cell, None, None, None)["delay_s"] == 2.0
-    assert r.row("parrot", q, c, cell, 1.5, None, None)["delay_s"] == 3.0
-    assert r.row("parrot", q, c, cell, 0.2, None, None)["delay_s"] == 2.0
+    assert r.row("parrot", q, c, cell, 1.5, beside, None)["delay_s"] == 3.0
+    assert r.row("parrot", q, c, cell, 0.2, beside, None)["delay_s"] == 2.0
+    assert r.row("parrot", q, c, cell, 1.5, after, None)["delay_s"] == 3.5
+    assert r.row("parrot", q, c, cell, 0.2, after, None)["delay_s"] == 2.2
     failed = r.row("ragctl", q, None, None, 1.0, None, "Waits: nothing fits the idle engine")
     assert failed["error"].startswith("Waits") and failed["delay_s"] is None
 
@@ -364,7 +372,7 @@ def test_a_replayed_row_carries_the_cells_time_to_first_token(tmp_path: Path) ->
     cell = {"delay_s": 2.0, "retrieve_s": 0.5, "ttft_s": 1.5, "scores": {}, "answer": "x"}
     q, c = QUERIES[0], Config("stuff", 1)
     assert r.row("fixed:stuff:1", q, c, cell, None, None, None)["ttft_s"] == 1.5
-    assert r.row("parrot", q, c, cell, 1.5, None, None)["ttft_s"] == 2.5
+    assert r.row("parrot", q, c, cell, 1.5, None, None)["ttft_s"] == 3.0  # all of it serial
     old = {k: v for k, v in cell.items() if k != "ttft_s"}  # built before streaming
     assert r.row("parrot", q, c, old, 1.5, None, None)["ttft_s"] is None
 
