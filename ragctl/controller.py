@@ -890,12 +890,14 @@ class Controller:
             priority = trace.priority_for(len(requests))
             if priority:
                 requests = tuple(replace(r, priority=priority) for r in requests)
+            stage_plan = by_stage.get(step.name)
             budget = StageWork(
                 step.name,
                 len(requests),
-                by_stage[step.name].prompt_tokens if step.name in by_stage else 0,
+                stage_plan.prompt_tokens if stage_plan is not None else 0,
                 max(r.max_tokens for r in requests),
                 sum(r.max_tokens for r in requests),
+                width=stage_plan.width if stage_plan is not None else 1,
             )
             load = self.slo.load.now()
             with self.slo.load.running(len(requests), budget.prompt_tokens + budget.output_tokens):

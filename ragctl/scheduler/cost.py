@@ -47,6 +47,10 @@ class StageWork:
     prompt_tokens: int
     decode_steps: int
     output_tokens: int
+    width: int = 1
+    """Chunks (or notes) each call reads: 1 in a per-chunk stage, n in one call over n. How
+    much of its output budget a call uses can grow with what it reads (a summary of six
+    passages runs longer than one of one), so `DelayModel` learns the share per width too."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ class WorkTable:
 
             def one(n: int) -> StageWork:
                 prompt, out = stage.call(n)
-                return StageWork(stage.name, 1, prompt, out, out)
+                return StageWork(stage.name, 1, prompt, out, out, width=n)
 
             return one
         prompt_sum, out_sum, out_max = [0], [0], [0]
@@ -188,6 +192,32 @@ def _reject_reason(work: StageWork, load: Load, seconds: float) -> str | None:
     return None
 
 
+@dataclass
+class ShareAverage:
+    """A running average of output shares and of their squares: the plain mean of all seen
+    until 1/alpha of them, then an exponential average (one started at the first share would
+    weigh that share 0.9^n, 35% after ten)."""
+
+    mean: float = 0.0
+    square: float = 0.0
+    seen: int = 0
+
+    def add(self, share: float, alpha: float) -> None:
+        self.seen += 1
+        a = max(alpha, 1.0 / self.seen)
+        self.mean += a * (share - self.mean)
+        self.square += a * (share * share - self.square)
+
+    def error(self, alpha: float) -> float | None:
+        """Standard error of the mean over the recent evidence: the spread over the effective
+        count behind the average (the count seen, at most (2 - alpha) / alpha); None until two
+        were seen."""
+        if self.seen < 2:
+            return None
+        spread = max(self.square - self.mean * self.mean, 0.0) * self.seen / (self.seen - 1)
+        return math.sqrt(spread / min(self.seen, (2.0 - alpha) / alpha))
+
+
 class DelayModel:
     """Seconds of synthesis stages from their work and the engine's load (see the module
     docstring). One per engine: every controller on the engine feeds it and asks it.
@@ -204,6 +234,10 @@ class DelayModel:
     from a normal posterior with that spread over the effective count of shares behind it (the
     count seen, at most the average's (2 - alpha) / alpha): an estimate never gets more certain
     than its recent evidence, so a stage nobody chose lately still gets tried when it is close.
+    Per stage and width (`StageWork.width`: what one call reads) the same average is kept, and
+    a width's share is estimated by empirical Bayes over the stage's widths (`width_share`):
+    its own mean where widths differ by more than their errors explain, their common mean where
+    they do not. Draws move it as they move the stage's share.
     `ready` says whether predictions rest on this engine's data (or measured rates), not only
     the neutral placeholders."""
 
@@ -246,9 +280,8 @@ class DelayModel:
         self._rows: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
-        self._share: dict[str, float] = {}
-        self._share_sq: dict[str, float] = {}
-        self._share_seen: dict[str, int] = {}
+        self._share: dict[str, ShareAverage] = {}
+        self._width_share: dict[tuple[str, int], ShareAverage] = {}
         self._since_fit = 0
         self.warm_start(warm)
 
@@ -293,14 +326,9 @@ class DelayModel:
             return reason
         if budget is not None and budget.output_tokens > 0:
             share = min(work.output_tokens / budget.output_tokens, 1.0)
-            seen = self._share_seen[work.stage] = self._share_seen.get(work.stage, 0) + 1
-            # The mean of all seen until 1/alpha of them, then an EWMA: a plain EWMA started
-            # at the first share would weigh that one share 0.9^n, 35% after ten.
-            alpha = max(self.share_alpha, 1.0 / seen)
-            old = self._share.get(work.stage, share)
-            self._share[work.stage] = old + alpha * (share - old)
-            old_sq = self._share_sq.get(work.stage, share * share)
-            self._share_sq[work.stage] = old_sq + alpha * (share * share - old_sq)
+            self._share.setdefault(work.stage, ShareAverage()).add(share, self.share_alpha)
+            width = self._width_share.setdefault((work.stage, budget.width), ShareAverage())
+            width.add(share, self.share_alpha)
         self._since_fit += 1
         if self._since_fit >= self.refit_every or self.observations == self.min_observations:
             self.refit()
@@ -343,39 +371,67 @@ class DelayModel:
         self.coef = sol / col
         self.fits += 1
 
-    def output_share(self, stage: str) -> float:
-        """Observed share of a stage's output budget its calls use (1 until seen)."""
-        return self._share.get(stage, 1.0)
+    def output_share(self, stage: str, width: int | None = None) -> float:
+        """Observed share of a stage's output budget its calls use (1 until seen); with
+        `width`, that of calls reading `width` chunks (the stage's, moved by `width_offset`)."""
+        seen = self._share.get(stage)
+        share = seen.mean if seen is not None else 1.0
+        if width is None:
+            return share
+        return float(np.clip(share + self.width_offset(stage, width), 0.0, 1.0))
 
     def share_error(self, stage: str) -> float | None:
         """Standard error of a stage's mean output share (see the class docstring); None until
         two shares were seen."""
-        seen = self._share_seen.get(stage, 0)
-        if seen < 2:
+        seen = self._share.get(stage)
+        return None if seen is None else seen.error(self.share_alpha)
+
+    def width_share(self, stage: str, width: int) -> float | None:
+        """The share of `stage`'s calls that read `width` chunks, by empirical Bayes over the
+        stage's widths seen at least twice: their mean g, plus this width's difference from g
+        shrunk by tau^2 / (tau^2 + its error^2), where tau^2 (how much widths truly differ) is
+        the differences' variance less their mean squared error. g alone where differences
+        are within their errors; None for a width seen fewer than twice, or the only one."""
+        rows = {
+            w: (avg.mean, error)
+            for (s, w), avg in self._width_share.items()
+            if s == stage and (error := avg.error(self.share_alpha)) is not None
+        }
+        if width not in rows or len(rows) < 2:
             return None
-        mean = self._share[stage]
-        spread = max(self._share_sq[stage] - mean * mean, 0.0) * seen / (seen - 1)
-        effective = min(seen, (2.0 - self.share_alpha) / self.share_alpha)
-        return math.sqrt(spread / effective)
+        means = np.array([m for m, _ in rows.values()])
+        errors = np.array([e for _, e in rows.values()])
+        g = float(means.mean())
+        tau2 = max(float(np.var(means, ddof=1) - np.mean(errors**2)), 0.0)
+        mean, error = rows[width]
+        keep = 1.0 if tau2 + error * error == 0.0 else tau2 / (tau2 + error * error)
+        return g + (mean - g) * keep
+
+    def width_offset(self, stage: str, width: int) -> float:
+        """`width_share` less the stage's share (0 where there is none): what a call's width
+        moves its stage's share, estimated or drawn, by."""
+        share = self.width_share(stage, width)
+        return 0.0 if share is None else share - self.output_share(stage)
 
     def draw_shares(self) -> dict[str, float]:
         """One draw of every stage's mean output share from its posterior (in [0, 1]), to pass
-        to `predict` as `shares`; stages seen fewer than twice keep their estimate."""
+        to `predict` as `shares`; stages seen fewer than twice keep their estimate. A width's
+        offset (`width_offset`) applies to the draw as to the estimate."""
         out = {}
-        for stage, mean in sorted(self._share.items()):
-            error = self.share_error(stage)
-            drawn = mean if error is None else self.rng.normal(mean, error)
+        for stage, avg in sorted(self._share.items()):
+            error = avg.error(self.share_alpha)
+            drawn = avg.mean if error is None else self.rng.normal(avg.mean, error)
             out[stage] = float(np.clip(drawn, 0.0, 1.0))
         return out
 
     def expected(self, work: StageWork, shares: Mapping[str, float] | None = None) -> StageWork:
         """Planned work (output budgets) as it is expected to run (`shares`: per stage, in
-        place of the estimated output shares, e.g. a `draw_shares`)."""
-        share = (
-            shares.get(work.stage, self.output_share(work.stage))
-            if shares is not None
-            else self.output_share(work.stage)
-        )
+        place of the estimated output shares, e.g. a `draw_shares`; the width's offset applies
+        to either)."""
+        base = self.output_share(work.stage)
+        if shares is not None:
+            base = shares.get(work.stage, base)
+        share = min(max(base + self.width_offset(work.stage, work.width), 0.0), 1.0)
         if share >= 1.0:
             return work
         return replace(
@@ -405,8 +461,11 @@ class DelayModel:
             "observations": self.observations,
             "fits": self.fits,
             "coefficients": dict(zip(FEATURES, map(float, self.coef), strict=True)),
-            "output_share": dict(self._share),
+            "output_share": {s: avg.mean for s, avg in self._share.items()},
             "output_share_error": {s: self.share_error(s) for s in self._share},
+            "output_share_by_width": {
+                f"{s}@{w}": self.output_share(s, w) for s, w in sorted(self._width_share)
+            },
             "rejected": dict(self.rejected),
         }
 

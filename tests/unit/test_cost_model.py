@@ -286,6 +286,49 @@ def test_work_table_sums_the_sizers_calls_per_stage(config) -> None:
         assert work.decode_steps == max(c.max_tokens for c in mine)
         assert work.output_tokens == sum(c.max_tokens for c in mine)
     assert [w.stage for w in table(config)] == list(dict.fromkeys(c.stage for c in calls))
+    # What one call reads: a chunk in a per-chunk stage, all n in a one-call stage.
+    n = SIZER.chunks_used(config)
+    widths = {w.stage: w.width for w in table(config)}
+    assert widths == {"rerank": 1} or widths == {"answer": n} or widths == {"map": 1, "reduce": n}
+
+
+def observe_widths(model: DelayModel, stage: str, by_width: dict[int, list[float]]) -> None:
+    """Observe each width's shares in turn, interleaved (as a grid's cells come)."""
+    for shares in zip(*by_width.values(), strict=True):
+        for width, share in zip(by_width, shares, strict=True):
+            budget = StageWork(stage, 1, 100, 100, 100, width=width)
+            out = round(share * 100)
+            model.observe(StageWork(stage, 1, 100, out, out), Load(), 1.0, budget=budget)
+
+
+def test_a_widths_share_is_its_own_where_widths_differ_beyond_their_errors() -> None:
+    model = DelayModel(share_alpha=0.1)
+    rng = np.random.default_rng(0)
+    observe_widths(model, "answer", {1: rng.normal(0.5, 0.05, 30), 6: rng.normal(0.9, 0.05, 30)})
+    assert model.output_share("answer", 1) == pytest.approx(0.5, abs=0.03)
+    assert model.output_share("answer", 6) == pytest.approx(0.9, abs=0.03)
+    one, six = (StageWork("answer", 1, 600, 100, 100, width=w) for w in (1, 6))
+    assert model.expected(one).output_tokens == round(100 * model.output_share("answer", 1))
+    assert model.predict([one]) < model.predict([six])
+    # A width never seen, or a stage with one width, keeps the stage's share.
+    assert model.output_share("answer", 3) == model.output_share("answer")
+    observe_widths(model, "rerank", {1: [0.3, 0.5, 0.4]})
+    assert model.output_share("rerank", 1) == model.output_share("rerank") == pytest.approx(0.4)
+    # A draw of the stage's share moves every width's by as much.
+    drawn = model.output_share("answer") + 0.05
+    assert model.expected(one, {"answer": drawn}).output_tokens == round(
+        100 * (model.output_share("answer", 1) + 0.05)
+    )
+
+
+def test_widths_that_differ_within_their_errors_share_one_estimate() -> None:
+    model = DelayModel(share_alpha=0.1)
+    rng = np.random.default_rng(1)
+    same = {w: np.round(rng.uniform(0.2, 1.0, 8), 2) for w in (1, 2, 3)}  # one distribution
+    observe_widths(model, "answer", same)
+    shares = {w: model.output_share("answer", w) for w in same}
+    assert len(set(shares.values())) == 1
+    assert shares[1] == pytest.approx(np.mean([np.mean(v) for v in same.values()]))
 
 
 # -- quality ------------------------------------------------------------------------------------
