@@ -373,12 +373,12 @@ class DelayModel:
 
     def output_share(self, stage: str, width: int | None = None) -> float:
         """Observed share of a stage's output budget its calls use (1 until seen); with
-        `width`, that of calls reading `width` chunks (the stage's, moved by `width_offset`)."""
+        `width`, that of calls reading `width` chunks (`width_share`, else the stage's)."""
+        by_width = None if width is None else self.width_share(stage, width)
+        if by_width is not None:
+            return by_width
         seen = self._share.get(stage)
-        share = seen.mean if seen is not None else 1.0
-        if width is None:
-            return share
-        return float(np.clip(share + self.width_offset(stage, width), 0.0, 1.0))
+        return seen.mean if seen is not None else 1.0
 
     def share_error(self, stage: str) -> float | None:
         """Standard error of a stage's mean output share (see the class docstring); None until
