@@ -236,8 +236,9 @@ class DelayModel:
     than its recent evidence, so a stage nobody chose lately still gets tried when it is close.
     Per stage and width (`StageWork.width`: what one call reads) the same average is kept, and
     a width's share is estimated by empirical Bayes over the stage's widths (`width_share`):
-    its own mean where widths differ by more than their errors explain, their common mean where
-    they do not. Draws move it as they move the stage's share.
+    its own mean where it strays from the widths' trend by more than its error explains, the
+    trend (flat where it is within its errors) where it does not. Draws move it as they move
+    the stage's share.
     `ready` says whether predictions rest on this engine's data (or measured rates), not only
     the neutral placeholders."""
 
@@ -250,7 +251,7 @@ class DelayModel:
         window: int = 512,
         refit_every: int = 8,
         min_observations: int = len(FEATURES) + 2,
-        share_alpha: float = 0.1,
+        share_alpha: float = 0.01,
         warm: Iterable[tuple[StageWork, Load, float]] = (),
         seed: int = 0,
     ) -> None:
@@ -258,7 +259,11 @@ class DelayModel:
         `prior_measured`: it comes from this engine's measured rates, so it may be used for SLO
         predictions before any observation. `warm`: observations to start from (e.g. the
         calls `ragctl allocate` timed), fitted at once. `seed`: of `draw_shares`' generator (a
-        copy of the model draws the same sequence: replays are reproducible)."""
+        copy of the model draws the same sequence: replays are reproducible). `share_alpha`:
+        0.01, the plain mean of the first 100 shares, then a memory of ~200: one call's share
+        spreads by 0.2-0.4 of its budget (one-call stages of the four datasets' grids), and
+        near ties differ by a few hundredths, which ~20 shares (alpha 0.1) cannot resolve; a
+        warm start's order then barely matters."""
         p = NEUTRAL_PRIOR if prior is None else np.asarray(prior, dtype=float)
         if p.shape != (len(FEATURES),) or not np.all(np.isfinite(p)) or np.any(p < 0):
             raise ValueError(f"prior must be {len(FEATURES)} finite non-negative coefficients")
@@ -388,10 +393,15 @@ class DelayModel:
 
     def width_share(self, stage: str, width: int) -> float | None:
         """The share of `stage`'s calls that read `width` chunks, by empirical Bayes over the
-        stage's widths seen at least twice: their mean g, plus this width's difference from g
-        shrunk by tau^2 / (tau^2 + its error^2), where tau^2 (how much widths truly differ) is
-        the differences' variance less their mean squared error. g alone where differences
-        are within their errors; None for a width seen fewer than twice, or the only one."""
+        stage's widths seen at least twice (Fay-Herriot, with the trend shrunk too): a prior
+        line through the widths' means against log width (answers may run longer the more
+        they read, and flatten), its slope kept in the proportion 1 - se^2 / slope^2 (none
+        where it is within its error; a line needs three widths), then this width's
+        difference from the line kept in the proportion tau^2 / (tau^2 + its error^2), where
+        tau^2 (how far widths truly stray from the line) is the residuals' variance less their
+        mean squared error. Widths that differ within their errors share one estimate; a
+        trend beyond its error is followed to the widths at its ends, rather than pulling
+        them to the middle. None for a width seen fewer than twice, or the only one."""
         rows = {
             w: (avg.mean, error)
             for (s, w), avg in self._width_share.items()
@@ -399,13 +409,24 @@ class DelayModel:
         }
         if width not in rows or len(rows) < 2:
             return None
+        x = np.log(np.array(list(rows), dtype=float))
         means = np.array([m for m, _ in rows.values()])
         errors = np.array([e for _, e in rows.values()])
-        g = float(means.mean())
-        tau2 = max(float(np.var(means, ddof=1) - np.mean(errors**2)), 0.0)
+        dx = x - x.mean()
+        sxx = float(np.sum(dx * dx))
+        slope, fitted = 0.0, 1
+        if len(rows) > 2 and sxx > 0:
+            raw = float(np.sum(dx * (means - means.mean()))) / sxx
+            se2 = float(np.sum(dx * dx * errors * errors)) / (sxx * sxx)
+            if raw * raw > se2:
+                slope, fitted = raw * (1.0 - se2 / (raw * raw)), 2
+        line = means.mean() + slope * dx
+        dof = len(rows) - fitted
+        tau2 = max(float(np.sum((means - line) ** 2)) / dof - float(np.mean(errors**2)), 0.0)
+        i = list(rows).index(width)
         mean, error = rows[width]
         keep = 1.0 if tau2 + error * error == 0.0 else tau2 / (tau2 + error * error)
-        return g + (mean - g) * keep
+        return float(line[i] + (mean - line[i]) * keep)
 
     def width_offset(self, stage: str, width: int) -> float:
         """`width_share` less the stage's share (0 where there is none): what a call's width

@@ -331,6 +331,26 @@ def test_widths_that_differ_within_their_errors_share_one_estimate() -> None:
     assert shares[1] == pytest.approx(np.mean([np.mean(v) for v in same.values()]))
 
 
+def test_a_trend_in_width_is_followed_to_its_ends_not_pulled_to_the_middle() -> None:
+    """Answers that run longer the more they read, with errors as large as the steps between
+    widths (25 calls each, spread 0.25): width 1 keeps its own level, below the widths' mean,
+    where pooling towards that mean would price it as long as the middle widths."""
+    pattern = np.random.default_rng(2).normal(size=25)
+    pattern = (pattern - pattern.mean()) / pattern.std(ddof=1)  # exact mean 0, spread 1
+    levels = {1: 0.74, 2: 0.83, 3: 0.88, 4: 0.93, 6: 0.91}
+    model = DelayModel()
+    trend = {w: np.clip(m + 0.25 * pattern, 0, 1) for w, m in levels.items()}
+    observe_widths(model, "answer", trend)
+    shares = [model.output_share("answer", w) for w in levels]
+    assert shares[0] == pytest.approx(0.74, abs=0.025)
+    assert shares[0] < float(np.mean(list(levels.values()))) - 0.05
+    assert shares == sorted(shares)  # the line, not the noise: 6 is not below 4
+    # The same widths with no trend beyond their errors still share one estimate.
+    flat = DelayModel()
+    observe_widths(flat, "answer", {w: np.clip(0.85 + 0.25 * pattern, 0, 1) for w in levels})
+    assert len({round(flat.output_share("answer", w), 9) for w in levels}) == 1
+
+
 # -- quality ------------------------------------------------------------------------------------
 
 SPACE = ConfigSpace(("stuff", "map_reduce"), (3, 9), (100,))
