@@ -240,10 +240,11 @@ class Controller:
             temperature = settings.temperature if settings is not None else 0.0
         self.engine = engine
         self.retriever = retriever
-        self.synthesizer = Synthesizer(
-            engine.tokenizer, engine.max_model_len, answer_max_tokens, temperature
-        )
         self.collection = collection or CollectionInfo.of(retriever)
+        self.synthesizer = Synthesizer(
+            engine.tokenizer, engine.max_model_len, answer_max_tokens, temperature,
+            collection=self.collection.name,
+        )  # fmt: skip
         if rules is None:
             rules = load_rules(settings.rules_file if settings is not None else None)
         self.rules = rules
@@ -898,6 +899,7 @@ class Controller:
                 max(r.max_tokens for r in requests),
                 sum(r.max_tokens for r in requests),
                 width=stage_plan.width if stage_plan is not None else 1,
+                collection=self.collection.name,
             )
             load = self.slo.load.now()
             with self.slo.load.running(len(requests), budget.prompt_tokens + budget.output_tokens):

@@ -51,6 +51,10 @@ class StageWork:
     """Chunks (or notes) each call reads: 1 in a per-chunk stage, n in one call over n. How
     much of its output budget a call uses can grow with what it reads (a summary of six
     passages runs longer than one of one), so `DelayModel` learns the share per width too."""
+    collection: str = ""
+    """Whose query this is: an engine's seconds per token are the same for every collection it
+    serves, but how much of its answer budget a call uses depends on the collection's
+    questions, so `DelayModel` learns output shares per collection ("": not told)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class WorkTable:
 
     def __init__(self, sizer: CallSizer) -> None:
         self.sizer = sizer
+        self.collection = sizer.collection
         self._stages: dict[tuple[str, int | None], list[Callable[[int], StageWork]]] = {}
 
     def _stage(self, stage: StageSize) -> Callable[[int], StageWork]:
@@ -106,7 +111,7 @@ class WorkTable:
 
             def one(n: int) -> StageWork:
                 prompt, out = stage.call(n)
-                return StageWork(stage.name, 1, prompt, out, out, width=n)
+                return StageWork(stage.name, 1, prompt, out, out, n, self.collection)
 
             return one
         prompt_sum, out_sum, out_max = [0], [0], [0]
@@ -115,7 +120,9 @@ class WorkTable:
             prompt_sum.append(prompt_sum[-1] + prompt)
             out_sum.append(out_sum[-1] + out)
             out_max.append(max(out_max[-1], out))
-        return lambda n: StageWork(stage.name, n, prompt_sum[n], out_max[n], out_sum[n])
+        return lambda n: StageWork(
+            stage.name, n, prompt_sum[n], out_max[n], out_sum[n], collection=self.collection
+        )
 
     def __call__(self, config: Config) -> tuple[StageWork, ...]:
         n = self.sizer.chunks_used(config)
@@ -192,6 +199,15 @@ def _reject_reason(work: StageWork, load: Load, seconds: float) -> str | None:
     return None
 
 
+Shares = Mapping[tuple[str, str], float]
+"""Output shares per (collection, stage), as `DelayModel.draw_shares` gives them."""
+
+
+def _key(collection: str, stage: str) -> str:
+    """A share's name in reports: the stage, after its collection where one was told."""
+    return f"{collection}/{stage}" if collection else stage
+
+
 @dataclass
 class ShareAverage:
     """A running average of output shares and of their squares: the plain mean of all seen
@@ -227,7 +243,9 @@ class DelayModel:
     The fit minimises relative squared error (timings are heteroscedastic: a 0.2 s stage
     matters as much as a 5 s one, and the SLO loop judges relative misses) plus the prior's
     ridge, with coefficients >= 0 (scipy's NNLS): more work never predicts less time.
-    Planned work carries output budgets, but calls stop early; per stage name, the observed
+    Planned work carries output budgets, but calls stop early; per collection and stage name
+    (`StageWork.collection`: answers run as long as a collection's questions need; a
+    collection that has not run a stage yet gets every collection's share of it), the observed
     share of the budget used (`output_share`, 1 until seen; the mean of the shares seen, then
     an exponential average with weight `share_alpha`) scales planned outputs. The same average
     of the squared shares gives their spread, and `draw_shares` samples each stage's mean share
@@ -285,8 +303,11 @@ class DelayModel:
         self._rows: deque[tuple[np.ndarray, float]] = deque(maxlen=window)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
-        self._share: dict[str, ShareAverage] = {}
-        self._width_share: dict[tuple[str, int], ShareAverage] = {}
+        # Output shares per (collection, stage), and per (collection, stage, width); `_pooled`
+        # per stage over every collection, for a collection that has not run the stage yet.
+        self._share: dict[tuple[str, str], ShareAverage] = {}
+        self._width_share: dict[tuple[str, str, int], ShareAverage] = {}
+        self._pooled: dict[str, ShareAverage] = {}
         self._since_fit = 0
         self.warm_start(warm)
 
@@ -331,9 +352,13 @@ class DelayModel:
             return reason
         if budget is not None and budget.output_tokens > 0:
             share = min(work.output_tokens / budget.output_tokens, 1.0)
-            self._share.setdefault(work.stage, ShareAverage()).add(share, self.share_alpha)
-            width = self._width_share.setdefault((work.stage, budget.width), ShareAverage())
-            width.add(share, self.share_alpha)
+            c = budget.collection
+            for avg in (
+                self._share.setdefault((c, work.stage), ShareAverage()),
+                self._width_share.setdefault((c, work.stage, budget.width), ShareAverage()),
+                self._pooled.setdefault(work.stage, ShareAverage()),
+            ):
+                avg.add(share, self.share_alpha)
         self._since_fit += 1
         if self._since_fit >= self.refit_every or self.observations == self.min_observations:
             self.refit()
@@ -376,22 +401,27 @@ class DelayModel:
         self.coef = sol / col
         self.fits += 1
 
-    def output_share(self, stage: str, width: int | None = None) -> float:
-        """Observed share of a stage's output budget its calls use (1 until seen); with
-        `width`, that of calls reading `width` chunks (`width_share`, else the stage's)."""
-        by_width = None if width is None else self.width_share(stage, width)
+    def _stage_share(self, stage: str, collection: str) -> ShareAverage | None:
+        """The collection's average for the stage, else every collection's (None: unseen)."""
+        return self._share.get((collection, stage)) or self._pooled.get(stage)
+
+    def output_share(self, stage: str, width: int | None = None, collection: str = "") -> float:
+        """Observed share of a stage's output budget its calls use in `collection` (1 until
+        seen; every collection's until the collection's own is seen); with `width`, that of
+        calls reading `width` chunks (`width_share`, else the stage's)."""
+        by_width = None if width is None else self.width_share(stage, width, collection)
         if by_width is not None:
             return by_width
-        seen = self._share.get(stage)
+        seen = self._stage_share(stage, collection)
         return seen.mean if seen is not None else 1.0
 
-    def share_error(self, stage: str) -> float | None:
+    def share_error(self, stage: str, collection: str = "") -> float | None:
         """Standard error of a stage's mean output share (see the class docstring); None until
         two shares were seen."""
-        seen = self._share.get(stage)
+        seen = self._stage_share(stage, collection)
         return None if seen is None else seen.error(self.share_alpha)
 
-    def width_share(self, stage: str, width: int) -> float | None:
+    def width_share(self, stage: str, width: int, collection: str = "") -> float | None:
         """The share of `stage`'s calls that read `width` chunks, by empirical Bayes over the
         stage's widths seen at least twice (Fay-Herriot, with the trend shrunk too): a prior
         line through the widths' means against log width (answers may run longer the more
@@ -401,11 +431,12 @@ class DelayModel:
         tau^2 (how far widths truly stray from the line) is the residuals' variance less their
         mean squared error. Widths that differ within their errors share one estimate; a
         trend beyond its error is followed to the widths at its ends, rather than pulling
-        them to the middle. None for a width seen fewer than twice, or the only one."""
+        them to the middle. None for a width seen fewer than twice, or the only one (in
+        `collection`)."""
         rows = {
             w: (avg.mean, error)
-            for (s, w), avg in self._width_share.items()
-            if s == stage and (error := avg.error(self.share_alpha)) is not None
+            for (c, s, w), avg in self._width_share.items()
+            if (c, s) == (collection, stage) and (error := avg.error(self.share_alpha)) is not None
         }
         if width not in rows or len(rows) < 2:
             return None
@@ -428,31 +459,32 @@ class DelayModel:
         keep = 1.0 if tau2 + error * error == 0.0 else tau2 / (tau2 + error * error)
         return float(line[i] + (mean - line[i]) * keep)
 
-    def width_offset(self, stage: str, width: int) -> float:
+    def width_offset(self, stage: str, width: int, collection: str = "") -> float:
         """`width_share` less the stage's share (0 where there is none): what a call's width
         moves its stage's share, estimated or drawn, by."""
-        share = self.width_share(stage, width)
-        return 0.0 if share is None else share - self.output_share(stage)
+        share = self.width_share(stage, width, collection)
+        return 0.0 if share is None else share - self.output_share(stage, collection=collection)
 
-    def draw_shares(self) -> dict[str, float]:
-        """One draw of every stage's mean output share from its posterior (in [0, 1]), to pass
-        to `predict` as `shares`; stages seen fewer than twice keep their estimate. A width's
-        offset (`width_offset`) applies to the draw as to the estimate."""
+    def draw_shares(self) -> dict[tuple[str, str], float]:
+        """One draw of every (collection, stage)'s mean output share from its posterior (in
+        [0, 1]), to pass to `predict` as `shares`; those seen fewer than twice keep their
+        estimate. A width's offset (`width_offset`) applies to the draw as to the estimate."""
         out = {}
-        for stage, avg in sorted(self._share.items()):
+        for key, avg in sorted(self._share.items()):
             error = avg.error(self.share_alpha)
             drawn = avg.mean if error is None else self.rng.normal(avg.mean, error)
-            out[stage] = float(np.clip(drawn, 0.0, 1.0))
+            out[key] = float(np.clip(drawn, 0.0, 1.0))
         return out
 
-    def expected(self, work: StageWork, shares: Mapping[str, float] | None = None) -> StageWork:
-        """Planned work (output budgets) as it is expected to run (`shares`: per stage, in
-        place of the estimated output shares, e.g. a `draw_shares`; the width's offset applies
-        to either)."""
-        base = self.output_share(work.stage)
+    def expected(self, work: StageWork, shares: Shares | None = None) -> StageWork:
+        """Planned work (output budgets) as it is expected to run (`shares`: per (collection,
+        stage), in place of the estimated output shares, e.g. a `draw_shares`; the width's
+        offset applies to either)."""
+        c = work.collection
+        base = self.output_share(work.stage, collection=c)
         if shares is not None:
-            base = shares.get(work.stage, base)
-        share = min(max(base + self.width_offset(work.stage, work.width), 0.0), 1.0)
+            base = shares.get((c, work.stage), base)
+        share = min(max(base + self.width_offset(work.stage, work.width, c), 0.0), 1.0)
         if share >= 1.0:
             return work
         return replace(
@@ -462,7 +494,7 @@ class DelayModel:
         )
 
     def predict_stage(
-        self, work: StageWork, load: Load = NO_LOAD, shares: Mapping[str, float] | None = None
+        self, work: StageWork, load: Load = NO_LOAD, shares: Shares | None = None
     ) -> float:
         """Seconds of one stage of planned work under `load`."""
         return max(float(features(self.expected(work, shares), load) @ self.coef), 0.0)
@@ -471,7 +503,7 @@ class DelayModel:
         self,
         works: Sequence[StageWork],
         load: Load = NO_LOAD,
-        shares: Mapping[str, float] | None = None,
+        shares: Shares | None = None,
     ) -> float:
         """Seconds of all stages (they run one after another)."""
         return sum(self.predict_stage(w, load, shares) for w in works)
@@ -482,10 +514,11 @@ class DelayModel:
             "observations": self.observations,
             "fits": self.fits,
             "coefficients": dict(zip(FEATURES, map(float, self.coef), strict=True)),
-            "output_share": {s: avg.mean for s, avg in self._share.items()},
-            "output_share_error": {s: self.share_error(s) for s in self._share},
+            "output_share": {_key(c, s): avg.mean for (c, s), avg in self._share.items()},
+            "output_share_error": {_key(c, s): self.share_error(s, c) for c, s in self._share},
             "output_share_by_width": {
-                f"{s}@{w}": self.output_share(s, w) for s, w in sorted(self._width_share)
+                f"{_key(c, s)}@{w}": self.output_share(s, w, c)
+                for c, s, w in sorted(self._width_share)
             },
             "rejected": dict(self.rejected),
         }

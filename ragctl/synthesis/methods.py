@@ -43,6 +43,8 @@ class CallSizer:
     """Prompt tokens of each template with its passage slots empty."""
     answer_max_tokens: int
     max_model_len: int
+    collection: str = ""
+    """Whose query it sizes (`StageWork.collection`)."""
 
     def passage(self, i: int) -> int:
         return self.passages[i] + PASSAGE_SLACK_TOKENS
@@ -76,11 +78,14 @@ class Synthesizer:
         max_model_len: int,
         answer_max_tokens: int,
         temperature: float = 0.0,
+        collection: str = "",
     ) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.answer_max_tokens = answer_max_tokens
         self.temperature = temperature
+        self.collection = collection
+        """Whose queries it answers: the work it sizes says so (`StageWork.collection`)."""
         self.options = AnswerOptions()
         """The request's answer options (`for_request`); the defaults here."""
         self.templates = {n: load_template(n) for m in registry.specs() for n in m.templates}
@@ -209,6 +214,7 @@ class Synthesizer:
             overhead={name: n + q for name, n in self._empty_prompt_tokens.items()},
             answer_max_tokens=self.answer_max_tokens,
             max_model_len=self.max_model_len,
+            collection=self.collection,
         )
 
     def _header_tokens(self, titles: Sequence[str]) -> dict[str, int]:

@@ -13,7 +13,7 @@ import pytest
 from ragctl.profiler import ProfileOutcome
 from ragctl.scheduler.cost import LABEL_SPACE_MIN, DelayModel, Load, StageWork, prior_from_rates
 from ragctl.scheduler.slo import Mitigation, SLOTracker
-from ragctl.types import AnswerOptions, Config, ConfigSpace
+from ragctl.types import AnswerOptions, CollectionInfo, Config, ConfigSpace
 from tests.unit.test_controller import NO_GOLDEN, FakeEngine, FakeProfiler, controller
 
 Q = "Where was Super Bowl 50 played?"
@@ -52,6 +52,20 @@ async def test_every_stage_reaches_the_delay_model_and_the_decision_has_candidat
     out = d.to_dict()["choice"]
     assert out["objective"] == "balanced" and out["candidates"][0]["config"] == d.config.label
     assert out["delay_source"] == "prior"
+
+
+async def test_controllers_of_two_collections_on_one_engine_teach_it_their_own_shares() -> None:
+    spy = SpyModel()
+    slo = SLOTracker(delay=spy)
+    engine = FakeEngine()
+    for name in ("squad", "finsec"):
+        ctl = controller(engine, slo=slo, collection=CollectionInfo(name, "a collection", 256))
+        answer = await ctl.aask(Q, Config("stuff", 2))
+        assert answer.stages[0].name == "answer"
+    budgets = [budget for *_, budget in spy.seen]
+    assert [b.collection for b in budgets] == ["squad", "finsec"]
+    assert {c for c, _ in spy.draw_shares()} <= {"squad", "finsec"}
+    assert set(spy.to_dict()["output_share"]) == {"squad/answer", "finsec/answer"}
 
 
 async def test_concurrent_requests_see_each_other_as_load() -> None:

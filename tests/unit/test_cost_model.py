@@ -215,14 +215,14 @@ def test_share_draws_scatter_around_the_estimate_reproducibly() -> None:
     twin = copy.deepcopy(model)
     draws = [model.draw_shares() for _ in range(2000)]
     assert [twin.draw_shares() for _ in range(5)] == draws[:5]  # a copy draws the same
-    assert {d["rerank"] for d in draws} == {0.4}
-    answer = np.array([d["answer"] for d in draws])
+    assert {d[("", "rerank")] for d in draws} == {0.4}
+    answer = np.array([d[("", "answer")] for d in draws])
     assert answer.min() >= 0.0 and answer.max() <= 1.0
     assert answer.mean() == pytest.approx(model.output_share("answer"), abs=0.01)
     assert answer.std() == pytest.approx(model.share_error("answer"), rel=0.1)
     # A prediction with a draw uses the drawn share in place of the estimate.
     budget = StageWork("answer", 1, 100, 100, 100)
-    assert model.predict([budget], shares={"answer": 0.2}) == pytest.approx(
+    assert model.predict([budget], shares={("", "answer"): 0.2}) == pytest.approx(
         float(features(StageWork("answer", 1, 100, 20, 20)) @ model.coef)
     )
     assert model.predict([budget], shares={}) == model.predict([budget])
@@ -235,9 +235,10 @@ def test_near_tied_stages_trade_places_across_draws_and_far_apart_ones_never() -
     observe_shares(model, "rerank", rng.uniform(0.4, 1.0, 30))
     observe_shares(model, "map", rng.uniform(0.0, 0.2, 30))
     draws = [model.draw_shares() for _ in range(400)]
-    answer_first = sum(d["answer"] < d["rerank"] for d in draws)
+    answer, rerank, map_ = ("", "answer"), ("", "rerank"), ("", "map")
+    answer_first = sum(d[answer] < d[rerank] for d in draws)
     assert 40 < answer_first < 360  # each is the cheaper one in a real share of the draws
-    assert all(d["map"] < min(d["answer"], d["rerank"]) for d in draws)
+    assert all(d[map_] < min(d[answer], d[rerank]) for d in draws)
 
 
 def test_warm_start_fits_at_once_and_fresh_forgets() -> None:
@@ -316,7 +317,7 @@ def test_a_widths_share_is_its_own_where_widths_differ_beyond_their_errors() -> 
     assert model.output_share("rerank", 1) == model.output_share("rerank") == pytest.approx(0.4)
     # A draw of the stage's share moves every width's by as much.
     drawn = model.output_share("answer") + 0.05
-    assert model.expected(one, {"answer": drawn}).output_tokens == round(
+    assert model.expected(one, {("", "answer"): drawn}).output_tokens == round(
         100 * (model.output_share("answer", 1) + 0.05)
     )
 
@@ -349,6 +350,28 @@ def test_a_trend_in_width_is_followed_to_its_ends_not_pulled_to_the_middle() -> 
     flat = DelayModel()
     observe_widths(flat, "answer", {w: np.clip(0.85 + 0.25 * pattern, 0, 1) for w in levels})
     assert len({round(flat.output_share("answer", w), 9) for w in levels}) == 1
+
+
+def test_output_shares_are_learned_per_collection_and_a_new_one_starts_from_all() -> None:
+    """One engine serving two collections: short answers in one, long in the other. Each is
+    predicted by its own share; a collection that has not run the stage gets the pooled one."""
+    model = DelayModel()
+    for collection, share in (("squad", 0.2), ("finsec", 0.8)):
+        for _ in range(20):
+            budget = StageWork("answer", 1, 300, 100, 100, collection=collection)
+            out = round(share * 100)
+            model.observe(StageWork("answer", 1, 300, out, out), Load(), 1.0, budget=budget)
+    assert model.output_share("answer", collection="squad") == pytest.approx(0.2)
+    assert model.output_share("answer", collection="finsec") == pytest.approx(0.8)
+    assert model.output_share("answer", collection="qmsum") == pytest.approx(0.5)
+    assert model.output_share("answer", 1, "finsec") == pytest.approx(0.8)
+    short, long = (StageWork("answer", 1, 300, 100, 100, collection=c) for c in ("squad", "finsec"))
+    assert model.expected(short).output_tokens == 20 and model.expected(long).output_tokens == 80
+    assert model.predict([short]) < model.predict([long])
+    assert set(model.draw_shares()) == {("squad", "answer"), ("finsec", "answer")}
+    assert model.to_dict()["output_share"] == pytest.approx(
+        {"squad/answer": 0.2, "finsec/answer": 0.8}
+    )
 
 
 # -- quality ------------------------------------------------------------------------------------
