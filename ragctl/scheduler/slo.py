@@ -19,8 +19,9 @@
   predictions are read at the predictor's own median error (`SLOTracker.calibration`, the
   median of actual / predicted) and a request whose fastest fitting configuration is then
   predicted to miss is refused before any engine call (`SLOUnmeetable`): near capacity, its
-  work would only make the requests that can still make it miss as well. `Mitigation` switches
-  each mechanism on or off.
+  work would only make the requests that can still make it miss as well. Shedding is
+  work-conserving: with nothing of ragctl's running on the engine, predictions are taken as
+  they are. `Mitigation` switches each mechanism on or off.
 
 Only `SLOTracker.gate` awaits; the clock is injected, so everything is testable without time.
 """
@@ -676,7 +677,13 @@ class SLOTracker:
 
     def calibration(self) -> float:
         """What shedding multiplies a prediction by before it is held against the time left:
-        the median of actual / predicted (`SHED_QUANTILE`), 1 until `MIN_RATIOS` were seen."""
+        the median of actual / predicted (`SHED_QUANTILE`), 1 until `MIN_RATIOS` were seen,
+        and 1 while no synthesis call of ragctl's runs on the engine. The record's slowness
+        was the load's; with none, refusing would leave the engine idle while requests wait,
+        and a record that nothing refreshes would go on refusing them all (seen: 40 of 40
+        refused at 3x of capacity once a burst had taught it 2-4x)."""
+        if self.load.now().seqs == 0:
+            return 1.0
         ratio = self.ratio_quantile(SHED_QUANTILE)
         return 1.0 if ratio is None else ratio
 

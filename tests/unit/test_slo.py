@@ -237,10 +237,31 @@ def test_calibration_is_the_median_of_actual_over_predicted() -> None:
     tracker = SLOTracker(clock=clock)
     assert tracker.calibration() == 1.0 and tracker.ratio_quantile(0.5) is None
     run_with_ratios(tracker, clock, 1.0, [1.0 + 0.2 * i for i in range(MIN_RATIOS)])  # 1x-2.8x
-    assert tracker.calibration() == pytest.approx(np.median([1.0 + 0.2 * i for i in range(10)]))
-    assert tracker.calibration() == pytest.approx(tracker.ratio_quantile(SHED_QUANTILE))
+    with tracker.load.running(2, 400):  # the record applies while the engine has work
+        assert tracker.calibration() == pytest.approx(np.median([1.0 + 0.2 * i for i in range(10)]))
+        assert tracker.calibration() == pytest.approx(tracker.ratio_quantile(SHED_QUANTILE))
+        assert tracker.snapshot()["calibration"] == tracker.calibration()
     assert tracker.optimism() == 1.0  # capped: luck never makes a prediction slower
-    assert tracker.snapshot()["calibration"] == tracker.calibration()
+
+
+def test_shedding_never_leaves_the_engine_idle_on_a_stale_record() -> None:
+    """A burst taught the record 4x; then everything was refused, so nothing refreshes it.
+    With nothing running, predictions are taken as they are and the next request runs."""
+    clock = Clock()
+    tracker = SLOTracker(Mitigation.parse("admission"), clock=clock)
+    run_with_ratios(tracker, clock, 1.0, [4.0] * MIN_RATIOS)
+    assert tracker.calibration() == 1.0  # idle: nothing of ragctl's on the engine
+
+    def planned() -> str:
+        return choose_within_slo(
+            SPACE, KV, 0, need, joint_reasoning=True, max_chunks=10, predict=lambda c: 2.0,
+            budget_s=3.0, shed=True, calibration=tracker.calibration(),
+        ).slo_action  # fmt: skip
+
+    assert planned() == ""  # 2 s of a 3 s budget: it runs as best-fit chose
+    with tracker.load.running(1, 300):  # one running: the record's 4x applies, 8 s > 3 s
+        assert tracker.calibration() == pytest.approx(4.0)
+        assert planned() == "shed"
 
 
 def test_optimism_is_a_low_quantile_of_actual_over_predicted() -> None:
