@@ -403,7 +403,8 @@ class DelayModel:
 
     def _stage_share(self, stage: str, collection: str) -> ShareAverage | None:
         """The collection's average for the stage, else every collection's (None: unseen)."""
-        return self._share.get((collection, stage)) or self._pooled.get(stage)
+        own = self._share.get((collection, stage))
+        return own if own is not None else self._pooled.get(stage)
 
     def output_share(self, stage: str, width: int | None = None, collection: str = "") -> float:
         """Observed share of a stage's output budget its calls use in `collection` (1 until
@@ -445,14 +446,14 @@ class DelayModel:
         errors = np.array([e for _, e in rows.values()])
         dx = x - x.mean()
         sxx = float(np.sum(dx * dx))
-        slope, fitted = 0.0, 1
+        slope, params = 0.0, 1  # the line's fitted parameters: its level, and its slope if kept
         if len(rows) > 2 and sxx > 0:
             raw = float(np.sum(dx * (means - means.mean()))) / sxx
             se2 = float(np.sum(dx * dx * errors * errors)) / (sxx * sxx)
             if raw * raw > se2:
-                slope, fitted = raw * (1.0 - se2 / (raw * raw)), 2
+                slope, params = raw * (1.0 - se2 / (raw * raw)), 2
         line = means.mean() + slope * dx
-        dof = len(rows) - fitted
+        dof = len(rows) - params
         tau2 = max(float(np.sum((means - line) ** 2)) / dof - float(np.mean(errors**2)), 0.0)
         i = list(rows).index(width)
         mean, error = rows[width]

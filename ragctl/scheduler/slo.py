@@ -680,8 +680,8 @@ class SLOTracker:
         the median of actual / predicted (`SHED_QUANTILE`), 1 until `MIN_RATIOS` were seen,
         and 1 while no synthesis call of ragctl's runs on the engine. The record's slowness
         was the load's; with none, refusing would leave the engine idle while requests wait,
-        and a record that nothing refreshes would go on refusing them all (seen: 40 of 40
-        refused at 3x of capacity once a burst had taught it 2-4x)."""
+        and a record that nothing refreshes would go on refusing them all (seen in the SLO
+        benchmark: 40 of 40 refused at 3x of 1/p50, after the phase before taught it 2.2x)."""
         if self.load.now().seqs == 0:
             return 1.0
         ratio = self.ratio_quantile(SHED_QUANTILE)
