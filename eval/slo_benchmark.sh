@@ -64,6 +64,10 @@ runs = {(seed, m): json.loads((root / f"s{seed}" / m / "results.json").read_text
         for seed in seeds for m in modes}
 print(f"{'rate q/s':>9} {'seed':>5} {'mitigation':>10} {'violations':>10} {'rate':>6} {'vs off':>7} "
       f"{'q/s':>6} {'mean s':>7} {'p95 s':>6} {'flagged':>7} {'demoted':>7} {'paused ms':>9} plan actions")
+def num(x, width):
+    """Seconds, or '-' where a cell answered nothing (every request refused)."""
+    return f"{'-':>{width}}" if x is None else f"{x:>{width}.2f}"
+
 def misses(seed, mode, rate):
     """{query id: 1 if it missed its SLO (or failed) else 0} of one cell's requests."""
     out = {}
@@ -103,7 +107,7 @@ for i, key in enumerate(runs[(seeds[0], "off")]["rates"]):
             print(f"{res['rates'][key]['rate']:>9.4f} {seed:>5} {mode:>10} "
                   f"{slo['violations']:>4}/{slo['requests']:<5} "
                   f"{slo['violation_rate']:>6.0%} {cut:>+7.0%} {s['throughput_qps']:>6.3f} "
-                  f"{s['delay_mean_s']:>7.2f} {s['delay_p95_s']:>6.2f} {slo['flagged']:>7} "
+                  f"{num(s['delay_mean_s'], 7)} {num(s['delay_p95_s'], 6)} {slo['flagged']:>7} "
                   f"{slo.get('demoted_calls') or 0:>7} {slo['paused_mean_ms'] or 0:>9.0f} {actions}")
     if len(seeds) > 1:
         off = pooled["off"][0]
