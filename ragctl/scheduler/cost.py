@@ -103,7 +103,6 @@ class WorkTable:
 
     def __init__(self, sizer: CallSizer) -> None:
         self.sizer = sizer
-        self.collection = sizer.collection
         self._stages: dict[tuple[str, int | None], list[Callable[[int], StageWork]]] = {}
 
     def _stage(self, stage: StageSize) -> Callable[[int], StageWork]:
@@ -111,7 +110,7 @@ class WorkTable:
 
             def one(n: int) -> StageWork:
                 prompt, out = stage.call(n)
-                return StageWork(stage.name, 1, prompt, out, out, n, self.collection)
+                return StageWork(stage.name, 1, prompt, out, out, n, self.sizer.collection)
 
             return one
         prompt_sum, out_sum, out_max = [0], [0], [0]
@@ -121,7 +120,7 @@ class WorkTable:
             out_sum.append(out_sum[-1] + out)
             out_max.append(max(out_max[-1], out))
         return lambda n: StageWork(
-            stage.name, n, prompt_sum[n], out_max[n], out_sum[n], collection=self.collection
+            stage.name, n, prompt_sum[n], out_max[n], out_sum[n], collection=self.sizer.collection
         )
 
     def __call__(self, config: Config) -> tuple[StageWork, ...]:
@@ -308,6 +307,9 @@ class DelayModel:
         self._share: dict[tuple[str, str], ShareAverage] = {}
         self._width_share: dict[tuple[str, str, int], ShareAverage] = {}
         self._pooled: dict[str, ShareAverage] = {}
+        # `width_share`'s estimates per (collection, stage), computed once per new share: every
+        # candidate of every decision asks for them.
+        self._pooled_widths: dict[tuple[str, str], dict[int, float]] = {}
         self._since_fit = 0
         self.warm_start(warm)
 
@@ -359,6 +361,7 @@ class DelayModel:
                 self._pooled.setdefault(work.stage, ShareAverage()),
             ):
                 avg.add(share, self.share_alpha)
+            self._pooled_widths.pop((c, work.stage), None)
         self._since_fit += 1
         if self._since_fit >= self.refit_every or self.observations == self.min_observations:
             self.refit()
@@ -423,24 +426,30 @@ class DelayModel:
         return None if seen is None else seen.error(self.share_alpha)
 
     def width_share(self, stage: str, width: int, collection: str = "") -> float | None:
-        """The share of `stage`'s calls that read `width` chunks, by empirical Bayes over the
-        stage's widths seen at least twice (Fay-Herriot, with the trend shrunk too): a prior
-        line through the widths' means against log width (answers may run longer the more
-        they read, and flatten), its slope kept in the proportion 1 - se^2 / slope^2 (none
-        where it is within its error; a line needs three widths), then this width's
-        difference from the line kept in the proportion tau^2 / (tau^2 + its error^2), where
-        tau^2 (how far widths truly stray from the line) is the residuals' variance less their
-        mean squared error. Widths that differ within their errors share one estimate; a
-        trend beyond its error is followed to the widths at its ends, rather than pulling
-        them to the middle. None for a width seen fewer than twice, or the only one (in
-        `collection`)."""
+        """The share of `stage`'s calls that read `width` chunks in `collection`
+        (`_pool_widths`); None for a width seen fewer than twice, or the only one."""
+        key = (collection, stage)
+        if key not in self._pooled_widths:
+            self._pooled_widths[key] = self._pool_widths(stage, collection)
+        return self._pooled_widths[key].get(width)
+
+    def _pool_widths(self, stage: str, collection: str) -> dict[int, float]:
+        """Every width's share of one stage, by empirical Bayes over the stage's widths seen at
+        least twice (Fay-Herriot, with the trend shrunk too): a prior line through the widths'
+        means against log width (answers may run longer the more they read, and flatten), its
+        slope kept in the proportion 1 - se^2 / slope^2 (none where it is within its error; a
+        line needs three widths), then each width's difference from the line kept in the
+        proportion tau^2 / (tau^2 + its error^2), where tau^2 (how far widths truly stray from
+        the line) is the residuals' variance less their mean squared error. Widths that differ
+        within their errors share one estimate; a trend beyond its error is followed to the
+        widths at its ends, rather than pulling them to the middle. Empty below two widths."""
         rows = {
             w: (avg.mean, error)
             for (c, s, w), avg in self._width_share.items()
             if (c, s) == (collection, stage) and (error := avg.error(self.share_alpha)) is not None
         }
-        if width not in rows or len(rows) < 2:
-            return None
+        if len(rows) < 2:
+            return {}
         x = np.log(np.array(list(rows), dtype=float))
         means = np.array([m for m, _ in rows.values()])
         errors = np.array([e for _, e in rows.values()])
@@ -455,10 +464,9 @@ class DelayModel:
         line = means.mean() + slope * dx
         dof = len(rows) - params
         tau2 = max(float(np.sum((means - line) ** 2)) / dof - float(np.mean(errors**2)), 0.0)
-        i = list(rows).index(width)
-        mean, error = rows[width]
-        keep = 1.0 if tau2 + error * error == 0.0 else tau2 / (tau2 + error * error)
-        return float(line[i] + (mean - line[i]) * keep)
+        errors2 = errors * errors
+        keep = np.divide(tau2, tau2 + errors2, out=np.ones_like(errors2), where=tau2 + errors2 > 0)
+        return dict(zip(rows, map(float, line + (means - line) * keep), strict=True))
 
     def width_offset(self, stage: str, width: int, collection: str = "") -> float:
         """`width_share` less the stage's share (0 where there is none): what a call's width
