@@ -682,8 +682,12 @@ class SLOTracker:
         was the load's; with none, refusing would leave the engine idle while requests wait,
         and a record that nothing refreshes would go on refusing them all (seen in the SLO
         benchmark: 40 of 40 refused at 3x of 1/p50, after the phase before taught it 2.2x)."""
-        if self.load.now().seqs == 0:
-            return 1.0
+        return 1.0 if self.load.now().seqs == 0 else self.recorded_calibration()
+
+    def recorded_calibration(self) -> float:
+        """The median of actual / predicted over the record (1 until `MIN_RATIOS` were seen),
+        whatever runs now: what `calibration` applies under load, and what reports show (a
+        snapshot taken after the last request would otherwise always read 1)."""
         ratio = self.ratio_quantile(SHED_QUANTILE)
         return 1.0 if ratio is None else ratio
 
@@ -759,7 +763,7 @@ class SLOTracker:
             "paused_s": self.paused_s,
             "predictor": self.predictor,
             "optimism": self.optimism(),
-            "calibration": self.calibration(),
+            "calibration": self.recorded_calibration(),
             "prediction": self.errors.to_dict(),
             "delay_model": self.delay.to_dict(),
         }

@@ -251,6 +251,7 @@ def test_shedding_never_leaves_the_engine_idle_on_a_stale_record() -> None:
     tracker = SLOTracker(Mitigation.parse("admission"), clock=clock)
     run_with_ratios(tracker, clock, 1.0, [4.0] * MIN_RATIOS)
     assert tracker.calibration() == 1.0  # idle: nothing of ragctl's on the engine
+    assert tracker.snapshot()["calibration"] == pytest.approx(4.0)  # the record, reported
 
     def planned() -> str:
         return choose_within_slo(
