@@ -426,9 +426,6 @@ class SLORecord:
     """Engine calls sent with a worse priority because the request was hopeless (triage)."""
     paused_ms: float = 0.0
     """Time this request waited at the admission gate for flagged requests."""
-    crowd: int = 0
-    """Other requests in flight (any stage) when it was planned: what shedding's calibration
-    is read at."""
     delay_ms: float | None = None
     met: bool | None = None
 

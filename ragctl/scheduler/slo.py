@@ -16,14 +16,12 @@
   admissions). Triage: a request that cannot make it any more (past its deadline, or planned
   `unmeetable`) is hopeless: its calls go at a worse priority, behind everyone who still can,
   and it pauses nobody; it is still answered. Shedding (off by default, on in `admission`):
-  predictions are read at the predictor's own median error under a crowd like the one now
-  (`SLOTracker.calibration`: the median of actual / predicted among requests planned with as
-  many others in flight, isotonic in that count) and a request whose fastest fitting
-  configuration is then predicted to miss is refused before any engine call
-  (`SLOUnmeetable`): near capacity, its work would only make the requests that can still make
-  it miss as well. Shedding is work-conserving: with nothing of ragctl's running on the
-  engine, predictions are never read slower than they are. `Mitigation` switches each
-  mechanism on or off.
+  predictions are read at the predictor's own median error (`SLOTracker.calibration`, the
+  median of actual / predicted) and a request whose fastest fitting configuration is then
+  predicted to miss is refused before any engine call (`SLOUnmeetable`): near capacity, its
+  work would only make the requests that can still make it miss as well. Shedding is
+  work-conserving: with nothing of ragctl's running on the engine, predictions are taken as
+  they are. `Mitigation` switches each mechanism on or off.
 
 Only `SLOTracker.gate` awaits; the clock is injected, so everything is testable without time.
 """
@@ -40,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from sklearn.isotonic import IsotonicRegression
 
 from ragctl.errors import InvalidRequest
 from ragctl.scheduler.bestfit import choose, clip_space, fallback_configs, unshown_reserved
@@ -72,8 +69,7 @@ MIN_RATIOS = 10
 last requests, and after how many: the predictor's own error decides when a miss is certain."""
 SHED_QUANTILE = 0.5
 """`SLOTracker.calibration`: shedding refuses a request when it is more likely to miss than to
-meet by the predictor's own record (the median of actual / predicted) under a crowd like the one
-now."""
+meet by the predictor's own record (the median of actual / predicted)."""
 
 
 @dataclass(frozen=True)
@@ -433,8 +429,6 @@ class Tracked:
     """The planned configuration's work per stage (output budgets), when the planner gave it."""
     averages_s: float | None = None
     model_s: float | None = None
-    crowd: int = 0
-    """Other requests of the tracker in flight (any stage) when this one was planned."""
 
     @property
     def deadline(self) -> float | None:
@@ -470,11 +464,6 @@ class SLOTracker:
         self.ratios: deque[float] = deque(maxlen=RATIO_WINDOW)
         """actual / predicted synthesis seconds of the last requests planned with a prediction
         (`optimism` reads them)."""
-        self.crowds: deque[int] = deque(maxlen=RATIO_WINDOW)
-        """The same requests' crowds when they were planned (`Tracked.crowd`), in step with
-        `ratios` (`calibration` reads both)."""
-        self._by_crowd: IsotonicRegression | None = None
-        """`calibration`'s fit over the record, until a new ratio arrives."""
         self.clock = clock
         self.poll_s = poll_s
         self.inflight: dict[int, Tracked] = {}
@@ -525,7 +514,6 @@ class SLOTracker:
         finishes)."""
         t.config = config
         t.work = work
-        t.crowd = self.crowd()
         t.averages_s = self.stats.predict_synthesis(config)
         t.model_s = (
             self.delay.predict(work, self.load.now())
@@ -572,8 +560,6 @@ class SLOTracker:
                 self.baseline.observe(actual)
                 if t.predicted_s is not None and t.predicted_s > 0:
                     self.ratios.append(actual / t.predicted_s)
-                    self.crowds.append(t.crowd)
-                    self._by_crowd = None
                 if t.predicted_s is not None and t.baseline_s is not None:
                     self.errors.add(
                         actual, t.predicted_s, t.baseline_s,
@@ -599,7 +585,6 @@ class SLOTracker:
             boosted_calls=t.boosted_calls,
             demoted_calls=t.demoted_calls,
             paused_ms=t.paused_s * 1000,
-            crowd=t.crowd,
             delay_ms=delay * 1000,
             met=met,
         )
@@ -690,49 +675,21 @@ class SLOTracker:
             return None
         return float(np.quantile(np.fromiter(self.ratios, float), q))
 
-    def crowd(self) -> int:
-        """Requests in flight beside the one deciding now (it is tracked too): those in every
-        stage, not only the synthesis calls the load meter counts, since the ones still
-        retrieving or queued will share the engine with it."""
-        return max(len(self.inflight) - 1, 0)
-
     def calibration(self) -> float:
         """What shedding multiplies a prediction by before it is held against the time left:
-        `recorded_calibration` at the crowd now, and never above 1 while no synthesis call of
-        ragctl's runs on the engine. The record's slowness was the load's; with none, refusing
-        would leave the engine idle while requests wait, and a record that nothing refreshes
-        would go on refusing them all (seen in the SLO benchmark: 40 of 40 refused at 3x of
-        1/p50, after the phase before taught it 2.2x)."""
-        ratio = self.recorded_calibration(self.crowd())
-        return min(ratio, 1.0) if self.load.now().seqs == 0 else ratio
+        the median of actual / predicted (`SHED_QUANTILE`), 1 until `MIN_RATIOS` were seen,
+        and 1 while no synthesis call of ragctl's runs on the engine. The record's slowness
+        was the load's; with none, refusing would leave the engine idle while requests wait,
+        and a record that nothing refreshes would go on refusing them all (seen in the SLO
+        benchmark: 40 of 40 refused at 3x of 1/p50, after the phase before taught it 2.2x)."""
+        return 1.0 if self.load.now().seqs == 0 else self.recorded_calibration()
 
-    def recorded_calibration(self, crowd: int | None = None) -> float:
+    def recorded_calibration(self) -> float:
         """The median of actual / predicted over the record (1 until `MIN_RATIOS` were seen),
-        whatever runs now: at `crowd`, the median among requests planned with that many others
-        in flight, fitted non-decreasing in the crowd (weighted isotonic regression over each
-        crowd's median: a crowd with few requests borrows from its neighbours, and one beyond
-        the record reads the nearest seen). The delay model sees the load when a request is
-        planned, not what arrives after; how far that makes it undershoot grows with the crowd
-        (one median over every crowd refused requests that would have met with the engine
-        nearly free, and admitted too many in a crowd). None: the median over every crowd,
-        what reports show (a snapshot after the last request sees no crowd)."""
-        if len(self.ratios) < MIN_RATIOS:
-            return 1.0
-        if crowd is None:
-            return float(np.quantile(np.fromiter(self.ratios, float), SHED_QUANTILE))
-        if self._by_crowd is None:
-            ratios, crowds = np.fromiter(self.ratios, float), np.fromiter(self.crowds, int)
-            levels = np.unique(crowds)
-            medians = [np.quantile(ratios[crowds == k], SHED_QUANTILE) for k in levels]
-            weights = [np.count_nonzero(crowds == k) for k in levels]
-            self._by_crowd = IsotonicRegression(increasing=True, out_of_bounds="clip").fit(
-                levels, medians, sample_weight=weights
-            )
-        return float(self._by_crowd.predict([crowd])[0])
-
-    def calibration_by_crowd(self) -> dict[int, float]:
-        """`recorded_calibration` at each crowd of the record (reports)."""
-        return {int(k): self.recorded_calibration(int(k)) for k in sorted(set(self.crowds))}
+        whatever runs now: what `calibration` applies under load, and what reports show (a
+        snapshot taken after the last request would otherwise always read 1)."""
+        ratio = self.ratio_quantile(SHED_QUANTILE)
+        return 1.0 if ratio is None else ratio
 
     def optimism(self) -> float:
         """How much faster than predicted a request may turn out, by this predictor's own
@@ -793,8 +750,6 @@ class SLOTracker:
         self.baseline = BaselineEstimator(self.stats.alpha)
         self.errors = PredictionErrors()
         self.ratios.clear()
-        self.crowds.clear()
-        self._by_crowd = None
         self.counters = dict.fromkeys(self.counters, 0)
         self.paused_s = 0.0
 
@@ -809,9 +764,6 @@ class SLOTracker:
             "predictor": self.predictor,
             "optimism": self.optimism(),
             "calibration": self.recorded_calibration(),
-            "calibration_by_crowd": (
-                self.calibration_by_crowd() if len(self.ratios) >= MIN_RATIOS else {}
-            ),
             "prediction": self.errors.to_dict(),
             "delay_model": self.delay.to_dict(),
         }

@@ -265,65 +265,6 @@ def test_shedding_never_leaves_the_engine_idle_on_a_stale_record() -> None:
         assert planned() == "shed"
 
 
-def run_in_crowd(tracker: SLOTracker, clock: Clock, crowd: int, ratios: list[float]) -> None:
-    """Like `run_with_ratios` (predicted 1 s), each request planned with `crowd` others in
-    flight (they leave with it, unanswered)."""
-    for ratio in ratios:
-        others = [tracker.start(10_000) for _ in range(crowd)]
-        t = tracker.start(10_000)
-        tracker.planned(t, Config("stuff", 1))
-        t.predicted_s = 1.0
-        tracker.enter(t, "answer")
-        clock.now += ratio
-        tracker.finish(t, ok=True)
-        for o in others:
-            tracker.finish(o, ok=False)
-
-
-def test_calibration_is_read_at_the_crowd_now() -> None:
-    """Requests planned alone ran as predicted, those planned beside four others 3x slower:
-    shedding reads each crowd's own median, not one median over both."""
-    clock = Clock()
-    tracker = SLOTracker(Mitigation.parse("admission"), clock=clock)
-    run_in_crowd(tracker, clock, 0, [0.9, 1.0, 1.1] * 4)
-    run_in_crowd(tracker, clock, 4, [2.8, 3.0, 3.2] * 4)
-    assert tracker.recorded_calibration() == pytest.approx(1.95)  # both crowds' median, reported
-    with tracker.load.running(1, 300):
-        assert tracker.calibration() == pytest.approx(1.0)  # alone: as predicted
-        others = [tracker.start(10_000) for _ in range(5)]  # itself + 4 others
-        assert tracker.crowd() == 4 and tracker.calibration() == pytest.approx(3.0)
-        others.append(tracker.start(10_000))  # beyond the record: the nearest crowd seen
-        assert tracker.calibration() == pytest.approx(3.0)
-        for o in others[3:]:
-            tracker.finish(o, ok=False)
-        assert tracker.crowd() == 2 and tracker.calibration() == pytest.approx(2.0)  # between
-    assert tracker.snapshot()["calibration_by_crowd"] == {0: 1.0, 4: 3.0}
-    # Planned requests record their crowd.
-    t = tracker.start(10_000)
-    tracker.planned(t, Config("stuff", 1))
-    assert t.crowd == 3
-
-
-def test_calibration_never_falls_as_the_crowd_grows() -> None:
-    """A crowd whose few requests ran faster than those of a smaller one does not make
-    shedding more lenient there: the fit pools them (weighted by their counts)."""
-    clock = Clock()
-    tracker = SLOTracker(clock=clock)
-    run_in_crowd(tracker, clock, 1, [2.0] * 9)
-    run_in_crowd(tracker, clock, 3, [1.0] * 3)
-    by_crowd = tracker.calibration_by_crowd()
-    assert by_crowd == {1: pytest.approx(1.75), 3: pytest.approx(1.75)}
-
-
-def test_calibration_is_never_above_one_with_the_engine_idle() -> None:
-    clock = Clock()
-    tracker = SLOTracker(clock=clock)
-    run_in_crowd(tracker, clock, 0, [0.5] * MIN_RATIOS)
-    assert tracker.calibration() == pytest.approx(0.5)  # idle, and faster than predicted: kept
-    tracker.reset()
-    assert tracker.calibration() == 1.0 and not tracker.crowds
-
-
 def test_optimism_is_a_low_quantile_of_actual_over_predicted() -> None:
     clock = Clock()
     tracker = SLOTracker(clock=clock)
