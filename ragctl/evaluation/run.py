@@ -268,7 +268,14 @@ async def _run(
                 meta["adaptiverag_table"] = runner.adaptiverag_table
                 meta["calibration_classes"] = classes
                 save_meta(out_dir, meta)
+            meta["cold_phases"] = []
             for rate in meta["rates"] or [None]:
+                # Every phase answers the same test queries. From an empty prefix cache, none
+                # reuses an earlier phase's prompts: a mode that refused a query in one phase
+                # would otherwise meet it uncached in the next beside the cached rest, slower
+                # than a mode that answered it (seen in the SLO benchmark: the queries shedding
+                # refused near capacity were the slow ones of the next phase's bursts).
+                meta["cold_phases"].append(await controller.engine.reset_prefix_cache())
                 phase = f"rate {rate}/s per system" if rate else f"{meta['concurrency']} in flight"
                 await _phase(
                     runner, interleave(test, plan.systems), out_dir / SAMPLES_FILE, bar, task,

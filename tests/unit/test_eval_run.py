@@ -119,6 +119,7 @@ def test_run_writes_rows_files_and_meta(
     assert meta["adaptiverag_table"]["*"] in ("stuff:3", "stuff:5")
     assert meta["counters"] == {"asks": ctl.counters["asks"]} and meta["slo"] == {"fake": True}
     assert meta["rates"] == [] and meta["concurrency"] == 2 and meta["calibration"] == 1
+    assert meta["cold_phases"] == [False]  # asked once, before its one phase (this one cannot)
     phase = evaluation.phases["closed:2"]
     assert list(phase.systems) == ["ragctl", "adaptiverag", "fixed:stuff:3", "fixed:stuff:5"]
     assert phase.systems["ragctl"].n == 2 and phase.systems["ragctl"].primary_value == 1.0
@@ -179,3 +180,36 @@ def test_warmup_queries_are_seeded_and_never_test_or_calibration_ones() -> None:
     assert len(picked) == 4 and not {q.id for q in picked} & {"q0", "q1", "q2"}
     assert picked == warmup_queries(queries, used, 4, seed=1)
     assert len(warmup_queries(queries, used, 50, seed=1)) == 7
+
+
+def test_every_rate_phase_starts_from_an_empty_prefix_cache(
+    tmp_path: Path, data_dir: Path, controllers: list[FakeController]
+) -> None:
+    """The phases answer the same queries: each empties the prefix cache before its first
+    request, so none reuses an earlier phase's prompts."""
+    request = RunRequest("squad", "ragctl", 2, 0, "500,1000", None, 0)
+    settings = Settings(data_dir=data_dir, cache_dir=data_dir.parent / "cache")
+    resets: list[int] = []
+
+    def opened(ctl: FakeController) -> None:
+        async def reset() -> bool:
+            resets.append(len(ctl.asked))  # how many asks came before this reset
+            return True
+
+        ctl.engine.reset_prefix_cache = reset
+
+    out = tmp_path / "out"
+    original = FakeController.__init__
+
+    def init(self: FakeController) -> None:
+        original(self)
+        opened(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FakeController, "__init__", init)
+        run_evaluation(settings, request, out, resume=False, allocation=None, progress=_progress)
+    (ctl,) = controllers
+    assert resets == [1, 3]  # after the warm-up call, then after the first phase's 2 queries
+    assert read_meta(out)["cold_phases"] == [True, True]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").open()]
+    assert sorted(r["rate"] for r in samples) == [500, 500, 1000, 1000]
