@@ -32,16 +32,21 @@ class FakeController:
         self.closed = False
         # What the outcome grid's key reads (calibration answers land in the grid).
         self.engine = SimpleNamespace(name="fake", max_model_len=4096,
-                                      reset_prefix_cache=self._no_reset)  # fmt: skip
+                                      reset_prefix_cache=self._reset)  # fmt: skip
+        self.resets: list[int] = []
+        """How many asks came before each prefix-cache reset."""
         self.retriever = SimpleNamespace(fingerprint="fp")
         self.synthesizer = SimpleNamespace(
             template_versions={"stuff": "v1"}, answer_max_tokens=32, temperature=0.0
         )
         self.collection = SimpleNamespace(name="squad")
 
-    @staticmethod
-    async def _no_reset() -> bool:
-        return False
+    can_reset = False
+    """Whether the fake engine says it emptied its prefix cache."""
+
+    async def _reset(self) -> bool:
+        self.resets.append(len(self.asked))
+        return self.can_reset
 
     async def aask(self, question: str, config: Config | None = None, *, options=None) -> Answer:
         self.asked.append((question, config))
@@ -183,33 +188,20 @@ def test_warmup_queries_are_seeded_and_never_test_or_calibration_ones() -> None:
 
 
 def test_every_rate_phase_starts_from_an_empty_prefix_cache(
-    tmp_path: Path, data_dir: Path, controllers: list[FakeController]
+    tmp_path: Path,
+    data_dir: Path,
+    controllers: list[FakeController],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The phases answer the same queries: each empties the prefix cache before its first
     request, so none reuses an earlier phase's prompts."""
     request = RunRequest("squad", "ragctl", 2, 0, "500,1000", None, 0)
     settings = Settings(data_dir=data_dir, cache_dir=data_dir.parent / "cache")
-    resets: list[int] = []
-
-    def opened(ctl: FakeController) -> None:
-        async def reset() -> bool:
-            resets.append(len(ctl.asked))  # how many asks came before this reset
-            return True
-
-        ctl.engine.reset_prefix_cache = reset
-
     out = tmp_path / "out"
-    original = FakeController.__init__
-
-    def init(self: FakeController) -> None:
-        original(self)
-        opened(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(FakeController, "__init__", init)
-        run_evaluation(settings, request, out, resume=False, allocation=None, progress=_progress)
+    monkeypatch.setattr(FakeController, "can_reset", True)
+    run_evaluation(settings, request, out, resume=False, allocation=None, progress=_progress)
     (ctl,) = controllers
-    assert resets == [1, 3]  # after the warm-up call, then after the first phase's 2 queries
+    assert ctl.resets == [1, 3]  # after the warm-up call, then after the first phase's 2 queries
     assert read_meta(out)["cold_phases"] == [True, True]
     samples = [json.loads(line) for line in (out / "samples.jsonl").open()]
     assert sorted(r["rate"] for r in samples) == [500, 500, 1000, 1000]
