@@ -41,14 +41,14 @@ import numpy as np
 
 from ragctl.errors import InvalidRequest
 from ragctl.scheduler.bestfit import choose, clip_space, fallback_configs, unshown_reserved
-from ragctl.scheduler.cost import NO_LOAD, DelayModel, Load, LoadMeter, StageWork
+from ragctl.scheduler.cost import DelayModel, Load, LoadMeter, StageWork
 from ragctl.synthesis import registry
 from ragctl.types import Config, ConfigSpace, KVState, Plan, SLORecord
 
 Predictor = Literal["model", "averages"]
 PREDICTORS: tuple[Predictor, ...] = ("model", "averages")
 
-MECHANISMS = ("priority", "pause", "config", "triage", "shed", "protect")
+MECHANISMS = ("priority", "pause", "config", "triage", "shed")
 MITIGATION_MODES: dict[str, frozenset[str]] = {
     "off": frozenset(),
     "patchwork": frozenset({"priority", "pause"}),
@@ -65,9 +65,6 @@ meet its SLO."""
 OPTIMISM_QUANTILE = 0.1
 RATIO_WINDOW = 64
 MIN_RATIOS = 10
-TYPICAL_WINDOW = 16
-"""`SLOTracker.at_risk`: a newcomer at the gate is not planned yet; its work is taken to be the
-median of the last requests' planned first stages."""
 """`SLOTracker.optimism`: the quantile of actual / predicted synthesis time, over how many of the
 last requests, and after how many: the predictor's own error decides when a miss is certain."""
 SHED_QUANTILE = 0.5
@@ -89,22 +86,12 @@ class Mitigation:
     """Refuse (`SLOUnmeetable`, before any engine call) a request whose fastest fitting
     configuration is predicted to miss at the predictor's median error. Needs `config` (the
     planning that predicts each configuration)."""
-    protect: bool = False
-    """A newcomer also waits at the gate (bounded like `pause`) while its work would push a
-    request in flight that is predicted to meet its SLO past it (`SLOTracker.at_risk`): each
-    new prompt's prefill stalls every sequence running beside it, which the delay model, fed
-    the load when a stage starts, cannot foresee."""
     max_pause_s: float = 2.0
     """Longest a new request waits at the gate: a bound, so that a flagged request that the
     pause cannot save does not stall admissions for long. A newcomer with an SLO waits at most
     its own slack (`SLOTracker.slack_s`): a pause must not make it miss in turn."""
 
     def __post_init__(self) -> None:
-        if self.protect and not self.config:
-            raise InvalidRequest(
-                "SLO mitigation 'protect' needs 'config': it weighs a newcomer by the work of "
-                "the requests planned before it"
-            )
         if self.shed and not self.config:
             raise InvalidRequest(
                 "SLO mitigation 'shed' needs 'config': it refuses a request only when even the "
@@ -113,18 +100,18 @@ class Mitigation:
 
     @classmethod
     def parse(cls, text: str) -> Mitigation:
-        """`off`, `patchwork`, `adaptive`, `admission`, or a list of priority, pause, config,
-        triage, shed, protect, joined by commas or `+` (a name that is also a path segment)."""
+        """`off`, `patchwork`, `adaptive`, `admission`, or a comma list of priority, pause,
+        config, triage, shed."""
         key = text.strip().lower()
         if key in MITIGATION_MODES:
             on = MITIGATION_MODES[key]
         else:
-            on = frozenset(p.strip() for p in key.replace("+", ",").split(",") if p.strip())
+            on = frozenset(p.strip() for p in key.split(",") if p.strip())
             unknown = sorted(on - set(MECHANISMS))
             if unknown or not on:
                 raise InvalidRequest(
                     f"unknown SLO mitigation {text!r}: use {', '.join(MITIGATION_MODES)} or a "
-                    f"comma (or +) list of {', '.join(MECHANISMS)}"
+                    f"comma list of {', '.join(MECHANISMS)}"
                 )
         return cls(**{m: m in on for m in MECHANISMS})
 
@@ -480,8 +467,6 @@ class SLOTracker:
         self.clock = clock
         self.poll_s = poll_s
         self.inflight: dict[int, Tracked] = {}
-        self.recent_work: deque[StageWork] = deque(maxlen=TYPICAL_WINDOW)
-        """The first stage of the last requests' planned work (`at_risk` reads them)."""
         self.counters = {
             "requests": 0,
             "met": 0,
@@ -492,7 +477,6 @@ class SLOTracker:
             "below-profile": 0,
             "unmeetable": 0,
             "shed": 0,
-            "protected_requests": 0,
         }
         self.paused_s = 0.0
         """Total seconds requests waited at the gate."""
@@ -530,8 +514,6 @@ class SLOTracker:
         finishes)."""
         t.config = config
         t.work = work
-        if work:
-            self.recent_work.append(work[0])
         t.averages_s = self.stats.predict_synthesis(config)
         t.model_s = (
             self.delay.predict(work, self.load.now())
@@ -624,78 +606,26 @@ class SLOTracker:
         left = self.remaining(t, now)
         return left is not None and now + left > t.deadline
 
-    def remaining(self, t: Tracked, now: float, extra: Load = NO_LOAD) -> float | None:
-        """Seconds `t` still needs: by the delay model under the load now (plus `extra`), when
-        it predicts (its current stage's own calls taken out of the load), else `remaining_s`
-        (which cannot see `extra`)."""
+    def remaining(self, t: Tracked, now: float) -> float | None:
+        """Seconds `t` still needs: by the delay model under the load now, when it predicts
+        (its current stage's own calls taken out of the load), else `remaining_s`."""
         in_stage = now - t.stage_start
-        if self._modelled(t):
-            assert t.work is not None
+        if (
+            self.predictor == "model"
+            and self.delay.ready
+            and t.work is not None
+            and t.config is not None
+        ):
             names = [w.stage for w in t.work]
-            load = self.load.now()
-            load = Load(load.seqs + extra.seqs, load.tokens + extra.tokens)
             if t.stage not in names:  # planned, not synthesising yet (admission queue)
-                return self.delay.predict(t.work, load)
+                return self.delay.predict(t.work, self.load.now())
             i = names.index(t.stage)
+            load = self.load.now()
             own = t.work[i]
             others = Load(max(load.seqs - own.calls, 0.0), max(load.tokens - _tokens(own), 0.0))
             left = max(self.delay.predict_stage(own, others) - in_stage, 0.0)
             return left + self.delay.predict(t.work[i + 1 :], others)
         return remaining_s(self.stats, self.baseline, t.stage, t.config, in_stage)
-
-    def _modelled(self, t: Tracked) -> bool:
-        return (
-            self.predictor == "model"
-            and self.delay.ready
-            and t.work is not None
-            and t.config is not None
-        )
-
-    def newcomer_work(self) -> StageWork | None:
-        """What a request not planned yet is taken to start with: the median calls and tokens
-        of the last `TYPICAL_WINDOW` planned first stages (None before any)."""
-        if not self.recent_work:
-            return None
-        w = list(self.recent_work)
-
-        def median(attr: str) -> int:
-            return round(float(np.median([getattr(x, attr) for x in w])))
-
-        return StageWork(
-            w[-1].stage,
-            calls=max(median("calls"), 1),
-            prompt_tokens=median("prompt_tokens"),
-            decode_steps=median("decode_steps"),
-            output_tokens=median("output_tokens"),
-        )
-
-    def at_risk(self, exclude: Tracked | None = None) -> int:
-        """Requests in flight (other than `exclude`) that are predicted to meet their SLO now
-        but not once a newcomer (`newcomer_work`) starts beside them: its prefill runs in the
-        engine steps they decode in (the delay model's prefill seconds for it, with no load),
-        and its sequences slow their later steps (their remaining time under the load plus the
-        newcomer's). 0 unless the delay model predicts (the running averages cannot see load)."""
-        work = self.newcomer_work()
-        if work is None or self.predictor != "model" or not self.delay.ready:
-            return 0
-        prefill = self.delay.predict_stage(
-            dataclasses.replace(work, decode_steps=0, output_tokens=0)
-        )
-        extra = Load(float(work.calls), float(_tokens(work)))
-        now = self.clock()
-        n = 0
-        for t in self.inflight.values():
-            if t is exclude or t.deadline is None or now > t.deadline or not self._modelled(t):
-                continue
-            if self.mitigation.triage and t.plan_action == "unmeetable":
-                continue
-            left = self.remaining(t, now)
-            if left is None or now + left > t.deadline:
-                continue  # already predicted to miss: the flag and `pause` are for that
-            slowed = self.remaining(t, now, extra)
-            if slowed is not None and now + slowed + prefill > t.deadline:
-                n += 1
-        return n
 
     def check(self) -> int:
         """Flag every in-flight request now predicted to miss; returns how many are flagged."""
@@ -780,19 +710,10 @@ class SLOTracker:
             return None
         return left - synthesis - (self.stats.mean(PRE_STAGE, "*") or 0.0)
 
-    def _holds(self, t: Tracked) -> bool:
-        """Whether the gate holds newcomer `t` now: a flagged request can still be saved
-        (`pause`), or `t`'s work would make one that meets its SLO miss it (`protect`)."""
-        m = self.mitigation
-        return bool(
-            (m.pause and self.savable_flagged(exclude=t)) or (m.protect and self.at_risk(t))
-        )
-
     async def gate(self, t: Tracked) -> None:
-        """Pause a new request while a flagged one can still be saved, or (`protect`) while
-        starting it would make one miss that is predicted to meet: at most `max_pause_s`, and
-        at most the newcomer's own slack (none when it has none)."""
-        if not self._holds(t):
+        """Pause a new request while a flagged one can still be saved: at most `max_pause_s`,
+        and at most the newcomer's own slack (none when it has none)."""
+        if not self.mitigation.pause or not self.savable_flagged(exclude=t):
             return
         limit = self.mitigation.max_pause_s
         slack = self.slack_s(t)
@@ -802,10 +723,8 @@ class SLOTracker:
             return
         start = self.clock()
         self.counters["paused_requests"] += 1
-        if self.mitigation.protect and self.at_risk(t):
-            self.counters["protected_requests"] += 1
         try:
-            while self._holds(t):
+            while self.savable_flagged(exclude=t):
                 left = limit - (self.clock() - start)
                 if left <= 0:
                     break

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from ragctl.errors import InvalidRequest
-from ragctl.scheduler.cost import DelayModel, StageWork, prior_from_rates
 from ragctl.scheduler.slo import (
     FLAGGED_PRIORITY,
     HOPELESS_PRIORITY,
@@ -23,7 +22,6 @@ from ragctl.scheduler.slo import (
     Mitigation,
     SLOTracker,
     StageStats,
-    Tracked,
     choose_within_slo,
     remaining_s,
 )
@@ -56,14 +54,10 @@ def test_mitigation_modes_and_lists() -> None:
     # Shedding: off unless asked for; `admission` is adaptive + shed; it needs `config`.
     assert not Mitigation().shed and not Mitigation.parse("adaptive").shed
     admission = Mitigation.parse("admission")
-    assert admission == Mitigation(shed=True, protect=True) and admission.label == "admission"
+    assert admission == Mitigation(shed=True) and admission.label == "admission"
     assert Mitigation.parse("config,shed").label == "config,shed"
-    # `+` joins a list too (a mode name that is also a directory name).
-    assert Mitigation.parse("priority+pause+config+triage+shed") == Mitigation(shed=True)
     with pytest.raises(InvalidRequest, match="'shed' needs 'config'"):
         Mitigation.parse("triage,shed")
-    with pytest.raises(InvalidRequest, match="'protect' needs 'config'"):
-        Mitigation.parse("pause+protect")
 
 
 # -- predictor ----------------------------------------------------------------------------------
@@ -491,73 +485,6 @@ async def test_gate_off_without_the_pause_mechanism() -> None:
     await asyncio.wait_for(tracker.gate(t), 0.05)
     assert t.paused_s == 0.0
     assert tracker.check() == 1  # flagged all the same (its calls would be boosted)
-
-
-# -- protect: a newcomer waits while its work would make a meeting request miss ----------------
-
-PREFILL_HEAVY = StageWork("answer", 1, 400, 10, 10)
-"""Under `measured_model`: 2 s of prefill and 1 s of decoding alone; 10 x 0.1 s more decoding
-for every other sequence beside it."""
-
-
-def measured_model() -> DelayModel:
-    # 200 prompt tokens/s, 10 decode steps/s, every step's cost growing with the batch.
-    return DelayModel(prior_from_rates(200.0, 10.0, batch_growth=1.0), prior_measured=True)
-
-
-def running(tracker: SLOTracker, slo_ms: float, work: StageWork = PREFILL_HEAVY) -> Tracked:
-    t = tracker.start(slo_ms)
-    tracker.enter(t, "queue")
-    tracker.planned(t, Config("stuff", 1), work=(work,))
-    tracker.enter(t, work.stage)
-    return t
-
-
-def test_at_risk_counts_requests_a_newcomer_would_push_past_their_deadline() -> None:
-    clock = Clock()
-    tracker = SLOTracker(Mitigation.parse("admission"), clock=clock, delay=measured_model())
-    newcomer = tracker.start(None)
-    assert tracker.at_risk(newcomer) == 0  # nothing planned yet: no newcomer's work to weigh
-    # 3 s left alone; beside a newcomer 4 s, after its 2 s of prefill: 6 s.
-    tight = running(tracker, 4_000)  # meets alone (3 s of 4), not beside the newcomer
-    assert tracker.newcomer_work() == PREFILL_HEAVY
-    assert tracker.at_risk(newcomer) == 1
-    roomy = running(tracker, 10_000)
-    lost = running(tracker, 2_000)  # predicted to miss already: flagged, not "at risk"
-    assert tracker.at_risk(newcomer) == 1
-    assert tracker.at_risk(tight) == 0  # a request is not at risk of itself
-    clock.now += 1.5  # 1.5 s into its stage: 1.5 s left, 2.5 s to its deadline: 1.5 + 1 + 2 > 2.5
-    assert tracker.at_risk(newcomer) == 1
-    tracker.finish(tight, ok=True)
-    assert tracker.at_risk(newcomer) == 0
-    assert roomy.deadline and lost.deadline
-    # The running averages cannot see load: no protection without the delay model.
-    blind = SLOTracker(Mitigation.parse("admission"), clock=clock, predictor="averages")
-    running(blind, 4_000)
-    assert blind.at_risk() == 0
-
-
-async def test_protect_holds_a_newcomer_until_the_request_it_would_push_past_its_slo_ends() -> None:
-    tracker = SLOTracker(
-        Mitigation(pause=False, protect=True, max_pause_s=60.0), delay=measured_model()
-    )
-    # 25 s alone (20 s of prefill); beside a newcomer 30 s plus its 20 s of prefill: > 30 s.
-    slow = running(tracker, 30_000, StageWork("answer", 1, 4000, 50, 50))
-    assert tracker.check() == 0  # not flagged: Patchwork's pause would let the newcomer in
-    newcomer = tracker.start(None)
-    gate = asyncio.create_task(tracker.gate(newcomer))
-    await asyncio.sleep(0.1)
-    assert not gate.done()  # held
-    tracker.finish(slow, ok=True)
-    await asyncio.wait_for(gate, 10.0)
-    assert 0.05 < newcomer.paused_s < 60.0  # released by the finish, not by the bound
-    assert tracker.counters["protected_requests"] == 1
-    # Without `protect` the same newcomer goes at once.
-    plain = SLOTracker(Mitigation(pause=False, max_pause_s=60.0), delay=measured_model())
-    running(plain, 30_000, StageWork("answer", 1, 4000, 50, 50))
-    other = plain.start(None)
-    await asyncio.wait_for(plain.gate(other), 0.05)
-    assert other.paused_s == 0.0 and plain.counters["protected_requests"] == 0
 
 
 def test_reset_forgets_averages_and_counters_but_not_requests_in_flight() -> None:
