@@ -902,14 +902,11 @@ class Controller:
                 collection=self.collection.name,
             )
             load = self.slo.load.now()
-            tokens = budget.prompt_tokens + budget.output_tokens
-            with self.slo.load.running(len(requests), tokens, budget.prompt_tokens) as mark:
+            with self.slo.load.running(len(requests), budget.prompt_tokens + budget.output_tokens):
                 if sink is not None and step.streams:
                     gens = [await self._stream_call(requests[0], sink, engine)]
                 else:
                     gens = await engine.generate(requests)
-            # Prompts that started beside this stage were prefilled in its steps.
-            load = replace(load, beside=float(self.slo.load.started_since(mark)))
             seconds = time.perf_counter() - t
             stages.append(
                 StageRecord(

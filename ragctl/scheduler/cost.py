@@ -5,9 +5,8 @@ fitted online from the engine's own stage timings, load-aware) and how good it i
 - `StageWork`: one stage's calls, prompt tokens and output tokens (decode steps = the longest
   output; the calls of a stage are one batch). `WorkTable` gives any configuration's per-stage
   work from the same `CallSizer.stages` the KV memory model (`NeedTable`) sums, by prefix sums.
-- `Load`: what ragctl has on the engine when a stage starts: sequences and tokens in flight,
-  and the prompt tokens that start beside a running stage per second lately (`LoadMeter`
-  counts them around the synthesis calls); in an observation, those that started beside it.
+- `Load`: what ragctl has on the engine when a stage starts: sequences and tokens in flight
+  (`LoadMeter` counts them around the synthesis calls).
 - `DelayModel`: seconds of one stage as a non-negative linear function of its work and the load
   (see `FEATURES`), fitted by windowed, relative-error non-negative least squares with a weak
   prior (ridge towards prior coefficients, worth `prior_weight` observations). Nothing in it is
@@ -20,9 +19,7 @@ fitted online from the engine's own stage timings, load-aware) and how good it i
 
 from __future__ import annotations
 
-import itertools
 import math
-import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -63,83 +60,37 @@ class StageWork:
 @dataclass(frozen=True)
 class Load:
     """What else runs on the engine: sequences in flight and their tokens (prompt + output
-    budget); the prompt tokens that start beside a running stage per second of it lately
-    (`inflow`: what a prediction expects beside the stage); in an observation, the prompt
-    tokens of other calls that did start while the stage ran (`beside`)."""
+    budget)."""
 
     seqs: float = 0.0
     tokens: float = 0.0
-    inflow: float = 0.0
-    beside: float = 0.0
 
 
 NO_LOAD = Load()
 
 
-INFLOW_WINDOW = 16
-"""`LoadMeter.inflow` reads the last this many finished stages, and those running."""
-
-
 class LoadMeter:
-    """ragctl's own view of the engine's load: synthesis calls in flight and their tokens, and
-    how many prompt tokens start beside a running stage per second of it (`inflow`). Assumes,
-    like `bestfit.unshown_reserved`, that ragctl owns the engine (other clients' work and
-    profiler calls are not counted: the fit absorbs a steady share of them)."""
+    """ragctl's own view of the engine's load: synthesis calls in flight and their tokens.
+    Assumes, like `bestfit.unshown_reserved`, that ragctl owns the engine (other clients' work
+    and profiler calls are not counted: the fit absorbs a steady share of them)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self) -> None:
         self.seqs = 0
         self.tokens = 0
-        self.started = 0
-        """Prompt tokens of every stage started, ever."""
-        self.clock = clock
-        self._ids = itertools.count()
-        self._running: dict[int, tuple[float, int]] = {}
-        """Each running stage's start time and `started` just after its own prompts."""
-        self._done: deque[tuple[float, int]] = deque(maxlen=INFLOW_WINDOW)
-        """(seconds, prompt tokens started beside it) of the last finished stages."""
 
     def now(self) -> Load:
-        return Load(float(self.seqs), float(self.tokens), inflow=self.inflow())
-
-    def inflow(self) -> float:
-        """Prompt tokens that started beside a running stage, per second of it: over the last
-        `INFLOW_WINDOW` finished stages and every stage running now (so that a burst counts
-        from its first start). An open workload's arrival rate of prompt tokens; 0 for a
-        client that sends one request after another, whose stages never overlap."""
-        now = self.clock()
-        beside = sum(b for _, b in self._done)
-        seconds = sum(s for s, _ in self._done)
-        for t0, mark in self._running.values():
-            beside += self.started - mark
-            seconds += now - t0
-        return beside / seconds if seconds > 0 else 0.0
-
-    def forget(self) -> None:
-        """Drop the finished stages' record (after a warm-up that must not count); what runs
-        stays counted."""
-        self._done.clear()
+        return Load(float(self.seqs), float(self.tokens))
 
     @contextmanager
-    def running(self, calls: int, tokens: int, prompt_tokens: int = 0) -> Iterator[int]:
-        """Count `calls` sequences of `tokens` tokens in flight while the block runs, and
-        their `prompt_tokens` as started now. Yields `started` after them: `started_since` of
-        it at the end is what started beside the block."""
+    def running(self, calls: int, tokens: int) -> Iterator[None]:
+        """Count `calls` sequences of `tokens` tokens in flight while the block runs."""
         self.seqs += calls
         self.tokens += tokens
-        self.started += prompt_tokens
-        key, t0, mark = next(self._ids), self.clock(), self.started
-        self._running[key] = (t0, mark)
         try:
-            yield mark
+            yield
         finally:
             self.seqs -= calls
             self.tokens -= tokens
-            del self._running[key]
-            self._done.append((self.clock() - t0, self.started - mark))
-
-    def started_since(self, mark: int) -> int:
-        """Prompt tokens of the stages started since `running` yielded `mark`."""
-        return self.started - mark
 
 
 # -- per-configuration work ---------------------------------------------------------------------
@@ -184,7 +135,7 @@ class WorkTable:
 
 FEATURES = (
     "stage",  # fixed cost per stage: scheduling, the first step, HTTP
-    "prefill_token",  # prompt tokens of the stage's calls, and of calls started beside it
+    "prefill_token",  # prompt tokens of the stage's calls
     "decode_step",  # iterations until the longest output ends
     "decode_token",  # sequence-steps of the stage's own batch (0 where batching is free)
     "load_seq_step",  # decode steps x sequences of others in flight: steps slow with batch size
@@ -192,15 +143,7 @@ FEATURES = (
 )
 """What one stage's seconds are linear in, with non-negative coefficients (seconds per unit).
 On a memory-bound GPU the batch terms are near 0 and time barely grows with size; on a
-compute-bound engine they dominate. A prompt that starts while a stage runs is prefilled in the
-engine steps the stage decodes in, so its tokens cost the stage what its own prompt tokens do
-(`Load.beside`): one coefficient for both. A prediction cannot know them; it expects the recent
-inflow to go on for as long as the stage runs (`DelayModel.predict_stage`)."""
-PREFILL = FEATURES.index("prefill_token")
-MAX_UTILISATION = 0.9
-"""`DelayModel.predict_stage`: an inflow that would take more than this share of the engine's
-time for prefills alone is read as this share (a prediction 10x the idle one): overload, whose
-real delay has no bound."""
+compute-bound engine they dominate."""
 
 NEUTRAL_PREFILL_TPS = 1000.0
 NEUTRAL_DECODE_TPS = 20.0
@@ -216,7 +159,7 @@ def features(work: StageWork, load: Load = NO_LOAD) -> np.ndarray:
     return np.array(
         [
             1.0,
-            work.prompt_tokens + load.beside,
+            work.prompt_tokens,
             work.decode_steps,
             work.output_tokens,
             work.decode_steps * load.seqs,
@@ -248,8 +191,7 @@ def _reject_reason(work: StageWork, load: Load, seconds: float) -> str | None:
     if not math.isfinite(seconds) or seconds <= 0:
         return "seconds not a positive finite number"
     nums = (work.calls, work.prompt_tokens, work.decode_steps, work.output_tokens)
-    loads = (load.seqs, load.tokens, load.inflow, load.beside)
-    if any(not math.isfinite(x) or x < 0 for x in (*nums, *loads)):
+    if any(not math.isfinite(x) or x < 0 for x in (*nums, load.seqs, load.tokens)):
         return "negative or non-finite tokens, calls or load"
     if work.calls < 1:
         return "a stage without calls"
@@ -563,13 +505,8 @@ class DelayModel:
     def predict_stage(
         self, work: StageWork, load: Load = NO_LOAD, shares: Shares | None = None
     ) -> float:
-        """Seconds of one stage of planned work under `load`. With an `inflow` of prompt
-        tokens per second going on, a stage of T seconds has inflow x T tokens prefilled beside
-        it: T = T0 + c x inflow x T, so T = T0 / (1 - c x inflow) (c: seconds per prompt
-        token, the utilisation at most `MAX_UTILISATION`)."""
-        alone = max(float(features(self.expected(work, shares), load) @ self.coef), 0.0)
-        busy = min(self.coef[PREFILL] * load.inflow, MAX_UTILISATION)
-        return alone / (1.0 - busy)
+        """Seconds of one stage of planned work under `load`."""
+        return max(float(features(self.expected(work, shares), load) @ self.coef), 0.0)
 
     def predict(
         self,

@@ -456,7 +456,7 @@ class SLOTracker:
         self.mitigation = mitigation or Mitigation()
         self.stats = stats or StageStats()
         self.delay = delay if delay is not None else DelayModel()
-        self.load = LoadMeter(clock)
+        self.load = LoadMeter()
         """The synthesis calls in flight on the engine (the controller counts them)."""
         self.predictor = predictor
         self.baseline = BaselineEstimator(self.stats.alpha)
@@ -622,11 +622,7 @@ class SLOTracker:
             i = names.index(t.stage)
             load = self.load.now()
             own = t.work[i]
-            others = dataclasses.replace(
-                load,
-                seqs=max(load.seqs - own.calls, 0.0),
-                tokens=max(load.tokens - _tokens(own), 0.0),
-            )
+            others = Load(max(load.seqs - own.calls, 0.0), max(load.tokens - _tokens(own), 0.0))
             left = max(self.delay.predict_stage(own, others) - in_stage, 0.0)
             return left + self.delay.predict(t.work[i + 1 :], others)
         return remaining_s(self.stats, self.baseline, t.stage, t.config, in_stage)
@@ -751,7 +747,6 @@ class SLOTracker:
         requests in flight stay tracked."""
         self.stats = StageStats(self.stats.alpha)
         self.delay = self.delay.fresh()
-        self.load.forget()
         self.baseline = BaselineEstimator(self.stats.alpha)
         self.errors = PredictionErrors()
         self.ratios.clear()

@@ -15,7 +15,6 @@ from ragctl.scheduler.cost import (
     FEATURES,
     FULL_POOLING,
     LABEL_SPACE_MIN,
-    MAX_UTILISATION,
     NEUTRAL_PRIOR,
     DelayModel,
     Load,
@@ -260,57 +259,6 @@ def test_load_meter_counts_calls_in_flight() -> None:
     with pytest.raises(RuntimeError), meter.running(2, 10):
         raise RuntimeError("engine died")
     assert meter.now() == Load()
-
-
-def test_prompts_started_beside_a_stage_cost_it_what_its_own_prompt_tokens_do() -> None:
-    # Observations where other prompts were prefilled beside some stages: the fit reads them
-    # with the stage's own prompt tokens (one coefficient) and recovers the known engine.
-    rng = np.random.default_rng(11)
-    model = DelayModel(window=1000, prior_weight=0.0)
-    for work, load, _ in synthetic(300, 12):
-        load = Load(load.seqs, load.tokens, beside=float(rng.integers(0, 3) * 400))
-        model.observe(work, load, float(features(work, load) @ TRUE))
-    np.testing.assert_allclose(model.coef, TRUE, rtol=1e-6)
-    # A prediction expects the inflow to go on while the stage runs: T = T0 / (1 - c x inflow).
-    work = StageWork("s", 1, 500, 20, 20)
-    alone = model.predict_stage(work)
-    c = TRUE[FEATURES.index("prefill_token")]
-    inflow = 0.5 / c  # half the engine's time goes to prefilling others' prompts
-    assert model.predict_stage(work, Load(inflow=inflow)) == pytest.approx(2 * alone)
-    # Beyond MAX_UTILISATION: overload, read as that utilisation (not a negative time).
-    for much in (1 / c, 5 / c):
-        assert model.predict_stage(work, Load(inflow=much)) == pytest.approx(
-            alone / (1 - MAX_UTILISATION)
-        )
-    assert model.observe(work, Load(inflow=-1.0), 1.0) is not None  # garbage load: ignored
-
-
-def test_inflow_is_the_prompt_tokens_started_beside_running_stages_per_second() -> None:
-    class Clock:
-        now = 0.0
-
-        def __call__(self) -> float:
-            return self.now
-
-    clock = Clock()
-    meter = LoadMeter(clock)
-    # One request after another: no stage ever has a prompt start beside it.
-    for _ in range(5):
-        with meter.running(1, 300, 200):
-            clock.now += 1.0
-        clock.now += 0.5
-    assert meter.inflow() == 0.0 and meter.started == 1000
-    # Open arrivals: a 200-token prompt starts every second beside a 2 s stage.
-    with meter.running(1, 300, 200) as mark:
-        clock.now += 1.0
-        with meter.running(1, 300, 200):
-            # Counted while both run: 200 beside the first over its 1 s so far, none beside
-            # the second yet: 200 tokens over the 5 s of the five stages before and 1 s now.
-            assert meter.inflow() == pytest.approx(200 / 6)
-            clock.now += 1.0
-        assert meter.started_since(mark) == 200
-    meter.forget()  # the record goes; the starts' count stays
-    assert meter.inflow() == 0.0 and meter.started == 1400 and meter.now() == Load()
 
 
 # -- work per configuration ---------------------------------------------------------------------
