@@ -1,0 +1,64 @@
+"""What an SLO benchmark's delays are made of, in hindsight: fit each answered request's delay
+(relative least squares) against its output tokens (as generated: also known only after), the
+requests in flight when it arrived (known when it is planned) and the requests that arrived
+while it ran (known only after), and print each fit's mean absolute percentage error. If arrivals during a request explain its delay
+far better than the load at its arrival, admission-time predictions are bounded by what has
+not arrived yet.
+
+    python eval/slo_hindsight.py eval/out/slo-NAME/s1/off/samples.jsonl [more samples.jsonl ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+FITS = {
+    "output tokens": ["const", "output"],
+    "+ in flight at arrival": ["const", "output", "inflight", "output x inflight"],
+    "+ arrivals while it ran": ["const", "output", "during"],
+    "all": ["const", "output", "inflight", "output x inflight", "during"],
+}
+
+
+def rows_of(paths: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    cols: dict[str, list[float]] = {k: [] for k in FITS["all"]}
+    delays: list[float] = []
+    for path in paths:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        for rate in {r["rate"] for r in rows}:
+            phase = [r for r in rows if r["rate"] == rate and r.get("delay_s") and r.get("tokens")]
+            for r in phase:
+                start, end = r["arrival_s"], r["end_s"]
+                others = [o for o in phase if o is not r]
+                inflight = sum(o["arrival_s"] <= start < o["end_s"] for o in others)
+                during = sum(start < o["arrival_s"] < end for o in others)
+                out = r["tokens"]["output"]
+                values = {"const": 1, "output": out, "inflight": inflight,
+                          "output x inflight": out * inflight, "during": during}  # fmt: skip
+                for k, v in values.items():
+                    cols[k].append(float(v))
+                delays.append(float(r["delay_s"]))
+    return {k: np.array(v) for k, v in cols.items()}, np.array(delays)
+
+
+def main(paths: list[str]) -> None:
+    if not paths:
+        sys.exit("usage: python eval/slo_hindsight.py SAMPLES.jsonl [SAMPLES.jsonl ...]")
+    cols, y = rows_of(paths)
+    if not len(y):
+        sys.exit("no answered requests with token counts in these files")
+    print(f"{len(y)} answered requests from {len(paths)} file(s); delay ~ linear in:")
+    for name, keys in FITS.items():
+        X = np.column_stack([cols[k] for k in keys])
+        coef, *_ = np.linalg.lstsq(X / y[:, None], np.ones_like(y), rcond=None)
+        mape = float(np.mean(np.abs(X @ coef - y) / y))
+        terms = ", ".join(f"{k} {c:.3f}" for k, c in zip(keys, coef, strict=True))
+        print(f"  {name:<26} MAPE {mape:4.0%}   ({terms})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
