@@ -1,9 +1,9 @@
 """What an SLO benchmark's delays are made of, in hindsight: fit each answered request's delay
 (relative least squares) against its output tokens (as generated: also known only after), the
 requests in flight when it arrived (known when it is planned) and the requests that arrived
-while it ran (known only after), and print each fit's mean absolute percentage error. If arrivals during a request explain its delay
-far better than the load at its arrival, admission-time predictions are bounded by what has
-not arrived yet.
+while it ran (known only after), and print each fit's mean absolute percentage error. If
+arrivals during a request explain its delay far better than the load at its arrival,
+admission-time predictions are bounded by what has not arrived yet.
 
     python eval/slo_hindsight.py eval/out/slo-NAME/s1/off/samples.jsonl [more samples.jsonl ...]
 """
@@ -28,7 +28,13 @@ def rows_of(paths: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     cols: dict[str, list[float]] = {k: [] for k in FITS["all"]}
     delays: list[float] = []
     for path in paths:
-        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        try:
+            text = Path(path).read_text()
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            sys.exit(f"{path}: not an eval run's samples.jsonl ({e})")
+        if any(not isinstance(r, dict) or "arrival_s" not in r for r in rows):
+            sys.exit(f"{path}: not an eval run's samples.jsonl (rows without arrival_s)")
         for rate in {r["rate"] for r in rows}:
             phase = [r for r in rows if r["rate"] == rate and r.get("delay_s") and r.get("tokens")]
             for r in phase:
