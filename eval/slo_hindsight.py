@@ -10,11 +10,11 @@ admission-time predictions are bounded by what has not arrived yet.
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
+
+from ragctl.evaluation.writers import load_samples
 
 FITS = {
     "output tokens": ["const", "output"],
@@ -29,12 +29,11 @@ def rows_of(paths: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     delays: list[float] = []
     for path in paths:
         try:
-            text = Path(path).read_text()
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            rows = load_samples(path)  # a torn last line (an interrupted run) is skipped
+        except (OSError, UnicodeDecodeError) as e:
             sys.exit(f"{path}: not an eval run's samples.jsonl ({e})")
-        if any(not isinstance(r, dict) or "arrival_s" not in r for r in rows):
-            sys.exit(f"{path}: not an eval run's samples.jsonl (rows without arrival_s)")
+        if not rows or any("arrival_s" not in r for r in rows):
+            sys.exit(f"{path}: not an eval run's samples.jsonl (no rows with arrival_s)")
         for rate in {r["rate"] for r in rows}:
             phase = [r for r in rows if r["rate"] == rate and r.get("delay_s") and r.get("tokens")]
             for r in phase:
@@ -51,6 +50,16 @@ def rows_of(paths: list[str]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return {k: np.array(v) for k, v in cols.items()}, np.array(delays)
 
 
+def fit(cols: dict[str, np.ndarray], y: np.ndarray) -> dict[str, tuple[float, np.ndarray]]:
+    """Per fit of `FITS`: its MAPE and coefficients (relative least squares)."""
+    out = {}
+    for name, keys in FITS.items():
+        X = np.column_stack([cols[k] for k in keys])
+        coef, *_ = np.linalg.lstsq(X / y[:, None], np.ones_like(y), rcond=None)
+        out[name] = (float(np.mean(np.abs(X @ coef - y) / y)), coef)
+    return out
+
+
 def main(paths: list[str]) -> None:
     if not paths:
         sys.exit("usage: python eval/slo_hindsight.py SAMPLES.jsonl [SAMPLES.jsonl ...]")
@@ -58,11 +67,8 @@ def main(paths: list[str]) -> None:
     if not len(y):
         sys.exit("no answered requests with token counts in these files")
     print(f"{len(y)} answered requests from {len(paths)} file(s); delay ~ linear in:")
-    for name, keys in FITS.items():
-        X = np.column_stack([cols[k] for k in keys])
-        coef, *_ = np.linalg.lstsq(X / y[:, None], np.ones_like(y), rcond=None)
-        mape = float(np.mean(np.abs(X @ coef - y) / y))
-        terms = ", ".join(f"{k} {c:.3f}" for k, c in zip(keys, coef, strict=True))
+    for name, (mape, coef) in fit(cols, y).items():
+        terms = ", ".join(f"{k} {c:.3f}" for k, c in zip(FITS[name], coef, strict=True))
         print(f"  {name:<26} MAPE {mape:4.0%}   ({terms})")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -36,6 +37,8 @@ from ragctl.evaluation.writers import (
 )
 from ragctl.settings import Settings
 from ragctl.types import Config
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -275,7 +278,15 @@ async def _run(
                 # would otherwise meet it uncached in the next beside the cached rest, slower
                 # than a mode that answered it (seen in the SLO benchmark: the queries shedding
                 # refused near capacity were the slow ones of the next phase's bursts).
-                meta["cold_phases"].append(await controller.engine.reset_prefix_cache())
+                cold = await controller.engine.reset_prefix_cache()
+                meta["cold_phases"].append(cold)
+                if not cold and len(meta["cold_phases"]) > 1:
+                    log.warning(
+                        "the engine could not empty its prefix cache: phase %d meets the "
+                        "prompts of the phases before it cached (a vLLM server needs "
+                        "VLLM_SERVER_DEV_MODE=1 for POST /reset_prefix_cache)",
+                        len(meta["cold_phases"]),
+                    )
                 phase = f"rate {rate}/s per system" if rate else f"{meta['concurrency']} in flight"
                 await _phase(
                     runner, interleave(test, plan.systems), out_dir / SAMPLES_FILE, bar, task,

@@ -205,3 +205,21 @@ def test_every_rate_phase_starts_from_an_empty_prefix_cache(
     assert read_meta(out)["cold_phases"] == [True, True]
     samples = [json.loads(line) for line in (out / "samples.jsonl").open()]
     assert sorted(r["rate"] for r in samples) == [500, 500, 1000, 1000]
+
+
+def test_a_later_phase_that_could_not_start_cold_is_warned_about(
+    tmp_path: Path,
+    data_dir: Path,
+    controllers: list[FakeController],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    request = RunRequest("squad", "ragctl", 2, 0, "500,1000", None, 0)
+    settings = Settings(data_dir=data_dir, cache_dir=data_dir.parent / "cache")
+    with caplog.at_level("WARNING", logger="ragctl.evaluation.run"):
+        run_evaluation(
+            settings, request, tmp_path / "out", resume=False, allocation=None,
+            progress=_progress,
+        )  # fmt: skip
+    assert read_meta(tmp_path / "out")["cold_phases"] == [False, False]
+    warned = [r.getMessage() for r in caplog.records if "prefix cache" in r.getMessage()]
+    assert len(warned) == 1 and "phase 2" in warned[0]  # the first phase has nothing before it
