@@ -42,6 +42,7 @@ from ragctl.errors import (
     InvalidSetting,
     PromptTooLong,
     RagctlError,
+    SLODeadlineExceeded,
     SLOUnmeetable,
 )
 from ragctl.policy import (
@@ -467,20 +468,31 @@ class Controller:
         if slo_ms is None:
             slo_ms = self.policy.slo_for(self.collection.name)
         trace = RequestTrace(self.slo, slo_ms)
-        ok = False
+        ok = aborted = False
         try:
-            await trace.gate()
-            if config is not None:
-                answer = await self._ask_fixed(q, config, start, history, trace, synth, sink)
-            else:
-                objective = options.objective if options is not None else None
-                answer = await self._ask_adaptive(
-                    q, start, history, max_chunks, trace, synth, sink, objective,
-                    ask=options is not None and options.ask_profiler,
-                )  # fmt: skip
+            # SLO mitigation `abort`: the request is cancelled at its deadline, and with it
+            # its engine calls (the engines abort a call whose consumer is cancelled).
+            async with asyncio.timeout(trace.abort_in()) as deadline:
+                await trace.gate()
+                if config is not None:
+                    answer = await self._ask_fixed(q, config, start, history, trace, synth, sink)
+                else:
+                    objective = options.objective if options is not None else None
+                    answer = await self._ask_adaptive(
+                        q, start, history, max_chunks, trace, synth, sink, objective,
+                        ask=options is not None and options.ask_profiler,
+                    )  # fmt: skip
             ok = True
+        except TimeoutError as e:
+            if not deadline.expired():
+                raise
+            aborted = True
+            raise SLODeadlineExceeded(
+                f"stopped at its SLO of {slo_ms:g} ms, its engine calls aborted (SLO mitigation "
+                f"'abort'): an answer after it would miss the SLO anyway; retry with a longer SLO"
+            ) from e
         finally:
-            record = trace.finish(ok=ok)
+            record = trace.finish(ok=ok, aborted=aborted)
         if record is None:
             return answer
         return replace(answer, decision=replace(answer.decision, slo=record))

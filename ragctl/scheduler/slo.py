@@ -21,7 +21,10 @@
   predicted to miss is refused before any engine call (`SLOUnmeetable`): near capacity, its
   work would only make the requests that can still make it miss as well. Shedding is
   work-conserving: with nothing of ragctl's running on the engine, predictions are taken as
-  they are. `Mitigation` switches each mechanism on or off.
+  they are. Aborting (off by default, on in `deadline`): a request still running at its
+  deadline is stopped there (`SLODeadlineExceeded`, its engine calls aborted): it is a violation
+  whatever it answers now, and its calls only slow the requests that can still meet theirs.
+  `Mitigation` switches each mechanism on or off.
 
 Only `SLOTracker.gate` awaits; the clock is injected, so everything is testable without time.
 """
@@ -48,12 +51,13 @@ from ragctl.types import Config, ConfigSpace, KVState, Plan, SLORecord
 Predictor = Literal["model", "averages"]
 PREDICTORS: tuple[Predictor, ...] = ("model", "averages")
 
-MECHANISMS = ("priority", "pause", "config", "triage", "shed")
+MECHANISMS = ("priority", "pause", "config", "triage", "shed", "abort")
 MITIGATION_MODES: dict[str, frozenset[str]] = {
     "off": frozenset(),
     "patchwork": frozenset({"priority", "pause"}),
     "adaptive": frozenset({"priority", "pause", "config", "triage"}),
-    "admission": frozenset(MECHANISMS),
+    "admission": frozenset({"priority", "pause", "config", "triage", "shed"}),
+    "deadline": frozenset(MECHANISMS),
 }
 PRE_STAGE = "pre"
 """Everything before synthesis: retrieval and profiling (concurrent) and the decision."""
@@ -86,6 +90,9 @@ class Mitigation:
     """Refuse (`SLOUnmeetable`, before any engine call) a request whose fastest fitting
     configuration is predicted to miss at the predictor's median error. Needs `config` (the
     planning that predicts each configuration)."""
+    abort: bool = False
+    """Stop a request still running at its deadline (`SLODeadlineExceeded`; its engine calls
+    are aborted): the SLO is then a deadline, and an answer past it is never sent."""
     max_pause_s: float = 2.0
     """Longest a new request waits at the gate: a bound, so that a flagged request that the
     pause cannot save does not stall admissions for long. A newcomer with an SLO waits at most
@@ -100,8 +107,8 @@ class Mitigation:
 
     @classmethod
     def parse(cls, text: str) -> Mitigation:
-        """`off`, `patchwork`, `adaptive`, `admission`, or a comma list of priority, pause,
-        config, triage, shed."""
+        """`off`, `patchwork`, `adaptive`, `admission`, `deadline`, or a comma list of priority,
+        pause, config, triage, shed, abort."""
         key = text.strip().lower()
         if key in MITIGATION_MODES:
             on = MITIGATION_MODES[key]
@@ -477,6 +484,7 @@ class SLOTracker:
             "below-profile": 0,
             "unmeetable": 0,
             "shed": 0,
+            "aborted": 0,
         }
         self.paused_s = 0.0
         """Total seconds requests waited at the gate."""
@@ -548,11 +556,23 @@ class SLOTracker:
         """Seconds left until `t`'s deadline (None without an SLO)."""
         return None if t.deadline is None else t.deadline - self.clock()
 
-    def finish(self, t: Tracked, *, ok: bool) -> SLORecord | None:
-        """`t` is done (answered when `ok`); its record, None without an SLO. Failed requests
-        leave the averages alone and count as violations when they carried an SLO."""
+    def abort_in(self, t: Tracked) -> float | None:
+        """Seconds until `t` is stopped at its deadline (under `abort`; None: never)."""
+        return self.budget_s(t) if self.mitigation.abort else None
+
+    def finish(self, t: Tracked, *, ok: bool, aborted: bool = False) -> SLORecord | None:
+        """`t` is done (answered when `ok`; stopped at its deadline when `aborted`); its
+        record, None without an SLO. Failed requests leave the averages alone and count as
+        violations when they carried an SLO."""
         now = self.clock()
         self.inflight.pop(t.id, None)
+        if aborted:
+            self.counters["aborted"] += 1
+            if t.synthesis_start is not None and t.predicted_s:
+                # Its synthesis would have taken at least this long: a lower bound keeps the
+                # slowest requests in the record that shedding reads (left out, only the ones
+                # that made it would teach it, and it would grow ever more optimistic).
+                self.ratios.append((now - t.synthesis_start) / t.predicted_s)
         if ok:
             self._record(t, now)
             if t.synthesis_start is not None:
@@ -800,8 +820,13 @@ class StageHooks:
         deadline."""
         return {}
 
-    def finish(self, *, ok: bool) -> SLORecord | None:
-        """The run is over; its SLO record (None without an SLO)."""
+    def abort_in(self) -> float | None:
+        """Seconds until the run must stop at its deadline (None: it runs to its end)."""
+        return None
+
+    def finish(self, *, ok: bool, aborted: bool = False) -> SLORecord | None:
+        """The run is over (`aborted`: stopped at its deadline); its SLO record (None without
+        an SLO)."""
         return None
 
 
@@ -840,8 +865,11 @@ class RequestTrace(StageHooks):
             "calibration": self.tracker.calibration if shed else None,
         }
 
-    def finish(self, *, ok: bool) -> SLORecord | None:
-        return self.tracker.finish(self.tracked, ok=ok)
+    def abort_in(self) -> float | None:
+        return self.tracker.abort_in(self.tracked)
+
+    def finish(self, *, ok: bool, aborted: bool = False) -> SLORecord | None:
+        return self.tracker.finish(self.tracked, ok=ok, aborted=aborted)
 
 
 def _tokens(work: StageWork) -> float:
