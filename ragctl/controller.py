@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -320,10 +321,10 @@ class Controller:
         `history`: earlier turns of a conversation; the synthesis prompts see them, retrieval
         and the profiler see the question alone. `max_chunks`: a cap on the chunks the adaptive
         path may use. `slo_ms`: the request's latency SLO (default: the collection's, from the
-        settings); the Decision's `slo` says what the SLO loop did. `options`: max_tokens (at
-        most the collection's answer budget, which sizes the KV plan) and sampling fields for
-        the final stage. `on_token`: called with each answer delta as it is decoded (on the
-        engine's loop; keep it quick), see `astream`."""
+        settings; `math.inf`: none); the Decision's `slo` says what the SLO loop did.
+        `options`: max_tokens (at most the collection's answer budget, which sizes the KV plan)
+        and sampling fields for the final stage. `on_token`: called with each answer delta as
+        it is decoded (on the engine's loop; keep it quick), see `astream`."""
         return await self.bridge.arun(
             self._aask(question, config, history, max_chunks, slo_ms, options, on_token)
         )
@@ -467,6 +468,8 @@ class Controller:
             raise InvalidRequest(f"slo_ms must be positive, got {slo_ms}")
         if slo_ms is None:
             slo_ms = self.policy.slo_for(self.collection.name)
+        elif slo_ms == math.inf:
+            slo_ms = None  # explicitly none, whatever the settings' default
         trace = RequestTrace(self.slo, slo_ms)
         ok = aborted = False
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -231,14 +232,17 @@ async def _run(
             settings, card.name, progress=stage_callback(bar, card.name)
         )
         try:
-            await controller.aask(test[0].question, Config("stuff", 1))  # warm-up, not counted
+            # Warm-ups are not measured: they carry no SLO (one would be shed or stopped at it,
+            # under `admission` or `deadline`, before the engine has seen their batch shapes).
+            await controller.aask(test[0].question, Config("stuff", 1), slo_ms=math.inf)
             if meta.get("warmup"):
                 bar.update(task, description=f"{card.name}: warming the engine up")
                 extra = warmup_queries(queries, [*test, *calib], meta["warmup"], meta["seed"])
                 # All at once, so that the batch shapes of a loaded engine occur too; a failure
                 # here is the run's own to report, on its measured queries.
                 await asyncio.gather(
-                    *(controller.aask(q.question) for q in extra), return_exceptions=True
+                    *(controller.aask(q.question, slo_ms=math.inf) for q in extra),
+                    return_exceptions=True,
                 )
             controller.slo.reset()  # nor are its stage times (the engine's first call is slow)
             runner = Runner(controller, card, meta.get("adaptiverag_table"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,6 +36,8 @@ class FakeController:
                                       reset_prefix_cache=self._reset)  # fmt: skip
         self.resets: list[int] = []
         """How many asks came before each prefix-cache reset."""
+        self.slos: list[float | None] = []
+        """Each ask's `slo_ms` argument."""
         self.retriever = SimpleNamespace(fingerprint="fp")
         self.synthesizer = SimpleNamespace(
             template_versions={"stuff": "v1"}, answer_max_tokens=32, temperature=0.0
@@ -48,8 +51,11 @@ class FakeController:
         self.resets.append(len(self.asked))
         return self.can_reset
 
-    async def aask(self, question: str, config: Config | None = None, *, options=None) -> Answer:
+    async def aask(
+        self, question: str, config: Config | None = None, *, options=None, slo_ms=None
+    ) -> Answer:
         self.asked.append((question, config))
+        self.slos.append(slo_ms)
         self.counters["asks"] += 1
         used = config or Config("stuff", 3)
         decision = Decision(used, "fixed" if config else "fit")
@@ -174,6 +180,8 @@ def test_warmup_answers_other_queries_first_and_counts_none_of_them(
     assert len(asked) == 5 and asked[4] == f"what is {test_id[1:]}?"
     assert f"what is {test_id[1:]}?" not in warm and len(set(warm)) == 3
     assert read_meta(out)["warmup"] == 5 and len(samples) == 1
+    # Warm-ups carry no SLO (none to be shed or stopped at); the measured query the run's own.
+    assert ctl.slos[:4] == [math.inf] * 4 and ctl.slos[4] is None
 
 
 def test_warmup_queries_are_seeded_and_never_test_or_calibration_ones() -> None:

@@ -7,6 +7,7 @@ tests/integration."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import httpx
 import openai
@@ -19,7 +20,7 @@ from ragctl.server.app import ServerOptions, create_app
 from ragctl.service import Service
 from ragctl.settings import Settings
 from ragctl.types import Config
-from tests.unit.test_controller import RULES, FakeEngine, FakeProfiler, controller
+from tests.unit.test_controller import NO_GOLDEN, RULES, FakeEngine, FakeProfiler, controller
 
 QUESTION = "Where was Super Bowl 50 played?"
 
@@ -121,3 +122,15 @@ async def test_server_answers_504_slo_deadline_exceeded_and_the_client_does_not_
     assert ctl.slo.counters["aborted"] == 2  # one per request: no retry reached the server
     assert 'ragctl_slo_plan_actions_total{action="aborted"} 2.0' in metrics
     assert 'outcome="timeout"' in metrics
+
+
+async def test_an_infinite_slo_is_none_whatever_the_default() -> None:
+    """What `eval run`'s warm-ups send: they are not measured, and must not be stopped."""
+    engine = FakeEngine()
+    tracker = SLOTracker(Mitigation.parse("deadline"))
+    ctl = controller(engine, slo=tracker, policy=replace(NO_GOLDEN, slo_ms=1))  # a 1 ms default
+    answer = await ctl.aask(QUESTION, Config("stuff", 1), slo_ms=float("inf"))
+    assert answer.decision.slo is None and ctl.slo.counters["requests"] == 0
+    with pytest.raises(SLODeadlineExceeded):  # the default applies without it
+        engine.hold = asyncio.Event()
+        await asyncio.wait_for(ctl.aask(QUESTION, Config("stuff", 1)), 10)
