@@ -473,9 +473,12 @@ class Controller:
         trace = RequestTrace(self.slo, slo_ms)
         ok = aborted = False
         try:
-            # SLO mitigation `abort`: the request is cancelled at its deadline, and with it
-            # its engine calls (the engines abort a call whose consumer is cancelled).
+            # SLO mitigation `abort`: the request is cancelled at its deadline (or when the SLO
+            # loop finds it doomed), and with it its engine calls (the engines abort a call
+            # whose consumer is cancelled).
             async with asyncio.timeout(trace.abort_in()) as deadline:
+                loop = asyncio.get_running_loop()
+                trace.on_abort(lambda: deadline.reschedule(loop.time()))  # a doomed request
                 await trace.gate()
                 if config is not None:
                     answer = await self._ask_fixed(q, config, start, history, trace, synth, sink)
@@ -491,8 +494,9 @@ class Controller:
                 raise
             aborted = True
             raise SLODeadlineExceeded(
-                f"stopped at its SLO of {slo_ms:g} ms, its engine calls aborted (SLO mitigation "
-                f"'abort'): an answer after it would miss the SLO anyway; retry with a longer SLO"
+                f"stopped by its SLO of {slo_ms:g} ms, its engine calls aborted (SLO mitigation "
+                f"'abort': past it, or predicted past it even at the predictor's best recent "
+                f"luck): an answer after it would miss the SLO anyway; retry with a longer SLO"
             ) from e
         finally:
             record = trace.finish(ok=ok, aborted=aborted)

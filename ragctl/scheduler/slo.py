@@ -22,8 +22,11 @@
   work would only make the requests that can still make it miss as well. Shedding is
   work-conserving: with nothing of ragctl's running on the engine, predictions are taken as
   they are. Aborting (off by default, on in `deadline`): a request still running at its
-  deadline is stopped there (`SLODeadlineExceeded`, its engine calls aborted): it is a violation
-  whatever it answers now, and its calls only slow the requests that can still meet theirs.
+  deadline is stopped there (`SLODeadlineExceeded`, its engine calls aborted), and so is one
+  that a check (each time a request's calls are about to go) finds `doomed`: predicted to
+  finish after its deadline even at the predictor's best recent luck (`optimism`). It is a
+  violation whatever it answers now, and its calls only slow the requests that can still meet
+  theirs.
   `Mitigation` switches each mechanism on or off.
 
 Only `SLOTracker.gate` awaits; the clock is injected, so everything is testable without time.
@@ -436,6 +439,9 @@ class Tracked:
     """The planned configuration's work per stage (output budgets), when the planner gave it."""
     averages_s: float | None = None
     model_s: float | None = None
+    stop: Callable[[], None] | None = None
+    """Stops the request now (the controller's, under `abort`)."""
+    stopped: bool = False
 
     @property
     def deadline(self) -> float | None:
@@ -485,6 +491,7 @@ class SLOTracker:
             "unmeetable": 0,
             "shed": 0,
             "aborted": 0,
+            "stopped_early": 0,
         }
         self.paused_s = 0.0
         """Total seconds requests waited at the gate."""
@@ -648,13 +655,28 @@ class SLOTracker:
         return remaining_s(self.stats, self.baseline, t.stage, t.config, in_stage)
 
     def check(self) -> int:
-        """Flag every in-flight request now predicted to miss; returns how many are flagged."""
+        """Flag every in-flight request now predicted to miss, and under `abort` stop the
+        `doomed` ones; returns how many are flagged."""
         now = self.clock()
-        for t in self.inflight.values():
+        for t in list(self.inflight.values()):
             if not t.flagged and self.predicted_miss(t, now):
                 t.flagged = True
                 self.counters["flagged"] += 1
+            if self.mitigation.abort and t.stop is not None and not t.stopped:
+                if self.doomed(t, now):
+                    t.stopped = True
+                    self.counters["stopped_early"] += 1
+                    t.stop()
         return sum(t.flagged for t in self.inflight.values())
+
+    def doomed(self, t: Tracked, now: float) -> bool:
+        """`t` will miss its deadline even if its synthesis runs as much faster than predicted
+        as the predictor's best recent luck (`optimism`): a miss as sure as the record makes
+        it. Only once `t` was planned (its time left is then predicted)."""
+        if t.deadline is None or t.config is None:
+            return False
+        left = self.remaining(t, now)
+        return left is not None and now + left * self.optimism() > t.deadline
 
     def hopeless(self, t: Tracked, now: float) -> bool:
         """`t` cannot meet its SLO whatever is done for it: past its deadline, or planned
@@ -824,6 +846,9 @@ class StageHooks:
         """Seconds until the run must stop at its deadline (None: it runs to its end)."""
         return None
 
+    def on_abort(self, stop: Callable[[], None]) -> None:
+        """`stop` stops the run now: the SLO loop may call it before the deadline."""
+
     def finish(self, *, ok: bool, aborted: bool = False) -> SLORecord | None:
         """The run is over (`aborted`: stopped at its deadline); its SLO record (None without
         an SLO)."""
@@ -867,6 +892,9 @@ class RequestTrace(StageHooks):
 
     def abort_in(self) -> float | None:
         return self.tracker.abort_in(self.tracked)
+
+    def on_abort(self, stop: Callable[[], None]) -> None:
+        self.tracked.stop = stop
 
     def finish(self, *, ok: bool, aborted: bool = False) -> SLORecord | None:
         return self.tracker.finish(self.tracked, ok=ok, aborted=aborted)

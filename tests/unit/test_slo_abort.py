@@ -38,7 +38,7 @@ async def test_a_request_running_at_its_slo_is_stopped_and_its_engine_call_abort
     engine = FakeEngine()
     engine.hold = asyncio.Event()  # never set: the call runs until it is cancelled
     ctl = controller(engine, slo=SLOTracker(Mitigation.parse("abort")))
-    with pytest.raises(SLODeadlineExceeded, match="stopped at its SLO of 200 ms") as raised:
+    with pytest.raises(SLODeadlineExceeded, match="stopped by its SLO of 200 ms") as raised:
         await asyncio.wait_for(ctl.aask(QUESTION, Config("stuff", 1), slo_ms=200), 10)
     assert isinstance(raised.value, DeadlineExceeded) and raised.value.http_status == 504
     assert engine.started.is_set() and engine.cancelled.is_set()
@@ -108,7 +108,7 @@ async def test_server_answers_504_slo_deadline_exceeded_and_the_client_does_not_
         resp = await http.post("/v1/chat/completions", json=body)
         assert resp.status_code == 504, resp.text
         err = resp.json()["error"]
-        assert err["code"] == "slo_deadline_exceeded" and "stopped at its SLO" in err["message"]
+        assert err["code"] == "slo_deadline_exceeded" and "stopped by its SLO" in err["message"]
         assert resp.headers["x-should-retry"] == "false"
         client = openai.AsyncOpenAI(
             base_url="http://t/v1", api_key="none", http_client=http, max_retries=2
@@ -134,3 +134,48 @@ async def test_an_infinite_slo_is_none_whatever_the_default() -> None:
     with pytest.raises(SLODeadlineExceeded):  # the default applies without it
         engine.hold = asyncio.Event()
         await asyncio.wait_for(ctl.aask(QUESTION, Config("stuff", 1)), 10)
+
+
+def test_a_request_doomed_even_at_the_predictors_best_luck_is_stopped_once() -> None:
+    now = [0.0]
+    tracker = SLOTracker(Mitigation.parse("deadline"), clock=lambda: now[0])
+    tracker.stats.observe("answer", "stuff:1", 5.0)  # stuff:1's answer takes 5 s
+
+    def request(slo_ms: float) -> tuple:
+        t = tracker.start(slo_ms=slo_ms)
+        stops: list[float] = []
+        t.stop = lambda: stops.append(now[0])
+        return t, stops
+
+    doomed, doomed_stops = request(2000)
+    fine, fine_stops = request(10_000)
+    unplanned, unplanned_stops = request(2000)  # its time left is not predicted yet
+    for t in (doomed, fine):
+        tracker.planned(t, Config("stuff", 1))
+        tracker.enter(t, "answer")
+    tracker.check()
+    assert doomed_stops == [0.0] and doomed.stopped and not fine_stops and not unplanned_stops
+    now[0] = 1.0
+    tracker.check()
+    assert doomed_stops == [0.0]  # stopped once
+    assert tracker.counters["stopped_early"] == 1
+    # The same under a mitigation without `abort`: flagged, never stopped.
+    off = SLOTracker(Mitigation.parse("admission"), clock=lambda: now[0])
+    off.stats.observe("answer", "stuff:1", 5.0)
+    t = off.start(slo_ms=2000)
+    t.stop = lambda: pytest.fail("stopped without abort")
+    off.planned(t, Config("stuff", 1))
+    off.enter(t, "answer")
+    assert off.check() == 1 and not t.stopped
+
+
+async def test_the_controller_stops_a_doomed_request_before_its_deadline() -> None:
+    engine = FakeEngine()
+    engine.hold = asyncio.Event()
+    ctl = controller(engine, slo=SLOTracker(Mitigation.parse("abort")))
+    ctl.slo.stats.observe("answer", "stuff:1", 600.0)  # the record: ten minutes
+    # An SLO of a minute: stopped as soon as its calls are about to go, not after a minute.
+    with pytest.raises(SLODeadlineExceeded, match="stopped by its SLO of 60000 ms"):
+        await asyncio.wait_for(ctl.aask(QUESTION, Config("stuff", 1), slo_ms=60_000), 10)
+    assert ctl.slo.counters["stopped_early"] == 1 and ctl.slo.counters["aborted"] == 1
+    assert ctl.admission.ledger.reserved == 0 and not ctl.slo.inflight
