@@ -2,8 +2,7 @@
 # The SLO benchmark of eval/RESULTS.md: measure ragctl's median delay unloaded, set the SLO to
 # twice that, then run three arrival rates (light, near capacity, overloaded) with the SLO loop
 # off, Patchwork-style (priority + paused admissions), adaptive (+ configuration changes and
-# triage) and admission (+ shedding), and deadline (+ stopping requests at their SLO) when
-# MODES names it, and print the violation rates and throughput side by side.
+# triage) and admission (+ shedding), and print the violation rates and throughput side by side.
 #
 #   eval/slo_benchmark.sh [DATASET] [OUT]
 #   env: LIMIT (queries per rate, default 16); RATES (q/s, default: 0.5, 1 and 2 times 1/p50 of

@@ -43,7 +43,6 @@ from ragctl.errors import (
     InvalidSetting,
     PromptTooLong,
     RagctlError,
-    SLODeadlineExceeded,
     SLOUnmeetable,
 )
 from ragctl.policy import (
@@ -471,35 +470,20 @@ class Controller:
         elif slo_ms == math.inf:
             slo_ms = None  # explicitly none, whatever the settings' default
         trace = RequestTrace(self.slo, slo_ms)
-        ok = aborted = False
+        ok = False
         try:
-            # SLO mitigation `abort`: the request is cancelled at its deadline (or when the SLO
-            # loop finds it doomed), and with it its engine calls (the engines abort a call
-            # whose consumer is cancelled).
-            async with asyncio.timeout(trace.abort_in()) as deadline:
-                loop = asyncio.get_running_loop()
-                trace.on_abort(lambda: deadline.reschedule(loop.time()))  # a doomed request
-                await trace.gate()
-                if config is not None:
-                    answer = await self._ask_fixed(q, config, start, history, trace, synth, sink)
-                else:
-                    objective = options.objective if options is not None else None
-                    answer = await self._ask_adaptive(
-                        q, start, history, max_chunks, trace, synth, sink, objective,
-                        ask=options is not None and options.ask_profiler,
-                    )  # fmt: skip
+            await trace.gate()
+            if config is not None:
+                answer = await self._ask_fixed(q, config, start, history, trace, synth, sink)
+            else:
+                objective = options.objective if options is not None else None
+                answer = await self._ask_adaptive(
+                    q, start, history, max_chunks, trace, synth, sink, objective,
+                    ask=options is not None and options.ask_profiler,
+                )  # fmt: skip
             ok = True
-        except TimeoutError as e:
-            if not deadline.expired():
-                raise
-            aborted = True
-            raise SLODeadlineExceeded(
-                f"stopped by its SLO of {slo_ms:g} ms, its engine calls aborted (SLO mitigation "
-                f"'abort': past it, or predicted past it even at the predictor's best recent "
-                f"luck): an answer after it would miss the SLO anyway; retry with a longer SLO"
-            ) from e
         finally:
-            record = trace.finish(ok=ok, aborted=aborted)
+            record = trace.finish(ok=ok)
         if record is None:
             return answer
         return replace(answer, decision=replace(answer.decision, slo=record))

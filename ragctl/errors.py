@@ -177,14 +177,6 @@ class DeadlineExceeded(RuntimeFailure):
     http_status = 504
 
 
-class SLODeadlineExceeded(DeadlineExceeded):
-    """Stopped at its SLO by SLO mitigation `abort` (`scheduler.slo`): past it the answer would
-    be a violation anyway, and its engine calls were slowing requests that could still meet
-    theirs. Like a shed request, a retry is a new request with a new deadline."""
-
-    code = "slo_deadline_exceeded"
-
-
 class SLOUnmeetable(RuntimeFailure):
     """Refused at admission by SLO shedding: even the fastest configuration that fits is
     predicted to miss the request's SLO (`scheduler.slo`, mitigation `shed`). Nothing ran; a

@@ -281,9 +281,8 @@ class Settings(BaseSettings):
         "(engine priority + paused admissions), adaptive (patchwork + a cheaper configuration "
         "at planning time, and triage: hopeless requests yield), admission (adaptive + "
         "shed: refuse, before any engine call, a request whose fastest configuration is "
-        "predicted to miss at the predictor's median error), deadline (admission + abort: "
-        "stop a request still running at its SLO), or a comma list of "
-        "priority,pause,config,triage,shed,abort.",
+        "predicted to miss at the predictor's median error), or a comma list of "
+        "priority,pause,config,triage,shed.",
     )
     slo_predictor: Literal["model", "averages"] = Field(
         "model",

@@ -68,8 +68,8 @@ def eval_run(
     ),
     slo_mitigation: str | None = typer.Option(
         None,
-        help="off, patchwork, adaptive, admission (adaptive + shed), deadline (admission + "
-        "abort), or a comma list of priority,pause,config,triage,shed,abort.",
+        help="off, patchwork, adaptive, admission (adaptive + shed), or a comma list of "
+        "priority,pause,config,triage,shed.",
     ),
     plan_file: Path | None = typer.Option(
         None,

@@ -232,8 +232,8 @@ async def _run(
             settings, card.name, progress=stage_callback(bar, card.name)
         )
         try:
-            # Warm-ups are not measured: they carry no SLO (one would be shed or stopped at it,
-            # under `admission` or `deadline`, before the engine has seen their batch shapes).
+            # Warm-ups are not measured: they carry no SLO (under `admission` one could be shed
+            # before the engine has seen its batch shapes).
             await controller.aask(test[0].question, Config("stuff", 1), slo_ms=math.inf)
             if meta.get("warmup"):
                 bar.update(task, description=f"{card.name}: warming the engine up")

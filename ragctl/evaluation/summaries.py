@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ragctl.benchmarks import percentile
-from ragctl.errors import InvalidRequest, SLODeadlineExceeded, SLOUnmeetable
+from ragctl.errors import InvalidRequest, SLOUnmeetable
 from ragctl.evaluation.intervals import Interval, mean_ci, percentile_ci, ratio_ci
 from ragctl.evaluation.metrics import mean_scores, primary_metric
 from ragctl.evaluation.ratios import PerQuery, Ratios, ratios
@@ -45,8 +45,6 @@ def mean(values: Sequence[float]) -> float | None:
 
 SHED_ERROR = SLOUnmeetable.__name__
 """How a shed request's row begins its `error` (the runner writes `Type: message`)."""
-ABORTED_ERROR = SLODeadlineExceeded.__name__
-"""How the row of a request stopped at its SLO (mitigation `abort`) begins its `error`."""
 
 
 def histogram(labels: Iterable[str]) -> dict[str, int]:
@@ -353,10 +351,8 @@ def slo_summary(rows: Sequence[Row]) -> SloSummary | None:
         paused_mean_ms=mean([float(x.get("paused_ms") or 0.0) for x in records]),
         plan_actions=histogram(
             [str(x["plan_action"]) for x in records if x.get("plan_action", "none") != "none"]
-            # A shed or aborted request failed before its answer: its row has the error, not a
-            # Decision.
+            # A shed request failed before its answer: its row has the error, not a Decision.
             + ["shed" for r in with_slo if str(r.get("error") or "").startswith(SHED_ERROR)]
-            + ["aborted" for r in with_slo if str(r.get("error") or "").startswith(ABORTED_ERROR)]
         ),
     )
 

@@ -21,13 +21,7 @@
   predicted to miss is refused before any engine call (`SLOUnmeetable`): near capacity, its
   work would only make the requests that can still make it miss as well. Shedding is
   work-conserving: with nothing of ragctl's running on the engine, predictions are taken as
-  they are. Aborting (off by default, on in `deadline`): a request still running at its
-  deadline is stopped there (`SLODeadlineExceeded`, its engine calls aborted), and so is one
-  that a check (each time a request's calls are about to go) finds `doomed`: predicted to
-  finish after its deadline even at the predictor's best recent luck (`optimism`). It is a
-  violation whatever it answers now, and its calls only slow the requests that can still meet
-  theirs.
-  `Mitigation` switches each mechanism on or off.
+  they are. `Mitigation` switches each mechanism on or off.
 
 Only `SLOTracker.gate` awaits; the clock is injected, so everything is testable without time.
 """
@@ -54,13 +48,12 @@ from ragctl.types import Config, ConfigSpace, KVState, Plan, SLORecord
 Predictor = Literal["model", "averages"]
 PREDICTORS: tuple[Predictor, ...] = ("model", "averages")
 
-MECHANISMS = ("priority", "pause", "config", "triage", "shed", "abort")
+MECHANISMS = ("priority", "pause", "config", "triage", "shed")
 MITIGATION_MODES: dict[str, frozenset[str]] = {
     "off": frozenset(),
     "patchwork": frozenset({"priority", "pause"}),
     "adaptive": frozenset({"priority", "pause", "config", "triage"}),
-    "admission": frozenset({"priority", "pause", "config", "triage", "shed"}),
-    "deadline": frozenset(MECHANISMS),
+    "admission": frozenset(MECHANISMS),
 }
 PRE_STAGE = "pre"
 """Everything before synthesis: retrieval and profiling (concurrent) and the decision."""
@@ -93,9 +86,6 @@ class Mitigation:
     """Refuse (`SLOUnmeetable`, before any engine call) a request whose fastest fitting
     configuration is predicted to miss at the predictor's median error. Needs `config` (the
     planning that predicts each configuration)."""
-    abort: bool = False
-    """Stop a request still running at its deadline (`SLODeadlineExceeded`; its engine calls
-    are aborted): the SLO is then a deadline, and an answer past it is never sent."""
     max_pause_s: float = 2.0
     """Longest a new request waits at the gate: a bound, so that a flagged request that the
     pause cannot save does not stall admissions for long. A newcomer with an SLO waits at most
@@ -110,8 +100,8 @@ class Mitigation:
 
     @classmethod
     def parse(cls, text: str) -> Mitigation:
-        """`off`, `patchwork`, `adaptive`, `admission`, `deadline`, or a comma list of priority,
-        pause, config, triage, shed, abort."""
+        """`off`, `patchwork`, `adaptive`, `admission`, or a comma list of priority, pause,
+        config, triage, shed."""
         key = text.strip().lower()
         if key in MITIGATION_MODES:
             on = MITIGATION_MODES[key]
@@ -439,9 +429,6 @@ class Tracked:
     """The planned configuration's work per stage (output budgets), when the planner gave it."""
     averages_s: float | None = None
     model_s: float | None = None
-    stop: Callable[[], None] | None = None
-    """Stops the request now (the controller's, under `abort`)."""
-    stopped: bool = False
 
     @property
     def deadline(self) -> float | None:
@@ -490,8 +477,6 @@ class SLOTracker:
             "below-profile": 0,
             "unmeetable": 0,
             "shed": 0,
-            "aborted": 0,
-            "stopped_early": 0,
         }
         self.paused_s = 0.0
         """Total seconds requests waited at the gate."""
@@ -563,23 +548,11 @@ class SLOTracker:
         """Seconds left until `t`'s deadline (None without an SLO)."""
         return None if t.deadline is None else t.deadline - self.clock()
 
-    def abort_in(self, t: Tracked) -> float | None:
-        """Seconds until `t` is stopped at its deadline (under `abort`; None: never)."""
-        return self.budget_s(t) if self.mitigation.abort else None
-
-    def finish(self, t: Tracked, *, ok: bool, aborted: bool = False) -> SLORecord | None:
-        """`t` is done (answered when `ok`; stopped at its deadline when `aborted`); its
-        record, None without an SLO. Failed requests leave the averages alone and count as
-        violations when they carried an SLO."""
+    def finish(self, t: Tracked, *, ok: bool) -> SLORecord | None:
+        """`t` is done (answered when `ok`); its record, None without an SLO. Failed requests
+        leave the averages alone and count as violations when they carried an SLO."""
         now = self.clock()
         self.inflight.pop(t.id, None)
-        if aborted:
-            self.counters["aborted"] += 1
-            if t.synthesis_start is not None and t.predicted_s:
-                # Its synthesis would have taken at least this long: a lower bound keeps the
-                # slowest requests in the record that shedding reads (left out, only the ones
-                # that made it would teach it, and it would grow ever more optimistic).
-                self.ratios.append((now - t.synthesis_start) / t.predicted_s)
         if ok:
             self._record(t, now)
             if t.synthesis_start is not None:
@@ -655,28 +628,13 @@ class SLOTracker:
         return remaining_s(self.stats, self.baseline, t.stage, t.config, in_stage)
 
     def check(self) -> int:
-        """Flag every in-flight request now predicted to miss, and under `abort` stop the
-        `doomed` ones; returns how many are flagged."""
+        """Flag every in-flight request now predicted to miss; returns how many are flagged."""
         now = self.clock()
-        for t in list(self.inflight.values()):
+        for t in self.inflight.values():
             if not t.flagged and self.predicted_miss(t, now):
                 t.flagged = True
                 self.counters["flagged"] += 1
-            if self.mitigation.abort and t.stop is not None and not t.stopped:
-                if self.doomed(t, now):
-                    t.stopped = True
-                    self.counters["stopped_early"] += 1
-                    t.stop()
         return sum(t.flagged for t in self.inflight.values())
-
-    def doomed(self, t: Tracked, now: float) -> bool:
-        """`t` will miss its deadline even if its synthesis runs as much faster than predicted
-        as the predictor's best recent luck (`optimism`): a miss as sure as the record makes
-        it. Only once `t` was planned (its time left is then predicted)."""
-        if t.deadline is None or t.config is None:
-            return False
-        left = self.remaining(t, now)
-        return left is not None and now + left * self.optimism() > t.deadline
 
     def hopeless(self, t: Tracked, now: float) -> bool:
         """`t` cannot meet its SLO whatever is done for it: past its deadline, or planned
@@ -842,16 +800,8 @@ class StageHooks:
         deadline."""
         return {}
 
-    def abort_in(self) -> float | None:
-        """Seconds until the run must stop at its deadline (None: it runs to its end)."""
-        return None
-
-    def on_abort(self, stop: Callable[[], None]) -> None:
-        """`stop` stops the run now: the SLO loop may call it before the deadline."""
-
-    def finish(self, *, ok: bool, aborted: bool = False) -> SLORecord | None:
-        """The run is over (`aborted`: stopped at its deadline); its SLO record (None without
-        an SLO)."""
+    def finish(self, *, ok: bool) -> SLORecord | None:
+        """The run is over; its SLO record (None without an SLO)."""
         return None
 
 
@@ -890,14 +840,8 @@ class RequestTrace(StageHooks):
             "calibration": self.tracker.calibration if shed else None,
         }
 
-    def abort_in(self) -> float | None:
-        return self.tracker.abort_in(self.tracked)
-
-    def on_abort(self, stop: Callable[[], None]) -> None:
-        self.tracked.stop = stop
-
-    def finish(self, *, ok: bool, aborted: bool = False) -> SLORecord | None:
-        return self.tracker.finish(self.tracked, ok=ok, aborted=aborted)
+    def finish(self, *, ok: bool) -> SLORecord | None:
+        return self.tracker.finish(self.tracked, ok=ok)
 
 
 def _tokens(work: StageWork) -> float:

@@ -44,7 +44,6 @@ from ragctl.errors import (
     QueueFull,
     RagctlError,
     RequestTooLarge,
-    SLODeadlineExceeded,
     SLOUnmeetable,
     TooManyRequests,
     Unauthorized,
@@ -179,10 +178,11 @@ def create_app(
             metrics.outcome(model, outcome_of(e))
         retry = options.retry_after_s if isinstance(e, TooManyRequests | QueueFull) else 0
         param = ERROR_PARAMS.get(e.code)
-        # A shed (or SLO-aborted) request's retry would be a new request against the same
-        # load: the client decides, not its automatic retries.
-        blind = not isinstance(e, SLOUnmeetable | SLODeadlineExceeded)
-        return error_response(e.http_status, str(e), e.code, param, retry, retry=blind)
+        # A shed request's retry would be a new request against the same load: the client
+        # decides, not its automatic retries.
+        return error_response(
+            e.http_status, str(e), e.code, param, retry, retry=not isinstance(e, SLOUnmeetable)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:

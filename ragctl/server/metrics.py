@@ -40,10 +40,10 @@ class SLOCollector:
         )  # fmt: skip
         actions = CounterMetricFamily(
             "ragctl_slo_plan_actions",
-            "Requests planned with another configuration for their SLO, shed, or stopped at it.",
+            "Requests planned with another configuration to meet their SLO, or shed.",
             labels=["action"],
         )
-        for action in ("cheaper-config", "below-profile", "unmeetable", "shed", "aborted"):
+        for action in ("cheaper-config", "below-profile", "unmeetable", "shed"):
             actions.add_metric([action], s[action])
         yield actions
         yield CounterMetricFamily(

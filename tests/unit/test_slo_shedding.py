@@ -5,6 +5,9 @@ Over the fake engine; the planning rule itself is in test_slo.py."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import httpx
 import openai
 import pytest
@@ -17,7 +20,7 @@ from ragctl.server.app import ServerOptions, create_app
 from ragctl.service import Service
 from ragctl.settings import Settings
 from ragctl.types import Config, Plan
-from tests.unit.test_controller import RULES, FakeEngine, FakeProfiler, controller
+from tests.unit.test_controller import NO_GOLDEN, RULES, FakeEngine, FakeProfiler, controller
 
 QUESTION = "Where was Super Bowl 50 played?"
 
@@ -96,3 +99,14 @@ async def test_server_answers_503_slo_unmeetable_and_the_openai_client_does_not_
     assert ctl.slo.counters["shed"] == 2  # one per request: no retry reached the server
     assert 'ragctl_slo_plan_actions_total{action="shed"} 2.0' in metrics
     assert 'outcome="rejected"' in metrics and engine.stages == 0
+
+
+async def test_an_infinite_slo_is_none_whatever_the_default() -> None:
+    """What `eval run`'s warm-ups send: they are not measured, and none may be shed."""
+    tracker = SLOTracker(Mitigation.parse("admission"))
+    ctl = controller(slo=tracker, policy=replace(NO_GOLDEN, slo_ms=1e-6))  # a hopeless default
+    answer = await ctl.aask(QUESTION, slo_ms=math.inf)
+    assert answer.decision.slo is None and tracker.counters["requests"] == 0
+    with pytest.raises(SLOUnmeetable):  # the default applies without it
+        await ctl.aask(QUESTION)
+    assert tracker.counters["shed"] == 1
