@@ -180,7 +180,7 @@ def test_warmup_answers_other_queries_first_and_counts_none_of_them(
     assert len(asked) == 5 and asked[4] == f"what is {test_id[1:]}?"
     assert f"what is {test_id[1:]}?" not in warm and len(set(warm)) == 3
     assert read_meta(out)["warmup"] == 5 and len(samples) == 1
-    # Warm-ups carry no SLO (none to be shed or stopped at); the measured query the run's own.
+    # Warm-ups carry no SLO (none to be shed by); the measured query gets the run's default.
     assert ctl.slos[:4] == [math.inf] * 4 and ctl.slos[4] is None
 
 
