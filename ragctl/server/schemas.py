@@ -73,14 +73,19 @@ class RagctlOptions(_Open):
     max_chunks: int | None = Field(
         None, ge=1, le=MAX_CHUNKS, description="Adaptive: never use more chunks than this."
     )
+    # Finite: JSON's 1e999 parses as infinity, which no response could echo back.
     slo_ms: float | None = Field(
         None,
         gt=0,
+        allow_inf_nan=False,
         description="Latency SLO in ms: the SLO loop flags, prioritises and (model ragctl/auto) "
         "plans a cheaper configuration to meet it; the response's ragctl.decision.slo says how.",
     )
     deadline_ms: float | None = Field(
-        None, gt=0, description="Give up after this many ms: 504, and the engine calls stop."
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Give up after this many ms: 504, and the engine calls stop.",
     )
     objective: Objective | None = Field(
         None,

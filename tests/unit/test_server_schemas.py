@@ -55,6 +55,8 @@ def test_unknown_fields_are_accepted_and_shape_changing_ones_refused() -> None:
         {"num_chunks": 0},
         {"max_chunks": 31},
         {"slo_ms": -1},
+        {"slo_ms": float("inf")},  # JSON's 1e999: no response could echo it back
+        {"deadline_ms": float("inf")},
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
     ):
         with pytest.raises(ValidationError):

@@ -110,3 +110,23 @@ async def test_an_infinite_slo_is_none_whatever_the_default() -> None:
     with pytest.raises(SLOUnmeetable):  # the default applies without it
         await ctl.aask(QUESTION)
     assert tracker.counters["shed"] == 1
+
+
+async def test_over_http_an_infinite_slo_is_a_400_not_a_crash() -> None:
+    """JSON's 1e999 parses as infinity: refused with OpenAI error JSON (it once got through
+    and failed the response's serialisation with a 500)."""
+    engine = FakeEngine()
+    service = Service(Settings(), engine, FakeProfiler(), RULES)  # type: ignore[arg-type]
+    service.controllers["squad"] = controller(engine, slo=service.slo)
+    app = create_app(service, ServerOptions("squad"))
+    body = (
+        '{"model": "ragctl/auto", "messages": [{"role": "user", "content": "Who won?"}], '
+        '"slo_ms": 1e999}'
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        resp = await http.post(
+            "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["code"] == "invalid_request" and engine.stages == 0
