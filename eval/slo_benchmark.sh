@@ -2,7 +2,8 @@
 # The SLO benchmark of eval/RESULTS.md: measure ragctl's median delay unloaded, set the SLO to
 # twice that, then run three arrival rates (light, near capacity, overloaded) with the SLO loop
 # off, Patchwork-style (priority + paused admissions), adaptive (+ configuration changes and
-# triage) and admission (+ shedding), and print the violation rates and throughput side by side.
+# triage) and admission (+ shedding and holding), and print the violation rates and throughput
+# side by side.
 #
 #   eval/slo_benchmark.sh [DATASET] [OUT]
 #   env: LIMIT (queries per rate, default 16); RATES (q/s, default: 0.5, 1 and 2 times 1/p50 of
@@ -63,7 +64,8 @@ seeds = [s.strip() for s in sys.argv[2].split(",") if s.strip()]
 runs = {(seed, m): json.loads((root / f"s{seed}" / m / "results.json").read_text())
         for seed in seeds for m in modes}
 print(f"{'rate q/s':>9} {'seed':>5} {'mitigation':>10} {'violations':>10} {'rate':>6} {'vs off':>7} "
-      f"{'q/s':>6} {'mean s':>7} {'p95 s':>6} {'flagged':>7} {'demoted':>7} {'paused ms':>9} plan actions")
+      f"{'q/s':>6} {'mean s':>7} {'p95 s':>6} {'flagged':>7} {'demoted':>7} {'paused ms':>9} "
+      f"{'held ms':>7} plan actions")
 def num(x, width):
     """Seconds, or '-' where a cell answered nothing (every request refused)."""
     return f"{'-':>{width}}" if x is None else f"{x:>{width}.2f}"
@@ -108,7 +110,8 @@ for i, key in enumerate(runs[(seeds[0], "off")]["rates"]):
                   f"{slo['violations']:>4}/{slo['requests']:<5} "
                   f"{slo['violation_rate']:>6.0%} {cut:>+7.0%} {s['throughput_qps']:>6.3f} "
                   f"{num(s['delay_mean_s'], 7)} {num(s['delay_p95_s'], 6)} {slo['flagged']:>7} "
-                  f"{slo.get('demoted_calls') or 0:>7} {slo['paused_mean_ms'] or 0:>9.0f} {actions}")
+                  f"{slo.get('demoted_calls') or 0:>7} {slo['paused_mean_ms'] or 0:>9.0f} "
+                  f"{slo.get('held_mean_ms') or 0:>7.0f} {actions}")
     if len(seeds) > 1:
         off = pooled["off"][0]
         for mode in modes:

@@ -845,6 +845,16 @@ class Controller:
         sink: AnswerStream,
         engine: Engine | None = None,
     ) -> Answer:
+        if not await trace.hold():
+            self.counters["shed"] += 1
+            raise SLOUnmeetable(
+                f"refused before any engine call: held while its prefill would have pushed "
+                f"requests in flight past their deadlines, until {decision.config.label} was "
+                f"predicted to miss this request's own SLO (SLO mitigation 'hold'); retry later "
+                f"or with a longer SLO"
+            )
+        # No await between the hold and the first stage's start: the next held request must
+        # see this one's prefill among the stalls of the requests in flight.
         t = time.perf_counter()
         step = synth.plan(decision.config, synthesis_question, chunks)
         planned = planned_work(synth.sizer(synthesis_question, chunks), decision.config)

@@ -426,6 +426,9 @@ class SLORecord:
     """Engine calls sent with a worse priority because the request was hopeless (triage)."""
     paused_ms: float = 0.0
     """Time this request waited at the admission gate for flagged requests."""
+    held_ms: float = 0.0
+    """Time this request was held, planned, before its first engine call, so that its prefill
+    would not push a request in flight past its deadline (SLO mitigation `hold`)."""
     delay_ms: float | None = None
     met: bool | None = None
 

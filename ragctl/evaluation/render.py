@@ -185,7 +185,7 @@ def slo_lines(phase: Phase) -> list[str]:
             f"SLO {name}: {slo.met}/{slo.requests} met within {slo.slo_ms:.0f} ms "
             f"(violations {slo.violation_rate:.0%}), flagged {slo.flagged}, boosted calls "
             f"{slo.boosted_calls}, demoted calls {slo.demoted_calls or 0}, paused "
-            f"{_f(slo.paused_mean_ms, '.0f')} ms on average"
+            f"{_f(slo.paused_mean_ms, '.0f')} ms, held {_f(slo.held_mean_ms, '.0f')} ms on average"
             + (f"; planning: {actions}" if actions else "")
         )
     return lines

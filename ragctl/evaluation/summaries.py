@@ -97,6 +97,7 @@ class SloSummary(Record):
     boosted_calls: int
     demoted_calls: int
     paused_mean_ms: float | None
+    held_mean_ms: float | None
     plan_actions: dict[str, int]
 
 
@@ -349,6 +350,7 @@ def slo_summary(rows: Sequence[Row]) -> SloSummary | None:
         boosted_calls=sum(int(x.get("boosted_calls") or 0) for x in records),
         demoted_calls=sum(int(x.get("demoted_calls") or 0) for x in records),
         paused_mean_ms=mean([float(x.get("paused_ms") or 0.0) for x in records]),
+        held_mean_ms=mean([float(x.get("held_ms") or 0.0) for x in records]),
         plan_actions=histogram(
             [str(x["plan_action"]) for x in records if x.get("plan_action", "none") != "none"]
             # A shed request failed before its answer: its row has the error, not a Decision.

@@ -508,6 +508,12 @@ class DelayModel:
         """Seconds of one stage of planned work under `load`."""
         return max(float(features(self.expected(work, shares), load) @ self.coef), 0.0)
 
+    def prefill_s(self, work: StageWork) -> float:
+        """Seconds the prefill of `work`'s prompts costs: by this model, what its calls add to
+        every sequence in flight beside them (the engine's steps wait for a prefill, whoever
+        they run for)."""
+        return float(self.coef[FEATURES.index("prefill_token")] * work.prompt_tokens)
+
     def predict(
         self,
         works: Sequence[StageWork],

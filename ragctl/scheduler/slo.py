@@ -21,7 +21,15 @@
   predicted to miss is refused before any engine call (`SLOUnmeetable`): near capacity, its
   work would only make the requests that can still make it miss as well. Shedding is
   work-conserving: with nothing of ragctl's running on the engine, predictions are taken as
-  they are. `Mitigation` switches each mechanism on or off.
+  they are. Holding (on in `admission`): a request about to start its synthesis waits while
+  its prefill would push a request in flight past a deadline that request is projected to meet
+  (`SLOTracker.hold`): the engine's steps wait for every prefill, so each arrival delays
+  everyone running beside it, and near capacity it is the arrivals after a request started
+  that make it miss. A request in flight is projected from its start: the delay model's
+  prediction then, read at its record's `HOLD_QUANTILE`, plus the prefill seconds of every
+  stage started beside it since (its `stalls_s`). A held request whose own prediction stops
+  meeting its deadline is refused (with `shed`) or goes (without). `Mitigation` switches each
+  mechanism on or off.
 
 Only `SLOTracker.gate` awaits; the clock is injected, so everything is testable without time.
 """
@@ -48,7 +56,7 @@ from ragctl.types import Config, ConfigSpace, KVState, Plan, SLORecord
 Predictor = Literal["model", "averages"]
 PREDICTORS: tuple[Predictor, ...] = ("model", "averages")
 
-MECHANISMS = ("priority", "pause", "config", "triage", "shed")
+MECHANISMS = ("priority", "pause", "config", "triage", "shed", "hold")
 MITIGATION_MODES: dict[str, frozenset[str]] = {
     "off": frozenset(),
     "patchwork": frozenset({"priority", "pause"}),
@@ -70,6 +78,11 @@ last requests, and after how many: the predictor's own error decides when a miss
 SHED_QUANTILE = 0.5
 """`SLOTracker.calibration`: shedding refuses a request when it is more likely to miss than to
 meet by the predictor's own record (the median of actual / predicted)."""
+HOLD_QUANTILE = 0.75
+"""`SLOTracker.hold_scale`: holding reads projections at this quantile of actual / (predicted
++ stalls) over the last `RATIO_WINDOW` requests: a request it protects should seldom take
+longer than projected (a projection that runs short lets the prefill through that makes it
+miss)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,10 @@ class Mitigation:
     """Refuse (`SLOUnmeetable`, before any engine call) a request whose fastest fitting
     configuration is predicted to miss at the predictor's median error. Needs `config` (the
     planning that predicts each configuration)."""
+    hold: bool = False
+    """Hold a request before its synthesis while its prefill would push a request in flight past
+    a deadline it is projected to meet (`SLOTracker.hold`); refuse it there (with `shed`) once
+    its own prediction misses its deadline."""
     max_pause_s: float = 2.0
     """Longest a new request waits at the gate: a bound, so that a flagged request that the
     pause cannot save does not stall admissions for long. A newcomer with an SLO waits at most
@@ -100,19 +117,18 @@ class Mitigation:
 
     @classmethod
     def parse(cls, text: str) -> Mitigation:
-        """`off`, `patchwork`, `adaptive`, `admission`, or a comma list of priority, pause,
-        config, triage, shed."""
-        key = text.strip().lower()
-        if key in MITIGATION_MODES:
-            on = MITIGATION_MODES[key]
-        else:
-            on = frozenset(p.strip() for p in key.split(",") if p.strip())
-            unknown = sorted(on - set(MECHANISMS))
-            if unknown or not on:
-                raise InvalidRequest(
-                    f"unknown SLO mitigation {text!r}: use {', '.join(MITIGATION_MODES)} or a "
-                    f"comma list of {', '.join(MECHANISMS)}"
-                )
+        """`off`, `patchwork`, `adaptive`, `admission`, or a list joined by `,` or `+` of
+        those modes and the mechanisms priority, pause, config, triage, shed, hold (their
+        union: `adaptive+shed` is `admission` without `hold`)."""
+        parts = [p.strip() for p in text.strip().lower().replace("+", ",").split(",")]
+        parts = [p for p in parts if p]
+        unknown = [p for p in parts if p not in MITIGATION_MODES and p not in MECHANISMS]
+        if unknown or not parts:
+            raise InvalidRequest(
+                f"unknown SLO mitigation {text!r}: use {', '.join(MITIGATION_MODES)}, or join "
+                f"modes and mechanisms ({', '.join(MECHANISMS)}) with ',' or '+'"
+            )
+        on = frozenset().union(*(MITIGATION_MODES.get(p, {p}) for p in parts))
         return cls(**{m: m in on for m in MECHANISMS})
 
     @property
@@ -429,6 +445,13 @@ class Tracked:
     """The planned configuration's work per stage (output budgets), when the planner gave it."""
     averages_s: float | None = None
     model_s: float | None = None
+    projected_s: float | None = None
+    """Synthesis seconds predicted when its synthesis started (under the load then): what
+    holding projects it from."""
+    stalls_s: float = 0.0
+    """Prefill seconds (by the delay model) of the stages other requests started beside it
+    since its synthesis started: what the projection adds for them."""
+    held_s: float = 0.0
 
     @property
     def deadline(self) -> float | None:
@@ -464,6 +487,9 @@ class SLOTracker:
         self.ratios: deque[float] = deque(maxlen=RATIO_WINDOW)
         """actual / predicted synthesis seconds of the last requests planned with a prediction
         (`optimism` reads them)."""
+        self.hold_ratios: deque[float] = deque(maxlen=RATIO_WINDOW)
+        """actual / (projected + stalls) synthesis seconds of the last requests (`hold_scale`
+        reads them)."""
         self.clock = clock
         self.poll_s = poll_s
         self.inflight: dict[int, Tracked] = {}
@@ -477,9 +503,13 @@ class SLOTracker:
             "below-profile": 0,
             "unmeetable": 0,
             "shed": 0,
+            "held_requests": 0,
+            "held_shed": 0,
         }
         self.paused_s = 0.0
         """Total seconds requests waited at the gate."""
+        self.held_s = 0.0
+        """Total seconds requests were held before their synthesis (`hold`)."""
         self._released = asyncio.Event()
 
     # -- request lifecycle ----------------------------------------------------------------------
@@ -495,12 +525,21 @@ class SLOTracker:
         now = self.clock()
         self._record(t, now)
         t.stage, t.stage_start = stage, now
-        if (
-            t.synthesis_start is None
-            and t.config
-            and stage in registry.spec(t.config.method).stages
-        ):
-            t.synthesis_start = now
+        if t.config and stage in registry.spec(t.config.method).stages:
+            if t.synthesis_start is None:
+                t.synthesis_start = now
+                t.projected_s = self.predict(t.config, t.work)
+            self._stall_others(t, stage)
+
+    def _stall_others(self, t: Tracked, stage: str) -> None:
+        """`t`'s `stage` starts: its prefill delays every other request synthesising now."""
+        work = next((w for w in t.work or () if w.stage == stage), None)
+        if work is None:
+            return
+        seconds = self.delay.prefill_s(work)
+        for k in self.inflight.values():
+            if k is not t and k.synthesis_start is not None:
+                k.stalls_s += seconds
 
     def planned(
         self,
@@ -560,6 +599,8 @@ class SLOTracker:
                 self.baseline.observe(actual)
                 if t.predicted_s is not None and t.predicted_s > 0:
                     self.ratios.append(actual / t.predicted_s)
+                if t.projected_s is not None and t.projected_s + t.stalls_s > 0:
+                    self.hold_ratios.append(actual / (t.projected_s + t.stalls_s))
                 if t.predicted_s is not None and t.baseline_s is not None:
                     self.errors.add(
                         actual, t.predicted_s, t.baseline_s,
@@ -585,6 +626,7 @@ class SLOTracker:
             boosted_calls=t.boosted_calls,
             demoted_calls=t.demoted_calls,
             paused_ms=t.paused_s * 1000,
+            held_ms=t.held_s * 1000,
             delay_ms=delay * 1000,
             met=met,
         )
@@ -741,6 +783,75 @@ class SLOTracker:
             # The gate's wait is not part of the request's pre-synthesis stage.
             t.stage_start = self.clock()
 
+    # -- holding ----------------------------------------------------------------------------------
+
+    def hold_scale(self) -> float:
+        """What holding multiplies a request's predicted synthesis seconds by: the
+        `HOLD_QUANTILE` of actual / (projected + stalls) over the last requests (1 until
+        `MIN_RATIOS` were seen)."""
+        if len(self.hold_ratios) < MIN_RATIOS:
+            return 1.0
+        return float(np.quantile(np.fromiter(self.hold_ratios, float), HOLD_QUANTILE))
+
+    def projected_end(self, t: Tracked, now: float, scale: float) -> float | None:
+        """When `t`, synthesising, is projected to finish (not before `now`); None before its
+        synthesis started or when nothing could predict it."""
+        if t.synthesis_start is None or t.projected_s is None:
+            return None
+        return max(t.synthesis_start + t.projected_s * scale + t.stalls_s, now)
+
+    def threatened(self, t: Tracked, stall_s: float) -> bool:
+        """Whether starting `t` now, whose prefill costs `stall_s`, would push a request in
+        flight past a deadline it is projected to meet."""
+        now = self.clock()
+        scale = self.hold_scale()
+        for k in self.inflight.values():
+            if k is t or k.deadline is None:
+                continue
+            end = self.projected_end(k, now, scale)
+            if end is not None and end <= k.deadline < end + stall_s:
+                return True
+        return False
+
+    async def hold(self, t: Tracked) -> bool:
+        """Hold `t` (planned, before its first engine call) while its first stage's prefill
+        would push a request in flight past a deadline it is projected to meet (`threatened`).
+        Returns False when `t` has an SLO, its own prediction from now (read like a
+        projection) stopped meeting it while held, and shedding is on: the caller refuses it.
+        Without shedding it then goes; without an SLO it waits at most `max_pause_s`."""
+        if not self.mitigation.hold or not t.work or t.config is None:
+            return True
+        stall = self.delay.prefill_s(t.work[0])
+        if not self.threatened(t, stall):
+            return True
+        start = self.clock()
+        self.counters["held_requests"] += 1
+        try:
+            while self.threatened(t, stall):
+                now = self.clock()
+                if t.deadline is None:
+                    if now - start >= self.mitigation.max_pause_s:
+                        break
+                else:
+                    own = self.predict(t.config, t.work)
+                    if own is not None and now + own * self.hold_scale() > t.deadline:
+                        if self.mitigation.shed:
+                            self.counters["held_shed"] += 1
+                            self.counters["shed"] += 1
+                            return False
+                        break
+                self._released.clear()
+                try:
+                    async with asyncio.timeout(self.poll_s):
+                        await self._released.wait()
+                except TimeoutError:
+                    pass
+            return True
+        finally:
+            waited = self.clock() - start
+            t.held_s += waited
+            self.held_s += waited
+
     def reset(self) -> None:
         """Forget the averages, the delay model's observations, errors and counters (after a
         warm-up that must not count);
@@ -750,8 +861,10 @@ class SLOTracker:
         self.baseline = BaselineEstimator(self.stats.alpha)
         self.errors = PredictionErrors()
         self.ratios.clear()
+        self.hold_ratios.clear()
         self.counters = dict.fromkeys(self.counters, 0)
         self.paused_s = 0.0
+        self.held_s = 0.0
 
     def snapshot(self) -> dict[str, object]:
         c = self.counters
@@ -761,6 +874,8 @@ class SLOTracker:
             "attainment": c["met"] / c["requests"] if c["requests"] else None,
             "flagged_inflight": sum(t.flagged for t in self.inflight.values()),
             "paused_s": self.paused_s,
+            "held_s": self.held_s,
+            "hold_scale": self.hold_scale(),
             "predictor": self.predictor,
             "optimism": self.optimism(),
             "calibration": self.recorded_calibration(),
@@ -778,6 +893,11 @@ class StageHooks:
 
     async def gate(self) -> None:
         """Wait at the admission gate while the tracker pauses new requests."""
+
+    async def hold(self) -> bool:
+        """Wait, planned, before the first engine call while the tracker holds the request;
+        False: it is refused (`SLOUnmeetable`)."""
+        return True
 
     def on_stage(self, stage: str) -> None:
         """The run enters `stage` (`queue`, then each synthesis stage)."""
@@ -814,6 +934,9 @@ class RequestTrace(StageHooks):
 
     async def gate(self) -> None:
         await self.tracker.gate(self.tracked)
+
+    async def hold(self) -> bool:
+        return await self.tracker.hold(self.tracked)
 
     def on_stage(self, stage: str) -> None:
         self.tracker.enter(self.tracked, stage)

@@ -51,6 +51,12 @@ class SLOCollector:
             "Time new requests waited at the gate while flagged requests could be saved.",
             value=s["paused_s"],
         )
+        yield CounterMetricFamily(
+            "ragctl_slo_held_seconds",
+            "Time planned requests were held so that their prefill would not push requests in "
+            "flight past their deadlines.",
+            value=s["held_s"],
+        )
         yield GaugeMetricFamily(
             "ragctl_slo_attainment_ratio", "Met / requests with an SLO so far.",
             value=s["attainment"] if s["attainment"] is not None else float("nan"),

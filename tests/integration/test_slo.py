@@ -10,7 +10,7 @@ import pytest
 import pytest_asyncio
 
 from ragctl.controller import Controller
-from ragctl.policy import AdaptivePolicy
+from ragctl.policy import AdaptivePolicy, planned_work
 from ragctl.retrieval.index import open_retriever
 from ragctl.scheduler.slo import Mitigation, SLOTracker
 from ragctl.types import Config
@@ -126,3 +126,34 @@ async def test_admission_sheds_a_request_that_cannot_make_it_before_any_engine_c
     # A request with time to spare is answered by the same controller.
     answer = await ctl.aask(queries[1].question, slo_ms=600_000)
     assert answer.decision.slo.met and answer.decision.slo.mitigation == "admission"
+
+
+async def test_hold_keeps_a_newcomers_prefill_off_a_request_it_would_push_past_its_deadline(
+    learned, small_squad
+) -> None:
+    """`hold` alone: a request in flight projected to end just inside its deadline, and a
+    newcomer whose prefill (by the delay model) would push it past: the newcomer waits, planned,
+    until the first is done (or past saving), and is answered after."""
+    settings, queries = small_squad
+    ctl = make_controller(learned.engine, settings, "hold")
+    ctl.slo.delay, ctl.slo.stats = learned.slo.delay, learned.slo.stats  # what it learned
+    q_long, q_new = queries[4].question, queries[5].question
+
+    def work(q: str, config: Config):
+        chunks = ctl.retriever.search(q, config.num_chunks)
+        return planned_work(ctl.synthesizer.sizer(q, chunks), config)
+
+    projected = ctl.slo.predict(LONG, work(q_long, LONG))
+    stall = ctl.slo.delay.prefill_s(work(q_new, SHORT)[0])
+    assert projected is not None and stall > 0
+    # Its deadline lies between its projected end and that end plus the newcomer's prefill.
+    slow = asyncio.ensure_future(ctl.aask(q_long, LONG, slo_ms=(projected + 0.75 * stall) * 1000))
+    async with asyncio.timeout(120):
+        while not any(t.synthesis_start is not None for t in ctl.slo.inflight.values()):
+            await asyncio.sleep(0.01)
+    newcomer = await ctl.aask(q_new, SHORT, slo_ms=600_000)
+    first = await slow
+    assert newcomer.decision.slo.held_ms > 0 and newcomer.decision.slo.met
+    assert first.decision.slo.held_ms == 0 and first.text
+    assert ctl.slo.counters["held_requests"] == 1 and ctl.slo.counters["held_shed"] == 0
+    assert first.decision.slo.mitigation == "hold" and not ctl.slo.inflight

@@ -245,7 +245,8 @@ def test_slo_summary_and_lines() -> None:
     ):  # fmt: skip
         r = row("ragctl", f"q{i}", 0.5, delay, rate=None, concurrency=2, error=error)
         r["slo_ms"] = 1000
-        slo = {"flagged": i % 2 == 0, "boosted_calls": i, "paused_ms": 10.0 * i}
+        slo = {"flagged": i % 2 == 0, "boosted_calls": i}
+        slo |= {"paused_ms": 10.0 * i, "held_ms": 20.0 * i}
         r["decision"] = {"slo": {**slo, "plan_action": action}}
         rows.append(r)
     rows.append(row(STUFF5, "q0", 0.4, 0.3, rate=None, concurrency=2))
@@ -255,11 +256,12 @@ def test_slo_summary_and_lines() -> None:
     # met: q0 (0.5 s) and q3 (0.9 s); q1 is late, q2 failed
     assert (slo.requests, slo.met, slo.violations) == (4, 2, 2)
     assert slo.attainment == 0.5 and slo.violation_rate == 0.5 and slo.slo_ms == 1000
-    assert (slo.flagged, slo.boosted_calls, slo.paused_mean_ms) == (2, 6, 15.0)
+    assert (slo.flagged, slo.boosted_calls) == (2, 6)
+    assert (slo.paused_mean_ms, slo.held_mean_ms) == (15.0, 30.0)
     assert slo.plan_actions == {"pause": 2, "boost": 1}
     assert slo_lines(phase) == [
         "SLO ragctl: 2/4 met within 1000 ms (violations 50%), flagged 2, boosted calls 6, "
-        "demoted calls 0, paused 15 ms on average; planning: pause 2, boost 1"
+        "demoted calls 0, paused 15 ms, held 30 ms on average; planning: pause 2, boost 1"
     ]
 
 

@@ -54,7 +54,7 @@ def test_mitigation_modes_and_lists() -> None:
     # Shedding: off unless asked for; `admission` is adaptive + shed; it needs `config`.
     assert not Mitigation().shed and not Mitigation.parse("adaptive").shed
     admission = Mitigation.parse("admission")
-    assert admission == Mitigation(shed=True) and admission.label == "admission"
+    assert admission == Mitigation(shed=True, hold=True) and admission.label == "admission"
     assert Mitigation.parse("config,shed").label == "config,shed"
     with pytest.raises(InvalidRequest, match="'shed' needs 'config'"):
         Mitigation.parse("triage,shed")
