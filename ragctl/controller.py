@@ -845,7 +845,7 @@ class Controller:
         sink: AnswerStream,
         engine: Engine | None = None,
     ) -> Answer:
-        if not await trace.hold():
+        if not await trace.hold(decision.engine):
             self.counters["shed"] += 1
             raise SLOUnmeetable(
                 f"refused before any engine call: held while its prefill would have pushed "

@@ -452,6 +452,9 @@ class Tracked:
     """Prefill seconds (by the delay model) of the stages other requests started beside it
     since its synthesis started: what the projection adds for them."""
     held_s: float = 0.0
+    engine: str = ""
+    """The engine of a pool its synthesis runs on (its label; set by `hold`): prefills stall
+    the requests of their own engine only."""
 
     @property
     def deadline(self) -> float | None:
@@ -538,7 +541,7 @@ class SLOTracker:
             return
         seconds = self.delay.prefill_s(work)
         for k in self.inflight.values():
-            if k is not t and k.synthesis_start is not None:
+            if k is not t and k.synthesis_start is not None and k.engine == t.engine:
                 k.stalls_s += seconds
 
     def planned(
@@ -806,19 +809,21 @@ class SLOTracker:
         now = self.clock()
         scale = self.hold_scale()
         for k in self.inflight.values():
-            if k is t or k.deadline is None:
+            if k is t or k.deadline is None or k.engine != t.engine:
                 continue
             end = self.projected_end(k, now, scale)
             if end is not None and end <= k.deadline < end + stall_s:
                 return True
         return False
 
-    async def hold(self, t: Tracked) -> bool:
-        """Hold `t` (planned, before its first engine call) while its first stage's prefill
-        would push a request in flight past a deadline it is projected to meet (`threatened`).
+    async def hold(self, t: Tracked, engine: str = "") -> bool:
+        """Hold `t` (planned, before its first engine call on `engine`, a pool member's label)
+        while its first stage's prefill would push a request in flight on the same engine past
+        a deadline it is projected to meet (`threatened`).
         Returns False when `t` has an SLO, its own prediction from now (read like a
         projection) stopped meeting it while held, and shedding is on: the caller refuses it.
         Without shedding it then goes; without an SLO it waits at most `max_pause_s`."""
+        t.engine = engine
         if not self.mitigation.hold or not t.work or t.config is None:
             return True
         stall = self.delay.prefill_s(t.work[0])
@@ -894,9 +899,9 @@ class StageHooks:
     async def gate(self) -> None:
         """Wait at the admission gate while the tracker pauses new requests."""
 
-    async def hold(self) -> bool:
-        """Wait, planned, before the first engine call while the tracker holds the request;
-        False: it is refused (`SLOUnmeetable`)."""
+    async def hold(self, engine: str = "") -> bool:
+        """Wait, planned, before the first engine call (on `engine`, a pool member's label)
+        while the tracker holds the request; False: it is refused (`SLOUnmeetable`)."""
         return True
 
     def on_stage(self, stage: str) -> None:
@@ -935,8 +940,8 @@ class RequestTrace(StageHooks):
     async def gate(self) -> None:
         await self.tracker.gate(self.tracked)
 
-    async def hold(self) -> bool:
-        return await self.tracker.hold(self.tracked)
+    async def hold(self, engine: str = "") -> bool:
+        return await self.tracker.hold(self.tracked, engine)
 
     def on_stage(self, stage: str) -> None:
         self.tracker.enter(self.tracked, stage)

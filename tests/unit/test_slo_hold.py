@@ -43,8 +43,9 @@ def planned(t: SLOTracker, slo_ms: float | None, prompt: int) -> Tracked:
     return k
 
 
-def started(t: SLOTracker, slo_ms: float | None, prompt: int) -> Tracked:
+def started(t: SLOTracker, slo_ms: float | None, prompt: int, engine: str = "") -> Tracked:
     k = planned(t, slo_ms, prompt)
+    k.engine = engine  # what `hold` records
     t.enter(k, "answer")
     return k
 
@@ -76,6 +77,20 @@ def test_each_prefill_started_beside_a_request_is_added_to_its_projection() -> N
     assert late.projected_s is not None and late.stalls_s == 0
     clock.now = 102.6  # k is past its deadline now: nothing left to protect
     assert not t.threatened(planned(t, None, 100), 1.0)
+
+
+def test_in_a_pool_a_prefill_stalls_and_threatens_its_own_engine_only() -> None:
+    t, _ = tracker()
+    a = started(t, 2500, 100, engine="a")  # ends at 101, deadline 102.5
+    b = started(t, 2500, 100, engine="b")
+    assert a.stalls_s == b.stalls_s == 0
+    newcomer = planned(t, None, 200)  # a 2 s prefill would push either past
+    newcomer.engine = "b"
+    assert t.threatened(newcomer, 2.0)
+    t.enter(newcomer, "answer")
+    assert a.stalls_s == 0 and b.stalls_s == pytest.approx(2.0)
+    newcomer.engine = "c"
+    assert not t.threatened(newcomer, 2.0)
 
 
 def test_projections_are_read_at_the_records_quantile() -> None:
