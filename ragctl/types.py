@@ -429,6 +429,11 @@ class SLORecord:
     held_ms: float = 0.0
     """Time this request was held, planned, before its first engine call, so that its prefill
     would not push a request in flight past its deadline (SLO mitigation `hold`)."""
+    projected_ms: float | None = None
+    """Synthesis time predicted when its synthesis started (under the load then), before the
+    prefills started beside it: what holding projected it from."""
+    stalls_ms: float = 0.0
+    """Prefill time (by the delay model) of the stages other requests started beside it."""
     delay_ms: float | None = None
     met: bool | None = None
 

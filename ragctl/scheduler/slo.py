@@ -630,6 +630,8 @@ class SLOTracker:
             demoted_calls=t.demoted_calls,
             paused_ms=t.paused_s * 1000,
             held_ms=t.held_s * 1000,
+            projected_ms=None if t.projected_s is None else t.projected_s * 1000,
+            stalls_ms=t.stalls_s * 1000,
             delay_ms=delay * 1000,
             met=met,
         )

@@ -77,6 +77,9 @@ def test_each_prefill_started_beside_a_request_is_added_to_its_projection() -> N
     assert late.projected_s is not None and late.stalls_s == 0
     clock.now = 102.6  # k is past its deadline now: nothing left to protect
     assert not t.threatened(planned(t, None, 100), 1.0)
+    record = t.finish(k, ok=True)  # what holding projected, on the request's record
+    assert record is not None and not record.met
+    assert record.projected_ms == pytest.approx(1000, abs=1) and record.stalls_ms > 1000
 
 
 def test_in_a_pool_a_prefill_stalls_and_threatens_its_own_engine_only() -> None:
