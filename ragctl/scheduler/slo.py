@@ -31,7 +31,8 @@
   meeting its deadline is refused (with `shed`) or goes (without). `Mitigation` switches each
   mechanism on or off.
 
-Only `SLOTracker.gate` awaits; the clock is injected, so everything is testable without time.
+Only `SLOTracker.gate` and `SLOTracker.hold` await; the clock is injected, so everything is
+testable without time.
 """
 
 from __future__ import annotations

@@ -57,6 +57,11 @@ class SLOCollector:
             "flight past their deadlines.",
             value=s["held_s"],
         )
+        yield CounterMetricFamily(
+            "ragctl_slo_held_requests",
+            "Planned requests held before their first engine call.",
+            value=s["held_requests"],
+        )
         yield GaugeMetricFamily(
             "ragctl_slo_attainment_ratio", "Met / requests with an SLO so far.",
             value=s["attainment"] if s["attainment"] is not None else float("nan"),

@@ -243,6 +243,7 @@ def test_models_health_and_metrics(client, server) -> None:
     slo_requests = sum(metric(server, "ragctl_slo_requests_total", o) for o in outcomes)
     assert slo_requests >= 1
     for name in ("ragctl_slo_flagged_total", "ragctl_slo_paused_admission_seconds_total",
+                 "ragctl_slo_held_seconds_total", "ragctl_slo_held_requests_total",
                  "ragctl_slo_attainment_ratio", "ragctl_slo_plan_actions_total"):  # fmt: skip
         assert f"\n{name}" in text, name
 

@@ -1,6 +1,7 @@
 """The SLO loop on the real engine: stage times learned from real requests, a request planned
 within its deadline, flagged requests' calls sent with a better vLLM priority, new requests
-paused while a flagged one can still make it, and every mechanism switched off."""
+paused while a flagged one can still make it, every mechanism switched off, shedding, and a
+newcomer held while its prefill would push a request in flight past its deadline."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def test_mitigation_modes_and_lists() -> None:
     for bad in ("fast", "priority,teleport", ""):
         with pytest.raises(InvalidRequest, match="unknown SLO mitigation"):
             Mitigation.parse(bad)
-    # Shedding: off unless asked for; `admission` is adaptive + shed; it needs `config`.
+    # Shedding: off unless asked for; `admission` is adaptive + shed + hold; shed needs `config`.
     assert not Mitigation().shed and not Mitigation.parse("adaptive").shed
     admission = Mitigation.parse("admission")
     assert admission == Mitigation(shed=True, hold=True) and admission.label == "admission"

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from ragctl.errors import SLOUnmeetable
 from ragctl.scheduler.cost import DelayModel, StageWork, prior_from_rates
 from ragctl.scheduler.slo import MIN_RATIOS, Mitigation, SLOTracker, Tracked
+from ragctl.server.metrics import SLOCollector
 from ragctl.types import Config
 from tests.unit.test_controller import FakeEngine, controller
 
@@ -197,3 +199,11 @@ async def test_through_the_controller_a_held_request_is_refused_before_any_engin
     answer = await second
     assert answer.decision.slo is not None
     assert answer.decision.slo.held_ms == pytest.approx(0.1 * predicted_ms, rel=1e-6)
+    # The server's /metrics reads the tracker's totals: two held, one of them refused.
+    collector = SLOCollector()
+    collector.snapshot = slo.snapshot()
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    assert "ragctl_slo_held_requests_total 2.0" in text
+    assert 'ragctl_slo_plan_actions_total{action="shed"} 1.0' in text
