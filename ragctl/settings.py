@@ -281,8 +281,10 @@ class Settings(BaseSettings):
         "(engine priority + paused admissions), adaptive (patchwork + a cheaper configuration "
         "at planning time, and triage: hopeless requests yield), admission (adaptive + "
         "shed: refuse, before any engine call, a request whose fastest configuration is "
-        "predicted to miss at the predictor's median error), or a comma list of "
-        "priority,pause,config,triage,shed.",
+        "predicted to miss at the predictor's median error; + hold: a planned request waits "
+        "while its prefill would push a request in flight past its deadline, and is refused "
+        "once its own prediction misses), or modes and mechanisms (priority, pause, config, "
+        "triage, shed, hold) joined by ',' or '+', e.g. adaptive+shed.",
     )
     slo_predictor: Literal["model", "averages"] = Field(
         "model",

@@ -68,8 +68,8 @@ def eval_run(
     ),
     slo_mitigation: str | None = typer.Option(
         None,
-        help="off, patchwork, adaptive, admission (adaptive + shed), or a comma list of "
-        "priority,pause,config,triage,shed.",
+        help="off, patchwork, adaptive, admission (adaptive + shed + hold), or modes and "
+        "mechanisms (priority, pause, config, triage, shed, hold) joined by ',' or '+'.",
     ),
     plan_file: Path | None = typer.Option(
         None,
