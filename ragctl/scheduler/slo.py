@@ -776,18 +776,22 @@ class SLOTracker:
                 left = limit - (self.clock() - start)
                 if left <= 0:
                     break
-                self._released.clear()
-                try:
-                    async with asyncio.timeout(min(self.poll_s, left)):
-                        await self._released.wait()
-                except TimeoutError:
-                    pass
+                await self._until_released(min(self.poll_s, left))
         finally:
             waited = self.clock() - start
             t.paused_s += waited
             self.paused_s += waited
             # The gate's wait is not part of the request's pre-synthesis stage.
             t.stage_start = self.clock()
+
+    async def _until_released(self, timeout_s: float) -> None:
+        """Wait until a request finishes, at most `timeout_s` (waiters re-check on both)."""
+        self._released.clear()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._released.wait()
+        except TimeoutError:
+            pass
 
     # -- holding ----------------------------------------------------------------------------------
 
@@ -848,12 +852,7 @@ class SLOTracker:
                             self.counters["shed"] += 1
                             return False
                         break
-                self._released.clear()
-                try:
-                    async with asyncio.timeout(self.poll_s):
-                        await self._released.wait()
-                except TimeoutError:
-                    pass
+                await self._until_released(self.poll_s)
             return True
         finally:
             waited = self.clock() - start

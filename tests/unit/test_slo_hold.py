@@ -16,17 +16,10 @@ from ragctl.scheduler.slo import MIN_RATIOS, Mitigation, SLOTracker, Tracked
 from ragctl.server.metrics import SLOCollector
 from ragctl.types import Config
 from tests.unit.test_controller import FakeEngine, controller
+from tests.unit.test_slo import Clock
 
 STUFF1 = Config("stuff", 1)
 QUESTION = "Where was Super Bowl 50 played?"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def prefill_bound() -> DelayModel:
