@@ -269,6 +269,10 @@ class Controller:
         if slo is None:
             slo = self.policy.tracker()
         self.slo = slo
+        for slot in self.admission.slots:
+            member = self._engine_of(slot)
+            if (steps := getattr(member, "steps", None)) is not None:
+                self.slo.watch_steps(label_of(member), steps)
         self.quality = QualityModel()
         """Predicted quality of configurations in this collection (best-fit's objective); fed
         with outcome labels by `quality.add_label`."""

@@ -19,7 +19,13 @@ from ragctl.scheduler.bestfit import clip_space
 from ragctl.scheduler.cost import DelayModel, Load, QualityModel, StageWork, WorkTable
 from ragctl.scheduler.objective import DEFAULT_DELAY_WEIGHT, choose_objective
 from ragctl.scheduler.placement import Strategy
-from ragctl.scheduler.slo import Mitigation, Predictor, SLOTracker, choose_within_slo
+from ragctl.scheduler.slo import (
+    Mitigation,
+    Predictor,
+    PrefillCost,
+    SLOTracker,
+    choose_within_slo,
+)
 from ragctl.synthesis import registry
 from ragctl.synthesis.methods import CallSizer
 from ragctl.synthesis.registry import GOLDEN_CONFIG
@@ -60,6 +66,8 @@ class AdaptivePolicy:
     """Seed of those draws (`DelayModel.draw_shares`)."""
     slo_predictor: Predictor = "model"
     """The SLO loop's time predictor (`SLOTracker`)."""
+    slo_prefill_cost: PrefillCost = "steps"
+    """Where holding reads a prefill's cost (`SLOTracker.prefill_s`)."""
     placement: Strategy = "best-fit"
     """Which engine of a pool runs a plan (`scheduler.placement`)."""
     synthesis_engines: tuple[int, ...] = ()
@@ -84,6 +92,7 @@ class AdaptivePolicy:
             explore_delay=settings.explore_delay,
             explore_seed=settings.explore_seed,
             slo_predictor=settings.slo_predictor,
+            slo_prefill_cost=settings.slo_prefill_cost,
             placement=settings.placement,
             synthesis_engines=tuple(settings.int_list(settings.synthesis_engines)),
         )
@@ -91,7 +100,10 @@ class AdaptivePolicy:
     def tracker(self) -> SLOTracker:
         """A new engine's SLO tracker, with its delay model and load meter."""
         return SLOTracker(
-            self.mitigation, predictor=self.slo_predictor, delay=DelayModel(seed=self.explore_seed)
+            self.mitigation,
+            predictor=self.slo_predictor,
+            delay=DelayModel(seed=self.explore_seed),
+            prefill_cost=self.slo_prefill_cost,
         )
 
     def slo_for(self, collection: str) -> float | None:

@@ -292,6 +292,12 @@ class Settings(BaseSettings):
         "online; running averages until it has data) or averages (running averages per "
         "configuration only).",
     )
+    slo_prefill_cost: Literal["steps", "model"] = Field(
+        "steps",
+        description="What holding counts a prefill's delay to the requests beside it from: "
+        "steps (the engine's own step timings, where it reports them: the in-process engine; "
+        "else the delay model) or model (the delay model's seconds per prompt token).",
+    )
     embed_batch_size: int = Field(
         1, ge=1, description="Query embedding: most queries embedded in one batch."
     )

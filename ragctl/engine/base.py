@@ -7,7 +7,9 @@ from __future__ import annotations
 import abc
 import asyncio
 import math
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import TypeAlias, TypeVar
 
 from ragctl.engine.tokenizer import Tokenizer
@@ -20,11 +22,48 @@ StreamEvent: TypeAlias = str | Generation
 """What `Engine.stream` yields: text deltas (str) as they are decoded, then the `Generation`."""
 
 
+STEP_LOG_SIZE = 1024
+"""How many of an engine's last steps its `StepLog` keeps (about half a minute of a busy CPU
+engine, a few seconds of a GPU one)."""
+
+
+@dataclass(frozen=True)
+class EngineStep:
+    """One engine step as the engine's statistics reported it: how long it took and the work
+    in it."""
+
+    seconds: float
+    prefill_tokens: int
+    """Prompt tokens it computed (prefix-cache hits excluded)."""
+    decode_tokens: int
+    """Tokens it generated (one per sequence it ran)."""
+
+
+class StepLog:
+    """An engine's last steps (`STEP_LOG_SIZE`): what the SLO loop fits a prefill's cost to
+    the sequences beside it from (`scheduler.cost.StepCosts`). A step's seconds are what a
+    sequence running through it waited for its next token, on the engine's own clock, so a
+    step nobody was decoding through (after an idle engine) is not logged."""
+
+    def __init__(self, maxlen: int = STEP_LOG_SIZE) -> None:
+        self.steps: deque[EngineStep] = deque(maxlen=maxlen)
+        self.count = 0
+        """Steps logged so far (the deque forgets the oldest; this does not)."""
+
+    def observe(self, seconds: float, prefill_tokens: int, decode_tokens: int) -> None:
+        if seconds > 0 and math.isfinite(seconds):
+            self.steps.append(EngineStep(seconds, prefill_tokens, decode_tokens))
+            self.count += 1
+
+
 class Engine(abc.ABC):
     name: str
     """Model name as the engine knows it."""
     tokenizer: Tokenizer
     max_model_len: int
+    steps: StepLog | None = None
+    """The engine's last steps, when it reports them (the in-process engine does; a remote
+    vLLM server's metrics do not time single steps)."""
 
     @abc.abstractmethod
     async def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:

@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 import os
+import statistics
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -20,7 +21,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from ragctl.engine.base import Engine, StreamEvent, gather_or_cancel, merge_by_text
+from ragctl.engine.base import Engine, StepLog, StreamEvent, gather_or_cancel, merge_by_text
 from ragctl.engine.tokenizer import Tokenizer
 from ragctl.errors import (
     EngineError,
@@ -39,9 +40,13 @@ DEFAULT_KV_CACHE_GIB = 2.0
 
 @dataclass
 class _KVGauge:
-    """Written by the stat logger on the engine's output loop, read by `kv_state()`."""
+    """Written by the stat logger on the engine's output loop, read by `kv_state()`; it logs
+    the engine's steps too (`Engine.steps`)."""
 
     usage: float = 0.0
+
+    def __init__(self) -> None:
+        self.steps = StepLog()
 
 
 def _logprobs_param(req: GenerationRequest) -> int | None:
@@ -56,6 +61,7 @@ class LocalEngine(Engine):
     def __init__(self, llm: Any, tokenizer: Tokenizer, gauge: _KVGauge, timeout_s: float) -> None:
         self._llm = llm
         self._gauge = gauge
+        self.steps = gauge.steps
         self._timeout_s = timeout_s
         self.tokenizer = tokenizer
         cfg = llm.vllm_config
@@ -117,6 +123,15 @@ class LocalEngine(Engine):
             def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
                 if scheduler_stats is not None:
                     gauge.usage = scheduler_stats.kv_cache_usage
+                # The inter-token latencies of the sequences that decoded through this step
+                # are its duration on the engine core's clock (not when this process, busy
+                # with other work, got round to reading it).
+                if iteration_stats is not None and iteration_stats.inter_token_latencies_iter:
+                    gauge.steps.observe(
+                        statistics.median(iteration_stats.inter_token_latencies_iter),
+                        iteration_stats.prompt_token_stats.computed,
+                        iteration_stats.num_generation_tokens,
+                    )
 
             def log_engine_initialized(self) -> None:
                 pass

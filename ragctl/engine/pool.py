@@ -43,6 +43,7 @@ class PoolMember(Engine):
         self.name = engine.name
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
+        self.steps = engine.steps
         self.healthy = True
         self.last_error = ""
         self.down_since: float | None = None

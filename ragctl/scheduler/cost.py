@@ -31,7 +31,8 @@ from scipy.optimize import nnls
 
 from ragctl.types import METHODS, TAKES_INTERMEDIATE, Config, ConfigSpace
 
-if TYPE_CHECKING:  # only its attributes are read (as in `memory.NeedTable`)
+if TYPE_CHECKING:  # only their attributes are read (as in `memory.NeedTable`)
+    from ragctl.engine.base import EngineStep
     from ragctl.synthesis.methods import CallSizer, StageSize
 
 
@@ -129,6 +130,61 @@ class WorkTable:
         if key not in self._stages:
             self._stages[key] = [self._stage(s) for s in self.sizer.stages(config)]
         return tuple(f(n) for f in self._stages[key])
+
+
+# -- an engine's step costs -----------------------------------------------------------------------
+
+MIN_STEPS = 50
+MIN_PREFILL_STEPS = 10
+"""`fit_step_costs` answers once this many back-to-back steps were logged, this many of them
+with a prefill in them (fewer cannot separate a prefill's cost from a step's)."""
+OUTLIER_FACTOR = 8.0
+"""A step the first fit misses by more than this many times its median miss, and by more than
+its own prediction, is a pause of the process (a collection, another program on the cores),
+not the work in it: the second fit leaves it out."""
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """An engine's seconds per step, fitted from its own steps (`fit_step_costs`): `base_s`
+    plus `prefill_token_s` per prompt token computed in the step plus `decode_token_s` per
+    token generated in it. Every sequence in a step waits for the whole step, so a prefill of
+    p tokens delays each sequence beside it by about p x `prefill_token_s`: what holding
+    (`SLOTracker.hold`) weighs, measured on the engine rather than read off a per-request
+    regression that cannot tell a request's own prompt from the load beside it."""
+
+    base_s: float
+    prefill_token_s: float
+    decode_token_s: float
+    steps: int
+    """Steps the fit used."""
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "base_ms": round(self.base_s * 1e3, 3),
+            "prefill_token_ms": round(self.prefill_token_s * 1e3, 4),
+            "decode_token_ms": round(self.decode_token_s * 1e3, 4),
+            "steps": self.steps,
+        }
+
+
+def fit_step_costs(steps: Iterable[EngineStep]) -> StepCosts | None:
+    """Non-negative least squares of step seconds on (1, prefill tokens, decode tokens), once
+    more without the outliers of the first fit (`OUTLIER_FACTOR`); None until `MIN_STEPS`
+    steps, `MIN_PREFILL_STEPS` of them with a prefill, were seen."""
+    rows = np.array(
+        [(1.0, s.prefill_tokens, s.decode_tokens, s.seconds) for s in steps], dtype=float
+    ).reshape(-1, 4)
+    if len(rows) < MIN_STEPS or int((rows[:, 1] > 0).sum()) < MIN_PREFILL_STEPS:
+        return None
+    x, y = rows[:, :3], rows[:, 3]
+    coef, _ = nnls(x, y)
+    miss = np.abs(y - x @ coef)
+    keep = (miss <= OUTLIER_FACTOR * np.median(miss)) | (miss <= x @ coef)
+    if int((rows[keep, 1] > 0).sum()) >= MIN_PREFILL_STEPS:
+        x, y = x[keep], y[keep]
+        coef, _ = nnls(x, y)
+    return StepCosts(float(coef[0]), float(coef[1]), float(coef[2]), steps=len(y))
 
 
 # -- the delay model ----------------------------------------------------------------------------

@@ -27,9 +27,11 @@
   everyone running beside it, and near capacity it is the arrivals after a request started
   that make it miss. A request in flight is projected from its start: the delay model's
   prediction then, read at its record's `HOLD_QUANTILE`, plus the prefill seconds of every
-  stage started beside it since (its `stalls_s`). A held request whose own prediction stops
-  meeting its deadline is refused (with `shed`) or goes (without). `Mitigation` switches each
-  mechanism on or off.
+  stage started beside it since (its `stalls_s`). A prefill's seconds come from the engine's
+  own steps where it reports them (`step_costs`: a step's seconds fitted on the prompt and
+  generated tokens in it), else from the delay model's per-prompt-token coefficient. A held
+  request whose own prediction stops meeting its deadline is refused (with `shed`) or goes
+  (without). `Mitigation` switches each mechanism on or off.
 
 Only `SLOTracker.gate` and `SLOTracker.hold` await; the clock is injected, so everything is
 testable without time.
@@ -48,14 +50,24 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ragctl.engine.base import StepLog
 from ragctl.errors import InvalidRequest
 from ragctl.scheduler.bestfit import choose, clip_space, fallback_configs, unshown_reserved
-from ragctl.scheduler.cost import DelayModel, Load, LoadMeter, StageWork
+from ragctl.scheduler.cost import (
+    DelayModel,
+    Load,
+    LoadMeter,
+    StageWork,
+    StepCosts,
+    fit_step_costs,
+)
 from ragctl.synthesis import registry
 from ragctl.types import Config, ConfigSpace, KVState, Plan, SLORecord
 
 Predictor = Literal["model", "averages"]
 PREDICTORS: tuple[Predictor, ...] = ("model", "averages")
+PrefillCost = Literal["steps", "model"]
+PREFILL_COSTS: tuple[PrefillCost, ...] = ("steps", "model")
 
 MECHANISMS = ("priority", "pause", "config", "triage", "shed", "hold")
 MITIGATION_MODES: dict[str, frozenset[str]] = {
@@ -79,6 +91,8 @@ last requests, and after how many: the predictor's own error decides when a miss
 SHED_QUANTILE = 0.5
 """`SLOTracker.calibration`: shedding refuses a request when it is more likely to miss than to
 meet by the predictor's own record (the median of actual / predicted)."""
+REFIT_STEPS = 64
+"""`SLOTracker.step_costs` refits an engine's step costs after this many new steps."""
 HOLD_QUANTILE = 0.75
 """`SLOTracker.hold_scale`: holding reads projections at this quantile of actual / (predicted
 + stalls) over the last `RATIO_WINDOW` requests: a request it protects should seldom take
@@ -474,12 +488,18 @@ class SLOTracker:
         poll_s: float = 0.02,
         delay: DelayModel | None = None,
         predictor: Predictor = "model",
+        prefill_cost: PrefillCost = "steps",
     ) -> None:
         """`delay`: the engine's delay model (default: a new one with the neutral prior);
         `predictor`: `model` (the delay model once ready, the running averages until then) or
-        `averages` (the running averages only: the comparison's old predictor)."""
+        `averages` (the running averages only: the comparison's old predictor);
+        `prefill_cost`: where `prefill_s` reads a prefill's cost, `steps` (the engine's step
+        costs once known, `watch_steps`) or `model` (the delay model only)."""
         if predictor not in PREDICTORS:
             raise InvalidRequest(f"unknown SLO predictor {predictor!r}: use model or averages")
+        if prefill_cost not in PREFILL_COSTS:
+            raise InvalidRequest(f"unknown prefill cost {prefill_cost!r}: use steps or model")
+        self.prefill_cost = prefill_cost
         self.mitigation = mitigation or Mitigation()
         self.stats = stats or StageStats()
         self.delay = delay if delay is not None else DelayModel()
@@ -514,6 +534,9 @@ class SLOTracker:
         """Total seconds requests waited at the gate."""
         self.held_s = 0.0
         """Total seconds requests were held before their synthesis (`hold`)."""
+        self.step_logs: dict[str, StepLog] = {}
+        """The steps of each engine (by the Decision's label) that reports them."""
+        self._step_fits: dict[str, tuple[int, StepCosts | None]] = {}
         self._released = asyncio.Event()
 
     # -- request lifecycle ----------------------------------------------------------------------
@@ -540,7 +563,7 @@ class SLOTracker:
         work = next((w for w in t.work or () if w.stage == stage), None)
         if work is None:
             return
-        seconds = self.delay.prefill_s(work)
+        seconds = self.prefill_s(work, t.engine)
         for k in self.inflight.values():
             if k is not t and k.synthesis_start is not None and k.engine == t.engine:
                 k.stalls_s += seconds
@@ -795,6 +818,30 @@ class SLOTracker:
 
     # -- holding ----------------------------------------------------------------------------------
 
+    def watch_steps(self, engine: str, log: StepLog) -> None:
+        """Read `engine`'s (a Decision's engine label) prefill costs off its step log."""
+        self.step_logs[engine] = log
+
+    def step_costs(self, engine: str = "") -> StepCosts | None:
+        """`engine`'s step costs, fitted on its logged steps (refitted every `REFIT_STEPS`
+        new ones); None when it logs none or too few yet."""
+        log = self.step_logs.get(engine)
+        if log is None:
+            return None
+        seen, fit = self._step_fits.get(engine, (None, None))
+        if seen is None or log.count - seen >= REFIT_STEPS:
+            fit = fit_step_costs(log.steps)
+            self._step_fits[engine] = (log.count, fit)
+        return fit
+
+    def prefill_s(self, work: StageWork, engine: str = "") -> float:
+        """Seconds `work`'s prefill delays every sequence beside it on `engine`: by the
+        engine's step costs when known, else by the delay model."""
+        costs = self.step_costs(engine) if self.prefill_cost == "steps" else None
+        if costs is not None:
+            return costs.prefill_token_s * work.prompt_tokens
+        return self.delay.prefill_s(work)
+
     def hold_scale(self) -> float:
         """What holding multiplies a request's predicted synthesis seconds by: the
         `HOLD_QUANTILE` of actual / (projected + stalls) over the last requests (1 until
@@ -833,7 +880,7 @@ class SLOTracker:
         t.engine = engine
         if not self.mitigation.hold or not t.work or t.config is None:
             return True
-        stall = self.delay.prefill_s(t.work[0])
+        stall = self.prefill_s(t.work[0], engine)
         if not self.threatened(t, stall):
             return True
         start = self.clock()
@@ -883,6 +930,11 @@ class SLOTracker:
             "paused_s": self.paused_s,
             "held_s": self.held_s,
             "hold_scale": self.hold_scale(),
+            "prefill_cost": self.prefill_cost,
+            "step_costs": {
+                name or "engine": (None if (c := self.step_costs(name)) is None else c.to_dict())
+                for name in self.step_logs
+            },
             "predictor": self.predictor,
             "optimism": self.optimism(),
             "calibration": self.recorded_calibration(),

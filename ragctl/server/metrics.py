@@ -62,6 +62,16 @@ class SLOCollector:
             "Planned requests held before their first engine call.",
             value=s["held_requests"],
         )
+        prefill = GaugeMetricFamily(
+            "ragctl_engine_prefill_token_seconds",
+            "What one prompt token of a prefill delays every sequence beside it, fitted on the "
+            "engine's own steps (engines that report them).",
+            labels=["engine"],
+        )
+        for engine, costs in (s.get("step_costs") or {}).items():
+            if costs is not None:
+                prefill.add_metric([engine], costs["prefill_token_ms"] / 1000)
+        yield prefill
         yield GaugeMetricFamily(
             "ragctl_slo_attainment_ratio", "Met / requests with an SLO so far.",
             value=s["attainment"] if s["attainment"] is not None else float("nan"),

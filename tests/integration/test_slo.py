@@ -1,7 +1,8 @@
 """The SLO loop on the real engine: stage times learned from real requests, a request planned
 within its deadline, flagged requests' calls sent with a better vLLM priority, new requests
 paused while a flagged one can still make it, every mechanism switched off, shedding, and a
-newcomer held while its prefill would push a request in flight past its deadline."""
+newcomer held while its prefill would push a request in flight past its deadline, its cost
+read off the engine's own steps."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import pytest_asyncio
 
 from ragctl.controller import Controller
+from ragctl.engine.pool import label_of
 from ragctl.policy import AdaptivePolicy, planned_work
 from ragctl.retrieval.index import open_retriever
 from ragctl.scheduler.slo import Mitigation, SLOTracker
@@ -133,8 +135,8 @@ async def test_hold_keeps_a_newcomers_prefill_off_a_request_it_would_push_past_i
     learned, small_squad
 ) -> None:
     """`hold` alone: a request in flight projected to end just inside its deadline, and a
-    newcomer whose prefill (by the delay model) would push it past: the newcomer waits, planned,
-    until the first is done (or past saving), and is answered after."""
+    newcomer whose prefill (by the engine's step costs) would push it past: the newcomer waits,
+    planned, until the first is done (or past saving), and is answered after."""
     settings, queries = small_squad
     ctl = make_controller(learned.engine, settings, "hold")
     ctl.slo.delay, ctl.slo.stats = learned.slo.delay, learned.slo.stats  # what it learned
@@ -145,7 +147,8 @@ async def test_hold_keeps_a_newcomers_prefill_off_a_request_it_would_push_past_i
         return planned_work(ctl.synthesizer.sizer(q, chunks), config)
 
     projected = ctl.slo.predict(LONG, work(q_long, LONG))
-    stall = ctl.slo.delay.prefill_s(work(q_new, SHORT)[0])
+    # What holding weighs: the engine's own step costs (its steps were logged all session).
+    stall = ctl.slo.prefill_s(work(q_new, SHORT)[0], label_of(ctl.engine))
     assert projected is not None and stall > 0
     # Its deadline lies between its projected end and that end plus the newcomer's prefill.
     slow = asyncio.ensure_future(ctl.aask(q_long, LONG, slo_ms=(projected + 0.75 * stall) * 1000))
@@ -158,3 +161,36 @@ async def test_hold_keeps_a_newcomers_prefill_off_a_request_it_would_push_past_i
     assert first.decision.slo.held_ms == 0 and first.text
     assert ctl.slo.counters["held_requests"] == 1 and ctl.slo.counters["held_shed"] == 0
     assert first.decision.slo.mitigation == "hold" and not ctl.slo.inflight
+
+
+async def test_the_engine_logs_its_steps_and_a_prefills_cost_is_fitted_from_them(
+    learned, small_squad
+) -> None:
+    """The in-process engine's stat logger fills its step log; with requests arriving while
+    others decode, the tracker fits the engine's step costs from it, and they explain the
+    logged steps."""
+    _, queries = small_squad
+    steps = learned.engine.steps
+    assert steps is not None and steps.count > 0
+    assert all(s.seconds > 0 and s.decode_tokens >= 0 for s in steps.steps)
+
+    async def staggered(i: int, q: str):
+        await asyncio.sleep(0.2 * i)
+        return await learned.aask(q, SHORT)
+
+    await asyncio.gather(*(staggered(i, q.question) for i, q in enumerate(queries[:12])))
+    costs = learned.slo.step_costs(label_of(learned.engine))
+    assert costs is not None and costs.prefill_token_s > 0 and costs.steps >= 50
+    logged = list(steps.steps)
+    predicted = [
+        costs.base_s
+        + costs.prefill_token_s * s.prefill_tokens
+        + costs.decode_token_s * s.decode_tokens
+        for s in logged
+    ]
+    misses = sorted(abs(p - s.seconds) / s.seconds for p, s in zip(predicted, logged, strict=True))
+    assert misses[len(misses) // 2] < 0.3
+    prefill = [s.seconds for s in logged if s.prefill_tokens > 0]
+    decode = [s.seconds for s in logged if s.prefill_tokens == 0]
+    assert sum(prefill) / len(prefill) > sum(decode) / len(decode)
+    assert learned.slo.snapshot()["step_costs"][label_of(learned.engine)]["steps"] == costs.steps
