@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import Any
 
 from ragctl.engine.base import Engine, StepLog, StreamEvent, gather_or_cancel, merge_by_text
@@ -38,14 +37,12 @@ log = logging.getLogger(__name__)
 DEFAULT_KV_CACHE_GIB = 2.0
 
 
-@dataclass
 class _KVGauge:
     """Written by the stat logger on the engine's output loop, read by `kv_state()`; it logs
     the engine's steps too (`Engine.steps`)."""
 
-    usage: float = 0.0
-
     def __init__(self) -> None:
+        self.usage = 0.0
         self.steps = StepLog()
 
 

@@ -15,6 +15,9 @@ fitted online from the engine's own stage timings, load-aware) and how good it i
   `draw_shares` samples each stage's output share from its posterior (Thompson sampling), so a
   chooser that predicts with the draw keeps trying a near-tied configuration whose stage it
   rarely runs instead of trusting a stale estimate for good.
+- `StepCosts` (`fit_step_costs`): an engine's seconds per step as a function of the prompt and
+  generated tokens in it, fitted on the steps the engine logged (`engine.base.StepLog`): what a
+  prefill costs every sequence beside it, which the SLO loop's holding weighs.
 """
 
 from __future__ import annotations
@@ -136,8 +139,8 @@ class WorkTable:
 
 MIN_STEPS = 50
 MIN_PREFILL_STEPS = 10
-"""`fit_step_costs` answers once this many back-to-back steps were logged, this many of them
-with a prefill in them (fewer cannot separate a prefill's cost from a step's)."""
+"""`fit_step_costs` answers once this many steps were logged, this many of them with a prefill
+in them (fewer cannot separate a prefill's cost from a step's)."""
 OUTLIER_FACTOR = 8.0
 """A step the first fit misses by more than this many times its median miss, and by more than
 its own prediction, is a pause of the process (a collection, another program on the cores),
