@@ -433,7 +433,8 @@ class SLORecord:
     """Synthesis time predicted when its synthesis started (under the load then), before the
     prefills started beside it: what holding projected it from."""
     stalls_ms: float = 0.0
-    """Prefill time (by the delay model) of the stages other requests started beside it."""
+    """Prefill time of the stages other requests started beside it (by the engine's step
+    costs where it reports them, else by the delay model)."""
     delay_ms: float | None = None
     met: bool | None = None
 

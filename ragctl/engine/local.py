@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 DEFAULT_KV_CACHE_GIB = 2.0
 
 
-class _KVGauge:
-    """Written by the stat logger on the engine's output loop, read by `kv_state()`; it logs
-    the engine's steps too (`Engine.steps`)."""
+class _EngineStats:
+    """Written by the stat logger on the engine's output loop: the KV cache's usage (read by
+    `kv_state()`) and the engine's steps (`Engine.steps`)."""
 
     def __init__(self) -> None:
         self.usage = 0.0
@@ -55,7 +55,9 @@ def _logprobs_param(req: GenerationRequest) -> int | None:
 
 
 class LocalEngine(Engine):
-    def __init__(self, llm: Any, tokenizer: Tokenizer, gauge: _KVGauge, timeout_s: float) -> None:
+    def __init__(
+        self, llm: Any, tokenizer: Tokenizer, gauge: _EngineStats, timeout_s: float
+    ) -> None:
         self._llm = llm
         self._gauge = gauge
         self.steps = gauge.steps
@@ -111,9 +113,9 @@ class LocalEngine(Engine):
         if os.path.isdir(model):
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-        gauge = _KVGauge()
+        gauge = _EngineStats()
 
-        class _KVStatLogger(StatLoggerBase):
+        class _StatLogger(StatLoggerBase):
             def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
                 pass
 
@@ -162,7 +164,7 @@ class LocalEngine(Engine):
             # No local name for the engine: something in vLLM keeps this frame alive, and a
             # local would keep the engine alive past aclose().
             return cls(
-                AsyncLLM.from_engine_args(args, stat_loggers=[_KVStatLogger]), tok, gauge, timeout_s
+                AsyncLLM.from_engine_args(args, stat_loggers=[_StatLogger]), tok, gauge, timeout_s
             )
         except Exception as e:
             raise EngineUnavailable(f"could not start vLLM with model {model!r}: {e}") from e

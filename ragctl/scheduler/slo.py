@@ -464,8 +464,8 @@ class Tracked:
     """Synthesis seconds predicted when its synthesis started (under the load then): what
     holding projects it from."""
     stalls_s: float = 0.0
-    """Prefill seconds (by the delay model) of the stages other requests started beside it
-    since its synthesis started: what the projection adds for them."""
+    """Prefill seconds (`SLOTracker.prefill_s`) of the stages other requests started beside
+    it since its synthesis started: what the projection adds for them."""
     held_s: float = 0.0
     engine: str = ""
     """The engine of a pool its synthesis runs on (its label; set by `hold`): prefills stall
@@ -834,6 +834,10 @@ class SLOTracker:
             self._step_fits[engine] = (log.count, fit)
         return fit
 
+    def _step_costs_dict(self, engine: str) -> dict[str, float | int] | None:
+        costs = self.step_costs(engine)
+        return None if costs is None else costs.to_dict()
+
     def prefill_s(self, work: StageWork, engine: str = "") -> float:
         """Seconds `work`'s prefill delays every sequence beside it on `engine`: by the
         engine's step costs when known, else by the delay model."""
@@ -931,10 +935,7 @@ class SLOTracker:
             "held_s": self.held_s,
             "hold_scale": self.hold_scale(),
             "prefill_cost": self.prefill_cost,
-            "step_costs": {
-                name or "engine": (None if (c := self.step_costs(name)) is None else c.to_dict())
-                for name in self.step_logs
-            },
+            "step_costs": {name: self._step_costs_dict(name) for name in self.step_logs},
             "predictor": self.predictor,
             "optimism": self.optimism(),
             "calibration": self.recorded_calibration(),
