@@ -80,7 +80,8 @@ def eval_run(
     warmup: int = typer.Option(
         0,
         min=0,
-        help="Warm the engine up first with N other queries, all at once, discarded.",
+        help="Warm up first with N other queries, discarded: with --rate, arriving at the "
+        "first rate with the run's SLO (the SLO loop keeps what it learned); else all at once.",
     ),
 ) -> None:
     """Run the systems side by side on one engine and write results.json, samples.jsonl,

@@ -53,6 +53,9 @@ if TYPE_CHECKING:
     from ragctl.scheduler.cost import StageWork
     from ragctl.types import Query
 
+WARMUP_SEED = 7919
+"""Added to `--seed` for the paced warm-up's arrivals: its own gaps, not the first phase's."""
+
 RUN_FILE = "run.json"
 """What a run was asked to do (and AdaptiveRAG*'s calibration table): `--resume` checks it."""
 RESUME_KEYS = (
@@ -73,9 +76,11 @@ class RunRequest:
     concurrency: int | None
     seed: int
     warmup: int = 0
-    """Queries outside the test and calibration sets answered first, all at once, and
-    discarded (with the SLO loop's stage times): on the CPU engine the first occurrences of new
-    batch shapes are slow, and the first measured phase must not pay for them."""
+    """Queries outside the test and calibration sets answered first and discarded (`warm_up`):
+    on the CPU engine the first occurrences of new batch shapes are slow, and the first
+    measured phase must not pay for them. Open loop, they arrive at the first phase's rate
+    with the run's SLO, and the SLO loop keeps what it learned from them (a running server's
+    delay model and records are not empty); closed loop, all at once, forgotten."""
 
 
 @dataclass(frozen=True)
@@ -235,16 +240,16 @@ async def _run(
             # Warm-ups are not measured: they carry no SLO (under `admission` one could be shed
             # before the engine has seen its batch shapes).
             await controller.aask(test[0].question, Config("stuff", 1), slo_ms=math.inf)
+            controller.slo.reset()  # nor are its stage times (the engine's first call is slow)
             if meta.get("warmup"):
                 bar.update(task, description=f"{card.name}: warming the engine up")
                 extra = warmup_queries(queries, [*test, *calib], meta["warmup"], meta["seed"])
-                # All at once, so that the batch shapes of a loaded engine occur too; a failure
-                # here is the run's own to report, on its measured queries.
-                await asyncio.gather(
-                    *(controller.aask(q.question, slo_ms=math.inf) for q in extra),
-                    return_exceptions=True,
-                )
-            controller.slo.reset()  # nor are its stage times (the engine's first call is slow)
+                rate = meta["rates"][0] * len(plan.systems) if meta["rates"] else None
+                await warm_up(controller, extra, rate, meta["seed"])
+                # Paced, the warm-up is the traffic a running server has already served: what
+                # the SLO loop learned from it stays, what it counted goes. At once, it only
+                # shows the engine its batch shapes, and a burst teaches nothing to keep.
+                controller.slo.reset(learned=rate is None)
             runner = Runner(controller, card, meta.get("adaptiverag_table"))
             if plan.needs_calibration and runner.adaptiverag_table is None:
                 # From the outcome grid: solo answers, built once and shared by later runs.
@@ -311,6 +316,34 @@ def warmup_queries(queries: Sequence[Any], used: Sequence[Any], n: int, seed: in
     taken = {q.id for q in used}
     rest = [q for q in queries if q.id not in taken]
     return random.Random(seed).sample(rest, min(n, len(rest)))
+
+
+async def warm_up(
+    controller: Controller, queries: Sequence[Query], rate: float | None, seed: int
+) -> None:
+    """Answer `queries` and discard the answers: open loop at `rate` per second (Poisson, with
+    the run's SLO, so that the SLO loop acts and learns as in the phase that follows), else all
+    at once without an SLO (the batch shapes of a loaded engine occur, none is refused). A
+    failure here is the run's own to report, on its measured queries."""
+    if rate is None:
+        await asyncio.gather(
+            *(controller.aask(q.question, slo_ms=math.inf) for q in queries),
+            return_exceptions=True,
+        )
+        return
+    from ragctl.evaluation.runner import poisson_arrivals
+
+    start = time.perf_counter()
+    tasks: list[asyncio.Future[Any]] = []
+    try:
+        arrivals = poisson_arrivals(len(queries), rate, seed + WARMUP_SEED)
+        for q, at in zip(queries, arrivals, strict=True):
+            await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
+            tasks.append(asyncio.ensure_future(controller.aask(q.question)))
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for t in tasks:  # interrupted: their engine calls stop
+            t.cancel()
 
 
 async def _phase(

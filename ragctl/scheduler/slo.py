@@ -910,16 +910,19 @@ class SLOTracker:
             t.held_s += waited
             self.held_s += waited
 
-    def reset(self) -> None:
-        """Forget the averages, the delay model's observations, errors and counters (after a
-        warm-up that must not count);
-        requests in flight stay tracked."""
-        self.stats = StageStats(self.stats.alpha)
-        self.delay = self.delay.fresh()
-        self.baseline = BaselineEstimator(self.stats.alpha)
+    def reset(self, *, learned: bool = True) -> None:
+        """Forget the counters, totals and prediction errors (what is reported), and with
+        `learned` also what was learned: the averages, the delay model's observations and the
+        records of actual / predicted (after the engine's slow first call). A warm-up that
+        stands for the traffic a running server has already served keeps what it learned
+        (`learned=False`). Requests in flight stay tracked."""
+        if learned:
+            self.stats = StageStats(self.stats.alpha)
+            self.delay = self.delay.fresh()
+            self.baseline = BaselineEstimator(self.stats.alpha)
+            self.ratios.clear()
+            self.hold_ratios.clear()
         self.errors = PredictionErrors()
-        self.ratios.clear()
-        self.hold_ratios.clear()
         self.counters = dict.fromkeys(self.counters, 0)
         self.paused_s = 0.0
         self.held_s = 0.0

@@ -29,7 +29,12 @@ class FakeController:
         self.profiled: list[str] = []
         self.counters = {"asks": 0}
         self.policy = SimpleNamespace(slo_for=lambda name: None)
-        self.slo = SimpleNamespace(reset=lambda: None, snapshot=lambda: {"fake": True})
+        self.slo_resets: list[tuple[int, bool]] = []
+        """(asks before it, whether it forgot what was learned) of each SLO loop reset."""
+        self.slo = SimpleNamespace(
+            reset=lambda learned=True: self.slo_resets.append((len(self.asked), learned)),
+            snapshot=lambda: {"fake": True},
+        )
         self.closed = False
         # What the outcome grid's key reads (calibration answers land in the grid).
         self.engine = SimpleNamespace(name="fake", max_model_len=4096,
@@ -182,6 +187,24 @@ def test_warmup_answers_other_queries_first_and_counts_none_of_them(
     assert read_meta(out)["warmup"] == 5 and len(samples) == 1
     # Warm-ups carry no SLO (none to be shed by); the measured query gets the run's default.
     assert ctl.slos[:4] == [math.inf] * 4 and ctl.slos[4] is None
+    # All at once, a warm-up only shows the engine its batch shapes: the SLO loop forgets it,
+    # as it forgets the engine's slow first call.
+    assert ctl.slo_resets == [(1, True), (4, True)]
+
+
+def test_an_open_loop_warmup_is_paced_traffic_with_the_runs_slo_and_is_learned_from(
+    tmp_path: Path, data_dir: Path, controllers: list[FakeController]
+) -> None:
+    request = RunRequest("squad", "ragctl", 1, 0, "50", None, 0, warmup=3)
+    settings = Settings(data_dir=data_dir, cache_dir=data_dir.parent / "cache", slo_ms=2000)
+    out = tmp_path / "out"
+    run_evaluation(settings, request, out, resume=False, allocation=None, progress=_progress)
+    (ctl,) = controllers
+    assert len(ctl.asked) == 5
+    # The warm-ups arrive like the phase's queries, with the run's SLO (the loop may act on
+    # them), and what the loop learned from them stays; only their counts go.
+    assert ctl.slos[1:4] == [None] * 3
+    assert ctl.slo_resets == [(1, True), (4, False)]
 
 
 def test_warmup_queries_are_seeded_and_never_test_or_calibration_ones() -> None:

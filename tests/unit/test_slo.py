@@ -497,3 +497,21 @@ def test_reset_forgets_averages_and_counters_but_not_requests_in_flight() -> Non
     assert tracker.stats.predict_synthesis(Config("stuff", 2)) is None
     assert tracker.counters["requests"] == 0 and tracker.errors.n == 0
     assert tracker.inflight == {t.id: t}
+
+
+def test_a_reset_that_keeps_what_was_learned_forgets_only_what_is_reported() -> None:
+    clock = Clock()
+    tracker = SLOTracker(Mitigation.parse("admission"), clock=clock)
+    warm(tracker, clock, Config("stuff", 2), 1.0)
+    run_with_ratios(tracker, clock, 2.0, [4.0] * MIN_RATIOS)
+    tracker.counters["shed"] = 3
+    tracker.held_s = 1.5
+    delay = tracker.delay
+    tracker.reset(learned=False)
+    assert tracker.counters["requests"] == 0 and tracker.counters["shed"] == 0
+    assert tracker.errors.n == 0 and tracker.held_s == 0.0
+    # What a warm-up taught stays: the averages, the delay model, the record of actual/predicted.
+    assert tracker.stats.predict_synthesis(Config("stuff", 2)) is not None
+    assert tracker.delay is delay and tracker.recorded_calibration() == pytest.approx(2.0)
+    tracker.reset()
+    assert tracker.delay is not delay and tracker.recorded_calibration() == 1.0
