@@ -854,8 +854,8 @@ class Controller:
             raise SLOUnmeetable(
                 f"refused before any engine call: held while its prefill would have pushed "
                 f"requests in flight past their deadlines, until {decision.config.label} was "
-                f"predicted to miss this request's own SLO (SLO mitigation 'hold'); retry later "
-                f"or with a longer SLO"
+                f"predicted to miss this request's own SLO ({trace.refusal()}; SLO mitigation "
+                f"'hold'); retry later or with a longer SLO"
             )
         # No await between the hold and the first stage's start: the next held request must
         # see this one's prefill among the stalls of the requests in flight.

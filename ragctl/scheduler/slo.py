@@ -467,6 +467,9 @@ class Tracked:
     """Prefill seconds (`SLOTracker.prefill_s`) of the stages other requests started beside
     it since its synthesis started: what the projection adds for them."""
     held_s: float = 0.0
+    missed_own: tuple[float, float] | None = None
+    """Why `hold` refused it: (its own synthesis seconds as the hold check read them, the
+    seconds then left until its deadline)."""
     engine: str = ""
     """The engine of a pool its synthesis runs on (its label; set by `hold`): prefills stall
     the requests of their own engine only."""
@@ -898,6 +901,7 @@ class SLOTracker:
                 else:
                     own = self.predict(t.config, t.work)
                     if own is not None and now + own * self.hold_scale() > t.deadline:
+                        t.missed_own = (own * self.hold_scale(), t.deadline - now)
                         if self.mitigation.shed:
                             self.counters["held_shed"] += 1
                             self.counters["shed"] += 1
@@ -962,6 +966,10 @@ class StageHooks:
         while the tracker holds the request; False: it is refused (`SLOUnmeetable`)."""
         return True
 
+    def refusal(self) -> str:
+        """Why `hold` refused the request, in figures ("" when it did not)."""
+        return ""
+
     def on_stage(self, stage: str) -> None:
         """The run enters `stage` (`queue`, then each synthesis stage)."""
 
@@ -1000,6 +1008,13 @@ class RequestTrace(StageHooks):
 
     async def hold(self, engine: str = "") -> bool:
         return await self.tracker.hold(self.tracked, engine)
+
+    def refusal(self) -> str:
+        t = self.tracked
+        if t.missed_own is None:
+            return ""
+        own, left = t.missed_own
+        return f"predicted {own:.2f} s with {left:.2f} s left after {t.held_s:.2f} s held"
 
     def on_stage(self, stage: str) -> None:
         self.tracker.enter(self.tracked, stage)

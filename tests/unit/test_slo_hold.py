@@ -6,6 +6,7 @@ through the controller over the fake engine (the real engine: tests/integration/
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -131,6 +132,8 @@ async def test_a_held_request_whose_own_deadline_goes_is_refused_or_goes_without
         clock.now += 0.9  # 1 s from now misses its deadline: waiting longer cannot help it
         assert await held is expected
         assert t.counters["held_shed"] == (0 if expected else 1)
+        # What the check read when it gave up: 1 s of its own against 0.9 s left.
+        assert j.missed_own == pytest.approx((1.0, 0.9))
         assert t.counters["shed"] == t.counters["held_shed"]
 
 
@@ -171,8 +174,11 @@ async def test_through_the_controller_a_held_request_is_refused_before_any_engin
     assert not second.done() and slo.counters["held_requests"] == 1
     assert len(engine.tags) == 2  # the probe's call and the first's: nothing of the second
     clock.now += 0.6 * predicted_ms / 1000  # its own prediction from now misses its SLO
-    with pytest.raises(SLOUnmeetable, match="held while its prefill"):
+    with pytest.raises(SLOUnmeetable, match="held while its prefill") as refused:
         await second
+    # It says in figures why: its own prediction against the seconds left, and its wait.
+    assert re.search(r"predicted \d+\.\d\d s with -?\d+\.\d\d s left after \d+\.\d\d s held",
+                     str(refused.value))  # fmt: skip
     assert ctl.counters["shed"] == 1 and len(engine.tags) == 2
     engine.hold.set()
     answer = await first
