@@ -237,8 +237,8 @@ async def _run(
             settings, card.name, progress=stage_callback(bar, card.name)
         )
         try:
-            # Warm-ups are not measured: they carry no SLO (under `admission` one could be shed
-            # before the engine has seen its batch shapes).
+            # The engine's first call is not measured and carries no SLO (under `admission` it
+            # could be shed before the engine has seen a single batch shape).
             await controller.aask(test[0].question, Config("stuff", 1), slo_ms=math.inf)
             controller.slo.reset()  # nor are its stage times (the engine's first call is slow)
             if meta.get("warmup"):

@@ -468,8 +468,9 @@ class Tracked:
     it since its synthesis started: what the projection adds for them."""
     held_s: float = 0.0
     missed_own: tuple[float, float] | None = None
-    """Why `hold` refused it: (its own synthesis seconds as the hold check read them, the
-    seconds then left until its deadline)."""
+    """Set when `hold` stopped holding it because its own prediction missed (refused under
+    shedding): its own synthesis seconds as the hold check read them, and the seconds then
+    left until its deadline."""
     engine: str = ""
     """The engine of a pool its synthesis runs on (its label; set by `hold`): prefills stall
     the requests of their own engine only."""
