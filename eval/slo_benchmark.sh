@@ -12,9 +12,10 @@
 #   SEEDS (the loaded runs' query samples and arrival times, default 1; several, e.g. 1,2: each
 #   seed's runs go to OUT/sSEED/MODE and the table pools them); UNLOADED (an earlier unloaded
 #   run to reuse, default OUT/unloaded); WARMUP (queries answered and discarded after each
-#   engine start, before anything is measured, at the cell's rate and SLO, default 24 (the delay model needs 8 stages, the records 10 requests); the SLO
-#   loop keeps what it learned from them, as a running server would have); MODES (the mitigations, off first,
-#   default off,patchwork,adaptive,admission); PYTHON (one with ragctl installed, for the pooled
+#   engine start, before anything is measured, at the cell's rate and SLO, default 24: the
+#   delay model needs 8 stages and the records 10 requests; the SLO loop keeps what it learned
+#   from them, as a running server would have); MODES (the mitigations, off first, default
+#   off,patchwork,adaptive,admission); PYTHON (one with ragctl installed, for the pooled
 #   table's intervals, default .venv/bin/python)
 set -euo pipefail
 dataset=${1:-squad}
