@@ -435,6 +435,9 @@ class SLORecord:
     stalls_ms: float = 0.0
     """Prefill time of the stages other requests started beside it (by the engine's step
     costs where it reports them, else by the delay model)."""
+    hold_own_ms: float | None = None
+    """Its own synthesis time as holding last read it, when it released the request (None:
+    not held): what to hold against the synthesis time it took."""
     delay_ms: float | None = None
     met: bool | None = None
 

@@ -467,10 +467,10 @@ class Tracked:
     """Prefill seconds (`SLOTracker.prefill_s`) of the stages other requests started beside
     it since its synthesis started: what the projection adds for them."""
     held_s: float = 0.0
-    missed_own: tuple[float, float] | None = None
-    """Set when `hold` stopped holding it because its own prediction missed (refused under
-    shedding): its own synthesis seconds as the hold check read them, and the seconds then
-    left until its deadline."""
+    hold_own: tuple[float, float] | None = None
+    """Its own synthesis seconds as `hold`'s last check read them (the prediction under the
+    load then, times `hold_scale`), and the seconds then left until its deadline: what it was
+    released or refused on; None when it was not held or has no SLO."""
     engine: str = ""
     """The engine of a pool its synthesis runs on (its label; set by `hold`): prefills stall
     the requests of their own engine only."""
@@ -660,6 +660,7 @@ class SLOTracker:
             held_ms=t.held_s * 1000,
             projected_ms=None if t.projected_s is None else t.projected_s * 1000,
             stalls_ms=t.stalls_s * 1000,
+            hold_own_ms=None if t.hold_own is None else t.hold_own[0] * 1000,
             delay_ms=delay * 1000,
             met=met,
         )
@@ -901,8 +902,9 @@ class SLOTracker:
                         break
                 else:
                     own = self.predict(t.config, t.work)
+                    if own is not None:
+                        t.hold_own = (own * self.hold_scale(), t.deadline - now)
                     if own is not None and now + own * self.hold_scale() > t.deadline:
-                        t.missed_own = (own * self.hold_scale(), t.deadline - now)
                         if self.mitigation.shed:
                             self.counters["held_shed"] += 1
                             self.counters["shed"] += 1
@@ -1012,9 +1014,9 @@ class RequestTrace(StageHooks):
 
     def refusal(self) -> str:
         t = self.tracked
-        if t.missed_own is None:
+        if t.hold_own is None:
             return ""
-        own, left = t.missed_own
+        own, left = t.hold_own
         return f"predicted {own:.2f} s with {left:.2f} s left after {t.held_s:.2f} s held"
 
     def on_stage(self, stage: str) -> None:

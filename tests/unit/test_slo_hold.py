@@ -119,6 +119,10 @@ async def test_a_held_request_goes_when_the_one_it_protects_finishes() -> None:
     assert await held is True
     assert j.held_s == pytest.approx(0.5) and t.held_s == pytest.approx(0.5)
     assert t.counters["held_shed"] == 0
+    # Its record says what it was released on: its own 1 s (the last check, 0.5 s earlier).
+    record = t.finish(j, ok=True)
+    assert record is not None and record.hold_own_ms == pytest.approx(1000)
+    assert k.hold_own is None  # never held
 
 
 async def test_a_held_request_whose_own_deadline_goes_is_refused_or_goes_without_shedding() -> None:
@@ -133,7 +137,7 @@ async def test_a_held_request_whose_own_deadline_goes_is_refused_or_goes_without
         assert await held is expected
         assert t.counters["held_shed"] == (0 if expected else 1)
         # What the check read when it gave up: 1 s of its own against 0.9 s left.
-        assert j.missed_own == pytest.approx((1.0, 0.9))
+        assert j.hold_own == pytest.approx((1.0, 0.9))
         assert t.counters["shed"] == t.counters["held_shed"]
 
 
