@@ -14,7 +14,10 @@
 #   run to reuse, default OUT/unloaded); WARMUP (queries answered and discarded after each
 #   engine start, before anything is measured, at the cell's rate and SLO, default 24: the
 #   delay model needs 8 stages and the records 10 requests; the SLO loop keeps what it learned
-#   from them, as a running server would have); MODES (the mitigations, off first, default
+#   from them, as a running server would have); COOLDOWN (at most this many other queries go on
+#   arriving at the cell's rate after its last measured arrival, until every measured query has
+#   finished, unrecorded, default 16: the last measured requests meet a steady stream's load,
+#   not an engine the run stops feeding); MODES (the mitigations, off first, default
 #   off,patchwork,adaptive,admission); PYTHON (one with ragctl installed, for the pooled
 #   table's intervals, default .venv/bin/python)
 set -euo pipefail
@@ -23,6 +26,7 @@ out=${2:-eval/out/slo-$dataset}
 limit=${LIMIT:-16}
 seeds=${SEEDS:-${SEED:-1}}
 warmup=${WARMUP:-24}
+cooldown=${COOLDOWN:-16}
 ragctl=${RAGCTL:-ragctl}
 unloaded=${UNLOADED:-$out/unloaded}
 modes=${MODES:-off,patchwork,adaptive,admission}
@@ -49,7 +53,7 @@ for seed in ${seeds//,/ }; do
     if [ ! -f "$out/s$seed/$mode/results.json" ]; then
       $ragctl eval run --dataset "$dataset" --systems ragctl --limit "$limit" --rate "$rates" \
         --slo-ms "$slo" --slo-mitigation "$mode" --seed "$seed" --warmup "$warmup" \
-        --out "$out/s$seed/$mode"
+        --cooldown "$cooldown" --out "$out/s$seed/$mode"
     fi
   done
 done

@@ -83,6 +83,12 @@ def eval_run(
         help="Warm up first with N other queries, discarded: with --rate, arriving at the "
         "first rate with the run's SLO (the SLO loop keeps what it learned); else all at once.",
     ),
+    cooldown: int = typer.Option(
+        0,
+        min=0,
+        help="With --rate: after each phase's last measured arrival, up to N other queries go "
+        "on arriving at its rate until every measured query has finished; none is recorded.",
+    ),
 ) -> None:
     """Run the systems side by side on one engine and write results.json, samples.jsonl,
     summary.csv and plots to --out."""
@@ -93,7 +99,7 @@ def eval_run(
     settings: Settings = ctx.obj.with_overrides(slo_ms=slo_ms, slo_mitigation=slo_mitigation)
     evaluation = run_evaluation(
         settings,
-        RunRequest(dataset, systems, limit, calibration, rate, concurrency, seed, warmup),
+        RunRequest(dataset, systems, limit, calibration, rate, concurrency, seed, warmup, cooldown),
         out_dir,
         resume=resume,
         allocation=load_plan_option(plan_file, dataset),

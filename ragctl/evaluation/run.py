@@ -13,12 +13,12 @@ import math
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ragctl.errors import DataNotFound, InvalidRequest
+from ragctl.errors import DataNotFound, InvalidRequest, RagctlError
 from ragctl.evaluation.summaries import Evaluation, summarize
 from ragctl.evaluation.systems import (
     DEFAULT_GRID,
@@ -60,7 +60,7 @@ RUN_FILE = "run.json"
 """What a run was asked to do (and AdaptiveRAG*'s calibration table): `--resume` checks it."""
 RESUME_KEYS = (
     "dataset", "systems", "limit", "calibration", "seed", "rates", "concurrency", "slo_ms",
-    "slo_mitigation", "plan",
+    "slo_mitigation", "plan", "cooldown",
 )  # fmt: skip
 
 
@@ -81,6 +81,11 @@ class RunRequest:
     measured phase must not pay for them. Open loop, they arrive at the first phase's rate
     with the run's SLO, and the SLO loop keeps what it learned from them (a running server's
     delay model and records are not empty); closed loop, all at once, forgotten."""
+    cooldown: int = 0
+    """Open loop: at most this many other queries (not the warm-up's) go on arriving at each
+    phase's rate after its last measured arrival, until every measured query has finished, and
+    are not recorded (`Runner.run`): a phase stands for a steady stream to its end, as the
+    warm-up makes it stand for one from its start."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,8 @@ def run_evaluation(
         raise InvalidRequest("give --rate (open loop) or --concurrency (closed loop), not both")
     if not rates and concurrency is None:
         concurrency = allocation.concurrency if allocation is not None else 4
+    if request.cooldown and not rates:
+        raise InvalidRequest("--cooldown needs --rate: only open-loop arrivals go on arriving")
     meta = {
         "dataset": request.dataset, "systems": request.systems, "limit": request.limit,
         "calibration": request.calibration if plan.needs_calibration else 0,
@@ -192,6 +199,8 @@ def run_evaluation(
         # Without an SLO the mitigation does nothing; None keeps older runs resumable.
         "slo_mitigation": mitigation.label if run_slo else None,
         "plan": None if allocation is None else allocation.settings_overrides(),
+        # None without one: runs from before the cool-down stay resumable.
+        "cooldown": request.cooldown or None,
     }  # fmt: skip
     previous = check_out_dir(out_dir, meta, resume)
     meta.update({
@@ -241,9 +250,9 @@ async def _run(
             # could be shed before the engine has seen a single batch shape).
             await controller.aask(test[0].question, Config("stuff", 1), slo_ms=math.inf)
             controller.slo.reset()  # nor are its stage times (the engine's first call is slow)
-            if meta.get("warmup"):
+            extra = warmup_queries(queries, [*test, *calib], meta["warmup"], meta["seed"])
+            if extra:
                 bar.update(task, description=f"{card.name}: warming the engine up")
-                extra = warmup_queries(queries, [*test, *calib], meta["warmup"], meta["seed"])
                 rate = meta["rates"][0] * len(plan.systems) if meta["rates"] else None
                 await warm_up(controller, extra, rate, meta["seed"])
                 # Paced, the warm-up is the traffic a running server has already served: what
@@ -280,6 +289,11 @@ async def _run(
                 meta["adaptiverag_table"] = runner.adaptiverag_table
                 meta["calibration_classes"] = classes
                 save_meta(out_dir, meta)
+            cooldown = interleave(
+                warmup_queries(queries, [*test, *calib, *extra], meta.get("cooldown") or 0,
+                               meta["seed"]),
+                plan.systems,
+            )  # fmt: skip
             meta["cold_phases"] = []
             for rate in meta["rates"] or [None]:
                 # Every phase answers the same test queries. From an empty prefix cache, none
@@ -301,6 +315,7 @@ async def _run(
                     runner, interleave(test, plan.systems), out_dir / SAMPLES_FILE, bar, task,
                     f"{card.name}: {phase}", rate=rate,
                     concurrency=None if rate else meta["concurrency"], seed=meta["seed"],
+                    cooldown=cooldown,
                 )  # fmt: skip
         finally:
             meta["counters"] = dict(controller.counters)
@@ -331,19 +346,16 @@ async def warm_up(
             return_exceptions=True,
         )
         return
-    from ragctl.evaluation.runner import poisson_arrivals
+    from ragctl.evaluation.runner import gather_all, paced, poisson_arrivals
 
-    start = time.perf_counter()
+    async def ask(question: str) -> None:
+        with suppress(RagctlError):
+            await controller.aask(question)
+
     tasks: list[asyncio.Future[Any]] = []
-    try:
-        arrivals = poisson_arrivals(len(queries), rate, seed + WARMUP_SEED)
-        for q, at in zip(queries, arrivals, strict=True):
-            await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
-            tasks.append(asyncio.ensure_future(controller.aask(q.question)))
-        await asyncio.gather(*tasks, return_exceptions=True)
-    finally:
-        for t in tasks:  # interrupted: their engine calls stop
-            t.cancel()
+    arrivals = poisson_arrivals(len(queries), rate, seed + WARMUP_SEED)
+    calls = [lambda q=q: ask(q.question) for q in queries]
+    await gather_all(tasks, lambda: paced(calls, arrivals, time.perf_counter(), tasks))
 
 
 async def _phase(
@@ -357,8 +369,10 @@ async def _phase(
     rate: float | None,
     concurrency: int | None,
     seed: int = 0,
+    cooldown: Sequence[Job] = (),
 ) -> None:
-    """Run the jobs of one phase that `path` does not hold yet, appending their rows to it."""
+    """Run the jobs of one phase that `path` does not hold yet, appending their rows to it
+    (`cooldown`: `Runner.run`'s)."""
     from ragctl.evaluation.runner import done_keys
 
     done = done_keys(path, rate)
@@ -367,7 +381,7 @@ async def _phase(
     writer = SampleWriter(path)
     try:
         await runner.run(todo, writer, rate=rate, concurrency=concurrency, seed=seed,
-                         on_done=lambda _: bar.advance(task))  # fmt: skip
+                         on_done=lambda _: bar.advance(task), cooldown=cooldown)  # fmt: skip
     finally:
         writer.close()
 

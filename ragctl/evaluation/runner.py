@@ -6,16 +6,20 @@ The phases of a whole run are in `ragctl.evaluation.run`.
 A job is (query, system). Jobs are interleaved query by query, with the system order rotated
 per query, so no system always goes first. Open loop: each system receives queries at `rate`
 per second (the merged arrivals are Poisson at rate × systems, seeded); a job starts at its
-arrival whatever is still running, and its delay counts from the arrival. Closed loop: N
-workers take the next job as soon as they finish one.
+arrival whatever is still running, and its delay counts from the arrival. A cool-down (open
+loop) goes on sending other queries at the same rate after the last measured arrival, until
+every measured job has finished, and records none of them: the last measured requests meet
+the load of a steady stream, not an engine that empties because the run stops sending.
+Closed loop: N workers take the next job as soon as they finish one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +63,36 @@ def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
         t += rng.expovariate(rate)
         out.append(t)
     return out
+
+
+COOLDOWN_SEED = 104729
+"""Added to the run's seed for the cool-down's arrivals (the measured ones stay the same)."""
+
+
+async def paced(
+    calls: Sequence[Callable[[], Awaitable[Any]]],
+    arrivals: Sequence[float],
+    start: float,
+    tasks: list[asyncio.Future[Any]],
+    *,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Start each call at its arrival (seconds after `start`, on `time.perf_counter`) and append
+    its task to `tasks`, whatever is still running; once `stop` is set, start no more. The
+    caller awaits the tasks (`gather_all`)."""
+    for call, at in zip(calls, arrivals, strict=True):
+        delay = at - (time.perf_counter() - start)
+        if stop is None:
+            if delay > 0:
+                await asyncio.sleep(delay)
+        else:
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
+            if stop.is_set():
+                return
+        tasks.append(asyncio.ensure_future(call()))
 
 
 def done_keys(path: Path, rate: float | None) -> set[tuple[str, str]]:
@@ -158,11 +192,16 @@ class Runner:
         concurrency: int | None = None,
         seed: int = 0,
         on_done: Callable[[dict[str, Any]], None] | None = None,
+        cooldown: Sequence[Job] = (),
     ) -> int:
         """Run `jobs` (open loop at `rate` per system, else closed loop at `concurrency`);
-        returns how many rows were written. Every job ends as a row: an answer or an error."""
+        returns how many rows were written. Every job ends as a row: an answer or an error.
+        `cooldown` (open loop): jobs that go on arriving after the last measured one until
+        every measured job has finished; no row is written for them."""
         if (rate is None) == (concurrency is None):
             raise InvalidRequest("give either a rate (open loop) or a concurrency (closed loop)")
+        if cooldown and rate is None:
+            raise InvalidRequest("a cool-down needs open-loop arrivals (--rate)")
         start = time.perf_counter()
         written = 0
 
@@ -183,13 +222,35 @@ class Runner:
         if rate is not None:
             systems = len({j.system.name for j in jobs}) or 1
             arrivals = poisson_arrivals(len(jobs), rate * systems, seed)
-            tasks = []
-            for job, at in zip(jobs, arrivals, strict=True):
-                delay = at - (time.perf_counter() - start)
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                tasks.append(asyncio.ensure_future(one(job, at)))
-            await _gather_all(tasks)
+            tasks: list[asyncio.Future[Any]] = []
+            left = len(jobs)
+            finished = asyncio.Event()
+
+            async def measured(job: Job, at: float) -> None:
+                nonlocal left
+                try:
+                    await one(job, at)
+                finally:
+                    left -= 1
+                    if left == 0:
+                        finished.set()
+
+            async def unmeasured(job: Job) -> None:
+                with contextlib.suppress(RagctlError):  # not a row: its error is nobody's result
+                    await self.run_job(job)
+
+            async def send() -> None:
+                calls = [
+                    lambda j=j, at=at: measured(j, at) for j, at in zip(jobs, arrivals, strict=True)
+                ]
+                await paced(calls, arrivals, start, tasks)
+                if cooldown and jobs:
+                    after = poisson_arrivals(len(cooldown), rate * systems, seed + COOLDOWN_SEED)
+                    await paced([lambda j=j: unmeasured(j) for j in cooldown],
+                                [arrivals[-1] + a for a in after], start, tasks,
+                                stop=finished)  # fmt: skip
+
+            await gather_all(tasks, send)
         else:
             queue: asyncio.Queue[Job] = asyncio.Queue()
             for job in jobs:
@@ -201,14 +262,19 @@ class Runner:
                     await one(job, time.perf_counter() - start)
 
             assert concurrency is not None
-            await _gather_all([asyncio.ensure_future(worker()) for _ in range(concurrency)])
+            workers = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
+            await gather_all(workers)
         return written
 
 
-async def _gather_all(tasks: Iterable[asyncio.Future[Any]]) -> None:
-    """Await all; if interrupted, cancel the rest and wait for them (their engine calls stop)."""
-    tasks = list(tasks)
+async def gather_all(
+    tasks: list[asyncio.Future[Any]], launch: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Await `launch` (which may add to `tasks`), then all of `tasks`; if interrupted or one
+    fails, cancel the rest and wait for them (their engine calls stop)."""
     try:
+        if launch is not None:
+            await launch()
         await asyncio.gather(*tasks)
     finally:
         for t in tasks:

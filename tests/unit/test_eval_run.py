@@ -4,6 +4,7 @@ and the checks before anything starts."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -51,6 +52,8 @@ class FakeController:
 
     can_reset = False
     """Whether the fake engine says it emptied its prefix cache."""
+    answer_s = 0.0
+    """How long each answer takes."""
 
     async def _reset(self) -> bool:
         self.resets.append(len(self.asked))
@@ -62,6 +65,8 @@ class FakeController:
         self.asked.append((question, config))
         self.slos.append(slo_ms)
         self.counters["asks"] += 1
+        if self.answer_s:
+            await asyncio.sleep(self.answer_s)
         used = config or Config("stuff", 3)
         decision = Decision(used, "fixed" if config else "fit")
         return Answer(question, "x", decision, (), (), {"queue": 0.0, "profile": 0.01})
@@ -205,6 +210,40 @@ def test_an_open_loop_warmup_is_paced_traffic_with_the_runs_slo_and_is_learned_f
     # them), and what the loop learned from them stays; only their counts go.
     assert ctl.slos[1:4] == [None] * 3
     assert ctl.slo_resets == [(1, True), (4, False)]
+
+
+@pytest.mark.parametrize(("answer_s", "sent"), [(0.3, 2), (0.0, 0)])
+def test_a_cooldown_goes_on_arriving_until_the_measured_queries_finish_and_is_not_recorded(
+    tmp_path: Path,
+    data_dir: Path,
+    controllers: list[FakeController],
+    monkeypatch: pytest.MonkeyPatch,
+    answer_s: float,
+    sent: int,
+) -> None:
+    # 4 queries: 1 measured, 1 to warm up with, the other 2 for the cool-down. At 20 q/s both
+    # arrive while a measured answer takes 0.3 s; an instant one leaves none to send.
+    monkeypatch.setattr(FakeController, "answer_s", answer_s)
+    request = RunRequest("squad", "ragctl", 1, 0, "20", None, 0, warmup=1, cooldown=5)
+    settings = Settings(data_dir=data_dir, cache_dir=data_dir.parent / "cache", slo_ms=2000)
+    out = tmp_path / "out"
+    run_evaluation(settings, request, out, resume=False, allocation=None, progress=_progress)
+    (ctl,) = controllers
+    samples = [json.loads(line) for line in (out / "samples.jsonl").open()]
+    assert len(samples) == 1 and read_meta(out)["cooldown"] == 5
+    measured = f"what is {samples[0]['query_id'][1:]}?"
+    asked = [q for q, _ in ctl.asked]
+    assert asked[2] == measured and len(asked) == 3 + sent
+    assert len(set(asked[1:])) == len(asked) - 1  # the cool-down's are other queries
+    assert ctl.slos[3:] == [None] * sent  # with the run's SLO, as the measured ones
+
+
+def test_a_cooldown_needs_open_loop_arrivals(tmp_path: Path, data_dir: Path) -> None:
+    request = RunRequest("squad", "ragctl", 1, 0, None, 1, 0, cooldown=2)
+    settings = Settings(data_dir=data_dir, cache_dir=data_dir.parent / "cache")
+    with pytest.raises(InvalidRequest, match="--cooldown needs --rate"):
+        run_evaluation(settings, request, tmp_path / "out", resume=False, allocation=None,
+                       progress=_progress)  # fmt: skip
 
 
 def test_warmup_queries_are_seeded_and_never_test_or_calibration_ones() -> None:
