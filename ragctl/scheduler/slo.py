@@ -866,11 +866,12 @@ class SLOTracker:
             return None
         return max(t.synthesis_start + t.projected_s * scale + t.stalls_s, now)
 
-    def threatened(self, t: Tracked, stall_s: float) -> bool:
+    def threatened(self, t: Tracked, stall_s: float, scale: float | None = None) -> bool:
         """Whether starting `t` now, whose prefill costs `stall_s`, would push a request in
-        flight past a deadline it is projected to meet."""
+        flight past a deadline it is projected to meet (`scale`: `hold_scale()`, when the
+        caller has it)."""
         now = self.clock()
-        scale = self.hold_scale()
+        scale = self.hold_scale() if scale is None else scale
         for k in self.inflight.values():
             if k is t or k.deadline is None or k.engine != t.engine:
                 continue
@@ -895,7 +896,8 @@ class SLOTracker:
         start = self.clock()
         self.counters["held_requests"] += 1
         try:
-            while self.threatened(t, stall):
+            # One scale per poll: the own check and the projections read the same record.
+            while self.threatened(t, stall, scale := self.hold_scale()):
                 now = self.clock()
                 if t.deadline is None:
                     if now - start >= self.mitigation.max_pause_s:
@@ -903,8 +905,8 @@ class SLOTracker:
                 else:
                     own = self.predict(t.config, t.work)
                     if own is not None:
-                        t.hold_own = (own * self.hold_scale(), t.deadline - now)
-                    if own is not None and now + own * self.hold_scale() > t.deadline:
+                        t.hold_own = (own * scale, t.deadline - now)
+                    if own is not None and now + own * scale > t.deadline:
                         if self.mitigation.shed:
                             self.counters["held_shed"] += 1
                             self.counters["shed"] += 1
