@@ -85,7 +85,8 @@ class RunRequest:
     """Open loop: at most this many other queries (not the warm-up's) go on arriving at each
     phase's rate after its last measured arrival, until every measured query has finished, and
     are not recorded (`Runner.run`): a phase stands for a steady stream to its end, as the
-    warm-up makes it stand for one from its start."""
+    warm-up makes it stand for one from its start. The SLO loop serves them like any request,
+    so its own totals (`meta.slo`) count them; the phase's rows and figures do not."""
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,31 @@ def test_eval_run_interrupt_resume_report(
     assert report.returncode == 0 and "adaptiverag" in report.stdout and "oracle" in report.stdout
 
 
+def test_an_open_loop_run_warms_up_and_cools_down_on_the_engine(
+    small_squad: tuple[Settings, list[Query]], model_path: str, vllm_server, tmp_path: Path
+) -> None:
+    """The SLO benchmark's run: paced warm-up with the run's SLO, a measured phase, and a
+    cool-down that goes on arriving until the measured queries finish, on the real engine."""
+    settings, _ = small_squad
+    out = tmp_path / "open"
+    run = ["eval", "run", "--dataset", "squad", "--systems", "ragctl", "--limit", "2",
+           "--rate", "10", "--warmup", "2", "--cooldown", "2", "--slo-ms", "60000",
+           "--slo-mitigation", "admission", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    done = subprocess.run(ragctl(run, settings, model_path, vllm_server.url),
+                          capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = rows(out / "samples.jsonl")
+    assert len(final) == 2 and not [r for r in final if r["error"]]
+    assert all(r["rate"] == 10.0 and r["slo_ms"] == 60000 for r in final)
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["warmup"] == meta["cooldown"] == 2
+    # The SLO loop counts what it served after the warm-up: the 2 measured queries and the 2
+    # of the cool-down, which arrive (0.02 and 0.12 s after the last measured one, seeded)
+    # before a measured answer is done on this engine.
+    assert meta["slo"]["requests"] == 4 and meta["slo"]["met"] == 4
+
+
 def test_eval_ls_and_clear_errors(small_squad: tuple[Settings, list[Query]], tmp_path) -> None:
     settings, _ = small_squad
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
