@@ -127,7 +127,7 @@ def test_an_open_loop_run_warms_up_and_cools_down_on_the_engine(
     meta = json.loads((out / "run.json").read_text())
     assert meta["warmup"] == meta["cooldown"] == 2
     # The SLO loop counts what it served after the warm-up: the 2 measured queries and the 2
-    # of the cool-down, which arrive (0.02 and 0.12 s after the last measured one, seeded)
+    # of the cool-down, which arrive (0.02 and 0.09 s after the last measured one, seeded)
     # before a measured answer is done on this engine.
     assert meta["slo"]["requests"] == 4 and meta["slo"]["met"] == 4
 
