@@ -341,18 +341,15 @@ async def warm_up(
     the run's SLO, so that the SLO loop acts and learns as in the phase that follows), else all
     at once without an SLO (the batch shapes of a loaded engine occur, none is refused). A
     failure here is the run's own to report, on its measured queries."""
-    if rate is None:
-        await asyncio.gather(
-            *(controller.aask(q.question, slo_ms=math.inf) for q in queries),
-            return_exceptions=True,
-        )
-        return
     from ragctl.evaluation.runner import gather_all, paced, poisson_arrivals
 
     async def ask(question: str) -> None:
         with suppress(RagctlError):
-            await controller.aask(question)
+            await controller.aask(question, slo_ms=None if rate else math.inf)
 
+    if rate is None:
+        await gather_all([asyncio.ensure_future(ask(q.question)) for q in queries])
+        return
     tasks: list[asyncio.Future[Any]] = []
     arrivals = poisson_arrivals(len(queries), rate, seed + WARMUP_SEED)
     calls = [lambda q=q: ask(q.question) for q in queries]

@@ -906,12 +906,12 @@ class SLOTracker:
                     own = self.predict(t.config, t.work)
                     if own is not None:
                         t.hold_own = (own * scale, t.deadline - now)
-                    if own is not None and now + own * scale > t.deadline:
-                        if self.mitigation.shed:
-                            self.counters["held_shed"] += 1
-                            self.counters["shed"] += 1
-                            return False
-                        break
+                        if own * scale > t.deadline - now:
+                            if self.mitigation.shed:
+                                self.counters["held_shed"] += 1
+                                self.counters["shed"] += 1
+                                return False
+                            break
                 await self._until_released(self.poll_s)
             return True
         finally:
