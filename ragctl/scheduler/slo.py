@@ -20,18 +20,19 @@
   median of actual / predicted) and a request whose fastest fitting configuration is then
   predicted to miss is refused before any engine call (`SLOUnmeetable`): near capacity, its
   work would only make the requests that can still make it miss as well. Shedding is
-  work-conserving: with nothing of ragctl's running on the engine, predictions are taken as
-  they are. Holding (on in `admission`): a request about to start its synthesis waits while
-  its prefill would push a request in flight past a deadline that request is projected to meet
-  (`SLOTracker.hold`): the engine's steps wait for every prefill, so each arrival delays
-  everyone running beside it, and near capacity it is the arrivals after a request started
-  that make it miss. A request in flight is projected from its start: the delay model's
-  prediction then, read at its record's `HOLD_QUANTILE`, plus the prefill seconds of every
-  stage started beside it since (its `stalls_s`). A prefill's seconds come from the engine's
-  own steps where it reports them (`step_costs`: a step's seconds fitted on the prompt and
-  generated tokens in it), else from the delay model's per-prompt-token coefficient. A held
-  request whose own prediction stops meeting its deadline is refused (with `shed`) or goes
-  (without). `Mitigation` switches each mechanism on or off.
+  work-conserving: with nothing of ragctl's running on the engine, only a request with no time
+  left is refused (`choose_within_slo`'s `engine_idle`). Holding (on in `admission`): a
+  request about to start its synthesis waits while its prefill would push a request in flight
+  past a deadline that request is projected to meet (`SLOTracker.hold`): the engine's steps
+  wait for every prefill, so each arrival delays everyone running beside it, and near capacity
+  it is the arrivals after a request started that make it miss. A request in flight is
+  projected from its start: the delay model's prediction then, read at its record's
+  `HOLD_QUANTILE`, plus the prefill seconds of every stage started beside it since (its
+  `stalls_s`). A prefill's seconds come from the engine's own steps where it reports them
+  (`step_costs`: a step's seconds fitted on the prompt and generated tokens in it), else from
+  the delay model's per-prompt-token coefficient. A held request whose own prediction stops
+  meeting its deadline is refused (with `shed`) or goes (without). `Mitigation` switches each
+  mechanism on or off.
 
 Only `SLOTracker.gate` and `SLOTracker.hold` await; the clock is injected, so everything is
 testable without time.
@@ -373,6 +374,7 @@ def choose_within_slo(
     optimism: float = 1.0,
     calibration: float = 1.0,
     shed: bool = False,
+    engine_idle: bool = False,
 ) -> Plan:
     """Best-fit that keeps the request's time budget.
 
@@ -389,6 +391,13 @@ def choose_within_slo(
     predicted: `SLOTracker.calibration`) before it is held against the budget, and where step 3
     is reached and the fastest still misses so read (or no time is left at all), the plan is
     `shed`: the caller refuses the request instead of running it.
+    Shedding is work-conserving: with `engine_idle` (no synthesis call of ragctl's runs),
+    predictions are taken at face value and refuse nothing; only a request with no time left
+    is shed. A refusal on an idle engine frees nothing for anyone, and the request it refuses is
+    what would refresh the record and the predictor: refusing on a stale record (a burst taught
+    it 4x; seen at 3x of 1/p50: 40 of 40 refused) or on stale running averages (learned from a
+    few requests under load before the delay model was ready; seen near capacity: 40 of 40
+    refused, none held) leaves both stale for good and refuses everything after.
     A `wait` plan stays a wait: when nothing fits, nothing faster fits either.
     `chooser` is best-fit (`choose`, or `objective.choose_objective` with its predictors bound);
     "largest" above is its pick.
@@ -397,7 +406,7 @@ def choose_within_slo(
     base = chooser(space, kv, reserved_total, need, **kwargs)
     if base.config is None:
         return base
-    scale = calibration if shed else 1.0
+    scale = calibration if shed and not engine_idle else 1.0
     predicted = predict(base.config)
     if predicted is None and budget_s > 0:
         return base  # time is left and nothing says this configuration would overrun it
@@ -423,7 +432,7 @@ def choose_within_slo(
     if not known:
         return dataclasses.replace(base, slo_action="shed") if shed and budget_s <= 0 else base
     seconds, fastest = min(known, key=lambda pc: (pc[0], pc[1].num_chunks))
-    if shed and seconds * scale > budget_s:
+    if shed and (budget_s <= 0 or (not engine_idle and seconds * scale > budget_s)):
         action = "shed"
     elif seconds * min(optimism, 1.0) > budget_s:
         action = "unmeetable"
@@ -753,19 +762,15 @@ class SLOTracker:
 
     def calibration(self) -> float:
         """What shedding multiplies a prediction by before it is held against the time left:
-        the median of actual / predicted (`SHED_QUANTILE`), 1 until `MIN_RATIOS` were seen,
-        and 1 while no synthesis call of ragctl's runs on the engine. The record's slowness
-        was the load's; with none, refusing would leave the engine idle while requests wait,
-        and a record that nothing refreshes would go on refusing them all (seen in the SLO
-        benchmark: 40 of 40 refused at 3x of 1/p50, after the phase before taught it 2.2x)."""
-        return 1.0 if self.load.now().seqs == 0 else self.recorded_calibration()
-
-    def recorded_calibration(self) -> float:
-        """The median of actual / predicted over the record (1 until `MIN_RATIOS` were seen),
-        whatever runs now: what `calibration` applies under load, and what reports show (a
-        snapshot taken after the last request would otherwise always read 1)."""
+        the median of actual / predicted over the record (`SHED_QUANTILE`; 1 until
+        `MIN_RATIOS` were seen)."""
         ratio = self.ratio_quantile(SHED_QUANTILE)
         return 1.0 if ratio is None else ratio
+
+    def engine_idle(self) -> bool:
+        """No synthesis call of ragctl's runs on the engine (what shedding's work-conservation
+        reads: `choose_within_slo`'s `engine_idle`)."""
+        return self.load.now().seqs == 0
 
     def optimism(self) -> float:
         """How much faster than predicted a request may turn out, by this predictor's own
@@ -950,7 +955,7 @@ class SLOTracker:
             "step_costs": {name: self._step_costs_dict(name) for name in self.step_logs},
             "predictor": self.predictor,
             "optimism": self.optimism(),
-            "calibration": self.recorded_calibration(),
+            "calibration": self.calibration(),
             "prediction": self.errors.to_dict(),
             "delay_model": self.delay.to_dict(),
         }
@@ -1044,6 +1049,7 @@ class RequestTrace(StageHooks):
             "budget_s": lambda: self.tracker.budget_s(self.tracked),
             "optimism": self.tracker.optimism,
             "calibration": self.tracker.calibration if shed else None,
+            "engine_idle": self.tracker.engine_idle,
         }
 
     def finish(self, *, ok: bool) -> SLORecord | None:

@@ -43,6 +43,19 @@ async def test_a_request_that_cannot_make_its_slo_is_refused_before_any_engine_c
     assert late.decision.slo is not None and not late.decision.slo.met
 
 
+async def test_on_an_idle_engine_a_request_predicted_to_miss_runs_instead_of_refused() -> None:
+    """Seen near capacity: running averages learned under load read every configuration above
+    the SLO; refusing on an idle engine refused all 40 requests and refreshed nothing."""
+    ctl = controller(slo=SLOTracker(Mitigation.parse("admission")))
+    ctl.slo.predict = lambda config, work: 600.0  # type: ignore[method-assign]
+    answer = await ctl.aask(QUESTION, slo_ms=60_000)
+    assert answer.decision.slo is not None and ctl.engine.stages >= 1
+    assert ctl.counters["shed"] == 0
+    with ctl.slo.load.running(1, 300), pytest.raises(SLOUnmeetable, match="predicted to miss"):
+        await ctl.aask(QUESTION, slo_ms=60_000)  # under load, the same prediction sheds it
+    assert ctl.counters["shed"] == 1
+
+
 async def test_a_fixed_configuration_is_never_shed() -> None:
     """Shedding is a planning decision: a caller who named the configuration gets it."""
     ctl = controller(slo=SLOTracker(Mitigation.parse("admission")))
