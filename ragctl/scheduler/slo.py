@@ -889,13 +889,9 @@ class SLOTracker:
         """Hold `t` (planned, before its first engine call on `engine`, a pool member's label)
         while its first stage's prefill would push a request in flight on the same engine past
         a deadline it is projected to meet (`threatened`).
-        Returns False when `t` has an SLO, its own prediction from now stopped meeting it while
-        held, and shedding is on: the caller refuses it. Its own prediction is read as
-        planning's shedding reads it (`calibration`, the median of actual / predicted): the
-        projections of the requests it protects are read at `HOLD_QUANTILE`, a pessimism that
-        protects them, but reading its own so would refuse at the first poll a request that
-        planning had just admitted. Without shedding it then goes; without an SLO it waits at
-        most `max_pause_s`."""
+        Returns False when `t` has an SLO, its own prediction from now (read like a
+        projection) stopped meeting it while held, and shedding is on: the caller refuses it.
+        Without shedding it then goes; without an SLO it waits at most `max_pause_s`."""
         t.engine = engine
         if not self.mitigation.hold or not t.work or t.config is None:
             return True
@@ -905,7 +901,8 @@ class SLOTracker:
         start = self.clock()
         self.counters["held_requests"] += 1
         try:
-            while self.threatened(t, stall):
+            # One scale per poll: the own check and the projections read the same record.
+            while self.threatened(t, stall, scale := self.hold_scale()):
                 now = self.clock()
                 if t.deadline is None:
                     if now - start >= self.mitigation.max_pause_s:
@@ -913,9 +910,8 @@ class SLOTracker:
                 else:
                     own = self.predict(t.config, t.work)
                     if own is not None:
-                        own_s, left_s = own * self.calibration(), t.deadline - now
-                        t.hold_own = (own_s, left_s)
-                        if own_s > left_s:
+                        t.hold_own = (own * scale, t.deadline - now)
+                        if own * scale > t.deadline - now:
                             if self.mitigation.shed:
                                 self.counters["held_shed"] += 1
                                 self.counters["shed"] += 1

@@ -141,28 +141,6 @@ async def test_a_held_request_whose_own_deadline_goes_is_refused_or_goes_without
         assert t.counters["shed"] == t.counters["held_shed"]
 
 
-async def test_a_held_requests_own_prediction_is_read_as_planning_reads_it() -> None:
-    """Projections of the requests protected are read at the record's 75th percentile (3x
-    here); the held request's own prediction at its median (1x), as planning's shedding reads
-    it: 1 s of its 2.5 s meets, so it waits and goes, where 3 s would refuse it at once."""
-    t, clock = tracker()
-    for actual in (1.0,) * 6 + (3.0,) * 4:  # predicted 1 s each
-        k = started(t, None, 100)
-        clock.now += actual
-        t.finish(k, ok=True)
-    assert t.hold_scale() == pytest.approx(3.0, rel=1e-3)
-    assert t.calibration() == pytest.approx(1.0, rel=1e-3)
-    k = started(t, 3500, 100)  # projected to end 3 s from now, 0.5 s before its deadline
-    j = planned(t, 2500, 100)
-    held = asyncio.create_task(t.hold(j))
-    await asyncio.sleep(0.05)
-    assert not held.done()
-    assert j.hold_own == pytest.approx((1.0, 2.5), rel=1e-3)
-    clock.now += 0.5
-    t.finish(k, ok=True)
-    assert await held is True and t.counters["held_shed"] == 0
-
-
 async def test_without_an_slo_a_newcomer_waits_at_most_max_pause_s() -> None:
     t, clock = tracker()
     started(t, 2500, 100)  # ends at 101 or later, deadline 102.5
