@@ -62,12 +62,6 @@ class SLOCollector:
             "Planned requests held before their first engine call.",
             value=s["held_requests"],
         )
-        yield CounterMetricFamily(
-            "ragctl_slo_hold_waived_requests",
-            "Planned requests whose prefill would push requests in flight past their deadlines, "
-            "sent at once because waiting for them would have cost their own deadline.",
-            value=s["hold_waived"],
-        )
         prefill = GaugeMetricFamily(
             "ragctl_engine_prefill_token_seconds",
             "What one prompt token of a prefill delays every sequence beside it, fitted on the "
