@@ -30,11 +30,9 @@
   `HOLD_QUANTILE`, plus the prefill seconds of every stage started beside it since (its
   `stalls_s`). A prefill's seconds come from the engine's own steps where it reports them
   (`step_costs`: a step's seconds fitted on the prompt and generated tokens in it), else from
-  the delay model's per-prompt-token coefficient. Only a request that can afford the wait is
-  held: one whose own prediction plus the wait until the requests it would push are projected
-  to end misses its deadline goes at once (holding it would trade its deadline for theirs). A
-  held request whose own prediction, read as planning reads it, stops meeting its deadline is
-  refused (with `shed`). `Mitigation` switches each mechanism on or off.
+  the delay model's per-prompt-token coefficient. A held request whose own prediction stops
+  meeting its deadline is refused (with `shed`) or goes (without). `Mitigation` switches each
+  mechanism on or off.
 
 Only `SLOTracker.gate` and `SLOTracker.hold` await; the clock is injected, so everything is
 testable without time.
@@ -119,8 +117,8 @@ class Mitigation:
     planning that predicts each configuration)."""
     hold: bool = False
     """Hold a request before its synthesis while its prefill would push a request in flight past
-    a deadline it is projected to meet (`SLOTracker.hold`), if it can afford the wait; refuse it
-    there (with `shed`) once its own prediction misses its deadline."""
+    a deadline it is projected to meet (`SLOTracker.hold`); refuse it there (with `shed`) once
+    its own prediction misses its deadline."""
     max_pause_s: float = 2.0
     """Longest a new request waits at the gate: a bound, so that a flagged request that the
     pause cannot save does not stall admissions for long. A newcomer with an SLO waits at most
@@ -544,7 +542,6 @@ class SLOTracker:
             "shed": 0,
             "held_requests": 0,
             "held_shed": 0,
-            "hold_waived": 0,
         }
         self.paused_s = 0.0
         """Total seconds requests waited at the gate."""
@@ -874,36 +871,27 @@ class SLOTracker:
             return None
         return max(t.synthesis_start + t.projected_s * scale + t.stalls_s, now)
 
-    def wait_s(self, t: Tracked, stall_s: float, scale: float | None = None) -> float | None:
-        """Seconds until the requests in flight that starting `t` now (its prefill costs
-        `stall_s`) would push past a deadline they are projected to meet are projected to end
-        (0 when one is overdue); None when it would push none (`scale`: `hold_scale()`, when
-        the caller has it)."""
+    def threatened(self, t: Tracked, stall_s: float, scale: float | None = None) -> bool:
+        """Whether starting `t` now, whose prefill costs `stall_s`, would push a request in
+        flight past a deadline it is projected to meet (`scale`: `hold_scale()`, when the
+        caller has it)."""
         now = self.clock()
         scale = self.hold_scale() if scale is None else scale
-        wait: float | None = None
         for k in self.inflight.values():
             if k is t or k.deadline is None or k.engine != t.engine:
                 continue
             end = self.projected_end(k, now, scale)
             if end is not None and end <= k.deadline < end + stall_s:
-                wait = max(wait or 0.0, end - now)
-        return wait
-
-    def threatened(self, t: Tracked, stall_s: float, scale: float | None = None) -> bool:
-        """Whether starting `t` now would push a request in flight past a deadline it is
-        projected to meet (`wait_s`)."""
-        return self.wait_s(t, stall_s, scale) is not None
+                return True
+        return False
 
     async def hold(self, t: Tracked, engine: str = "") -> bool:
         """Hold `t` (planned, before its first engine call on `engine`, a pool member's label)
         while its first stage's prefill would push a request in flight on the same engine past
-        a deadline it is projected to meet (`threatened`), as long as `t` can afford the wait:
-        when its own prediction (read like a projection) plus the wait until those requests'
-        projected ends (`wait_s`) would miss its own deadline, it goes at once (`hold_waived`).
-        Returns False when shedding is on and its own prediction read as planning reads it
-        (`calibration`) stopped meeting its deadline while held: the caller refuses it.
-        Without an SLO it waits at most `max_pause_s`."""
+        a deadline it is projected to meet (`threatened`).
+        Returns False when `t` has an SLO, its own prediction from now (read like a
+        projection) stopped meeting it while held, and shedding is on: the caller refuses it.
+        Without shedding it then goes; without an SLO it waits at most `max_pause_s`."""
         t.engine = engine
         if not self.mitigation.hold or not t.work or t.config is None:
             return True
@@ -911,30 +899,24 @@ class SLOTracker:
         if not self.threatened(t, stall):
             return True
         start = self.clock()
-        waiting = False
+        self.counters["held_requests"] += 1
         try:
             # One scale per poll: the own check and the projections read the same record.
-            while (wait := self.wait_s(t, stall, scale := self.hold_scale())) is not None:
+            while self.threatened(t, stall, scale := self.hold_scale()):
                 now = self.clock()
                 if t.deadline is None:
                     if now - start >= self.mitigation.max_pause_s:
                         break
-                elif (own := self.predict(t.config, t.work)) is not None:
-                    left = t.deadline - now
-                    t.hold_own = (own * scale, left)
-                    if self.mitigation.shed and own * self.calibration() > left:
-                        t.hold_own = (own * self.calibration(), left)
-                        self.counters["held_shed"] += 1
-                        self.counters["shed"] += 1
-                        return False
-                    if own * scale + wait > left:
-                        # Holding it would trade its own deadline for theirs: one miss for one
-                        # at best, and it would take its time from requests behind it too.
-                        self.counters["hold_waived"] += 1
-                        break
-                if not waiting:
-                    waiting = True
-                    self.counters["held_requests"] += 1
+                else:
+                    own = self.predict(t.config, t.work)
+                    if own is not None:
+                        t.hold_own = (own * scale, t.deadline - now)
+                        if own * scale > t.deadline - now:
+                            if self.mitigation.shed:
+                                self.counters["held_shed"] += 1
+                                self.counters["shed"] += 1
+                                return False
+                            break
                 await self._until_released(self.poll_s)
             return True
         finally:
