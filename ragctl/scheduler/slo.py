@@ -910,8 +910,9 @@ class SLOTracker:
                 else:
                     own = self.predict(t.config, t.work)
                     if own is not None:
-                        t.hold_own = (own * scale, t.deadline - now)
-                        if own * scale > t.deadline - now:
+                        own_s, left_s = own * scale, t.deadline - now
+                        t.hold_own = (own_s, left_s)
+                        if own_s > left_s:
                             if self.mitigation.shed:
                                 self.counters["held_shed"] += 1
                                 self.counters["shed"] += 1
