@@ -354,7 +354,6 @@ def best_fit(
     budget_s: Callable[[], float | None] | None = None,
     optimism: Callable[[], float] | None = None,
     calibration: Callable[[], float] | None = None,
-    shed: bool = False,
     engine_idle: Callable[[], bool] | None = None,
     cost: CostModels | None = None,
 ) -> Callable[[KVState, int], Plan]:
@@ -363,9 +362,10 @@ def best_fit(
     plan records the candidates (`quality`: the same configuration as without). With
     `predict(config, work)` and `budget_s` (the SLO loop's configuration mechanism), best-fit
     keeps to the configurations predicted to finish within the time left when it decides
-    (`optimism()`: how much luck the SLO loop allows before it gives a request up;
-    `calibration()`: its median error, at which predictions are read unless `engine_idle()`;
-    with `shed`, a request whose fastest configuration still misses is planned `shed`)."""
+    (`optimism()`: how much luck the SLO loop allows before it gives a request up; with
+    `calibration()`, the loop sheds: predictions are read at its median error, and a request
+    whose fastest configuration still misses is planned `shed`, unless `engine_idle()`: shedding
+    is work-conserving)."""
     works = WorkTable(sizer)
 
     def decide(kv: KVState, reserved: int) -> Plan:
@@ -393,7 +393,7 @@ def best_fit(
             predict=lambda c: predict(c, works(c)), budget_s=left, chooser=chooser,
             optimism=optimism() if optimism is not None else 1.0,
             calibration=calibration() if calibration is not None else 1.0,
-            shed=shed,
+            shed=calibration is not None,
             engine_idle=engine_idle is not None and engine_idle(), **kwargs,
         )  # fmt: skip
 

@@ -9,18 +9,17 @@
   configuration) is what both are measured against: the tracker records the error of all three.
 - `choose_within_slo` (pure) is best-fit restricted to the configurations predicted to meet the
   time left: the space's largest fitting one that meets it; else a cheaper one outside the space
-  (`below-profile`); else the fastest that fits (`unmeetable`). The Plan says which. Predictions
-  are read at the predictor's own median error (`SLOTracker.calibration`, the median of actual /
-  predicted), except while nothing of ragctl's runs on the engine.
+  (`below-profile`); else the fastest that fits (`unmeetable`). The Plan says which.
 - `SLOTracker` holds the in-flight requests of one engine. A request predicted to miss its
   deadline is flagged (sticky): its later engine calls get a better vLLM priority, and new
   requests wait at the gate while a flagged request can still make it (Patchwork pauses
   admissions). Triage: a request that cannot make it any more (past its deadline, or planned
   `unmeetable`) is hopeless: its calls go at a worse priority, behind everyone who still can,
   and it pauses nobody; it is still answered. Shedding (off by default, on in `admission`):
-  a request whose fastest fitting configuration is predicted to miss (so read) is refused
-  before any engine call (`SLOUnmeetable`): near capacity, its work would only make the
-  requests that can still make it miss as well. Shedding is
+  predictions are read at the predictor's own median error (`SLOTracker.calibration`, the
+  median of actual / predicted) and a request whose fastest fitting configuration is then
+  predicted to miss is refused before any engine call (`SLOUnmeetable`): near capacity, its
+  work would only make the requests that can still make it miss as well. Shedding is
   work-conserving: with nothing of ragctl's running on the engine, only a request with no time
   left is refused (`choose_within_slo`'s `engine_idle`). Holding (on in `admission`): a
   request about to start its synthesis waits while its prefill would push a request in flight
@@ -388,16 +387,14 @@ def choose_within_slo(
        `optimism` <= 1, a low quantile of actual / predicted: `SLOTracker.optimism`), since
        triage gives such a request up; otherwise the fastest goes as a `cheaper-config` or
        `below-profile` plan that can still be saved.
-    Every prediction is read times `calibration` (the median of actual / predicted:
-    `SLOTracker.calibration`) before it is held against the budget: a predictor that has run
-    1.5x slow under this load keeps a configuration only if 1.5x its prediction meets the time
-    left. With `shed`, where step 3 is reached and the fastest still misses so read (or no time
-    is left at all), the plan is `shed`: the caller refuses the request instead of running it.
-    With `engine_idle` (no synthesis call of ragctl's runs), predictions are taken at face
-    value: the record was learned under load, and an idle engine is not. So shedding is
-    work-conserving there: it refuses nothing; only a request with no time left is shed. A
-    refusal on an idle engine frees nothing for anyone, and the request it refuses is what
-    would refresh the record and the predictor: refusing on a stale record (a burst taught
+    With `shed`, every prediction is read times `calibration` (the median of actual /
+    predicted: `SLOTracker.calibration`) before it is held against the budget, and where step 3
+    is reached and the fastest still misses so read (or no time is left at all), the plan is
+    `shed`: the caller refuses the request instead of running it.
+    Shedding is work-conserving: with `engine_idle` (no synthesis call of ragctl's runs),
+    predictions are taken at face value and refuse nothing; only a request with no time left
+    is shed. A refusal on an idle engine frees nothing for anyone, and the request it refuses is
+    what would refresh the record and the predictor: refusing on a stale record (a burst taught
     it 4x; seen at 3x of 1/p50: 40 of 40 refused) or on stale running averages (learned from a
     few requests under load before the delay model was ready; seen near capacity: 40 of 40
     refused, none held) leaves both stale for good and refuses everything after.
@@ -409,7 +406,7 @@ def choose_within_slo(
     base = chooser(space, kv, reserved_total, need, **kwargs)
     if base.config is None:
         return base
-    scale = 1.0 if engine_idle else calibration
+    scale = calibration if shed and not engine_idle else 1.0
     predicted = predict(base.config)
     if predicted is None and budget_s > 0:
         return base  # time is left and nothing says this configuration would overrun it
@@ -1047,12 +1044,12 @@ class RequestTrace(StageHooks):
     def planning(self) -> dict[str, Any]:
         if self.tracked.slo_s is None or not self.tracker.mitigation.config:
             return {}
+        shed = self.tracker.mitigation.shed
         return {
             "predict": self.tracker.predict,
             "budget_s": lambda: self.tracker.budget_s(self.tracked),
             "optimism": self.tracker.optimism,
-            "calibration": self.tracker.calibration,
-            "shed": self.tracker.mitigation.shed,
+            "calibration": self.tracker.calibration if shed else None,
             "engine_idle": self.tracker.engine_idle,
         }
 
