@@ -354,6 +354,7 @@ def best_fit(
     budget_s: Callable[[], float | None] | None = None,
     optimism: Callable[[], float] | None = None,
     calibration: Callable[[], float] | None = None,
+    margin: Callable[[], float] | None = None,
     engine_idle: Callable[[], bool] | None = None,
     cost: CostModels | None = None,
 ) -> Callable[[KVState, int], Plan]:
@@ -365,7 +366,7 @@ def best_fit(
     (`optimism()`: how much luck the SLO loop allows before it gives a request up; with
     `calibration()`, the loop sheds: predictions are read at its median error, and a request
     whose fastest configuration still misses is planned `shed`, unless `engine_idle()`: shedding
-    is work-conserving)."""
+    is work-conserving; `margin()`: the error a cheaper configuration must meet at)."""
     works = WorkTable(sizer)
 
     def decide(kv: KVState, reserved: int) -> Plan:
@@ -393,6 +394,7 @@ def best_fit(
             predict=lambda c: predict(c, works(c)), budget_s=left, chooser=chooser,
             optimism=optimism() if optimism is not None else 1.0,
             calibration=calibration() if calibration is not None else 1.0,
+            margin=margin() if margin is not None else None,
             shed=calibration is not None,
             engine_idle=engine_idle is not None and engine_idle(), **kwargs,
         )  # fmt: skip

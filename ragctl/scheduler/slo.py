@@ -94,6 +94,10 @@ SHED_QUANTILE = 0.5
 meet by the predictor's own record (the median of actual / predicted)."""
 REFIT_STEPS = 64
 """`SLOTracker.step_costs` refits an engine's step costs after this many new steps."""
+CHANGE_QUANTILE = 0.75
+"""`SLOTracker.margin`: a cheaper configuration, once the one chosen is predicted to miss, must
+meet at this quantile of actual / predicted (a plan changed to one that meets only at face value
+or at the median misses about as often as the one it replaced: the change must make the cut)."""
 HOLD_QUANTILE = 0.75
 """`SLOTracker.hold_scale`: holding reads projections at this quantile of actual / (predicted
 + stalls) over the last `RATIO_WINDOW` requests: a request it protects should seldom take
@@ -373,6 +377,7 @@ def choose_within_slo(
     chooser: Callable[..., Plan] = choose,
     optimism: float = 1.0,
     calibration: float = 1.0,
+    margin: float | None = None,
     shed: bool = False,
     engine_idle: bool = False,
 ) -> Plan:
@@ -380,8 +385,10 @@ def choose_within_slo(
 
     1. best-fit over the space; if its choice is predicted to meet `budget_s` (or cannot be
        predicted yet while some time is left), that is the plan (no `slo_action`).
-    2. else best-fit over the configurations predicted to meet it: the largest of the space
-       that fits (`cheaper-config`), else of the cheaper ones outside it (`below-profile`).
+    2. else best-fit over the configurations predicted to meet it with `margin` (predicted x
+       `margin` <= budget; `margin`, a high quantile of actual / predicted:
+       `SLOTracker.margin`; None: read as the chosen one was): the largest of the space that
+       fits (`cheaper-config`), else of the cheaper ones outside it (`below-profile`).
     3. else, of everything that fits now, the one predicted fastest: `unmeetable` only when
        even the predictor's optimistic error says it misses (predicted x `optimism` > budget;
        `optimism` <= 1, a low quantile of actual / predicted: `SLOTracker.optimism`), since
@@ -391,13 +398,14 @@ def choose_within_slo(
     predicted: `SLOTracker.calibration`) before it is held against the budget, and where step 3
     is reached and the fastest still misses so read (or no time is left at all), the plan is
     `shed`: the caller refuses the request instead of running it.
-    Shedding is work-conserving: with `engine_idle` (no synthesis call of ragctl's runs),
-    predictions are taken at face value and refuse nothing; only a request with no time left
-    is shed. A refusal on an idle engine frees nothing for anyone, and the request it refuses is
-    what would refresh the record and the predictor: refusing on a stale record (a burst taught
-    it 4x; seen at 3x of 1/p50: 40 of 40 refused) or on stale running averages (learned from a
-    few requests under load before the delay model was ready; seen near capacity: 40 of 40
-    refused, none held) leaves both stale for good and refuses everything after.
+    Shedding and the margin are work-conserving: with `engine_idle` (no synthesis call of
+    ragctl's runs), predictions are taken at face value and refuse nothing; only a request
+    with no time left is shed. A refusal on an idle engine frees nothing for anyone, and the
+    request it refuses is what would refresh the record and the predictor: refusing on a stale
+    record (a burst taught it 4x; seen at 3x of 1/p50: 40 of 40 refused) or on stale running
+    averages (learned from a few requests under load before the delay model was ready; seen
+    near capacity: 40 of 40 refused, none held) leaves both stale for good and refuses
+    everything after.
     A `wait` plan stays a wait: when nothing fits, nothing faster fits either.
     `chooser` is best-fit (`choose`, or `objective.choose_objective` with its predictors bound);
     "largest" above is its pick.
@@ -407,6 +415,7 @@ def choose_within_slo(
     if base.config is None:
         return base
     scale = calibration if shed and not engine_idle else 1.0
+    change = 1.0 if engine_idle else scale if margin is None else margin
     predicted = predict(base.config)
     if predicted is None and budget_s > 0:
         return base  # time is left and nothing says this configuration would overrun it
@@ -415,7 +424,7 @@ def choose_within_slo(
 
     def meets(c: Config) -> bool:
         p = predict(c)
-        return p is not None and p * scale <= budget_s
+        return p is not None and p * change <= budget_s
 
     plan = chooser(space, kv, reserved_total, need, admissible=meets, **kwargs)
     if plan.config is not None:
@@ -767,6 +776,13 @@ class SLOTracker:
         ratio = self.ratio_quantile(SHED_QUANTILE)
         return 1.0 if ratio is None else ratio
 
+    def margin(self) -> float:
+        """What a cheaper configuration's prediction is multiplied by before it is held against
+        the time left, once the chosen one is predicted to miss: the `CHANGE_QUANTILE` of
+        actual / predicted over the record (1 until `MIN_RATIOS` were seen)."""
+        ratio = self.ratio_quantile(CHANGE_QUANTILE)
+        return 1.0 if ratio is None else ratio
+
     def engine_idle(self) -> bool:
         """No synthesis call of ragctl's runs on the engine (what shedding's work-conservation
         reads: `choose_within_slo`'s `engine_idle`)."""
@@ -957,6 +973,7 @@ class SLOTracker:
             "predictor": self.predictor,
             "optimism": self.optimism(),
             "calibration": self.calibration(),
+            "margin": self.margin(),
             "prediction": self.errors.to_dict(),
             "delay_model": self.delay.to_dict(),
         }
@@ -1050,6 +1067,7 @@ class RequestTrace(StageHooks):
             "budget_s": lambda: self.tracker.budget_s(self.tracked),
             "optimism": self.tracker.optimism,
             "calibration": self.tracker.calibration if shed else None,
+            "margin": self.tracker.margin,
             "engine_idle": self.tracker.engine_idle,
         }
 

@@ -12,6 +12,7 @@ import pytest
 
 from ragctl.errors import InvalidRequest
 from ragctl.scheduler.slo import (
+    CHANGE_QUANTILE,
     FLAGGED_PRIORITY,
     HOPELESS_PRIORITY,
     MIN_RATIOS,
@@ -217,6 +218,26 @@ def test_shedding_reads_predictions_at_the_median_error_and_refuses_a_certain_mi
     assert p.reason == "wait" and p.slo_action == ""
 
 
+def test_a_cheaper_configuration_must_meet_at_the_margin() -> None:
+    args = (SPACE, KV, 0, need)
+    kw = {"joint_reasoning": True, "max_chunks": 10, "predict": predict, "budget_s": 3.0}
+    # stuff:8 (4 s) misses 3 s; stuff:6 (3 s) meets at face value, but requests have run up to
+    # 1.5x their predictions: stuff:4 (2 s, read as 3 s) is the largest that meets then.
+    assert choose_within_slo(*args, **kw).config == Config("stuff", 6)
+    p = choose_within_slo(*args, margin=1.5, **kw)
+    assert (p.config, p.slo_action) == (Config("stuff", 4), "cheaper-config")
+    # The chosen plan itself is read at face value: stuff:8 meets 4 s, whatever the margin.
+    assert choose_within_slo(*args, margin=1.5, **{**kw, "budget_s": 4.0}).slo_action == ""
+    # Nothing in the space meets at 2x: stuff:3, outside it, does (1.5 s, read as 3 s).
+    p = choose_within_slo(*args, margin=2.0, **kw)
+    assert (p.config, p.slo_action) == (Config("stuff", 3), "below-profile")
+    # With shedding, a cheaper one is read at the margin, not at the median error.
+    p = choose_within_slo(*args, margin=2.0, calibration=1.2, shed=True, **kw)
+    assert (p.config, p.slo_action) == (Config("stuff", 3), "below-profile")
+    # On an idle engine predictions are read at face value: stuff:6 meets.
+    assert choose_within_slo(*args, margin=1.5, engine_idle=True, **kw).config == Config("stuff", 6)
+
+
 def run_with_ratios(
     tracker: SLOTracker, clock: Clock, predicted: float, actual: list[float]
 ) -> None:
@@ -241,6 +262,9 @@ def test_calibration_is_the_median_of_actual_over_predicted() -> None:
     assert tracker.calibration() == pytest.approx(tracker.ratio_quantile(SHED_QUANTILE))
     assert tracker.snapshot()["calibration"] == tracker.calibration()
     assert tracker.optimism() == 1.0  # capped: luck never makes a prediction slower
+    assert tracker.margin() == pytest.approx(np.quantile([1.0 + 0.2 * i for i in range(10)],
+                                                         CHANGE_QUANTILE))  # fmt: skip
+    assert tracker.snapshot()["margin"] == tracker.margin() > tracker.calibration()
 
 
 @pytest.mark.parametrize(
