@@ -30,7 +30,7 @@ cooldown=${COOLDOWN:-16}
 ragctl=${RAGCTL:-ragctl}
 unloaded=${UNLOADED:-$out/unloaded}
 modes=${MODES:-off,patchwork,adaptive,admission}
-case $modes in off,*) ;; *) echo "MODES must start with off (the baseline): $modes" >&2; exit 2;; esac
+case $modes in off|off,*) ;; *) echo "MODES must start with off (the baseline): $modes" >&2; exit 2;; esac
 
 if [ ! -f "$unloaded/results.json" ]; then
   $ragctl eval run --dataset "$dataset" --systems ragctl --limit "$limit" --concurrency 1 \
