@@ -8,8 +8,10 @@
   keeps to them). `BaselineEstimator` (one running average of synthesis time, whatever the
   configuration) is what both are measured against: the tracker records the error of all three.
 - `choose_within_slo` (pure) is best-fit restricted to the configurations predicted to meet the
-  time left: the space's largest fitting one that meets it; else a cheaper one outside the space
-  (`below-profile`); else the fastest that fits (`unmeetable`). The Plan says which.
+  time left: the chosen one if it meets at face value; else the space's largest fitting one that
+  meets at the predictor's 75th percentile error (`SLOTracker.margin`); else a cheaper one
+  outside the space (`below-profile`); else the fastest that fits (`unmeetable`). The Plan says
+  which.
 - `SLOTracker` holds the in-flight requests of one engine. A request predicted to miss its
   deadline is flagged (sticky): its later engine calls get a better vLLM priority, and new
   requests wait at the gate while a flagged request can still make it (Patchwork pauses
