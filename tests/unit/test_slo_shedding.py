@@ -152,7 +152,7 @@ async def test_adaptive_reads_a_cheaper_configuration_at_the_records_margin_unde
     value (seen near capacity: 5 of 18 changes made at face value met). Idle: face value."""
     ctl = controller(slo=SLOTracker(Mitigation.parse("adaptive")))
     chosen = (await ctl.aask(QUESTION)).decision.config
-    assert chosen.num_chunks > 2
+    assert chosen.num_chunks >= 4  # below 4, face value and twice it pick the same: no test
     ctl.slo.predict = lambda config, work: float(config.num_chunks)  # type: ignore[method-assign]
     ctl.slo.margin = lambda: 2.0  # type: ignore[method-assign]
     budget = chosen.num_chunks - 1.0  # the chosen one misses even at face value
