@@ -180,9 +180,10 @@ def demo(
     ),
 ) -> None:
     """Answer a few questions adaptively (profile, pruned space, chosen configuration and why)
-    next to one fixed configuration's answer and time. On first use of a collection, ragctl
-    first learns which configurations answer it (`ragctl profiler train` over `--learn`
-    calibration questions, reused afterwards)."""
+    next to one fixed configuration's answer and time, then the bottom line of both
+    (`demo_summary`). On first use of a collection, ragctl first learns which configurations
+    answer it (`ragctl profiler train` over `--learn` calibration questions, reused
+    afterwards)."""
     settings: Settings = ctx.obj
     from ragctl.evaluation.systems import split
     from ragctl.retrieval.collection import check_dataset, load_queries
@@ -242,15 +243,56 @@ def demo(
         table.add_column("gold in context", no_wrap=True)
         for name, a in (("ragctl " + adaptive.decision.config.label, adaptive),
                         ("fixed " + baseline.label, fixed_answer)):  # fmt: skip
-            hit = bool(set(q.gold_doc_ids) & {c.doc_id for c in a.chunks})
             tk = a.tokens
             table.add_row(name, _clip(a.text, 200), f"{tk['prompt']}+{tk['output']}",
-                          f"{a.timings['total']:.1f}", "yes" if hit else "no")  # fmt: skip
+                          f"{a.timings['total']:.1f}", _gold_text(q, a))  # fmt: skip
         out.print(table)
         for line in decision_lines(adaptive.decision):
             out.print("  " + line, highlight=False)
         t = adaptive.timings
         out.print(f"  profile {t.get('profile', 0):.2f}s of {t['total']:.2f}s", highlight=False)
+    if rows:
+        out.print(demo_summary(dataset, baseline.label, rows), highlight=False)
+
+
+def _gold_text(q: Any, answer: Any) -> str:
+    hit = _gold_in_context(q, answer)
+    return "n/a" if hit is None else "yes" if hit else "no"
+
+
+def _gold_in_context(q: Any, answer: Any) -> bool | None:
+    """Whether the answer's chunks came from a gold document; None without gold ids."""
+    if not q.gold_doc_ids:
+        return None
+    return bool(set(q.gold_doc_ids) & {c.doc_id for c in answer.chunks})
+
+
+def demo_summary(dataset: str, fixed: str, rows: list[tuple[Any, Any, Any]]) -> str:
+    """The demo's bottom line over its (query, adaptive answer, fixed answer) rows: time in
+    all, the dataset's primary answer score and how often the gold evidence was in context, for
+    ragctl beside the fixed configuration. Three questions are an anecdote; the evaluation CLI
+    measures the same on many (eval/RESULTS.md)."""
+    from ragctl.evaluation.metrics import resolve_metric, score
+
+    metric = resolve_metric(dataset)
+    sides = {"ragctl": [a for _, a, _ in rows], f"fixed {fixed}": [f for _, _, f in rows]}
+    seconds = {k: sum(a.timings["total"] for a in v) for k, v in sides.items()}
+    parts = []
+    for name, answers in sides.items():
+        pairs = [(q, a) for (q, _, _), a in zip(rows, answers, strict=True)]
+        scores = [score(metric, a.text, q)[metric.primary] for q, a in pairs]
+        known = [s for s in scores if s is not None]
+        hits = [h for q, a in pairs if (h := _gold_in_context(q, a)) is not None]
+        text = f"{name} {seconds[name]:.1f} s"
+        if known:
+            text += f", {metric.primary} {sum(known) / len(known):.2f}"
+        if hits:
+            text += f", gold in context {sum(hits)} of {len(hits)}"
+        parts.append(text)
+    ragctl_s, fixed_s = seconds.values()
+    ratio = f" (ragctl took {ragctl_s / fixed_s:.2f}x the fixed time)" if fixed_s > 0 else ""
+    asked = f"{len(rows)} question" + ("s" if len(rows) != 1 else "")
+    return f"in all, {asked}: " + "; ".join(parts) + ratio
 
 
 def _learn_first(settings: Settings, dataset: str, calibration: int) -> None:

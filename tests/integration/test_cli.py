@@ -218,6 +218,7 @@ def test_demo_says_what_ragctl_is_for_then_answers_beside_a_fixed_config(env) ->
     assert "ragctl (adaptive) next to fixed stuff:5" in proc.stdout
     assert "fixed stuff:5" in proc.stdout and "profile " in proc.stdout
     assert proc.stdout.count("gold:") == 1  # one question shown (the warm-up one is not)
+    assert "in all, 1 question: ragctl" in proc.stdout  # the bottom line, last
 
 
 def test_sigterm_mid_grid_shuts_the_in_process_engine_down(

@@ -1,4 +1,5 @@
-"""`ragctl demo` learns a collection's profiler state on first use, and only then."""
+"""`ragctl demo` learns a collection's profiler state on first use, and only then; it ends with
+its bottom line beside the fixed configuration (`demo_summary`)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,32 @@ def test_the_json_profiler_and_an_empty_budget_learn_nothing(tmp_path, trained):
     query._learn_first(Settings(cache_dir=tmp_path, profiler="json"), "squad", 24)
     query._learn_first(Settings(cache_dir=tmp_path, feedback_configs=""), "squad", 24)
     assert trained == []
+
+
+def _answer(text: str, seconds: float, *docs: str) -> SimpleNamespace:
+    chunks = [SimpleNamespace(doc_id=d) for d in docs]
+    return SimpleNamespace(text=text, timings={"total": seconds}, chunks=chunks)
+
+
+def test_the_demo_ends_with_time_answer_score_and_evidence_beside_the_fixed_config() -> None:
+    """`demo_summary` adds the rows up: seconds, the dataset's primary score (SQuAD: F1) and
+    how often a gold document was in context, for each side, and the time ratio."""
+    q1 = SimpleNamespace(answers=["Denver Broncos"], gold_doc_ids=["d1"], extra={})
+    q2 = SimpleNamespace(answers=["Carolina Panthers"], gold_doc_ids=["d2"], extra={})
+    rows = [
+        (q1, _answer("The Panthers", 1.0, "d9"), _answer("Denver Broncos", 2.0, "d1", "d9")),
+        (q2, _answer("Carolina Panthers", 0.5, "d2"), _answer("the Panthers", 2.0, "d2")),
+    ]
+    text = query.demo_summary("squad", "stuff:5", rows)
+    assert text.startswith("in all, 2 questions: ragctl 1.5 s, f1 0.50, gold in context 1 of 2")
+    assert "fixed stuff:5 4.0 s, f1 0.83, gold in context 2 of 2" in text
+    assert text.endswith("(ragctl took 0.38x the fixed time)")
+
+
+def test_the_demo_summary_leaves_out_what_a_collection_cannot_score() -> None:
+    q = SimpleNamespace(answers=[], gold_doc_ids=[], extra={})
+    rows = [(q, _answer("a", 1.0), _answer("b", 1.0))]
+    text = query.demo_summary("squad", "stuff:5", rows)
+    assert text == (
+        "in all, 1 question: ragctl 1.0 s; fixed stuff:5 1.0 s (ragctl took 1.00x the fixed time)"
+    )
