@@ -245,7 +245,7 @@ def demo(
                         ("fixed " + baseline.label, fixed_answer)):  # fmt: skip
             tk = a.tokens
             table.add_row(name, _clip(a.text, 200), f"{tk['prompt']}+{tk['output']}",
-                          f"{a.timings['total']:.1f}", _gold_text(q, a))  # fmt: skip
+                          f"{a.timings['total']:.1f}", _gold_text(dataset, q, a))  # fmt: skip
         out.print(table)
         for line in decision_lines(adaptive.decision):
             out.print("  " + line, highlight=False)
@@ -255,16 +255,18 @@ def demo(
         out.print(demo_summary(dataset, baseline.label, rows), highlight=False)
 
 
-def _gold_text(q: Any, answer: Any) -> str:
-    hit = _gold_in_context(q, answer)
+def _gold_text(dataset: str, q: Any, answer: Any) -> str:
+    hit = _gold_in_context(dataset, q, answer)
     return "n/a" if hit is None else "yes" if hit else "no"
 
 
-def _gold_in_context(q: Any, answer: Any) -> bool | None:
-    """Whether the answer's chunks came from a gold document; None without gold ids."""
-    if not q.gold_doc_ids:
-        return None
-    return bool(set(q.gold_doc_ids) & {c.doc_id for c in answer.chunks})
+def _gold_in_context(dataset: str, q: Any, answer: Any) -> bool | None:
+    """Whether the answer's chunks hold the gold evidence as the dataset's card counts it (any
+    one gold document, or all: `evidence_hit`); None without gold ids."""
+    from ragctl.evaluation.metrics import evidence_scores
+
+    hit = evidence_scores(dataset, q, [c.doc_id for c in answer.chunks])["evidence_hit"]
+    return None if hit is None else hit == 1.0
 
 
 def demo_summary(dataset: str, fixed: str, rows: list[tuple[Any, Any, Any]]) -> str:
@@ -282,7 +284,7 @@ def demo_summary(dataset: str, fixed: str, rows: list[tuple[Any, Any, Any]]) -> 
         pairs = [(q, a) for (q, _, _), a in zip(rows, answers, strict=True)]
         scores = [score(metric, a.text, q)[metric.primary] for q, a in pairs]
         known = [s for s in scores if s is not None]
-        hits = [h for q, a in pairs if (h := _gold_in_context(q, a)) is not None]
+        hits = [h for q, a in pairs if (h := _gold_in_context(dataset, q, a)) is not None]
         text = f"{name} {seconds[name]:.1f} s"
         if known:
             text += f", {metric.primary} {sum(known) / len(known):.2f}"

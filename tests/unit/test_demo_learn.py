@@ -79,3 +79,13 @@ def test_the_demo_summary_leaves_out_what_a_collection_cannot_score() -> None:
     assert text == (
         "in all, 1 question: ragctl 1.0 s; fixed stuff:5 1.0 s (ragctl took 1.00x the fixed time)"
     )
+
+
+def test_the_demo_counts_gold_evidence_as_the_card_does() -> None:
+    """MuSiQue's card needs every gold paragraph (`evidence.needs: all`): one of two is not in
+    context."""
+    q = SimpleNamespace(answers=["x"], gold_doc_ids=["d1", "d2"], extra={})
+    rows = [(q, _answer("x", 1.0, "d1"), _answer("x", 1.0, "d1", "d2"))]
+    text = query.demo_summary("musique", "stuff:5", rows)
+    assert "ragctl 1.0 s, f1 1.00, gold in context 0 of 1" in text
+    assert "fixed stuff:5 1.0 s, f1 1.00, gold in context 1 of 1" in text
